@@ -1,0 +1,90 @@
+"""Dispatch: the SDPA kernels to try, fastest first, for one call's device, dtype, mask and shapes.
+
+The order comes from figures measured on an H100 with torch 2.11 (see DESIGN.md and
+``benchmarks/``): cuDNN > flash > memory-efficient > math on Hopper in half precision, flash first
+on Ampere, memory-efficient for fp32. SDPA itself skips a listed kernel that cannot take the call
+(``sdpa_kernel(..., set_priority=True)``), so the list is a fallback chain; the rules below only
+remove kernels whose *result* would differ from the original (the known traps).
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import CausalBias
+
+KERNELS = {
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+KERNEL_NAMES = {backend: name for name, backend in KERNELS.items()}
+
+
+def validate_kernels(kernels: Optional[Iterable[str]]) -> Optional[tuple[str, ...]]:
+    """Check a user's kernel restriction; raises ``ValueError`` naming the valid choices."""
+    if kernels is None:
+        return None
+    if isinstance(kernels, str):
+        kernels = (kernels,)
+    kernels = tuple(kernels)
+    unknown = [k for k in kernels if k not in KERNELS]
+    if unknown or not kernels:
+        raise ValueError(f"unknown kernel(s) {unknown or kernels}; choose from {sorted(KERNELS)}")
+    return kernels
+
+
+def kernel_order(q: torch.Tensor, k: torch.Tensor, attn_mask: Optional[torch.Tensor], needs_grad: bool,
+                 allowed: Optional[tuple[str, ...]] = None) -> list[SDPBackend]:
+    """SDPA kernels to try for this call, fastest valid first."""
+    if q.device.type != "cuda":
+        order = ["flash", "math"]
+    elif q.dtype not in (torch.float16, torch.bfloat16):
+        order = ["efficient", "math"]
+    else:
+        major, _ = torch.cuda.get_device_capability(q.device)
+        order = ["cudnn", "flash", "efficient", "math"] if major >= 9 else ["flash", "efficient", "cudnn", "math"]
+        L, S = q.shape[-2], k.shape[-2]
+        if attn_mask is not None and needs_grad and (L % 128 == 64 or S % 128 == 64):
+            order.remove("cudnn")  # pytorch#196678: NaN grad_q with a mask at lengths 64 mod 128
+    if allowed is not None:
+        order = [name for name in order if name in allowed] or list(allowed)
+    return [KERNELS[name] for name in order]
+
+
+def chosen_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: object, dropout_p: float,
+                  is_causal: bool, scale: Optional[float], enable_gqa: bool, order: list[SDPBackend]) -> str:
+    """The kernel SDPA picks for this call under ``order`` (for the audit)."""
+    if isinstance(attn_mask, CausalBias):
+        return "efficient" if q.device.type == "cuda" else "math"
+    try:
+        with sdpa_kernel(order, set_priority=True):
+            index = torch._fused_sdp_choice(q, k, v, attn_mask, dropout_p, is_causal, scale=scale,
+                                            enable_gqa=enable_gqa)
+        return KERNEL_NAMES.get(SDPBackend(index), "math")
+    except Exception:
+        return KERNEL_NAMES[order[0]]
+
+
+def run_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
+             dropout_p: float, is_causal: bool, scale: Optional[float], enable_gqa: bool,
+             order: list[SDPBackend], strict: bool = False) -> torch.Tensor:
+    """SDPA on the first valid kernel of ``order``; the math kernel if every listed one refuses.
+
+    With ``strict`` (the user forced the kernels) a refusal is an error instead of a fallback.
+    """
+    kwargs = dict(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                  enable_gqa=enable_gqa)
+    try:
+        with sdpa_kernel(order, set_priority=True):
+            return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    except RuntimeError as error:
+        if strict:
+            names = [KERNEL_NAMES[b] for b in order]
+            raise RuntimeError(f"attnfuse: none of the forced kernels {names} can run this call "
+                               f"({error}); allow more kernels, e.g. add 'math'") from error
+        with sdpa_kernel([SDPBackend.MATH]):
+            return F.scaled_dot_product_attention(q, k, v, **kwargs)

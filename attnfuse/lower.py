@@ -1,0 +1,168 @@
+"""Lower: turn an ``AttentionSite`` into a plan, and run the plan as one ``attend`` call.
+
+The plan holds only static facts (axis permutations, mask polarities, the scale); the tensors
+(q, k, v, masks, biases, tensor factors) stay graph inputs of the one node the rewrite inserts.
+Permutations and unsqueezes are views, so the kernel reads the model's own tensors.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from attnfuse.attend import attend
+from attnfuse.canonical import tensor_meta
+from attnfuse.site import AttentionSite
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How to bring an operand to a target axis order: ``x.permute(perm)`` then unsqueeze ``missing``."""
+
+    perm: tuple[int, ...]
+    missing: tuple[int, ...]
+
+    @staticmethod
+    def between(axes: str, target: str) -> "Layout":
+        present = [c for c in target if c in axes]
+        return Layout(tuple(axes.index(c) for c in present),
+                      tuple(i for i, c in enumerate(target) if c not in axes))
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        if self.perm != tuple(range(len(self.perm))):
+            x = x.permute(self.perm)
+        for dim in self.missing:
+            x = x.unsqueeze(dim)
+        return x
+
+
+@dataclass
+class KernelRecord:
+    """What ran at a site, filled in on its first call (the audit reads it)."""
+
+    kernel: Optional[str] = None
+
+    def __call__(self, name: str) -> None:
+        self.kernel = name
+
+
+@dataclass(frozen=True)
+class SitePlan:
+    """Everything static about one rewritten site."""
+
+    q: Layout
+    k: Layout
+    v: Layout
+    batch_rank: int
+    out_perm: tuple[int, ...]
+    mask_negated: tuple[bool, ...]
+    bias_coefficients: tuple[float, ...]
+    factor_inverse: tuple[bool, ...]
+    scores_rank: int
+    scale: float
+    causal: Optional[str]
+    fully_masked_rows: str
+    dropout_p: float
+    out_dtype: torch.dtype
+    kernels: Optional[tuple[str, ...]] = None
+    record: KernelRecord = field(default_factory=KernelRecord, compare=False)
+
+
+def plan_for(site: AttentionSite, kernels: Optional[tuple[str, ...]] = None) -> SitePlan:
+    """The static plan of ``site``."""
+    terms = site.scores
+    canonical_out = site.batch + site.query + site.value_dim
+    fill = terms.fill
+    fully_masked = "zero" if fill is None else ("nan" if fill == -math.inf else "mean")
+    return SitePlan(
+        q=Layout.between(site.q.axes, site.q_axes()),
+        k=Layout.between(site.k.axes, site.kv_axes(site.head_dim)),
+        v=Layout.between(site.v.axes, site.kv_axes(site.value_dim)),
+        batch_rank=len(site.batch),
+        out_perm=tuple(canonical_out.index(c) for c in site.out_axes),
+        mask_negated=tuple(m.negated for m in terms.keep_masks),
+        bias_coefficients=tuple(c for _, c in terms.biases),
+        factor_inverse=tuple(f.inverse for f in terms.tensor_factors),
+        scores_rank=len(site.batch) + 2,
+        scale=terms.scale,
+        causal=terms.causal,
+        fully_masked_rows=fully_masked,
+        dropout_p=site.dropout_p,
+        out_dtype=tensor_meta(site.output).dtype,
+        kernels=kernels,
+    )
+
+
+def site_inputs(site: AttentionSite) -> tuple:
+    """The graph nodes the fused call reads, in the order ``run_site`` expects them."""
+    return (site.q.node, site.k.node, site.v.node, *[m.node for m in site.scores.keep_masks],
+            *[b for b, _ in site.scores.biases], *[f.value for f in site.scores.tensor_factors])
+
+
+def _to_4d(x: torch.Tensor, plan: SitePlan, batch_shape: tuple[int, ...]) -> torch.Tensor:
+    """Score-layout tensor (batch axes, then two) as the kernels' 4-d ``(B, H, ., .)``."""
+    nb = plan.batch_rank
+    if nb == 2:
+        return x
+    if nb == 1:
+        return x.unsqueeze(1)
+    if nb == 0:
+        return x[None, None]
+    return x.expand(*batch_shape, *x.shape[nb:]).flatten(0, nb - 2)
+
+
+def _from_4d(out: torch.Tensor, plan: SitePlan, batch_shape: tuple[int, ...]) -> torch.Tensor:
+    nb = plan.batch_rank
+    if nb == 2:
+        return out
+    if nb == 1:
+        return out.squeeze(1)
+    if nb == 0:
+        return out[0, 0]
+    return out.unflatten(0, batch_shape[:-1])
+
+
+def _score_operand(x: torch.Tensor, plan: SitePlan, batch_shape: tuple[int, ...]) -> torch.Tensor:
+    """A mask, bias or factor broadcast against the scores, brought to 4-d."""
+    x = x.reshape((1,) * (plan.scores_rank - x.dim()) + tuple(x.shape))
+    return _to_4d(x, plan, batch_shape)
+
+
+def run_site(plan: SitePlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+    """Compute one rewritten site: layouts to 4-d, masks and biases combined, one ``attend`` call."""
+    n_masks, n_biases = len(plan.mask_negated), len(plan.bias_coefficients)
+    masks, biases, factors = extra[:n_masks], extra[n_masks:n_masks + n_biases], extra[n_masks + n_biases:]
+    q = plan.q.apply(q)
+    batch_shape = tuple(q.shape[:plan.batch_rank])
+    q = _to_4d(q, plan, batch_shape)
+    k = _to_4d(plan.k.apply(k), plan, batch_shape)
+    v = _to_4d(plan.v.apply(v), plan, batch_shape)
+    for factor, inverse in zip(factors, plan.factor_inverse):
+        factor = _score_operand(factor, plan, batch_shape)
+        q = q / factor if inverse else q * factor
+    keep = None
+    for mask, negated in zip(masks, plan.mask_negated):
+        mask = _score_operand(~mask if negated else mask, plan, batch_shape)
+        keep = mask if keep is None else keep & mask
+    bias = None
+    for term, coefficient in zip(biases, plan.bias_coefficients):
+        term = _score_operand(term if coefficient == 1.0 else term * coefficient, plan, batch_shape)
+        bias = term if bias is None else bias + term
+    out = attend(q, k, v, mask=keep, bias=bias, causal=plan.causal, scale=plan.scale, dropout_p=plan.dropout_p,
+                 fully_masked_rows=plan.fully_masked_rows, kernels=plan.kernels,
+                 on_kernel=plan.record if plan.record.kernel is None else None)
+    out = _from_4d(out, plan, batch_shape).permute(plan.out_perm)
+    return out if out.dtype == plan.out_dtype else out.to(plan.out_dtype)
+
+
+def site_function(plan: SitePlan, name: str) -> Callable[..., torch.Tensor]:
+    """A named callable for the graph node, so the printed graph reads ``attnfuse_site_0(q, k, v)``."""
+
+    def fused_attention(*tensors: torch.Tensor) -> torch.Tensor:
+        return run_site(plan, *tensors)
+
+    fused_attention.__name__ = fused_attention.__qualname__ = name
+    fused_attention.plan = plan
+    return fused_attention

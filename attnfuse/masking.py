@@ -1,0 +1,64 @@
+"""Lowering of masks: the one ``attn_mask`` SDPA takes, and the rows where every key is masked.
+
+SDPA takes a single mask, so keep-masks, a causal triangle and additive biases are combined here
+only when more than one is present; a lone causal mask stays on the kernels' causal path. Rows in
+which every key is masked are where kernels disagree (0, NaN, or, on cuDNN, unmasked); the
+original model's answer for them (the mean of v for a finite fill, NaN for ``-inf``) is written
+back explicitly, so the result never depends on the kernel.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.nn.attention.bias import causal_lower_right
+
+
+def causal_keep(L: int, S: int, alignment: str, device: torch.device) -> torch.Tensor:
+    """The ``(L, S)`` keep-mask of a causal triangle aligned top-left or bottom-right."""
+    offset = 0 if alignment == "top_left" else S - L
+    return torch.ones(L, S, dtype=torch.bool, device=device).tril(offset)
+
+
+def sdpa_mask(keep: Optional[torch.Tensor], bias: Optional[torch.Tensor], causal: Optional[str], L: int, S: int,
+              dtype: torch.dtype, device: torch.device) -> tuple[Optional[torch.Tensor], bool]:
+    """``(attn_mask, is_causal)`` for SDPA, building an ``L x S`` tensor only when the inputs force it."""
+    if keep is None and bias is None:
+        if causal is None:
+            return None, False
+        if causal == "top_left" or L == S:
+            return None, True
+        if L < S:
+            return causal_lower_right(L, S), False
+    if causal is not None:
+        triangle = causal_keep(L, S, causal, device)
+        keep = triangle if keep is None else keep & triangle
+    if bias is None:
+        return keep, False
+    bias = bias.to(dtype)
+    if keep is None:
+        return bias, False
+    return bias.masked_fill(~keep, torch.finfo(dtype).min), False
+
+
+def rows_without_keys(keep: Optional[torch.Tensor], causal: Optional[str], L: int, S: int,
+                      device: torch.device) -> Optional[torch.Tensor]:
+    """A boolean broadcastable to ``(B, H, L, 1)``, True where a query row keeps no key; None if none can."""
+    if keep is None:
+        if causal == "bottom_right" and L > S:
+            return (torch.arange(L, device=device) < L - S).unsqueeze(-1)
+        return None
+    if causal is not None:
+        keep = keep & causal_keep(L, S, causal, device)
+    return ~keep.any(-1, keepdim=True)
+
+
+def restore_fully_masked_rows(out: torch.Tensor, v: torch.Tensor, dead: torch.Tensor, mode: str) -> torch.Tensor:
+    """Write the original model's output into rows with every key masked: mean of v, or NaN."""
+    if mode == "nan":
+        fill = torch.full((), float("nan"), dtype=out.dtype, device=out.device)
+    else:
+        fill = v.mean(dim=-2, keepdim=True).to(out.dtype)
+        if fill.shape[1] != out.shape[1]:
+            fill = fill.repeat_interleave(out.shape[1] // fill.shape[1], dim=1)
+    return torch.where(dead, fill, out)

@@ -1,0 +1,297 @@
+"""Match: anchor on each softmax, walk back to the QK product and forward to the value product.
+
+Every op between them is read through the rule families (``attnfuse.patterns``) and classified as
+scale, bias, mask, causal mask, cast or dropout. The result is an ``AttentionSite`` or a ``Skip``
+that says, in words a user can act on, why the softmax was left alone. Softmaxes with no product
+on both sides are not attention and are not reported at all.
+"""
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+from typing import Iterator, Optional, Union
+
+from torch.fx import Graph, Node
+
+from attnfuse.canonical import canonical, tensor_meta
+from attnfuse.patterns.biases import Add, bias_reason
+from attnfuse.patterns.casts import Cast
+from attnfuse.patterns.causal import classify
+from attnfuse.patterns.dropout import Dropout
+from attnfuse.patterns.layouts import Operand, Permute, peel_head_repeat
+from attnfuse.patterns.masks import KeepMask, Select, fill_value, keep_mask, mask_reason
+from attnfuse.patterns.products import Product
+from attnfuse.patterns.scales import Factor, Multiply, score_factor
+from attnfuse.patterns.softmax import Softmax
+from attnfuse.site import AttentionSite, ScoreTerms
+
+_SEARCH_DEPTH = 8
+
+
+@dataclass
+class Skip:
+    """A softmax that looks like attention but was left alone, and why."""
+
+    softmax: Node
+    reason: str
+
+
+class NotFusable(Exception):
+    """Raised inside the matcher with the reason a site cannot be rewritten."""
+
+
+def find_sites(graph: Graph) -> Iterator[Union[AttentionSite, Skip]]:
+    """Every attention-like softmax in ``graph``, matched into a site or skipped with a reason."""
+    for node in list(graph.nodes):
+        op = canonical(node)
+        if isinstance(op, Softmax) and looks_like_attention(node, op):
+            try:
+                yield match_site(node, op)
+            except NotFusable as reason:
+                yield Skip(node, str(reason))
+
+
+# ----------------------------------------------------------------------------- reachability
+
+def _is_passthrough(op: object) -> bool:
+    return isinstance(op, (Multiply, Add, Select, Cast, Permute, Dropout))
+
+
+def _score_inputs(op: object) -> list:
+    if isinstance(op, (Multiply, Add)):
+        return [op.a, op.b]
+    if isinstance(op, Select):
+        return [op.if_true, op.if_false]
+    return [op.x]
+
+
+def reaches_product(node: object, depth: int = _SEARCH_DEPTH) -> bool:
+    """Whether ``node`` is a product, possibly through elementwise score ops."""
+    op = canonical(node)
+    if isinstance(op, Product):
+        return True
+    if depth == 0 or not _is_passthrough(op):
+        return False
+    return any(reaches_product(x, depth - 1) for x in _score_inputs(op) if isinstance(x, Node))
+
+
+def _feeds_product(node: Node, depth: int = _SEARCH_DEPTH) -> bool:
+    for user in node.users:
+        op = canonical(user)
+        if isinstance(op, Product) or (depth and _is_passthrough(op) and _feeds_product(user, depth - 1)):
+            return True
+        if depth and op is None and _feeds_product(user, depth - 1):
+            return True
+    return False
+
+
+def looks_like_attention(node: Node, op: Softmax) -> bool:
+    """A softmax between two products: the only kind the audit reports on."""
+    return reaches_product(op.x) and _feeds_product(node)
+
+
+# ----------------------------------------------------------------------------- the walk
+
+def _single_user(node: Node, what: str) -> None:
+    if len(node.users) != 1:
+        raise NotFusable(f"{what} is also used outside the attention (returned, stored or reused)")
+
+
+def _describe(node: Node) -> str:
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    return f"`{target}`"
+
+
+def _score_side(a: object, b: object) -> tuple[object, object, bool]:
+    """(scores, other, scores_are_first) for a binary op with the scores on one side."""
+    if isinstance(a, Node) and reaches_product(a):
+        return a, b, True
+    if isinstance(b, Node) and reaches_product(b):
+        return b, a, False
+    raise NotFusable("cannot tell which operand is the attention scores")
+
+
+def walk_to_product(scores_input: Node) -> tuple[Node, Product, list]:
+    """Steps from the QK product to the softmax input, in forward order, and the product itself."""
+    steps: list = []
+    node = scores_input
+    while True:
+        op = canonical(node)
+        if isinstance(op, Product):
+            steps.reverse()
+            return node, op, steps
+        if isinstance(op, Multiply):
+            scores, other, first = _score_side(op.a, op.b)
+            if op.inverse and not first:
+                raise NotFusable("the scores are the divisor of a division")
+            steps.append(("factor", other, op.inverse))
+        elif isinstance(op, Add):
+            scores, other, first = _score_side(op.a, op.b)
+            if not first and op.alpha * op.sign != 1.0:
+                raise NotFusable("the scores are negated or scaled inside an addition")
+            steps.append(("bias", other, op.alpha * op.sign if first else 1.0))
+        elif isinstance(op, Select):
+            scores, other, _ = _score_side(op.if_false, op.if_true)
+            steps.append(("fill", op.cond, other, other is op.if_true))
+        elif isinstance(op, Cast):
+            scores = op.x
+        elif isinstance(op, Permute) and op.perm == tuple(range(len(op.perm))):
+            scores = op.x
+        elif isinstance(op, Permute):
+            raise NotFusable("the scores are transposed between the QK product and the softmax")
+        else:
+            raise NotFusable(f"unsupported op {_describe(node)} between the QK product and the softmax")
+        _single_user(scores, "the attention scores")
+        node = scores
+
+
+def _apply_steps(product: Product, steps: list, rank: int) -> ScoreTerms:
+    """Fold the steps into canonical score terms; raises where the order cannot be proven equal."""
+    terms = ScoreTerms(scale=product.alpha)
+    if product.addend is not None:
+        terms.biases.append((product.addend, product.beta))
+    for step in steps:
+        kind = step[0]
+        if terms.keep_masks and terms.fill != float("-inf") and kind != "fill":
+            raise NotFusable("the scores change after a finite mask fill (the fill would not stay a mask)")
+        if kind == "factor":
+            factor = score_factor(step[1], step[2], rank)
+            if isinstance(factor, str):
+                raise NotFusable(factor)
+            value = factor.as_float()
+            if value is None:
+                if terms.biases or terms.keep_masks:
+                    raise NotFusable("a tensor scale is applied after a bias or mask")
+                terms.tensor_factors.append(factor)
+            else:
+                if terms.keep_masks and value <= 0:
+                    raise NotFusable("masked scores are multiplied by a non-positive number")
+                terms.scale *= value
+                terms.biases = [(b, c * value) for b, c in terms.biases]
+        elif kind == "bias":
+            reason = bias_reason(step[1], rank)
+            if reason:
+                raise NotFusable(reason)
+            terms.biases.append((step[1], step[2]))
+        else:
+            _, cond, fill, fill_where_true = step
+            value = fill_value(fill)
+            if isinstance(value, str):
+                raise NotFusable(value)
+            if terms.fill is not None and terms.fill != value:
+                raise NotFusable("masks fill different values; a fully masked row would not be uniform")
+            mask = keep_mask(cond, fill_where_true)
+            reason = mask_reason(mask, rank)
+            if reason:
+                raise NotFusable(reason)
+            terms.fill = value
+            terms.keep_masks.append(mask)
+    return terms
+
+
+def _qk_axes(product: Product, softmax_dim: int) -> tuple[Operand, Operand, str, str, str, str]:
+    out = product.out_axes
+    if softmax_dim % len(out) != len(out) - 1:
+        raise NotFusable("the softmax is not over the last axis of the scores (over the queries?)")
+    query, key = out[-2], out[-1]
+    lhs, rhs = product.operands()
+    q, k = (lhs, rhs) if query in lhs.axes else (rhs, lhs)
+    if query not in q.axes or key not in k.axes or key in q.axes or query in k.axes:
+        raise NotFusable("the softmax axis is not the key axis of the QK product")
+    contracted = [c for c in q.axes if c in k.axes and c not in out]
+    if len(contracted) != 1:
+        raise NotFusable(f"the QK product contracts {len(contracted)} axes, not one")
+    extra = [c for c in q.axes + k.axes if c not in out and c not in contracted]
+    if extra:
+        raise NotFusable("the QK product sums over an axis other than the head dimension")
+    batch = out[:-2]
+    if any(c not in q.axes for c in batch):
+        raise NotFusable("q lacks a batch axis of the scores")
+    return q, k, batch, query, key, contracted[0]
+
+
+def _walk_to_value_product(softmax: Node) -> tuple[Node, Product, float, Node]:
+    """The value product after the softmax, the dropout on the way, and the probabilities node it reads."""
+    node, dropout_p = softmax, 0.0
+    while True:
+        _single_user(node, "the attention weights")
+        user = next(iter(node.users))
+        op = canonical(user)
+        if isinstance(op, Product):
+            return user, op, dropout_p, node
+        if isinstance(op, Dropout) and op.x is node:
+            dropout_p = op.p if op.active else 0.0
+        elif not (isinstance(op, Cast) or (isinstance(op, Permute) and op.perm == tuple(range(len(op.perm))))):
+            raise NotFusable(f"the attention weights go through {_describe(user)} before the value product")
+        node = user
+
+
+def _value_axes(pv: Product, probs: Node, scores_axes: str, key: str) -> tuple[Operand, str, str]:
+    """v in the QK letter namespace, v's feature letter, and the output axes in that namespace."""
+    p, v = (pv.lhs, pv.rhs) if pv.lhs.node is probs else (pv.rhs, pv.lhs)
+    if p.node is not probs or v.node is probs:
+        raise NotFusable("the value product does not read the attention weights directly")
+    rename = dict(zip(p.axes, scores_axes))
+    contracted = [c for c in p.axes if c in v.axes and c not in pv.out_axes]
+    if contracted != [next(c for c, s in rename.items() if s == key)]:
+        raise NotFusable("the value product does not contract over the key axis")
+    if any(c not in pv.out_axes for c in p.axes if c not in contracted):
+        raise NotFusable("the value product sums the weights over heads or queries")
+    free = [c for c in v.axes if c not in p.axes]
+    if len(free) != 1 or free[0] not in pv.out_axes:
+        raise NotFusable("v must have exactly one feature axis")
+    value_dim = next(c for c in "edcba" + string.ascii_lowercase if c not in scores_axes)
+    rename[free[0]] = value_dim
+    if any(rename.get(c) in (None,) for c in v.axes) or scores_axes[-2] in [rename[c] for c in v.axes]:
+        raise NotFusable("v has a query axis")
+    v_axes = "".join(rename[c] for c in v.axes)
+    out_axes = "".join(rename[c] for c in pv.out_axes)
+    return Operand(v.node, v_axes), value_dim, out_axes
+
+
+def _size_along(operand: Operand, axis: str) -> object:
+    return tensor_meta(operand.node).shape[operand.axes.index(axis)]
+
+
+def _apply_masks(terms: ScoreTerms, L: object, S: object) -> None:
+    """Turn keep-masks that are causal triangles into the causal flag; drop masks that keep everything."""
+    remaining: list[KeepMask] = []
+    for mask in terms.keep_masks:
+        pattern = classify(mask, L, S)
+        if pattern.kind == "all":
+            continue
+        if pattern.kind == "causal" and terms.causal in (None, pattern.alignment):
+            terms.causal = pattern.alignment
+            continue
+        remaining.append(mask)
+    terms.keep_masks = remaining
+    if not remaining and terms.causal is None:
+        terms.fill = None
+
+
+def match_site(softmax: Node, op: Softmax) -> AttentionSite:
+    """Match one softmax into an ``AttentionSite``; raises ``NotFusable`` with the reason otherwise."""
+    _single_user(op.x, "the attention scores")
+    product_node, product, steps = walk_to_product(op.x)
+    _single_user(product_node, "the QK product")
+    scores_meta, product_meta = tensor_meta(op.x), tensor_meta(product_node)
+    if scores_meta is None or product_meta is None or tuple(scores_meta.shape) != tuple(product_meta.shape):
+        raise NotFusable("a bias or mask broadcasts the scores to a different shape")
+    q, k, batch, query, key, head_dim = _qk_axes(product, op.dim)
+    terms = _apply_steps(product, steps, product_meta.dim())
+    pv_node, pv, dropout_p, probs = _walk_to_value_product(softmax)
+    v, value_dim, out_axes = _value_axes(pv, probs, product.out_axes, key)
+    metas = [tensor_meta(t.node) for t in (q, k, v)]
+    if any(m is None or not m.is_floating_point() for m in metas):
+        raise NotFusable("q, k and v must be floating-point tensors")
+    kv_group = 1
+    if len(batch) >= 2:
+        k, k_group = peel_head_repeat(k, batch[-1])
+        v, v_group = peel_head_repeat(v, batch[-1])
+        if k_group != v_group:
+            raise NotFusable("k and v repeat their heads differently")
+        kv_group = k_group
+    _apply_masks(terms, _size_along(q, query), _size_along(k, key))
+    return AttentionSite(softmax=softmax, output=pv_node, q=q, k=k, v=v, batch=batch, query=query, key=key,
+                         head_dim=head_dim, value_dim=value_dim, out_axes=out_axes, scores=terms,
+                         dropout_p=dropout_p, kv_group=kv_group)

@@ -1,0 +1,93 @@
+"""The canonical ``AttentionSite`` record: everything the rewrite needs, in one axis namespace.
+
+Axis letters come from the QK product: ``batch`` (leading score axes, the last of them the head
+axis when there are two or more), ``query``, ``key``, ``head_dim``; ``value_dim`` is v's feature axis.
+Scores are ``softmax(scale * q.k + bias, masked by keep-masks and causal)`` followed by dropout and
+the value product, laid out as ``out_axes``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from torch.fx import Node
+
+from attnfuse.canonical import tensor_meta
+from attnfuse.patterns.layouts import Operand
+from attnfuse.patterns.masks import KeepMask
+from attnfuse.patterns.scales import Factor
+
+
+@dataclass
+class ScoreTerms:
+    """What happens to the raw QK product before the softmax, in canonical form."""
+
+    scale: float = 1.0
+    tensor_factors: list[Factor] = field(default_factory=list)
+    biases: list[tuple[Node, float]] = field(default_factory=list)
+    keep_masks: list[KeepMask] = field(default_factory=list)
+    causal: Optional[str] = None
+    fill: Optional[float] = None
+
+
+@dataclass
+class AttentionSite:
+    """One attention computation found in a graph, ready to be rewritten into one fused call."""
+
+    softmax: Node
+    output: Node
+    q: Operand
+    k: Operand
+    v: Operand
+    batch: str
+    query: str
+    key: str
+    head_dim: str
+    value_dim: str
+    out_axes: str
+    scores: ScoreTerms
+    dropout_p: float = 0.0
+    kv_group: int = 1
+    nodes: list[Node] = field(default_factory=list)
+
+    def q_axes(self) -> str:
+        return self.batch + self.query + self.head_dim
+
+    def kv_axes(self, feature: str) -> str:
+        return self.batch + self.key + feature
+
+    def features(self) -> dict:
+        """The audit's description of what this site does."""
+        q_meta, k_meta = tensor_meta(self.q.node), tensor_meta(self.k.node)
+        head = self.batch[-1] if len(self.batch) >= 2 else None
+        q_heads = q_meta.shape[self.q.axes.index(head)] if head else 1
+        k_heads = (k_meta.shape[self.k.axes.index(head)] if head and head in self.k.axes else 1) * self.kv_group
+        kv_heads = k_heads // self.kv_group
+        masks = [self._mask_kind(m) for m in self.scores.keep_masks]
+        bias_shapes = [tuple(tensor_meta(b).shape) for b, _ in self.scores.biases]
+        return {
+            "causal": self.scores.causal,
+            "mask": ", ".join(masks) or None,
+            "bias": ", ".join(str(s) for s in bias_shapes) or None,
+            "scale": round(self.scores.scale, 6) if not self.scores.tensor_factors else "tensor",
+            "q_heads": int(q_heads),
+            "kv_heads": int(kv_heads),
+            "dropout": self.dropout_p,
+            "masked_fill": self.scores.fill,
+            "q_len": _size(q_meta.shape[self.q.axes.index(self.query)]),
+            "k_len": _size(k_meta.shape[self.k.axes.index(self.key)]),
+        }
+
+    def _mask_kind(self, mask: KeepMask) -> str:
+        meta = tensor_meta(mask.node)
+        shape = tuple(meta.shape)
+        query_varies = meta.dim() >= 2 and shape[-2] != 1
+        return f"{'full' if query_varies else 'key padding'} {_shape_str(shape)}"
+
+
+def _size(value: object) -> object:
+    return value if isinstance(value, int) else str(value)
+
+
+def _shape_str(shape: tuple) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ")"

@@ -1,0 +1,123 @@
+"""Layout rules: ops that only relabel axes (transpose, permute, ``.mT``, contiguous) and k/v head repeats.
+
+An operand is tracked as a node plus one axis letter per dimension; peeling a layout op rewrites
+the letters onto the op's input, so the fused call reads the original tensor. A permute counts as
+a transpose only when its permutation, computed from its arguments and the tensor's rank, says so.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch.fx import Node
+
+from attnfuse.canonical import bind, canonical, canonicalizer, is_call, rank_of, tensor_meta
+
+
+@dataclass(frozen=True)
+class Permute:
+    """``out = x.permute(perm)``: output dim ``k`` is input dim ``perm[k]``."""
+
+    x: Node
+    perm: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class RepeatHeads:
+    """``out`` repeats each slice of ``x`` along ``dim`` ``repeats`` times in place (``repeat_interleave``)."""
+
+    x: Node
+    dim: int
+    repeats: int
+
+
+@dataclass(frozen=True)
+class Operand:
+    """A tensor read by a product, with one axis letter per dimension of ``node``."""
+
+    node: Node
+    axes: str
+
+
+def _swap(rank: int, a: int, b: int) -> tuple[int, ...]:
+    perm = list(range(rank))
+    a, b = a % rank, b % rank
+    perm[a], perm[b] = perm[b], perm[a]
+    return tuple(perm)
+
+
+@canonicalizer
+def transpose_rule(node: Node) -> Optional[Permute]:
+    if not is_call(node, (torch.transpose, torch.swapaxes, torch.swapdims), ("transpose", "swapaxes", "swapdims")):
+        return None
+    args = bind(node, ("x", "dim0", "dim1"))
+    rank = rank_of(args["x"])
+    if rank is None or not isinstance(args.get("dim0"), int) or not isinstance(args.get("dim1"), int):
+        return None
+    return Permute(args["x"], _swap(rank, args["dim0"], args["dim1"]))
+
+
+@canonicalizer
+def permute_rule(node: Node) -> Optional[Permute]:
+    if not is_call(node, (torch.permute,), ("permute",)):
+        return None
+    x, dims = node.args[0], node.args[1:] or (node.kwargs.get("dims"),)
+    if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+        dims = tuple(dims[0])
+    rank = rank_of(x)
+    if rank is None or len(dims) != rank or not all(isinstance(d, int) for d in dims):
+        return None
+    return Permute(x, tuple(d % rank for d in dims))
+
+
+@canonicalizer
+def matrix_transpose_rule(node: Node) -> Optional[Permute]:
+    """``x.mT``, ``x.t()`` on a matrix, ``torch.t``: swap the last two axes."""
+    is_mt = node.op == "call_function" and node.target is getattr and node.args[1:] == ("mT",)
+    is_t = is_call(node, (torch.t,), ("t",))
+    if not (is_mt or is_t):
+        return None
+    rank = rank_of(node.args[0])
+    if rank is None or rank < 2 or (is_t and rank != 2):
+        return None
+    return Permute(node.args[0], _swap(rank, -2, -1))
+
+
+@canonicalizer
+def contiguous_rule(node: Node) -> Optional[Permute]:
+    """``contiguous()`` and ``clone()`` keep values and axes; only memory layout changes."""
+    if not is_call(node, (torch.clone,), ("contiguous", "clone")):
+        return None
+    rank = rank_of(node.args[0])
+    return Permute(node.args[0], tuple(range(rank))) if rank is not None else None
+
+
+@canonicalizer
+def repeat_interleave_rule(node: Node) -> Optional[RepeatHeads]:
+    if not is_call(node, (torch.repeat_interleave,), ("repeat_interleave",)):
+        return None
+    args = bind(node, ("x", "repeats", "dim"))
+    if not isinstance(args.get("repeats"), int) or not isinstance(args.get("dim"), int):
+        return None
+    return RepeatHeads(args["x"], args["dim"] % rank_of(args["x"]), args["repeats"])
+
+
+def peel_layout(operand: Operand) -> Operand:
+    """Follow pure relabelings back to the tensor they view, carrying the axis letters along."""
+    while True:
+        op = canonical(operand.node)
+        if not isinstance(op, Permute) or tensor_meta(op.x) is None:
+            return operand
+        inner = [""] * len(op.perm)
+        for out_dim, in_dim in enumerate(op.perm):
+            inner[in_dim] = operand.axes[out_dim]
+        operand = Operand(op.x, "".join(inner))
+
+
+def peel_head_repeat(operand: Operand, head_axis: str) -> tuple[Operand, int]:
+    """If ``operand`` repeat-interleaves its ``head_axis``, the un-repeated tensor and the group size."""
+    op = canonical(operand.node)
+    if isinstance(op, RepeatHeads) and operand.axes.find(head_axis) == op.dim:
+        return peel_layout(Operand(op.x, operand.axes)), op.repeats
+    return operand, 1

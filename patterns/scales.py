@@ -1,0 +1,60 @@
+"""Scale rules: the scores (or q, k) multiplied or divided by a number or a broadcastable tensor.
+
+A Python number becomes SDPA's ``scale``; a tensor factor that is constant along the key axis (a
+learned per-head temperature, a 0-d tensor) is folded into q, which is exact up to rounding.
+The user's scale is always carried over, never replaced by SDPA's default.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+from torch.fx import Node
+
+from attnfuse.canonical import arithmetic_kind, canonicalizer, is_scalar, tensor_meta
+
+
+@dataclass(frozen=True)
+class Multiply:
+    """``a * b`` or ``a / b`` (``inverse``): which side is the scores is decided by the matcher."""
+
+    a: object
+    b: object
+    inverse: bool
+
+
+@dataclass(frozen=True)
+class Factor:
+    """A multiplicative factor on the scores: a Python number or a tensor node (``1 / value`` if ``inverse``)."""
+
+    value: Union[float, Node]
+    inverse: bool = False
+
+    def as_float(self) -> Optional[float]:
+        if isinstance(self.value, Node):
+            return None
+        return 1.0 / float(self.value) if self.inverse else float(self.value)
+
+
+@canonicalizer
+def multiply_rule(node: Node) -> Optional[Multiply]:
+    kind = arithmetic_kind(node)
+    if kind not in ("mul", "div") or len(node.args) != 2 or node.kwargs:
+        return None
+    return Multiply(node.args[0], node.args[1], inverse=(kind == "div"))
+
+
+def score_factor(other: object, inverse: bool, scores_rank: int) -> Union[Factor, str]:
+    """Classify what multiplies the scores: a ``Factor``, or the reason it is not a pure scale."""
+    if is_scalar(other):
+        return Factor(float(other), inverse)
+    meta = tensor_meta(other)
+    if meta is None:
+        return f"the scores are multiplied by {type(other).__name__}, not a number or tensor"
+    if not meta.is_floating_point():
+        return "the scores are multiplied by a non-float tensor (a mask written as a product?)"
+    if meta.dim() > scores_rank:
+        return "a factor broadcasts the scores to a larger shape"
+    if meta.dim() >= 1 and meta.shape[-1] != 1:
+        return "the scores are multiplied by a tensor that varies along the key axis (not a scale)"
+    return Factor(other, inverse)

@@ -1,0 +1,32 @@
+"""Softmax rules: ``x.softmax(d)``, ``F.softmax``, ``torch.softmax``, ``nn.Softmax`` (inlined), with ``dtype=``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.fx import Node
+
+from attnfuse.canonical import bind, canonicalizer, is_call
+
+
+@dataclass(frozen=True)
+class Softmax:
+    """``softmax(x, dim)``, computed in ``dtype`` when given (a cast folded into the softmax)."""
+
+    x: Node
+    dim: int
+    dtype: Optional[torch.dtype] = None
+
+
+@canonicalizer
+def softmax_rule(node: Node) -> Optional[Softmax]:
+    if not is_call(node, (F.softmax, torch.softmax, torch.Tensor.softmax), ("softmax",)):
+        return None
+    args = bind(node, ("x", "dim"), dtype=None)
+    if node.op == "call_function" and node.target is F.softmax:
+        args = bind(node, ("x", "dim", "_stacklevel", "dtype"), dtype=None)
+    if not isinstance(args.get("dim"), int) or not isinstance(args["x"], Node):
+        return None
+    return Softmax(args["x"], args["dim"], args.get("dtype"))
