@@ -76,9 +76,8 @@ def attend(
         on_kernel(dispatch.chosen_kernel(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, order))
     out = dispatch.run_sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, order,
                             strict=allowed is not None)
-    if fully_masked_rows != "zero":
-        dead = rows_without_keys(keep, causal, L, S, q.device)
-        if dead is not None:
-            out = restore_fully_masked_rows(out, v, dead, fully_masked_rows)
+    dead = rows_without_keys(keep, causal, L, S, q.device)
+    if dead is not None:
+        out = restore_fully_masked_rows(out, v, dead, fully_masked_rows)
     return out
 

@@ -54,9 +54,9 @@ def rows_without_keys(keep: Optional[torch.Tensor], causal: Optional[str], L: in
 
 
 def restore_fully_masked_rows(out: torch.Tensor, v: torch.Tensor, dead: torch.Tensor, mode: str) -> torch.Tensor:
-    """Write the original model's output into rows with every key masked: mean of v, or NaN."""
-    if mode == "nan":
-        fill = torch.full((), float("nan"), dtype=out.dtype, device=out.device)
+    """Write the chosen output into rows with every key masked: zero, the mean of v, or NaN."""
+    if mode in ("zero", "nan"):
+        fill = torch.full((), 0.0 if mode == "zero" else float("nan"), dtype=out.dtype, device=out.device)
     else:
         fill = v.mean(dim=-2, keepdim=True).to(out.dtype)
         if fill.shape[1] != out.shape[1]:

@@ -94,9 +94,9 @@ class FusionReport:
         return sum(s.status == "skipped" for s in self.sites)
 
     def add(self, site: SiteReport) -> None:
-        """Record a site, replacing an earlier record of the same code (a recompile for new shapes)."""
+        """Record a site; a later record of the same module and line (a recompile, a rollback) replaces it."""
         for i, old in enumerate(self.sites):
-            if (old.name, old.source) == (site.name, site.source) and (old.status == site.status or site.status == "fused"):
+            if (old.name, old.source) == (site.name, site.source):
                 self.sites[i] = site
                 return
         self.sites.append(site)

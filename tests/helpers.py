@@ -1,0 +1,42 @@
+"""Shared checks: run a module before and after ``optimize`` and compare outputs and gradients."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+import attnfuse
+
+
+def grads(out: torch.Tensor, inputs: list[torch.Tensor], seed: int = 0) -> list[torch.Tensor]:
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    weight = torch.where(out.isnan(), torch.zeros_like(weight), weight)
+    loss = (torch.nan_to_num(out) * weight).sum()
+    found = torch.autograd.grad(loss, inputs, allow_unused=True)
+    return [torch.zeros_like(i) if g is None else g for g, i in zip(found, inputs)]
+
+
+def leaf_copies(args: tuple) -> tuple:
+    return tuple(a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+                 for a in args)
+
+
+def assert_fused_equal(module: torch.nn.Module, args: tuple, *, fused: int = 1, atol: float = 2e-5,
+                       rtol: float = 1e-4, **options) -> attnfuse.FusionReport:
+    """Optimize a copy of ``module``; outputs and input gradients must match the original's."""
+    torch._dynamo.reset()  # hypothesis runs many examples per test; each must compile afresh
+    reference = copy.deepcopy(module)
+    optimized = attnfuse.optimize(module, **options)
+    ref_args, opt_args = leaf_copies(args), leaf_copies(args)
+    expected, actual = reference(*ref_args), optimized(*opt_args)
+    report = attnfuse.report(optimized)
+    assert report.fused == fused, str(report)
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, equal_nan=True)
+    differentiable = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
+    if differentiable:
+        g_expected = grads(expected, [ref_args[i] for i in differentiable])
+        g_actual = grads(actual, [opt_args[i] for i in differentiable])
+        for i, e, a in zip(differentiable, g_expected, g_actual):
+            torch.testing.assert_close(a, e, atol=atol * 10, rtol=rtol * 10, equal_nan=True,
+                                       msg=lambda m, i=i: f"gradient of input {i}: {m}")
+    return report
