@@ -59,14 +59,15 @@ def chosen_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: 
                   is_causal: bool, scale: Optional[float], enable_gqa: bool, order: list[SDPBackend]) -> str:
     """The kernel SDPA picks for this call under ``order`` (for the audit)."""
     if isinstance(attn_mask, CausalBias):
-        return "efficient" if q.device.type == "cuda" else "math"
+        return "efficient (lower-right causal)" if q.device.type == "cuda" else "cpu-math (lower-right causal)"
     try:
         with sdpa_kernel(order, set_priority=True):
             index = torch._fused_sdp_choice(q, k, v, attn_mask, dropout_p, is_causal, scale=scale,
                                             enable_gqa=enable_gqa)
-        return KERNEL_NAMES.get(SDPBackend(index), "math")
+        name = KERNEL_NAMES.get(SDPBackend(index), "math")
     except Exception:
-        return KERNEL_NAMES[order[0]]
+        name = KERNEL_NAMES[order[0]]
+    return name if q.device.type == "cuda" else f"cpu-{name}"
 
 
 def run_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],

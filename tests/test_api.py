@@ -57,7 +57,7 @@ def test_audit_shape_and_no_side_effect():
     d = report.to_dict()
     assert set(d) == {"fused", "skipped", "sites"} and d["fused"] == 1 and d["skipped"] == 0
     assert set(d["sites"][0]) == {"name", "source", "status", "reason", "features", "backend"}
-    assert d["sites"][0]["status"] == "fused" and d["sites"][0]["backend"] in ("flash", "math")
+    assert d["sites"][0]["status"] == "fused" and d["sites"][0]["backend"] in ("cpu-flash", "cpu-math")
     text = str(report)
     assert "TinyBlock.attend" in text and "fused" in text and "causal" in text
 

@@ -1,0 +1,38 @@
+"""Timing and memory helpers shared by the benchmark scripts (CUDA events via triton's do_bench)."""
+from __future__ import annotations
+
+import json
+import platform
+from datetime import date
+from typing import Callable, Optional
+
+import torch
+
+
+def environment() -> dict:
+    return {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
+            "torch": torch.__version__, "date": date.today().isoformat()}
+
+
+def measure(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 100) -> tuple[Optional[float], Optional[float]]:
+    """(median milliseconds, peak extra GB) of ``fn``; (None, None) when it runs out of memory."""
+    from triton.testing import do_bench
+
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        fn()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 1e9
+        ms = do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return None, None
+    return ms, peak
+
+
+def save(path: str, payload: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)

@@ -1,0 +1,135 @@
+"""GPU: every kernel the dispatcher can pick, fp16/bf16 against an fp32 reference; the kernels' traps.
+
+Run on a CUDA machine with ``python -m pytest -m gpu``; everything here skips cleanly without CUDA.
+Set ``ATTNFUSE_GPU_LOG=path.json`` to record which kernel ran each case.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+import attnfuse
+from seed_modules import BiasThenCausalStyle, GenomicsStyle, MegabyteStyle, PaddingStyle
+from test_attend import reference
+
+pytestmark = pytest.mark.gpu
+
+KERNEL_LOG: list[dict] = []
+CASES = {
+    "plain": dict(L=256, S=256),
+    "causal": dict(L=256, S=256, causal="top_left"),
+    "causal_kv_cache": dict(L=64, S=320, causal="bottom_right"),
+    "causal_more_queries": dict(L=320, S=64, causal="bottom_right", fully_masked_rows="mean"),
+    "padding": dict(L=200, S=200, mask="padding", fully_masked_rows="mean"),
+    "padding_len_192": dict(L=192, S=192, mask="padding", fully_masked_rows="mean"),
+    "padding_causal": dict(L=128, S=128, mask="padding", causal="top_left", fully_masked_rows="mean"),
+    "full_mask": dict(L=96, S=160, mask="full", fully_masked_rows="nan"),
+    "bias": dict(L=128, S=192, bias=True),
+    "bias_padding": dict(L=128, S=128, bias=True, mask="padding", fully_masked_rows="mean"),
+    "gqa": dict(L=256, S=256, kv_heads=2, causal="top_left"),
+    "gqa_padding": dict(L=128, S=128, kv_heads=2, mask="padding", fully_masked_rows="mean"),
+    "single_head_kv": dict(L=128, S=128, kv_heads=0),
+    "head_dim_40": dict(L=128, S=128, E=40),
+}
+
+
+def make_case(case: dict, dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    b, h, E = 2, 8, case.get("E", 64)
+    L, S = case["L"], case["S"]
+    kv_heads = case.get("kv_heads", h)
+    kv_shape = (b, S, E) if kv_heads == 0 else (b, kv_heads, S, E)
+    q = torch.randn(b, h, L, E, device="cuda", generator=g)
+    k, v = torch.randn(kv_shape, device="cuda", generator=g), torch.randn(kv_shape, device="cuda", generator=g)
+    mask = None
+    if case.get("mask") == "padding":
+        mask = torch.rand(b, 1, 1, S, device="cuda", generator=g) > 0.3
+        mask[1] = False  # every key of batch row 1 masked
+    elif case.get("mask") == "full":
+        mask = torch.rand(b, h, L, S, device="cuda", generator=g) > 0.5
+        mask[0, :, :3] = False
+    bias = torch.randn(1, h, L, S, device="cuda", generator=g) if case.get("bias") else None
+    options = dict(mask=mask, bias=bias, causal=case.get("causal"), fully_masked_rows=case.get("fully_masked_rows", "zero"))
+    low = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    high = [t.clone().requires_grad_() for t in (q, k, v)]
+    return low, high, options
+
+
+@pytest.mark.parametrize("kernel", [None, "cudnn", "flash", "efficient", "math"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", list(CASES))
+def test_attend_on_each_kernel_matches_fp32(name, dtype, kernel):
+    low, high, options = make_case(CASES[name], dtype)
+    chosen: list[str] = []
+    low_options = dict(options, bias=None if options["bias"] is None else options["bias"].to(dtype))
+    try:
+        out = attnfuse.attend(*low, **low_options, kernels=None if kernel is None else [kernel], on_kernel=chosen.append)
+    except RuntimeError as error:
+        assert kernel is not None, f"dispatch failed: {error}"
+        KERNEL_LOG.append({"case": name, "dtype": str(dtype), "forced": kernel, "ran": "refused"})
+        pytest.skip(f"{kernel} refuses {name}")
+    KERNEL_LOG.append({"case": name, "dtype": str(dtype), "forced": kernel, "ran": chosen[0] if chosen else None})
+    expected = reference(*high, **options)
+    tol = 2e-2 if dtype == torch.float16 else 4e-2
+    torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol, equal_nan=True)
+    weight = torch.randn_like(expected)
+    (torch.nan_to_num(out.float()) * weight).sum().backward()
+    (torch.nan_to_num(expected) * weight).sum().backward()
+    for a, b in zip(low, high):
+        assert torch.isfinite(a.grad).all(), "NaN/inf gradient"
+        torch.testing.assert_close(a.grad.float(), b.grad, atol=tol * 4, rtol=tol * 4)
+
+
+def test_write_kernel_log():
+    path = os.environ.get("ATTNFUSE_GPU_LOG")
+    if path:
+        with open(path, "w") as f:
+            json.dump(KERNEL_LOG, f, indent=1)
+
+
+SEED_CASES = [
+    (GenomicsStyle, dict(causal=True), "bias"),
+    (MegabyteStyle, dict(causal=True), None),
+    (PaddingStyle, dict(), "mask"),
+    (PaddingStyle, dict(scale=0.3), "mask"),
+    (BiasThenCausalStyle, dict(causal=True), "bias"),
+]
+
+
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("seed_index", range(len(SEED_CASES)))
+def test_seed_modules_fused_on_gpu_match_fp32(seed_index, dtype, compiler):
+    torch._dynamo.reset()
+    cls, kwargs, extra = SEED_CASES[seed_index]
+    b, h, L, S, E = 2, 4, 96, 160, 64
+    g = torch.Generator(device="cuda").manual_seed(seed_index)
+    q, k, v = (torch.randn(b, h, n, E, device="cuda", generator=g) for n in (L, S, S))
+    args = [q, k, v]
+    if extra == "mask":
+        mask = torch.rand(b, S, device="cuda", generator=g) > 0.3
+        mask[0] = False
+        args.append(mask)
+    elif extra == "bias":
+        args += [None, torch.randn(h, L, S, device="cuda", generator=g)] if cls is GenomicsStyle else \
+            [torch.randn(h, L, S, device="cuda", generator=g)]
+    reference_model = cls(**kwargs).eval()
+    expected = reference_model(*args)
+    model = attnfuse.optimize(copy.deepcopy(reference_model), compiler=compiler)
+    out = model(*[a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args])
+    assert attnfuse.report(model).fused == 1
+    tol = 2e-2 if dtype == torch.float16 else 4e-2
+    torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)
+
+
+def test_string_backend_compiles_with_inductor_on_gpu():
+    torch._dynamo.reset()
+    model = MegabyteStyle(causal=True).eval()
+    q, k, v = (torch.randn(2, 4, 128, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    expected = model(q.float(), k.float(), v.float())
+    out = torch.compile(model, backend="attnfuse")(q, k, v)
+    torch.testing.assert_close(out.float(), expected, atol=4e-2, rtol=4e-2)
