@@ -64,7 +64,7 @@ def attend(
     if k.shape[0] != B:
         k, v = k.expand(B, *k.shape[1:]), v.expand(B, *v.shape[1:])
     keep = mask if mask is None or mask.dtype == torch.bool else mask.bool()
-    attn_mask, is_causal = sdpa_mask(keep, bias, causal, L, S, q.dtype, q.device)
+    attn_mask, is_causal = sdpa_mask(keep, bias, causal, L, S, q)
     enable_gqa = Hk != H
     if enable_gqa and q.is_cuda and attn_mask is not None:
         # Only flash and cuDNN share kv heads natively, and flash takes no mask: repeat for the others.

@@ -20,15 +20,24 @@ def causal_keep(L: int, S: int, alignment: str, device: torch.device) -> torch.T
     return torch.ones(L, S, dtype=torch.bool, device=device).tril(offset)
 
 
+def _is_traced(q: torch.Tensor) -> bool:
+    """Whether we run under a compiler's tracer, where SDPA's ``CausalBias`` subclass cannot be created."""
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return torch.compiler.is_compiling() or isinstance(q, (torch._subclasses.FakeTensor, FunctionalTensor)) or \
+        torch._is_functional_tensor(q)
+
+
 def sdpa_mask(keep: Optional[torch.Tensor], bias: Optional[torch.Tensor], causal: Optional[str], L: int, S: int,
-              dtype: torch.dtype, device: torch.device) -> tuple[Optional[torch.Tensor], bool]:
+              q: torch.Tensor) -> tuple[Optional[torch.Tensor], bool]:
     """``(attn_mask, is_causal)`` for SDPA, building an ``L x S`` tensor only when the inputs force it."""
+    dtype, device = q.dtype, q.device
     if keep is None and bias is None:
         if causal is None:
             return None, False
         if causal == "top_left" or L == S:
             return None, True
-        if L < S:
+        if L < S and not _is_traced(q):
             return causal_lower_right(L, S), False
     if causal is not None:
         triangle = causal_keep(L, S, causal, device)

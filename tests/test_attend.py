@@ -21,7 +21,7 @@ def reference(q, k, v, mask=None, bias=None, causal=None, scale=None, fully_mask
     scores = q @ k.transpose(-2, -1) * scale
     if bias is not None:
         scores = scores + bias
-    keep = torch.ones(L, S, dtype=torch.bool)
+    keep = torch.ones(L, S, dtype=torch.bool, device=q.device)
     if causal is not None:
         keep = keep.tril(0 if causal == "top_left" else S - L)
     if mask is not None:
