@@ -95,3 +95,56 @@ def arithmetic_kind(node: Node) -> Optional[str]:
         if is_call(node, ARITHMETIC[kind] + INPLACE_ARITHMETIC[kind], METHODS[kind]):
             return kind
     return None
+
+
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                      operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.setitem}
+
+
+def has_side_effect(node: Node) -> bool:
+    """Whether removing ``node`` could change the program even if nothing reads its result."""
+    if node.op in ("placeholder", "output", "get_attr") or node.is_impure():
+        return True
+    if "out" in node.kwargs:
+        return True
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    is_inplace_name = name.endswith("_") and not name.endswith("__")
+    return is_inplace_name or node.target in _INPLACE_OPERATORS
+
+
+def remove_dead_nodes(nodes: Iterable[Node]) -> None:
+    """Erase each of ``nodes`` that nothing reads and that has no side effect, then their dead inputs."""
+    pending = list(nodes)
+    while pending:
+        current = pending.pop()
+        if current.graph is None or current.users or has_side_effect(current):
+            continue
+        inputs = list(current.all_input_nodes)
+        current.graph.erase_node(current)
+        pending.extend(inputs)
+
+
+def same_size(a: Any, b: Any) -> bool:
+    """Whether two sizes (ints, SymInts or the graph nodes computing them) are provably equal."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    a, b = example_value(a), example_value(b)
+    try:
+        return bool(statically_known_true(a == b))
+    except Exception:
+        return False
+
+
+def reads_only_metadata(user: Node, node: Node) -> bool:
+    """Whether ``user`` reads only the dtype or shape of ``node`` (``y.type_as(node)``, ``node.size()``)."""
+    if is_call(user, (), ("type_as",)) and len(user.args) == 2 and user.args[1] is node and user.args[0] is not node:
+        return True
+    if is_call(user, (torch.Tensor.size,), ("size", "dim")) or (
+            user.op == "call_function" and user.target is getattr and user.args[1] in ("shape", "dtype", "device", "ndim")):
+        return True
+    return False
+
+
+def value_users(node: Node) -> list[Node]:
+    """The users of ``node`` that read its values."""
+    return [user for user in node.users if not reads_only_metadata(user, node)]

@@ -13,10 +13,10 @@ from typing import Iterator, Optional, Union
 
 from torch.fx import Graph, Node
 
-from attnfuse.canonical import canonical, tensor_meta
+from attnfuse.canonical import canonical, remove_dead_nodes, tensor_meta, value_users
 from attnfuse.patterns.biases import Add, bias_reason
 from attnfuse.patterns.casts import Cast
-from attnfuse.patterns.causal import classify
+from attnfuse.patterns.causal import classify, classify_additive
 from attnfuse.patterns.dropout import Dropout
 from attnfuse.patterns.layouts import Operand, Permute, peel_head_repeat
 from attnfuse.patterns.masks import KeepMask, Select, fill_value, keep_mask, mask_reason
@@ -41,7 +41,12 @@ class NotFusable(Exception):
 
 
 def find_sites(graph: Graph) -> Iterator[Union[AttentionSite, Skip]]:
-    """Every attention-like softmax in ``graph``, matched into a site or skipped with a reason."""
+    """Every attention-like softmax in ``graph``, matched into a site or skipped with a reason.
+
+    Dead values (debug copies such as ``sim.clone()`` kept for inspection and never returned) are
+    removed first, so they do not count as uses of the scores.
+    """
+    remove_dead_nodes(reversed(list(graph.nodes)))
     for node in list(graph.nodes):
         op = canonical(node)
         if isinstance(op, Softmax) and looks_like_attention(node, op):
@@ -93,8 +98,8 @@ def looks_like_attention(node: Node, op: Softmax) -> bool:
 # ----------------------------------------------------------------------------- the walk
 
 def _single_user(node: Node, what: str) -> None:
-    if len(node.users) != 1:
-        raise NotFusable(f"{what} is also used outside the attention (returned, stored or reused)")
+    if len(value_users(node)) != 1:
+        raise NotFusable(f"{what}: also used outside the attention (returned, stored or reused)")
 
 
 def _describe(node: Node) -> str:
@@ -215,7 +220,7 @@ def _walk_to_value_product(softmax: Node) -> tuple[Node, Product, float, Node]:
     node, dropout_p = softmax, 0.0
     while True:
         _single_user(node, "the attention weights")
-        user = next(iter(node.users))
+        user = value_users(node)[0]
         op = canonical(user)
         if isinstance(op, Product):
             return user, op, dropout_p, node
@@ -234,7 +239,8 @@ def _value_axes(pv: Product, probs: Node, scores_axes: str, key: str) -> tuple[O
     rename = dict(zip(p.axes, scores_axes))
     contracted = [c for c in p.axes if c in v.axes and c not in pv.out_axes]
     if contracted != [next(c for c, s in rename.items() if s == key)]:
-        raise NotFusable("the value product does not contract over the key axis")
+        raise NotFusable("the product after the softmax does not sum over the keys "
+                         "(weights mixed across heads or queries?)")
     if any(c not in pv.out_axes for c in p.axes if c not in contracted):
         raise NotFusable("the value product sums the weights over heads or queries")
     free = [c for c in v.axes if c not in p.axes]
@@ -254,7 +260,25 @@ def _size_along(operand: Operand, axis: str) -> object:
 
 
 def _apply_masks(terms: ScoreTerms, L: object, S: object) -> None:
-    """Turn keep-masks that are causal triangles into the causal flag; drop masks that keep everything."""
+    """Turn masks that are causal triangles into the causal flag; drop masks that keep everything.
+
+    Boolean keep-masks and constant additive ``0 / finfo.min`` biases are both read this way.
+    """
+    biases = []
+    for bias, coefficient in terms.biases:
+        found = classify_additive(bias, L, S) if coefficient > 0 else None
+        if found is None:
+            biases.append((bias, coefficient))
+            continue
+        pattern, fill = found
+        fill = None if fill is None else fill * coefficient
+        if pattern.kind == "all":
+            continue
+        if pattern.kind == "causal" and terms.causal in (None, pattern.alignment) and terms.fill in (None, fill):
+            terms.causal, terms.fill = pattern.alignment, fill
+            continue
+        biases.append((bias, coefficient))
+    terms.biases = biases
     remaining: list[KeepMask] = []
     for mask in terms.keep_masks:
         pattern = classify(mask, L, S)

@@ -24,7 +24,7 @@ def max_difference(expected: Any, actual: Any) -> float:
     if not isinstance(expected, torch.Tensor) or not expected.is_floating_point():
         return 0.0 if (not isinstance(expected, torch.Tensor) or torch.equal(expected, actual)) else float("inf")
     rtol, atol = tolerance(expected.dtype)
-    expected, actual = expected.double(), actual.double()
+    expected, actual = expected.detach().double(), actual.detach().double()
     both_nan = expected.isnan() & actual.isnan()
     error = (expected - actual).abs() / (atol + rtol * expected.abs())
     error = torch.where(both_nan, torch.zeros_like(error), error)

@@ -14,11 +14,10 @@ from typing import Optional, Union
 
 import torch
 from torch.fx import Node
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from attnfuse.canonical import bind, example_value, is_call
+from attnfuse.canonical import bind, example_value, is_call, same_size
 from attnfuse.constants import constant_value
-from attnfuse.patterns.masks import KeepMask
+from attnfuse.patterns.masks import MASKING_THRESHOLD, KeepMask
 
 Size = Union[int, torch.SymInt]
 
@@ -34,19 +33,11 @@ class MaskPattern:
 TENSOR = MaskPattern("tensor")
 
 
-def _same(a: object, b: object) -> bool:
-    a, b = example_value(a), example_value(b)
-    try:
-        return bool(statically_known_true(a == b))
-    except Exception:
-        return False
-
-
 def _alignment(offset: object, L: Size, S: Size) -> Optional[str]:
     """The causal corner for a mask keeping ``j - i <= offset``."""
-    if _same(offset, 0):
+    if same_size(offset, 0):
         return "top_left"
-    if _same(offset, S - L):
+    if same_size(offset, S - L):
         return "bottom_right"
     return None
 
@@ -62,7 +53,7 @@ def _all_true_of_shape(node: object, L: Size, S: Size) -> bool:
             return False
     else:
         return False
-    return len(shape) == 2 and _same(shape[0], L) and _same(shape[1], S)
+    return len(shape) == 2 and same_size(shape[0], L) and same_size(shape[1], S)
 
 
 def _triangle(node: Node) -> Optional[tuple[str, object, Node]]:
@@ -94,12 +85,18 @@ def _by_value(mask: KeepMask, L: Size, S: Size) -> Optional[MaskPattern]:
     value = constant_value(mask.node)
     if not isinstance(value, torch.Tensor) or value.dtype != torch.bool:
         return None
-    keep = ~value if mask.negated else value
+    return _keep_pattern(~value if mask.negated else value, L, S)
+
+
+def _keep_pattern(keep: torch.Tensor, L: int, S: int) -> MaskPattern:
+    """Classify a concrete boolean keep-mask broadcast against ``(..., L, S)`` scores."""
     if bool(keep.all()):
         return MaskPattern("all")
-    while keep.dim() > 2 and keep.shape[0] == 1:
-        keep = keep[0]
-    if keep.shape != (L, S):
+    if keep.dim() < 2 or tuple(keep.shape[-2:]) != (L, S):
+        return TENSOR
+    slices = keep.reshape(-1, L, S)
+    keep = slices[0]
+    if not bool((slices == keep).all()):
         return TENSOR
     ones = torch.ones(L, S, dtype=torch.bool)
     for alignment, offset in (("top_left", 0), ("bottom_right", S - L)):
@@ -111,3 +108,23 @@ def _by_value(mask: KeepMask, L: Size, S: Size) -> Optional[MaskPattern]:
 def classify(mask: KeepMask, L: Size, S: Size) -> MaskPattern:
     """Classify a keep-mask of scores with ``L`` queries and ``S`` keys."""
     return _structural(mask, L, S) or _by_value(mask, L, S) or TENSOR
+
+
+def classify_additive(bias: Node, L: Size, S: Size) -> Optional[tuple[MaskPattern, Optional[float]]]:
+    """A constant additive bias holding only 0 and one value <= the masking threshold: ``(pattern, value)``.
+
+    This is how transformers' eager models pass a causal mask (``0`` / ``finfo.min``). Only biases
+    that read no graph input are evaluated, so the answer is exact for the graph it was found in.
+    """
+    if not (isinstance(L, int) and isinstance(S, int)):
+        return None
+    value = constant_value(bias)
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        return None
+    masked = value != 0
+    if not bool(masked.any()):
+        return MaskPattern("all"), None
+    fills = value[masked].unique()
+    if fills.numel() != 1 or not float(fills[0]) <= MASKING_THRESHOLD:
+        return None
+    return _keep_pattern(~masked, L, S), float(fills[0])

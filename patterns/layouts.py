@@ -12,7 +12,9 @@ from typing import Optional
 import torch
 from torch.fx import Node
 
-from attnfuse.canonical import bind, canonical, canonicalizer, is_call, rank_of, tensor_meta
+import operator
+
+from attnfuse.canonical import bind, canonical, canonicalizer, is_call, rank_of, same_size, tensor_meta
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,46 @@ def repeat_interleave_rule(node: Node) -> Optional[RepeatHeads]:
     if not isinstance(args.get("repeats"), int) or not isinstance(args.get("dim"), int):
         return None
     return RepeatHeads(args["x"], args["dim"] % rank_of(args["x"]), args["repeats"])
+
+
+def _unsqueezed(node: object) -> Optional[tuple[Node, int]]:
+    """``(x, dim)`` if ``node`` is ``x.unsqueeze(dim)`` or ``x[:, ..., None, ...]`` with full slices elsewhere."""
+    if not isinstance(node, Node):
+        return None
+    if is_call(node, (torch.unsqueeze,), ("unsqueeze",)):
+        args = bind(node, ("x", "dim"))
+        rank = rank_of(args["x"])
+        return (args["x"], args["dim"] % (rank + 1)) if rank is not None and isinstance(args.get("dim"), int) else None
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], tuple):
+        index = node.args[1]
+        full = slice(None, None, None)
+        nones = [i for i, item in enumerate(index) if item is None]
+        if len(nones) == 1 and all(item == full for i, item in enumerate(index) if i != nones[0]):
+            return node.args[0], nones[0]
+    return None
+
+
+@canonicalizer
+def expand_reshape_repeat_rule(node: Node) -> Optional[RepeatHeads]:
+    """``x[:, :, None].expand(b, h, n, s, d).reshape(b, h * n, s, d)``: transformers' ``repeat_kv``."""
+    if not is_call(node, (torch.reshape,), ("reshape", "view")):
+        return None
+    expanded = node.args[0]
+    if not (isinstance(expanded, Node) and is_call(expanded, (), ("expand",))):
+        return None
+    found = _unsqueezed(expanded.args[0])
+    source, out, wide = (tensor_meta(found[0]) if found else None), tensor_meta(node), tensor_meta(expanded)
+    if found is None or source is None or out is None or wide is None or found[1] == 0:
+        return None
+    dim = found[1]
+    repeats = wide.shape[dim]
+    merged = tuple(source.shape[:dim - 1]) + (source.shape[dim - 1] * repeats,) + tuple(source.shape[dim:])
+    same = len(merged) == out.dim() and all(same_size(a, b) for a, b in zip(merged, out.shape))
+    others_kept = all(same_size(a, b) for i, (a, b) in enumerate(zip(wide.shape, source.shape[:dim] + (1,) + source.shape[dim:]))
+                      if i != dim)
+    if not (same and others_kept and isinstance(repeats, int)):
+        return None
+    return RepeatHeads(found[0], dim - 1, repeats)
 
 
 def peel_layout(operand: Operand) -> Operand:
