@@ -13,7 +13,9 @@ from torch.fx import Node
 from torch.fx.node import map_arg
 
 _RANDOM_TARGETS = {"rand", "randn", "randint", "bernoulli", "dropout", "normal", "rand_like", "randn_like"}
-_MAX_ELEMENTS = 1 << 26
+# Largest constant evaluated at compile time: masks are evaluated where the model runs, and a GPU
+# takes an (8, 1, 8192, 8192) mask in milliseconds.
+_MAX_ELEMENTS = {"cuda": 1 << 30, "cpu": 1 << 26}
 
 
 def _is_foldable_call(node: Node) -> bool:
@@ -23,29 +25,28 @@ def _is_foldable_call(node: Node) -> bool:
     return name not in _RANDOM_TARGETS
 
 
-def _on_cpu(value: Any) -> Any:
-    if isinstance(value, torch.device):
-        return torch.device("cpu")
-    return value
+def _too_large(meta: Any) -> bool:
+    if not isinstance(meta, torch.Tensor):
+        return False
+    return meta.numel() > _MAX_ELEMENTS.get(meta.device.type, _MAX_ELEMENTS["cpu"])
 
 
-def constant_value(node: Any, max_elements: int = _MAX_ELEMENTS) -> Optional[Any]:
-    """The value of ``node`` computed on the CPU if it depends on no graph input, else None."""
+def constant_value(node: Any) -> Optional[Any]:
+    """The value of ``node`` if it depends on no graph input (computed on its own device), else None."""
     if not isinstance(node, Node):
         return node
     cache = node.meta.setdefault("attnfuse_constant", {})
     if "value" in cache:
         return cache["value"]
     cache["value"] = None
-    meta = node.meta.get("example_value")
-    if isinstance(meta, torch.Tensor) and meta.numel() > max_elements:
+    if _too_large(node.meta.get("example_value")):
         return None
     if not _is_foldable_call(node):
         return None
     missing = []
 
     def resolve(arg: Node) -> Any:
-        value = constant_value(arg, max_elements)
+        value = constant_value(arg)
         if value is None:
             missing.append(arg)
         return value
@@ -54,8 +55,6 @@ def constant_value(node: Any, max_elements: int = _MAX_ELEMENTS) -> Optional[Any
     kwargs = map_arg(node.kwargs, resolve)
     if missing:
         return None
-    kwargs = {k: _on_cpu(v) for k, v in kwargs.items()}
-    args = tuple(_on_cpu(a) for a in args)
     try:
         if node.op == "call_method":
             value = getattr(args[0], node.target)(*args[1:], **kwargs)

@@ -37,9 +37,19 @@ def validate_kernels(kernels: Optional[Iterable[str]]) -> Optional[tuple[str, ..
     return kernels
 
 
+def known_traps(q: torch.Tensor, k: torch.Tensor, attn_mask: Optional[torch.Tensor],
+                needs_grad: bool) -> dict[str, str]:
+    """Kernels whose result would differ from the original for this call, with the reason (measured traps)."""
+    traps = {}
+    L, S = q.shape[-2], k.shape[-2]
+    if q.is_cuda and attn_mask is not None and needs_grad and (L % 128 == 64 or S % 128 == 64):
+        traps["cudnn"] = "cuDNN returns NaN gradients with a mask at lengths 64 mod 128 (pytorch#196678)"
+    return traps
+
+
 def kernel_order(q: torch.Tensor, k: torch.Tensor, attn_mask: Optional[torch.Tensor], needs_grad: bool,
                  allowed: Optional[tuple[str, ...]] = None) -> list[SDPBackend]:
-    """SDPA kernels to try for this call, fastest valid first."""
+    """SDPA kernels to try for this call, fastest valid first; raises if every allowed kernel is a trap."""
     if q.device.type != "cuda":
         order = ["flash", "math"]
     elif q.dtype not in (torch.float16, torch.bfloat16):
@@ -47,12 +57,15 @@ def kernel_order(q: torch.Tensor, k: torch.Tensor, attn_mask: Optional[torch.Ten
     else:
         major, _ = torch.cuda.get_device_capability(q.device)
         order = ["cudnn", "flash", "efficient", "math"] if major >= 9 else ["flash", "efficient", "cudnn", "math"]
-        L, S = q.shape[-2], k.shape[-2]
-        if attn_mask is not None and needs_grad and (L % 128 == 64 or S % 128 == 64):
-            order.remove("cudnn")  # pytorch#196678: NaN grad_q with a mask at lengths 64 mod 128
     if allowed is not None:
         order = [name for name in order if name in allowed] or list(allowed)
-    return [KERNELS[name] for name in order]
+    traps = known_traps(q, k, attn_mask, needs_grad)
+    safe = [name for name in order if name not in traps]
+    if not safe:
+        reasons = "; ".join(traps[name] for name in order)
+        raise RuntimeError(f"attnfuse: the forced kernels {list(order)} would give a wrong result here ({reasons}); "
+                           "allow another kernel, e.g. 'efficient' or 'math'")
+    return [KERNELS[name] for name in safe]
 
 
 def chosen_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: object, dropout_p: float,

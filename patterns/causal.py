@@ -98,7 +98,7 @@ def _keep_pattern(keep: torch.Tensor, L: int, S: int) -> MaskPattern:
     keep = slices[0]
     if not bool((slices == keep).all()):
         return TENSOR
-    ones = torch.ones(L, S, dtype=torch.bool)
+    ones = torch.ones(L, S, dtype=torch.bool, device=keep.device)
     for alignment, offset in (("top_left", 0), ("bottom_right", S - L)):
         if torch.equal(keep, ones.tril(offset)):
             return MaskPattern("causal", alignment)
