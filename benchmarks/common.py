@@ -15,14 +15,18 @@ def environment() -> dict:
 
 
 def measure(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 100) -> tuple[Optional[float], Optional[float]]:
-    """(median milliseconds, peak extra GB) of ``fn``; (None, None) when it runs out of memory."""
+    """(median milliseconds, peak extra GB of a steady-state call) of ``fn``; (None, None) on out of memory.
+
+    The first call (compilation, caches, lazily created gradients) runs before memory is measured.
+    """
     from triton.testing import do_bench
 
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
     try:
+        fn()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
         fn()
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - base) / 1e9
