@@ -139,7 +139,11 @@ def run_site(plan: SitePlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     q = _to_4d(q, plan, batch_shape)
     k = _to_4d(plan.k.apply(k), plan, batch_shape)
     v = _to_4d(plan.v.apply(v), plan, batch_shape)
+    scale = plan.scale
     for factor, inverse in zip(factors, plan.factor_inverse):
+        if not isinstance(factor, torch.Tensor):
+            scale = scale / factor if inverse else scale * factor
+            continue
         factor = _score_operand(factor, plan, batch_shape)
         q = q / factor if inverse else q * factor
     keep = None
@@ -150,7 +154,7 @@ def run_site(plan: SitePlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     for term, coefficient in zip(biases, plan.bias_coefficients):
         term = _score_operand(term if coefficient == 1.0 else term * coefficient, plan, batch_shape)
         bias = term if bias is None else bias + term
-    out = attend(q, k, v, mask=keep, bias=bias, causal=plan.causal, scale=plan.scale, dropout_p=plan.dropout_p,
+    out = attend(q, k, v, mask=keep, bias=bias, causal=plan.causal, scale=scale, dropout_p=plan.dropout_p,
                  fully_masked_rows=plan.fully_masked_rows, kernels=plan.kernels,
                  on_kernel=plan.record if plan.record.kernel is None else None)
     out = _from_4d(out, plan, batch_shape).permute(plan.out_perm)

@@ -65,11 +65,13 @@ class AttentionSite:
         kv_heads = k_heads // self.kv_group
         masks = [self._mask_kind(m) for m in self.scores.keep_masks]
         bias_shapes = [tuple(tensor_meta(b).shape) for b, _ in self.scores.biases]
+        runtime_scale = any(tensor_meta(f.value) is not None for f in self.scores.tensor_factors)
         return {
             "causal": self.scores.causal,
             "mask": ", ".join(masks) or None,
             "bias": ", ".join(str(s) for s in bias_shapes) or None,
-            "scale": round(self.scores.scale, 6) if not self.scores.tensor_factors else "tensor",
+            "scale": "tensor" if runtime_scale else (round(self.scores.scale, 6) if not self.scores.tensor_factors
+                                                     else "run-time number"),
             "q_heads": int(q_heads),
             "kv_heads": int(kv_heads),
             "dropout": self.dropout_p,

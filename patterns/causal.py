@@ -15,9 +15,10 @@ from typing import Optional, Union
 import torch
 from torch.fx import Node
 
-from attnfuse.canonical import bind, example_value, is_call, same_size
+from attnfuse.canonical import bind, canonical, example_value, is_call, is_scalar, same_size
 from attnfuse.constants import constant_value
-from attnfuse.patterns.masks import MASKING_THRESHOLD, KeepMask
+from attnfuse.patterns.index import keep_inequalities
+from attnfuse.patterns.masks import MASKING_THRESHOLD, KeepMask, Select
 
 Size = Union[int, torch.SymInt]
 
@@ -105,9 +106,26 @@ def _keep_pattern(keep: torch.Tensor, L: int, S: int) -> MaskPattern:
     return TENSOR
 
 
+def _by_index(node: Node, negated: bool, L: Size, S: Size) -> Optional[MaskPattern]:
+    """A single inequality ``j - i <= offset`` over ``arange`` positions (see ``patterns.index``)."""
+    found = keep_inequalities(node, negated)
+    if found is None:
+        return None
+    if not found:
+        return MaskPattern("all")
+    if len(found) != 1:
+        return TENSOR
+    a, b, c = found[0]
+    if (a, b) != (-1, 1):
+        return TENSOR
+    alignment = _alignment(-c, L, S)
+    return MaskPattern("causal", alignment) if alignment else TENSOR
+
+
 def classify(mask: KeepMask, L: Size, S: Size) -> MaskPattern:
     """Classify a keep-mask of scores with ``L`` queries and ``S`` keys."""
-    return _structural(mask, L, S) or _by_value(mask, L, S) or TENSOR
+    return (_structural(mask, L, S) or _by_index(mask.node, mask.negated, L, S) or _by_value(mask, L, S)
+            or TENSOR)
 
 
 def classify_additive(bias: Node, L: Size, S: Size) -> Optional[tuple[MaskPattern, Optional[float]]]:
@@ -116,6 +134,9 @@ def classify_additive(bias: Node, L: Size, S: Size) -> Optional[tuple[MaskPatter
     This is how transformers' eager models pass a causal mask (``0`` / ``finfo.min``). Only biases
     that read no graph input are evaluated, so the answer is exact for the graph it was found in.
     """
+    structural = _additive_by_index(bias, L, S)
+    if structural is not None:
+        return structural
     if not (isinstance(L, int) and isinstance(S, int)):
         return None
     value = constant_value(bias)
@@ -128,3 +149,29 @@ def classify_additive(bias: Node, L: Size, S: Size) -> Optional[tuple[MaskPatter
     if fills.numel() != 1 or not float(fills[0]) <= MASKING_THRESHOLD:
         return None
     return _keep_pattern(~masked, L, S), float(fills[0])
+
+
+def _additive_by_index(bias: Node, L: Size, S: Size) -> Optional[tuple[MaskPattern, float]]:
+    """``where(keep, 0, fill)`` / ``where(drop, fill, 0)`` with an index-comparison condition."""
+    select = canonical(bias)
+    if not isinstance(select, Select):
+        return None
+    for zero, fill, negated in ((select.if_true, select.if_false, False), (select.if_false, select.if_true, True)):
+        zero_value, fill_value = _scalar(zero), _scalar(fill)
+        if zero_value == 0 and fill_value is not None and fill_value <= MASKING_THRESHOLD:
+            pattern = _by_index(select.cond, negated, L, S)
+            if pattern is not None and pattern.kind != "tensor":
+                return pattern, fill_value
+    return None
+
+
+def _scalar(value: object) -> Optional[float]:
+    """A Python number, or a constant single-element tensor node (``zeros(())``), as a float."""
+    if is_scalar(value):
+        return float(value)
+    folded = constant_value(value) if isinstance(value, Node) else None
+    if isinstance(folded, torch.Tensor) and folded.numel() >= 1 and folded.is_floating_point():
+        flat = folded.flatten()
+        if bool((flat == flat[0]).all()):
+            return float(flat[0])
+    return None

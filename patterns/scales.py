@@ -11,7 +11,7 @@ from typing import Optional, Union
 
 from torch.fx import Node
 
-from attnfuse.canonical import arithmetic_kind, canonicalizer, is_scalar, tensor_meta
+from attnfuse.canonical import arithmetic_kind, canonicalizer, example_value, is_scalar, tensor_meta
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class Multiply:
 
 @dataclass(frozen=True)
 class Factor:
-    """A multiplicative factor on the scores: a Python number or a tensor node (``1 / value`` if ``inverse``)."""
+    """A factor on the scores: a number, or a node giving a number or tensor at run time (``1 / value`` if ``inverse``)."""
 
     value: Union[float, Node]
     inverse: bool = False
@@ -48,6 +48,8 @@ def score_factor(other: object, inverse: bool, scores_rank: int) -> Union[Factor
     """Classify what multiplies the scores: a ``Factor``, or the reason it is not a pure scale."""
     if is_scalar(other):
         return Factor(float(other), inverse)
+    if is_scalar(example_value(other)):
+        return Factor(other, inverse)  # a number Dynamo passes in as a graph input (dynamic float)
     meta = tensor_meta(other)
     if meta is None:
         return f"the scores are multiplied by {type(other).__name__}, not a number or tensor"

@@ -1,0 +1,212 @@
+"""Index rules: masks written as comparisons of ``arange`` positions, read symbolically.
+
+``arange(L)[:, None] >= arange(S)[None, :]`` and its many spellings (offsets for a KV cache,
+``unsqueeze`` or ``None`` indexing, ``expand``, ``~``, ``&``, ``|``) are interpreted as linear
+inequalities over the query index ``i`` and key index ``j``. This proves what a mask is for every
+size at once, so it also holds under dynamic shapes, where the mask cannot be evaluated.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch.fx import Node
+
+from attnfuse.canonical import bind, example_value, is_call, is_scalar, tensor_meta
+
+Number = Union[int, torch.SymInt]
+
+
+@dataclass(frozen=True)
+class Linear:
+    """An integer tensor whose value at index ``(k_0, ..., k_r)`` is ``sum(coef[d] * k_d) + const``."""
+
+    coef: tuple[int, ...]
+    const: object = 0
+
+
+@dataclass(frozen=True)
+class Inequality:
+    """The boolean tensor ``sum(coef[d] * k_d) + const <= 0``."""
+
+    coef: tuple[int, ...]
+    const: object
+
+    def negate(self) -> "Inequality":
+        # not (x <= 0)  <=>  x >= 1  <=>  -x + 1 <= 0, for integers
+        return Inequality(tuple(-c for c in self.coef), 1 - self.const)
+
+
+@dataclass(frozen=True)
+class Logic:
+    """``all`` (``op == "and"``) or ``any`` (``"or"``) of predicates."""
+
+    op: str
+    terms: tuple
+
+    def negate(self) -> "Logic":
+        return Logic("or" if self.op == "and" else "and", tuple(_negate(t) for t in self.terms))
+
+
+Predicate = Union[Inequality, Logic]
+
+
+def _negate(p: Predicate) -> Predicate:
+    return p.negate()
+
+
+def _pad(coef: tuple[int, ...], rank: int) -> tuple[int, ...]:
+    return (0,) * (rank - len(coef)) + coef
+
+
+def _align(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    rank = max(len(a), len(b))
+    return _pad(a, rank), _pad(b, rank)
+
+
+def _as_linear(value: object) -> Optional[Linear]:
+    if isinstance(value, Linear):
+        return value
+    value = example_value(value) if isinstance(value, Node) else value
+    return Linear((), value) if is_scalar(value) else None
+
+
+def _combine(a: Linear, b: Linear, sign: int) -> Linear:
+    ca, cb = _align(a.coef, b.coef)
+    return Linear(tuple(x + sign * y for x, y in zip(ca, cb)), a.const + sign * b.const)
+
+
+def _insert_dim(p: object, dim: int) -> object:
+    if isinstance(p, Linear):
+        coef = list(p.coef)
+        coef.insert(dim, 0)
+        return Linear(tuple(coef), p.const)
+    if isinstance(p, Inequality):
+        coef = list(p.coef)
+        coef.insert(dim, 0)
+        return Inequality(tuple(coef), p.const)
+    return Logic(p.op, tuple(_insert_dim(t, dim) for t in p.terms))
+
+
+def _rank(p: object) -> int:
+    if isinstance(p, (Linear, Inequality)):
+        return len(p.coef)
+    return max(_rank(t) for t in p.terms)
+
+
+_COMPARISONS = {
+    "le": (operator.le, torch.le, "le"), "lt": (operator.lt, torch.lt, "lt"),
+    "ge": (operator.ge, torch.ge, "ge"), "gt": (operator.gt, torch.gt, "gt"),
+}
+
+
+def _compare(kind: str, a: Linear, b: Linear) -> Inequality:
+    if kind in ("ge", "gt"):
+        a, b, kind = b, a, "le" if kind == "ge" else "lt"
+    diff = _combine(a, b, -1)
+    return Inequality(diff.coef, diff.const + (1 if kind == "lt" else 0))
+
+
+def interpret(node: object, depth: int = 24) -> Optional[object]:
+    """``node`` as a ``Linear`` index tensor or a ``Predicate``, or None if it is neither."""
+    if not isinstance(node, Node):
+        return _as_linear(node)
+    if depth == 0:
+        return None
+    cache = node.meta.setdefault("attnfuse_index", {})
+    if "value" not in cache:
+        cache["value"] = _interpret(node, depth)
+    return cache["value"]
+
+
+def _interpret(node: Node, depth: int) -> Optional[object]:
+    if node.op not in ("call_function", "call_method"):
+        return _as_linear(node)
+    sub = lambda x: interpret(x, depth - 1)  # noqa: E731
+    if is_call(node, (torch.arange,)):
+        args = bind(node, ("start", "end", "step"))
+        if "end" not in args:
+            args = {"start": 0, "end": args["start"], "step": args.get("step", 1)}
+        step = example_value(args.get("step", 1))
+        start = example_value(args["start"])
+        return Linear((int(step),), start) if isinstance(step, int) and is_scalar(start) else None
+    for kind, sign in (("add", 1), ("sub", -1)):
+        if is_call(node, (getattr(operator, kind), getattr(torch, kind)), (kind,)) and len(node.args) == 2:
+            a, b = _as_linear(sub(node.args[0])), _as_linear(sub(node.args[1]))
+            return _combine(a, b, sign) if a and b else None
+    for kind, spellings in _COMPARISONS.items():
+        if is_call(node, spellings[:2], (spellings[2],)) and len(node.args) == 2:
+            a, b = _as_linear(sub(node.args[0])), _as_linear(sub(node.args[1]))
+            return _compare(kind, a, b) if a and b else None
+    if is_call(node, (operator.and_, torch.logical_and, torch.bitwise_and), ("logical_and", "bitwise_and", "__and__")):
+        terms = [sub(a) for a in node.args[:2]]
+        return Logic("and", tuple(terms)) if all(isinstance(t, (Inequality, Logic)) for t in terms) else None
+    if is_call(node, (operator.or_, torch.logical_or, torch.bitwise_or), ("logical_or", "bitwise_or", "__or__")):
+        terms = [sub(a) for a in node.args[:2]]
+        return Logic("or", tuple(terms)) if all(isinstance(t, (Inequality, Logic)) for t in terms) else None
+    if is_call(node, (operator.invert, torch.logical_not, torch.bitwise_not), ("logical_not", "bitwise_not")):
+        inner = sub(node.args[0])
+        return inner.negate() if isinstance(inner, (Inequality, Logic)) else None
+    if is_call(node, (torch.unsqueeze,), ("unsqueeze",)):
+        inner, dim = sub(node.args[0]), node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if inner is None or not isinstance(dim, int):
+            return None
+        return _insert_dim(inner, dim % (_rank(inner) + 1))
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], tuple):
+        inner = sub(node.args[0])
+        if inner is None:
+            return None
+        full = slice(None, None, None)
+        if not all(item is None or item == full for item in node.args[1]):
+            return None
+        for position, item in enumerate(node.args[1]):
+            if item is None:
+                inner = _insert_dim(inner, position)
+        return inner
+    if is_call(node, (), ("expand", "contiguous", "to", "bool", "long", "int")):
+        return sub(node.args[0])
+    return None
+
+
+def _relevant(p: Predicate, shape: tuple) -> Predicate:
+    """Drop coefficients along size-1 dims (their index is always 0) and align to ``shape``."""
+    if isinstance(p, Logic):
+        return Logic(p.op, tuple(_relevant(t, shape) for t in p.terms))
+    coef = _pad(p.coef, len(shape))
+    return Inequality(tuple(c if not _is_one(s) else 0 for c, s in zip(coef, shape)), p.const)
+
+
+def _is_one(size: object) -> bool:
+    return isinstance(size, int) and size == 1
+
+
+def keep_inequalities(node: Node, negated: bool) -> Optional[list[tuple[int, int, object]]]:
+    """The keep-mask at ``node`` (negated if asked) as a conjunction of ``a*i + b*j + c <= 0``.
+
+    ``i`` and ``j`` are the last two axes (query, key); returns None for anything else.
+    """
+    predicate = interpret(node)
+    meta = tensor_meta(node)
+    if not isinstance(predicate, (Inequality, Logic)) or meta is None or meta.dim() < 1:
+        return None
+    if negated:
+        predicate = predicate.negate()
+    predicate = _relevant(predicate, tuple(meta.shape))
+    terms = [predicate] if isinstance(predicate, Inequality) else list(predicate.terms)
+    if isinstance(predicate, Logic) and predicate.op != "and":
+        return None
+    result = []
+    while terms:
+        term = terms.pop()
+        if isinstance(term, Logic):
+            if term.op != "and":
+                return None
+            terms.extend(term.terms)
+            continue
+        coef = _pad(term.coef, 2)
+        if any(c != 0 for c in coef[:-2]):
+            return None
+        result.append((coef[-2], coef[-1], term.const))
+    return result
