@@ -32,6 +32,7 @@ class AttnfuseBackend:
         self.root = root
 
     def __call__(self, gm: GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        self.report.graphs_compiled += 1
         original = copy.deepcopy(gm) if self.options.verify else None
         site_reports = self.rewrite(gm)
         if original is not None and any(r.status == "fused" for r in site_reports):

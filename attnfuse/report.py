@@ -84,6 +84,7 @@ class FusionReport:
     """Sites found across every graph compiled for one model; ``print(report)`` shows a table."""
 
     sites: list[SiteReport] = field(default_factory=list)
+    graphs_compiled: int = 0
 
     @property
     def fused(self) -> int:
