@@ -6,13 +6,16 @@ from typing import Callable, Iterable, Literal, Optional
 import torch
 
 from attnfuse import dispatch
+from attnfuse.fallback import index_grid, math_attention
+from attnfuse.flex import flex_attend
 from attnfuse.masking import restore_fully_masked_rows, rows_without_keys, sdpa_mask
 
 Causal = Optional[Literal["top_left", "bottom_right"]]
 FullyMaskedRows = Literal["zero", "mean", "nan"]
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: Causal, fully_masked: str) -> None:
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: Causal, fully_masked: str,
+           window: Optional[int]) -> None:
     if q.dim() != 4:
         raise ValueError(f"attend: q must be (batch, heads, q_len, head_dim), got shape {tuple(q.shape)}")
     if k.dim() not in (3, 4) or v.dim() != k.dim():
@@ -21,6 +24,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: Causal, fu
         raise ValueError(f"attend: causal must be None, 'top_left' or 'bottom_right', got {causal!r}")
     if fully_masked not in ("zero", "mean", "nan"):
         raise ValueError(f"attend: fully_masked_rows must be 'zero', 'mean' or 'nan', got {fully_masked!r}")
+    if window is not None and causal is None:
+        raise ValueError("attend: a sliding window needs causal='top_left' or 'bottom_right'")
 
 
 def attend(
@@ -31,13 +36,16 @@ def attend(
     mask: Optional[torch.Tensor] = None,
     bias: Optional[torch.Tensor] = None,
     causal: Causal = None,
+    window: Optional[int] = None,
+    softcap: Optional[float] = None,
+    bias_fn: Optional[Callable[[tuple], torch.Tensor]] = None,
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
     fully_masked_rows: FullyMaskedRows = "zero",
     kernels: Optional[Iterable[str]] = None,
     on_kernel: Optional[Callable[[str], None]] = None,
 ) -> torch.Tensor:
-    """Fused ``softmax(scale * q k^T + bias, masked) @ v`` on the fastest valid SDPA kernel.
+    """Fused ``softmax(mods(scale * q k^T) + bias, masked) @ v`` on the fastest valid kernel.
 
     Args:
         q: ``(B, H, L, E)``. k, v: ``(B, Hk, S, E)`` / ``(B, Hk, S, Ev)`` with ``H % Hk == 0`` (grouped
@@ -46,38 +54,64 @@ def attend(
         bias: additive float bias broadcastable to ``(B, H, L, S)``.
         causal: ``"top_left"`` keeps ``j <= i`` (SDPA's ``is_causal``); ``"bottom_right"`` keeps
             ``j <= i + S - L`` (the ``triu(j - i + 1)`` convention, right for KV caches).
+        window: with ``causal``, keep only the last ``window`` keys up to the diagonal (sliding window).
+        softcap: scores become ``softcap * tanh(scores / softcap)`` before biases and masks (Gemma 2).
+        bias_fn: an additive bias given as a function of broadcastable index tensors ``(b, h, i, j)``
+            (ALiBi, relative positions); FlexAttention evaluates it per element, SDPA on a grid.
         scale: multiplies ``q k^T``; None means ``1 / sqrt(E)``.
         dropout_p: dropout on the probabilities; pass 0 in eval mode.
         fully_masked_rows: output of a query row whose keys are all masked: ``"zero"`` (SDPA's),
             ``"mean"`` (the mean of v, what a finite ``masked_fill`` gives) or ``"nan"`` (a ``-inf`` fill).
-        kernels: restrict to these SDPA kernels (``"cudnn"``, ``"flash"``, ``"efficient"``, ``"math"``).
-        on_kernel: called with the name of the kernel SDPA picks (used by the audit).
+        kernels: restrict to these kernels (``"cudnn"``, ``"flash"``, ``"efficient"``, ``"math"``, ``"flex"``).
+        on_kernel: called with the name of the kernel that runs (used by the audit).
     """
-    _check(q, k, v, causal, fully_masked_rows)
+    _check(q, k, v, causal, fully_masked_rows, window)
     allowed = dispatch.validate_kernels(kernels)
     if k.dim() == 3:
         k, v = k.unsqueeze(1), v.unsqueeze(1)
-    B, H, L, _ = q.shape
+    B, H, L, E = q.shape
     S, Hk = k.shape[-2], k.shape[1]
     if H % Hk:
         raise ValueError(f"attend: {H} query heads cannot share {Hk} kv heads evenly")
     if k.shape[0] != B:
         k, v = k.expand(B, *k.shape[1:]), v.expand(B, *v.shape[1:])
     keep = mask if mask is None or mask.dtype == torch.bool else mask.bool()
-    attn_mask, is_causal = sdpa_mask(keep, bias, causal, L, S, q)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    path = dispatch.choose_path(q, softcap=softcap, window=window, bias=bias, bias_fn=bias_fn, dropout_p=dropout_p,
+                                needs_grad=needs_grad, allowed=allowed)
+    scale_value = E ** -0.5 if scale is None else scale
+    if path == "flex":
+        if on_kernel is not None:
+            on_kernel("flex")
+        out = flex_attend(q, k, v, keep=keep, bias=None if bias is None else bias.to(q.dtype), bias_fn=bias_fn,
+                          causal=causal, window=window, softcap=softcap, scale=scale_value, enable_gqa=Hk != H)
+    elif path == "math":
+        if on_kernel is not None:
+            on_kernel("unfused math")
+        out = math_attention(q, k, v, keep=keep, bias=bias, bias_fn=bias_fn, causal=causal, window=window,
+                             softcap=softcap, scale=scale_value, dropout_p=dropout_p)
+    else:
+        if bias_fn is not None:
+            grid_bias = bias_fn(index_grid(B, H, L, S, q.device))
+            bias = grid_bias if bias is None else bias + grid_bias
+        out = _sdpa(q, k, v, keep, bias, causal, window, scale, dropout_p, needs_grad, allowed, on_kernel)
+    dead = rows_without_keys(keep, causal, L, S, q.device, window)
+    if dead is not None:
+        out = restore_fully_masked_rows(out, v, dead, fully_masked_rows)
+    return out
+
+
+def _sdpa(q, k, v, keep, bias, causal, window, scale, dropout_p, needs_grad, allowed, on_kernel) -> torch.Tensor:
+    L, S, H, Hk = q.shape[-2], k.shape[-2], q.shape[1], k.shape[1]
+    attn_mask, is_causal = sdpa_mask(keep, bias, causal, L, S, q, window)
     enable_gqa = Hk != H
     if enable_gqa and q.is_cuda and attn_mask is not None:
         # Only flash and cuDNN share kv heads natively, and flash takes no mask: repeat for the others.
         k, v = k.repeat_interleave(H // Hk, dim=1), v.repeat_interleave(H // Hk, dim=1)
         enable_gqa = False
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    order = dispatch.kernel_order(q, k, attn_mask, needs_grad, allowed)
+    sdpa_allowed = None if allowed is None else tuple(name for name in allowed if name != "flex")
+    order = dispatch.kernel_order(q, k, attn_mask, needs_grad, sdpa_allowed)
     if on_kernel is not None:
         on_kernel(dispatch.chosen_kernel(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, order))
-    out = dispatch.run_sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, order,
-                            strict=allowed is not None)
-    dead = rows_without_keys(keep, causal, L, S, q.device)
-    if dead is not None:
-        out = restore_fully_masked_rows(out, v, dead, fully_masked_rows)
-    return out
-
+    return dispatch.run_sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, order,
+                             strict=allowed is not None)

@@ -48,6 +48,28 @@ class KernelRecord:
         self.kernel = name
 
 
+class BiasProgram:
+    """The site's position-computed biases as one ``bias_fn((b, h, i, j))`` for ``attend``.
+
+    One object per site, so FlexAttention's compiled ``score_mod`` is reused across calls; the
+    captured tensors it reads are set before each call.
+    """
+
+    def __init__(self, functions: list, coefficients: tuple[float, ...]) -> None:
+        self.functions, self.coefficients = functions, coefficients
+        self.leaf_counts = tuple(len(f.leaves) for f in functions)
+        self.leaf_values: tuple = ()
+
+    def __call__(self, index: tuple) -> torch.Tensor:
+        total, start = None, 0
+        for function, coefficient, count in zip(self.functions, self.coefficients, self.leaf_counts):
+            term = function(index, list(self.leaf_values[start:start + count]))
+            start += count
+            term = term if coefficient == 1.0 else term * coefficient
+            total = term if total is None else total + term
+        return total
+
+
 @dataclass(frozen=True)
 class SitePlan:
     """Everything static about one rewritten site."""
@@ -67,6 +89,9 @@ class SitePlan:
     dropout_p: float
     out_dtype: torch.dtype
     kernels: Optional[tuple[str, ...]] = None
+    window: Optional[int] = None
+    softcap: Optional[float] = None
+    bias_program: Optional[BiasProgram] = field(default=None, compare=False)
     record: KernelRecord = field(default_factory=KernelRecord, compare=False)
 
 
@@ -92,13 +117,18 @@ def plan_for(site: AttentionSite, kernels: Optional[tuple[str, ...]] = None) -> 
         dropout_p=site.dropout_p,
         out_dtype=tensor_meta(site.output).dtype,
         kernels=kernels,
+        window=terms.window,
+        softcap=terms.softcap,
+        bias_program=BiasProgram([f for f, _ in terms.functions], tuple(c for _, c in terms.functions))
+        if terms.functions else None,
     )
 
 
 def site_inputs(site: AttentionSite) -> tuple:
     """The graph nodes the fused call reads, in the order ``run_site`` expects them."""
     return (site.q.node, site.k.node, site.v.node, *[m.node for m in site.scores.keep_masks],
-            *[b for b, _ in site.scores.biases], *[f.value for f in site.scores.tensor_factors])
+            *[b for b, _ in site.scores.biases], *[f.value for f in site.scores.tensor_factors],
+            *[leaf for f, _ in site.scores.functions for leaf in f.leaves])
 
 
 def _to_4d(x: torch.Tensor, plan: SitePlan, batch_shape: tuple[int, ...]) -> torch.Tensor:
@@ -132,8 +162,11 @@ def _score_operand(x: torch.Tensor, plan: SitePlan, batch_shape: tuple[int, ...]
 
 def run_site(plan: SitePlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
     """Compute one rewritten site: layouts to 4-d, masks and biases combined, one ``attend`` call."""
-    n_masks, n_biases = len(plan.mask_negated), len(plan.bias_coefficients)
-    masks, biases, factors = extra[:n_masks], extra[n_masks:n_masks + n_biases], extra[n_masks + n_biases:]
+    n_masks, n_biases, n_factors = len(plan.mask_negated), len(plan.bias_coefficients), len(plan.factor_inverse)
+    masks, biases = extra[:n_masks], extra[n_masks:n_masks + n_biases]
+    factors, leaves = extra[n_masks + n_biases:n_masks + n_biases + n_factors], extra[n_masks + n_biases + n_factors:]
+    if plan.bias_program is not None:
+        plan.bias_program.leaf_values = leaves
     q = plan.q.apply(q)
     batch_shape = tuple(q.shape[:plan.batch_rank])
     q = _to_4d(q, plan, batch_shape)
@@ -154,7 +187,8 @@ def run_site(plan: SitePlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     for term, coefficient in zip(biases, plan.bias_coefficients):
         term = _score_operand(term if coefficient == 1.0 else term * coefficient, plan, batch_shape)
         bias = term if bias is None else bias + term
-    out = attend(q, k, v, mask=keep, bias=bias, causal=plan.causal, scale=scale, dropout_p=plan.dropout_p,
+    out = attend(q, k, v, mask=keep, bias=bias, causal=plan.causal, window=plan.window, softcap=plan.softcap,
+                 bias_fn=plan.bias_program, scale=scale, dropout_p=plan.dropout_p,
                  fully_masked_rows=plan.fully_masked_rows, kernels=plan.kernels,
                  on_kernel=plan.record if plan.record.kernel is None else None)
     out = _from_4d(out, plan, batch_shape).permute(plan.out_perm)

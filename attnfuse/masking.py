@@ -14,13 +14,15 @@ import torch
 from torch.nn.attention.bias import causal_lower_right
 
 
-def causal_keep(L: int, S: int, alignment: str, device: torch.device) -> torch.Tensor:
-    """The ``(L, S)`` keep-mask of a causal triangle aligned top-left or bottom-right."""
+def causal_keep(L: int, S: int, alignment: str, device: torch.device, window: Optional[int] = None) -> torch.Tensor:
+    """The ``(L, S)`` keep-mask of a causal triangle aligned top-left or bottom-right, optionally
+    limited to the last ``window`` keys up to the diagonal (a sliding window)."""
     offset = 0 if alignment == "top_left" else S - L
-    return torch.ones(L, S, dtype=torch.bool, device=device).tril(offset)
+    keep = torch.ones(L, S, dtype=torch.bool, device=device).tril(offset)
+    return keep if window is None else keep.triu(offset - window + 1)
 
 
-def _is_traced(q: torch.Tensor) -> bool:
+def is_traced(q: torch.Tensor) -> bool:
     """Whether we run under a compiler's tracer, where SDPA's ``CausalBias`` subclass cannot be created."""
     from torch._subclasses.functional_tensor import FunctionalTensor
 
@@ -29,18 +31,18 @@ def _is_traced(q: torch.Tensor) -> bool:
 
 
 def sdpa_mask(keep: Optional[torch.Tensor], bias: Optional[torch.Tensor], causal: Optional[str], L: int, S: int,
-              q: torch.Tensor) -> tuple[Optional[torch.Tensor], bool]:
+              q: torch.Tensor, window: Optional[int] = None) -> tuple[Optional[torch.Tensor], bool]:
     """``(attn_mask, is_causal)`` for SDPA, building an ``L x S`` tensor only when the inputs force it."""
     dtype, device = q.dtype, q.device
-    if keep is None and bias is None:
+    if keep is None and bias is None and window is None:
         if causal is None:
             return None, False
         if causal == "top_left" or L == S:
             return None, True
-        if L < S and not _is_traced(q):
+        if L < S and not is_traced(q):
             return causal_lower_right(L, S), False
     if causal is not None:
-        triangle = causal_keep(L, S, causal, device)
+        triangle = causal_keep(L, S, causal, device, window)
         keep = triangle if keep is None else keep & triangle
     if bias is None:
         return keep, False
@@ -51,14 +53,18 @@ def sdpa_mask(keep: Optional[torch.Tensor], bias: Optional[torch.Tensor], causal
 
 
 def rows_without_keys(keep: Optional[torch.Tensor], causal: Optional[str], L: int, S: int,
-                      device: torch.device) -> Optional[torch.Tensor]:
+                      device: torch.device, window: Optional[int] = None) -> Optional[torch.Tensor]:
     """A boolean broadcastable to ``(B, H, L, 1)``, True where a query row keeps no key; None if none can."""
-    if keep is None:
+    if keep is None and window is None:
         if causal == "bottom_right" and L > S:
             return (torch.arange(L, device=device) < L - S).unsqueeze(-1)
         return None
+    if keep is None and (causal == "bottom_right" or L <= S):
+        # a window keeps the diagonal key j = i + S - L whenever that key exists
+        return (torch.arange(L, device=device) < L - S).unsqueeze(-1) if L > S else None
     if causal is not None:
-        keep = keep & causal_keep(L, S, causal, device)
+        triangle = causal_keep(L, S, causal, device, window)
+        keep = triangle if keep is None else keep & triangle
     return ~keep.any(-1, keepdim=True)
 
 

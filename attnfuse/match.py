@@ -22,6 +22,8 @@ from attnfuse.patterns.layouts import Operand, Permute, peel_head_repeat
 from attnfuse.patterns.masks import KeepMask, Select, fill_value, keep_mask, mask_reason
 from attnfuse.patterns.products import Product
 from attnfuse.patterns.scales import Factor, Multiply, score_factor
+from attnfuse.patterns.score_functions import score_function
+from attnfuse.patterns.score_mods import Tanh
 from attnfuse.patterns.softmax import Softmax
 from attnfuse.site import AttentionSite, ScoreTerms
 
@@ -59,7 +61,7 @@ def find_sites(graph: Graph) -> Iterator[Union[AttentionSite, Skip]]:
 # ----------------------------------------------------------------------------- reachability
 
 def _is_passthrough(op: object) -> bool:
-    return isinstance(op, (Multiply, Add, Select, Cast, Permute, Dropout))
+    return isinstance(op, (Multiply, Add, Select, Cast, Permute, Dropout, Tanh))
 
 
 def _score_inputs(op: object) -> list:
@@ -138,6 +140,9 @@ def walk_to_product(scores_input: Node) -> tuple[Node, Product, list]:
         elif isinstance(op, Select):
             scores, other, _ = _score_side(op.if_false, op.if_true)
             steps.append(("fill", op.cond, other, other is op.if_true))
+        elif isinstance(op, Tanh):
+            scores = op.x
+            steps.append(("tanh",))
         elif isinstance(op, Cast):
             scores = op.x
         elif isinstance(op, Permute) and op.perm == tuple(range(len(op.perm))):
@@ -155,11 +160,23 @@ def _apply_steps(product: Product, steps: list, rank: int) -> ScoreTerms:
     terms = ScoreTerms(scale=product.alpha)
     if product.addend is not None:
         terms.biases.append((product.addend, product.beta))
+    post_tanh: Optional[float] = None  # factors applied after a tanh (the softcap)
     for step in steps:
         kind = step[0]
         if terms.keep_masks and terms.fill != float("-inf") and kind != "fill":
             raise NotFusable("the scores change after a finite mask fill (the fill would not stay a mask)")
-        if kind == "factor":
+        if kind == "tanh":
+            if post_tanh is not None or terms.biases or terms.keep_masks or terms.tensor_factors:
+                raise NotFusable("tanh is applied after a bias, mask or another tanh (not a softcap)")
+            post_tanh = 1.0
+        elif kind == "factor" and post_tanh is not None and not terms.biases and not terms.keep_masks:
+            value = score_factor(step[1], step[2], rank)
+            if isinstance(value, str) or value.as_float() is None:
+                raise NotFusable("the softcap is multiplied by a tensor")
+            post_tanh *= value.as_float()
+        elif kind == "factor" and post_tanh is not None:
+            raise NotFusable("the scores are scaled after a softcap and a bias or mask")
+        elif kind == "factor":
             factor = score_factor(step[1], step[2], rank)
             if isinstance(factor, str):
                 raise NotFusable(factor)
@@ -191,6 +208,10 @@ def _apply_steps(product: Product, steps: list, rank: int) -> ScoreTerms:
                 raise NotFusable(reason)
             terms.fill = value
             terms.keep_masks.append(mask)
+    if post_tanh is not None:
+        if post_tanh == 0:
+            raise NotFusable("the softcap is multiplied by zero")
+        terms.softcap, terms.scale = post_tanh, terms.scale * post_tanh
     return terms
 
 
@@ -274,8 +295,8 @@ def _apply_masks(terms: ScoreTerms, L: object, S: object) -> None:
         fill = None if fill is None else fill * coefficient
         if pattern.kind == "all":
             continue
-        if pattern.kind == "causal" and terms.causal in (None, pattern.alignment) and terms.fill in (None, fill):
-            terms.causal, terms.fill = pattern.alignment, fill
+        if pattern.kind == "causal" and terms.causal is None and terms.fill in (None, fill):
+            terms.causal, terms.fill, terms.window = pattern.alignment, fill, pattern.window
             continue
         biases.append((bias, coefficient))
     terms.biases = biases
@@ -284,13 +305,25 @@ def _apply_masks(terms: ScoreTerms, L: object, S: object) -> None:
         pattern = classify(mask, L, S)
         if pattern.kind == "all":
             continue
-        if pattern.kind == "causal" and terms.causal in (None, pattern.alignment):
-            terms.causal = pattern.alignment
+        if pattern.kind == "causal" and terms.causal is None:
+            terms.causal, terms.window = pattern.alignment, pattern.window
             continue
         remaining.append(mask)
     terms.keep_masks = remaining
     if not remaining and terms.causal is None:
         terms.fill = None
+
+
+def _index_functions(terms: ScoreTerms, batch_rank: int) -> None:
+    """Biases computed from positions (ALiBi, relative-position tables) become score functions."""
+    kept = []
+    for bias, coefficient in terms.biases:
+        function = score_function(bias, batch_rank)
+        if function is not None and function.uses_positions:
+            terms.functions.append((function, coefficient))
+        else:
+            kept.append((bias, coefficient))
+    terms.biases = kept
 
 
 def match_site(softmax: Node, op: Softmax) -> AttentionSite:
@@ -316,6 +349,7 @@ def match_site(softmax: Node, op: Softmax) -> AttentionSite:
             raise NotFusable("k and v repeat their heads differently")
         kv_group = k_group
     _apply_masks(terms, _size_along(q, query), _size_along(k, key))
+    _index_functions(terms, len(batch))
     return AttentionSite(softmax=softmax, output=pv_node, q=q, k=k, v=v, batch=batch, query=query, key=key,
                          head_dim=head_dim, value_dim=value_dim, out_axes=out_axes, scores=terms,
                          dropout_p=dropout_p, kv_group=kv_group)

@@ -62,6 +62,12 @@ def _feature_summary(features: dict) -> str:
     parts = []
     if features.get("causal"):
         parts.append(f"causal {features['causal'].replace('_', '-')}")
+    if features.get("window") is not None:
+        parts.append(f"window {features['window']}")
+    if features.get("softcap") is not None:
+        parts.append(f"softcap {features['softcap']:g}")
+    if features.get("score_functions"):
+        parts.append(f"{features['score_functions']} position bias(es)")
     if features.get("mask"):
         parts.append(f"mask {features['mask']}")
     if features.get("bias"):

@@ -16,6 +16,7 @@ from attnfuse.canonical import tensor_meta
 from attnfuse.patterns.layouts import Operand
 from attnfuse.patterns.masks import KeepMask
 from attnfuse.patterns.scales import Factor
+from attnfuse.patterns.score_functions import ScoreFunction
 
 
 @dataclass
@@ -28,6 +29,9 @@ class ScoreTerms:
     keep_masks: list[KeepMask] = field(default_factory=list)
     causal: Optional[str] = None
     fill: Optional[float] = None
+    window: Optional[object] = None
+    softcap: Optional[float] = None
+    functions: list[tuple[ScoreFunction, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -68,6 +72,9 @@ class AttentionSite:
         runtime_scale = any(tensor_meta(f.value) is not None for f in self.scores.tensor_factors)
         return {
             "causal": self.scores.causal,
+            "window": _size(self.scores.window) if self.scores.window is not None else None,
+            "softcap": self.scores.softcap,
+            "score_functions": len(self.scores.functions) or None,
             "mask": ", ".join(masks) or None,
             "bias": ", ".join(str(s) for s in bias_shapes) or None,
             "scale": "tensor" if runtime_scale else (round(self.scores.scale, 6) if not self.scores.tensor_factors

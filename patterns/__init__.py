@@ -4,6 +4,8 @@ Each family turns the spellings people use into one canonical op (see ``attnfuse
 products (einsum / matmul / @ / bmm / baddbmm), layouts (transpose, permute, contiguous, grouped
 k/v repeats), softmax, scales, biases, masks and causal constructions, casts and dropout.
 """
-from attnfuse.patterns import biases, casts, causal, dropout, index, layouts, masks, products, scales, softmax
+from attnfuse.patterns import (biases, casts, causal, dropout, index, layouts, masks, products, scales,
+                               score_functions, score_mods, softmax)
 
-__all__ = ["biases", "casts", "causal", "dropout", "index", "layouts", "masks", "products", "scales", "softmax"]
+__all__ = ["biases", "casts", "causal", "dropout", "index", "layouts", "masks", "products", "scales",
+           "score_functions", "score_mods", "softmax"]

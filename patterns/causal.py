@@ -29,6 +29,7 @@ class MaskPattern:
 
     kind: str
     alignment: Optional[str] = None
+    window: Optional[object] = None
 
 
 TENSOR = MaskPattern("tensor")
@@ -113,13 +114,18 @@ def _by_index(node: Node, negated: bool, L: Size, S: Size) -> Optional[MaskPatte
         return None
     if not found:
         return MaskPattern("all")
-    if len(found) != 1:
+    causal = [t for t in found if t[:2] == (-1, 1)]
+    window = [t for t in found if t[:2] == (1, -1)]
+    if len(causal) != 1 or len(window) > 1 or len(causal) + len(window) != len(found):
         return TENSOR
-    a, b, c = found[0]
-    if (a, b) != (-1, 1):
+    offset = -causal[0][2]  # keeps j - i <= offset
+    alignment = _alignment(offset, L, S)
+    if alignment is None:
         return TENSOR
-    alignment = _alignment(-c, L, S)
-    return MaskPattern("causal", alignment) if alignment else TENSOR
+    if not window:
+        return MaskPattern("causal", alignment)
+    size = offset - window[0][2] + 1  # i - j + c <= 0 keeps j >= i + c: ``size`` keys up to the diagonal
+    return MaskPattern("causal", alignment, window=size)
 
 
 def classify(mask: KeepMask, L: Size, S: Size) -> MaskPattern:

@@ -154,14 +154,15 @@ def _interpret(node: Node, depth: int) -> Optional[object]:
         if inner is None or not isinstance(dim, int):
             return None
         return _insert_dim(inner, dim % (_rank(inner) + 1))
-    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], tuple):
+    if node.op == "call_function" and node.target is operator.getitem:
         inner = sub(node.args[0])
+        items = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
         if inner is None:
             return None
         full = slice(None, None, None)
-        if not all(item is None or item == full for item in node.args[1]):
+        if not all(item is None or item == full for item in items):
             return None
-        for position, item in enumerate(node.args[1]):
+        for position, item in enumerate(items):
             if item is None:
                 inner = _insert_dim(inner, position)
         return inner

@@ -1,0 +1,191 @@
+"""Score-function rules: a bias tensor rewritten as a function of ``(b, h, q_idx, kv_idx)``.
+
+ALiBi (``slopes[h] * (j - i)``), relative-position tables gathered by a position difference, and
+plain captured bias tensors are all elementwise programs over ``arange`` positions and captured
+tensors. Re-reading the bias subgraph pointwise turns it into a FlexAttention ``score_mod`` (no
+``n x n`` tensor) that can also be evaluated on broadcast index grids to materialize the bias for
+SDPA. A subgraph with any op outside the pointwise set below stays a plain tensor bias.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch.fx import Node
+
+from attnfuse.canonical import bind, example_value, is_call, is_scalar, tensor_meta
+from attnfuse.constants import constant_value
+
+# Elementwise functions applied unchanged to the pointwise values.
+_UNARY = {torch.abs: torch.abs, torch.neg: torch.neg, torch.log: torch.log, torch.exp: torch.exp,
+          torch.tanh: torch.tanh, torch.sqrt: torch.sqrt, torch.floor: torch.floor, operator.neg: torch.neg,
+          operator.abs: torch.abs}
+_UNARY_METHODS = {"abs": torch.abs, "neg": torch.neg, "log": torch.log, "exp": torch.exp, "tanh": torch.tanh,
+                  "sqrt": torch.sqrt, "floor": torch.floor}
+_BINARY = {operator.add: torch.add, operator.sub: torch.sub, operator.mul: torch.mul, operator.truediv: torch.div,
+           torch.add: torch.add, torch.sub: torch.sub, torch.mul: torch.mul, torch.div: torch.div,
+           torch.minimum: torch.minimum, torch.maximum: torch.maximum, torch.min: torch.minimum,
+           torch.max: torch.maximum, operator.lt: torch.lt, operator.le: torch.le, operator.gt: torch.gt,
+           operator.ge: torch.ge, operator.floordiv: torch.floor_divide}
+_BINARY_METHODS = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div, "minimum": torch.minimum,
+                   "maximum": torch.maximum, "lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge}
+_CASTS = {"float": torch.float32, "long": torch.int64, "int": torch.int32, "half": torch.float16,
+          "bfloat16": torch.bfloat16}
+
+
+class NotPointwise(Exception):
+    """The bias subgraph uses an op that has no pointwise reading."""
+
+
+@dataclass
+class ScoreFunction:
+    """``bias(b, h, i, j) = fn(indices, leaves)``; ``leaves`` are graph nodes read by gathers."""
+
+    leaves: list[Node]
+    program: Callable[[tuple, list], torch.Tensor]
+    uses_positions: bool
+
+    def __call__(self, index: tuple, leaf_values: list) -> torch.Tensor:
+        return self.program(index, leaf_values)
+
+
+def _dims_map(rank: int, out_map: tuple) -> tuple:
+    """Right-align an input of ``rank`` dims against an output whose dims map to score axes ``out_map``."""
+    return tuple(out_map[len(out_map) - rank:]) if rank <= len(out_map) else None
+
+
+def _gather(value: torch.Tensor, dim_axes: tuple, shape: tuple, index: tuple) -> torch.Tensor:
+    idx = []
+    for axis, size in zip(dim_axes, shape):
+        idx.append(torch.zeros_like(index[0]) if axis is None or size == 1 else index[axis])
+    return value[tuple(idx)] if idx else value
+
+
+class _Builder:
+    """Compile a bias subgraph into a pointwise program over score axes 0..3 = (b, h, i, j)."""
+
+    def __init__(self) -> None:
+        self.leaves: list[Node] = []
+        self.uses_positions = False
+
+    def leaf(self, node: Node) -> int:
+        if node not in self.leaves:
+            self.leaves.append(node)
+        return self.leaves.index(node)
+
+    def build(self, node: object, axes: tuple) -> Callable:
+        """A function ``(index, leaf_values) -> value`` for ``node`` whose dims map to score ``axes``."""
+        if not isinstance(node, Node):
+            if is_scalar(node) or isinstance(node, bool):
+                return lambda index, leaves, c=node: c
+            raise NotPointwise(f"argument {node!r}")
+        meta = tensor_meta(node)
+        if meta is None:
+            value = example_value(node)
+            if is_scalar(value):
+                position = self.leaf(node)
+                return lambda index, leaves, p=position: leaves[p]
+            raise NotPointwise(node.name)
+        if axes is None or len(axes) != meta.dim():
+            raise NotPointwise(f"{node.name} does not broadcast against the scores")
+        shape = tuple(meta.shape)
+        along_positions = any(axis in (2, 3) and size != 1 for axis, size in zip(axes, shape))
+        folded = None if along_positions else constant_value(node)
+        if isinstance(folded, torch.Tensor) and folded.numel() <= 4096:
+            return lambda index, leaves, t=folded, a=axes, s=shape: _gather(t.to(index[0].device), a, s, index)
+        if node.op not in ("call_function", "call_method"):
+            position = self.leaf(node)
+            return lambda index, leaves, p=position, a=axes, s=shape: _gather(leaves[p], a, s, index)
+        return self.op(node, axes, shape)
+
+    def op(self, node: Node, axes: tuple, shape: tuple) -> Callable:
+        if is_call(node, (torch.arange,)):
+            self.uses_positions = True
+            args = bind(node, ("start", "end", "step"))
+            if "end" not in args:
+                args = {"start": 0, "end": args["start"], "step": args.get("step", 1)}
+            start, step = self.build(args["start"], ()), self.build(args.get("step", 1), ())
+            dtype = tensor_meta(node).dtype
+            return lambda index, leaves: (start(index, leaves) + step(index, leaves) * (
+                torch.zeros_like(index[0]) if axes[0] is None else index[axes[0]])).to(dtype)
+        if node.op == "call_function" and node.target is operator.getitem:
+            items = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+            full = slice(None, None, None)
+            if not all(item is None or item == full for item in items):
+                raise NotPointwise("indexing")
+            inner_axes = tuple(a for a, item in zip(axes, items) if item is not None)
+            inner_axes += axes[len(items):]
+            return self.build(node.args[0], inner_axes)
+        if is_call(node, (torch.unsqueeze,), ("unsqueeze",)):
+            dim = bind(node, ("x", "dim"))["dim"] % len(axes)
+            return self.build(node.args[0], axes[:dim] + axes[dim + 1:])
+        if is_call(node, (torch.permute,), ("permute",)):
+            dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
+            inner = [None] * len(dims)
+            for out_dim, in_dim in enumerate(dims):
+                inner[in_dim % len(dims)] = axes[out_dim]
+            return self.build(node.args[0], tuple(inner))
+        if is_call(node, (torch.transpose,), ("transpose",)):
+            inner = list(axes)
+            a, b = node.args[1] % len(axes), node.args[2] % len(axes)
+            inner[a], inner[b] = inner[b], inner[a]
+            return self.build(node.args[0], tuple(inner))
+        if is_call(node, (), ("expand", "contiguous", "clone")):
+            source = tensor_meta(node.args[0])
+            return self.build(node.args[0], _dims_map(source.dim(), axes))
+        if node.op == "call_method" and node.target in _CASTS:
+            inner = self.build(node.args[0], axes)
+            return lambda index, leaves, d=_CASTS[node.target]: _cast(inner(index, leaves), d)
+        if is_call(node, (), ("to", "type_as")):
+            inner = self.build(node.args[0], _dims_map(tensor_meta(node.args[0]).dim(), axes))
+            dtype = tensor_meta(node).dtype
+            return lambda index, leaves: _cast(inner(index, leaves), dtype)
+        unary = _UNARY.get(node.target) if node.op == "call_function" else _UNARY_METHODS.get(node.target)
+        if unary is not None and len(node.args) == 1:
+            inner = self.build(node.args[0], axes)
+            return lambda index, leaves: unary(torch.as_tensor(inner(index, leaves)))
+        binary = _BINARY.get(node.target) if node.op == "call_function" else _BINARY_METHODS.get(node.target)
+        if binary is not None and len(node.args) == 2 and not node.kwargs:
+            a, b = (self.build(arg, self._arg_axes(arg, axes)) for arg in node.args)
+            return lambda index, leaves: binary(a(index, leaves), b(index, leaves))
+        if is_call(node, (torch.where,), ("where",)) and len(node.args) == 3:
+            parts = [self.build(arg, self._arg_axes(arg, axes)) for arg in node.args]
+            return lambda index, leaves: torch.where(*[torch.as_tensor(p(index, leaves)) for p in parts])
+        if is_call(node, (torch.nn.functional.embedding,)):
+            indices, weight = node.args[0], node.args[1]
+            if tensor_meta(weight).dim() != 2 or len(node.args) > 2 or node.kwargs:
+                raise NotPointwise("embedding options")
+            lookup = self.build(indices, axes[:-1])
+            position = self.leaf(weight)
+            return lambda index, leaves: leaves[position][lookup(index, leaves),
+                                                          index[axes[-1]] if axes[-1] is not None else 0]
+        raise NotPointwise(str(node.target))
+
+    @staticmethod
+    def _arg_axes(arg: object, axes: tuple) -> tuple:
+        meta = tensor_meta(arg) if isinstance(arg, Node) else None
+        return () if meta is None else _dims_map(meta.dim(), axes)
+
+
+def _cast(value: object, dtype: torch.dtype) -> object:
+    return value.to(dtype) if isinstance(value, torch.Tensor) else value
+
+
+_SCORE_AXES = {2: (0, 1, 2, 3), 1: (0, 2, 3), 0: (2, 3)}
+
+
+def score_function(bias: Node, batch_rank: int) -> Optional[ScoreFunction]:
+    """``bias`` (broadcast against scores with ``batch_rank`` leading axes) as a function of the
+    kernels' 4-d ``(b, h, i, j)`` indices, or None."""
+    meta = tensor_meta(bias)
+    score_axes = _SCORE_AXES.get(batch_rank)
+    if meta is None or score_axes is None or meta.dim() > len(score_axes):
+        return None
+    builder = _Builder()
+    try:
+        program = builder.build(bias, _dims_map(meta.dim(), score_axes))
+    except (NotPointwise, AttributeError, TypeError, IndexError):
+        return None
+    return ScoreFunction(builder.leaves, program, builder.uses_positions)
