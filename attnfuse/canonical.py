@@ -117,7 +117,7 @@ def remove_dead_nodes(nodes: Iterable[Node]) -> None:
     pending = list(nodes)
     while pending:
         current = pending.pop()
-        if current.graph is None or current.users or has_side_effect(current):
+        if getattr(current, "_erased", False) or current.users or has_side_effect(current):
             continue
         inputs = list(current.all_input_nodes)
         current.graph.erase_node(current)

@@ -149,13 +149,17 @@ class _Builder:
         binary = _BINARY.get(node.target) if node.op == "call_function" else _BINARY_METHODS.get(node.target)
         if binary is not None and len(node.args) == 2 and not node.kwargs:
             a, b = (self.build(arg, self._arg_axes(arg, axes)) for arg in node.args)
-            return lambda index, leaves: binary(a(index, leaves), b(index, leaves))
+            return lambda index, leaves: binary(_tensor(a(index, leaves), index), _tensor(b(index, leaves), index))
         if is_call(node, (torch.where,), ("where",)) and len(node.args) == 3:
             parts = [self.build(arg, self._arg_axes(arg, axes)) for arg in node.args]
             return lambda index, leaves: torch.where(*[torch.as_tensor(p(index, leaves)) for p in parts])
+        if is_call(node, (torch.full_like,)) and len(node.args) == 2 and is_scalar(node.args[1]):
+            return lambda index, leaves, c=node.args[1]: c
         if is_call(node, (torch.nn.functional.embedding,)):
-            indices, weight = node.args[0], node.args[1]
-            if tensor_meta(weight).dim() != 2 or len(node.args) > 2 or node.kwargs:
+            args = bind(node, ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq",
+                               "sparse"), max_norm=None)
+            indices, weight = args["input"], args["weight"]
+            if tensor_meta(weight).dim() != 2 or args["max_norm"] is not None:
                 raise NotPointwise("embedding options")
             lookup = self.build(indices, axes[:-1])
             position = self.leaf(weight)
@@ -167,6 +171,10 @@ class _Builder:
     def _arg_axes(arg: object, axes: tuple) -> tuple:
         meta = tensor_meta(arg) if isinstance(arg, Node) else None
         return () if meta is None else _dims_map(meta.dim(), axes)
+
+
+def _tensor(value: object, index: tuple) -> torch.Tensor:
+    return value if isinstance(value, torch.Tensor) else torch.tensor(value, device=index[0].device)
 
 
 def _cast(value: object, dtype: torch.dtype) -> object:

@@ -1,0 +1,62 @@
+"""Score modifications: ALiBi, relative-position buckets, softcaps and sliding windows, fused on
+FlexAttention (compiled forward on the CPU) and on SDPA / the unfused fallback with gradients."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import attnfuse
+from helpers import assert_fused_equal
+from score_modules import AlibiCausal, AlibiSymmetric, BucketBias, SoftcapWindow
+
+
+def qkv(b=2, h=4, i=6, j=9, d=16, grad=True):
+    g = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(b, h, n, d, generator=g).requires_grad_(grad) for n in (i, j, j))
+
+
+@pytest.mark.parametrize("shape", [(6, 9), (9, 6), (7, 7)])
+def test_alibi_causal_fused_with_position_bias(shape):
+    i, j = shape
+    report = assert_fused_equal(AlibiCausal(4), qkv(i=i, j=j))
+    features = report.sites[0].features
+    assert features["causal"] in ("top_left", "bottom_right") and features["score_functions"] == 1
+    assert features["bias"] is None  # no n x n tensor is kept
+
+
+def test_alibi_symmetric_and_bucket_bias_become_position_functions():
+    for module in (AlibiSymmetric(4), BucketBias(4)):
+        report = assert_fused_equal(module, qkv(i=5, j=8))
+        assert report.sites[0].features["score_functions"] == 1, str(report)
+
+
+@pytest.mark.parametrize("shape", [(6, 9), (8, 8)])
+def test_softcap_and_sliding_window_recognized_and_equal(shape):
+    i, j = shape
+    report = assert_fused_equal(SoftcapWindow(cap=20.0, window=3), qkv(i=i, j=j))
+    features = report.sites[0].features
+    assert features["softcap"] == pytest.approx(20.0)
+    assert features["window"] == 3 and features["causal"] in ("top_left", "bottom_right")
+    assert report.sites[0].backend == "unfused math"  # CPU with gradients: no FlexAttention backward here
+
+
+@pytest.mark.parametrize("module", [AlibiCausal(4), SoftcapWindow(cap=10.0, window=4)], ids=["alibi", "softcap_window"])
+def test_flex_compiled_forward_on_cpu_matches(module):
+    """FlexAttention's compiled CPU forward (kernels=['flex']) against the unrewritten module."""
+    torch._dynamo.reset()
+    reference = copy.deepcopy(module)
+    model = attnfuse.optimize(module, kernels=["flex"])
+    q, k, v = qkv(i=6, j=9, grad=False)
+    with torch.no_grad():
+        torch.testing.assert_close(model(q, k, v), reference(q, k, v), atol=2e-5, rtol=1e-4)
+    site = attnfuse.report(model).sites[0]
+    assert site.status == "fused" and site.backend == "flex"
+
+
+def test_forcing_flex_with_cpu_gradients_says_what_to_do():
+    torch._dynamo.reset()
+    model = attnfuse.optimize(AlibiCausal(4), kernels=["flex"])
+    with pytest.raises(Exception, match="no .*backward on the CPU"):
+        model(*qkv())
