@@ -13,7 +13,9 @@ from typing import Iterator, Optional, Union
 
 from torch.fx import Graph, Node
 
-from attnfuse.canonical import canonical, remove_dead_nodes, tensor_meta, value_users
+import torch
+
+from attnfuse.canonical import canonical, is_call, remove_dead_nodes, tensor_meta, value_users
 from attnfuse.patterns.biases import Add, bias_reason
 from attnfuse.patterns.casts import Cast
 from attnfuse.patterns.causal import classify, classify_additive
@@ -72,11 +74,17 @@ def _score_inputs(op: object) -> list:
     return [op.x]
 
 
+def _is_reshape(node: object) -> bool:
+    return isinstance(node, Node) and is_call(node, (torch.reshape,), ("view", "reshape"))
+
+
 def reaches_product(node: object, depth: int = _SEARCH_DEPTH) -> bool:
-    """Whether ``node`` is a product, possibly through elementwise score ops."""
+    """Whether ``node`` is a product, possibly through elementwise score ops (or reshapes)."""
     op = canonical(node)
     if isinstance(op, Product):
         return True
+    if depth and _is_reshape(node):
+        return reaches_product(node.args[0], depth - 1)
     if depth == 0 or not _is_passthrough(op):
         return False
     return any(reaches_product(x, depth - 1) for x in _score_inputs(op) if isinstance(x, Node))
@@ -87,7 +95,7 @@ def _feeds_product(node: Node, depth: int = _SEARCH_DEPTH) -> bool:
         op = canonical(user)
         if isinstance(op, Product) or (depth and _is_passthrough(op) and _feeds_product(user, depth - 1)):
             return True
-        if depth and op is None and _feeds_product(user, depth - 1):
+        if depth and (op is None or _is_reshape(user)) and _feeds_product(user, depth - 1):
             return True
     return False
 
@@ -149,6 +157,9 @@ def walk_to_product(scores_input: Node) -> tuple[Node, Product, list]:
             scores = op.x
         elif isinstance(op, Permute):
             raise NotFusable("the scores are transposed between the QK product and the softmax")
+        elif _is_reshape(node):
+            raise NotFusable("the scores are reshaped between the QK product and the softmax "
+                             "(heads split from the batch); not supported yet")
         else:
             raise NotFusable(f"unsupported op {_describe(node)} between the QK product and the softmax")
         _single_user(scores, "the attention scores")

@@ -93,7 +93,10 @@ def _insert_dim(p: object, dim: int) -> object:
 def _rank(p: object) -> int:
     if isinstance(p, (Linear, Inequality)):
         return len(p.coef)
-    return max(_rank(t) for t in p.terms)
+    return max((_rank(t) for t in p.terms), default=0)
+
+
+TRUE = Logic("and", ())
 
 
 _COMPARISONS = {
@@ -166,9 +169,21 @@ def _interpret(node: Node, depth: int) -> Optional[object]:
             if item is None:
                 inner = _insert_dim(inner, position)
         return inner
+    if _is_all_true(node):
+        return TRUE
     if is_call(node, (), ("expand", "contiguous", "to", "bool", "long", "int")):
         return sub(node.args[0])
     return None
+
+
+def _is_all_true(node: Node) -> bool:
+    """``x.new_ones(shape, dtype=bool)``, ``torch.ones(..., dtype=bool)`` and friends: the constant True."""
+    meta = tensor_meta(node)
+    if meta is None or meta.dtype != torch.bool:
+        return False
+    if is_call(node, (torch.ones, torch.ones_like), ("new_ones",)):
+        return True
+    return is_call(node, (torch.full,), ("new_full",)) and True in node.args[1:]
 
 
 def _relevant(p: Predicate, shape: tuple) -> Predicate:
