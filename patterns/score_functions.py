@@ -135,12 +135,13 @@ class _Builder:
         if is_call(node, (), ("expand", "contiguous", "clone")):
             source = tensor_meta(node.args[0])
             return self.build(node.args[0], _dims_map(source.dim(), axes))
-        if node.op == "call_method" and node.target in _CASTS:
-            inner = self.build(node.args[0], axes)
-            return lambda index, leaves, d=_CASTS[node.target]: _cast(inner(index, leaves), d)
-        if is_call(node, (), ("to", "type_as")):
-            inner = self.build(node.args[0], _dims_map(tensor_meta(node.args[0]).dim(), axes))
-            dtype = tensor_meta(node).dtype
+        if (node.op == "call_method" and node.target in _CASTS) or is_call(node, (), ("to", "type_as")):
+            source, dtype = tensor_meta(node.args[0]), tensor_meta(node).dtype
+            if source.is_floating_point() and not dtype.is_floating_point:
+                # Rounding a float (T5's log buckets) must match the original bit for bit; a kernel's
+                # own log/exp may differ in the last ulp and move a bucket boundary. Keep it a tensor.
+                raise NotPointwise("float to integer cast")
+            inner = self.build(node.args[0], _dims_map(source.dim(), axes))
             return lambda index, leaves: _cast(inner(index, leaves), dtype)
         unary = _UNARY.get(node.target) if node.op == "call_function" else _UNARY_METHODS.get(node.target)
         if unary is not None and len(node.args) == 1:

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 
-def alibi_slopes(heads: int, device=None) -> torch.Tensor:
-    return torch.tensor([2 ** (-8 * (n + 1) / heads) for n in range(heads)], device=device)
+def alibi_slopes(heads: int, device=None, dtype=None) -> torch.Tensor:
+    return torch.tensor([2 ** (-8 * (n + 1) / heads) for n in range(heads)], device=device, dtype=dtype)
 
 
 class AlibiCausal(nn.Module):
@@ -22,7 +22,7 @@ class AlibiCausal(nn.Module):
     def forward(self, q, k, v):
         i, j = q.shape[-2], k.shape[-2]
         rel = torch.arange(j, device=q.device)[None, :] - torch.arange(j - i, j, device=q.device)[:, None]
-        bias = alibi_slopes(self.heads, q.device)[:, None, None] * rel[None]
+        bias = alibi_slopes(self.heads, q.device, q.dtype)[:, None, None] * rel[None]
         sim = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + bias
         sim = sim.masked_fill(torch.ones(i, j, dtype=torch.bool, device=q.device).triu(j - i + 1), float("-inf"))
         return sim.softmax(-1) @ v

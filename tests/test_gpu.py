@@ -182,3 +182,37 @@ def test_trap_fp32_bias_with_bf16_inputs_is_cast():
     assert torch.isfinite(out).all()
     expected = reference(q.float(), k.float(), v.float(), bias=bias)
     torch.testing.assert_close(out.float(), expected, atol=4e-2, rtol=4e-2)
+
+
+SCORE_MODULES = ["alibi_causal", "alibi_symmetric", "bucket_bias", "softcap_window"]
+
+
+def _score_module(name: str):
+    from score_modules import AlibiCausal, AlibiSymmetric, BucketBias, SoftcapWindow
+
+    return {"alibi_causal": lambda: AlibiCausal(4), "alibi_symmetric": lambda: AlibiSymmetric(4),
+            "bucket_bias": lambda: BucketBias(4), "softcap_window": lambda: SoftcapWindow(cap=20.0, window=48)}[name]()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", SCORE_MODULES)
+def test_score_modifications_on_flex_match_fp32(name, dtype):
+    """On the GPU these sites run on FlexAttention, forward and backward, against an fp32 reference."""
+    torch._dynamo.reset()
+    reference = _score_module(name).cuda()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 4, n, 64, device="cuda", generator=g) for n in (160, 256, 256))
+    high = [t.clone().requires_grad_() for t in (q, k, v)]
+    low = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    expected = reference(*high)
+    model = attnfuse.optimize(copy.deepcopy(reference).to(dtype))
+    out = model(*low)
+    site = attnfuse.report(model).sites[0]
+    assert site.status == "fused" and site.backend == "flex", str(attnfuse.report(model))
+    tol = 2e-2 if dtype == torch.float16 else 4e-2
+    torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)
+    weight = torch.randn_like(expected)
+    (out.float() * weight).sum().backward()
+    (expected * weight).sum().backward()
+    for a, b in zip(low, high):
+        torch.testing.assert_close(a.grad.float(), b.grad, atol=tol * 4, rtol=tol * 4)
