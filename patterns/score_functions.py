@@ -108,8 +108,10 @@ class _Builder:
                 args = {"start": 0, "end": args["start"], "step": args.get("step", 1)}
             start, step = self.build(args["start"], ()), self.build(args.get("step", 1), ())
             dtype = tensor_meta(node).dtype
-            return lambda index, leaves: (start(index, leaves) + step(index, leaves) * (
-                torch.zeros_like(index[0]) if axes[0] is None else index[axes[0]])).to(dtype)
+            # Integer positions stay in the kernel's int32 index arithmetic (int64 is slower there).
+            cast = dtype if dtype.is_floating_point else None
+            return lambda index, leaves: _cast(start(index, leaves) + step(index, leaves) * (
+                torch.zeros_like(index[0]) if axes[0] is None else index[axes[0]]), cast)
         if node.op == "call_function" and node.target is operator.getitem:
             items = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
             full = slice(None, None, None)
@@ -178,8 +180,8 @@ def _tensor(value: object, index: tuple) -> torch.Tensor:
     return value if isinstance(value, torch.Tensor) else torch.tensor(value, device=index[0].device)
 
 
-def _cast(value: object, dtype: torch.dtype) -> object:
-    return value.to(dtype) if isinstance(value, torch.Tensor) else value
+def _cast(value: object, dtype: Optional[torch.dtype]) -> object:
+    return value.to(dtype) if isinstance(value, torch.Tensor) and dtype is not None else value
 
 
 _SCORE_AXES = {2: (0, 1, 2, 3), 1: (0, 2, 3), 0: (2, 3)}

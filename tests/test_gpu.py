@@ -205,11 +205,16 @@ def test_score_modifications_on_flex_match_fp32(name, dtype):
     high = [t.clone().requires_grad_() for t in (q, k, v)]
     low = [t.to(dtype).requires_grad_() for t in (q, k, v)]
     expected = reference(*high)
+    unrewritten = copy.deepcopy(reference).to(dtype)
+    with torch.no_grad():
+        naive_error = (unrewritten(*low).float() - expected).abs().max().item()
     model = attnfuse.optimize(copy.deepcopy(reference).to(dtype))
     out = model(*low)
     site = attnfuse.report(model).sites[0]
     assert site.status == "fused" and site.backend == "flex", str(attnfuse.report(model))
-    tol = 2e-2 if dtype == torch.float16 else 4e-2
+    # Unscaled scores (the bucket bias) are far from the fp32 answer in bf16 even unrewritten: attnfuse
+    # must be within the dtype's tolerance or at least as close as the unrewritten model in that dtype.
+    tol = max(2e-2 if dtype == torch.float16 else 4e-2, 1.5 * naive_error)
     torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)
     weight = torch.randn_like(expected)
     (out.float() * weight).sum().backward()
