@@ -334,7 +334,8 @@ def recipes(draw, mutated: bool = False) -> Recipe:
     qk = _one(draw, QK)
     layout = LAYOUT[qk]
 
-    kv_options = ["per_head"] + (["single"] if qk in EINSUM_EQ else []) + (["repeat_interleave", "expand"] if h > 1 else [])
+    kv_options = (["per_head"] + (["single"] if qk in EINSUM_EQ else [])
+                  + (["repeat_interleave", "expand"] if h > 1 else []))
     kv = _one(draw, kv_options)
     hk = {"per_head": h, "single": 1}.get(kv) or _one(draw, [n for n in (1, 2) if h % n == 0 and n < h])
 
@@ -421,7 +422,8 @@ def _max_error(actual, expected) -> str:
         return f"shape {tuple(a.shape)} != {tuple(e.shape)}"
     both_nan = a.isnan() & e.isnan()
     err = torch.where(both_nan, torch.zeros_like(a), (a - e).abs())
-    return f"max abs error {err.max().item():.3g} (nan: actual {a.isnan().sum().item()}, expected {e.isnan().sum().item()})"
+    nans = f"nan: actual {a.isnan().sum().item()}, expected {e.isnan().sum().item()}"
+    return f"max abs error {err.max().item():.3g} ({nans})"
 
 
 def run_recipe(r: Recipe, *, atol: float = 2e-5, rtol: float = 1e-4) -> attnfuse.FusionReport:
@@ -432,7 +434,7 @@ def run_recipe(r: Recipe, *, atol: float = 2e-5, rtol: float = 1e-4) -> attnfuse
     args = make_inputs(r)
     ref_args, opt_args = leaf_copies(args), leaf_copies(args)
     expected = reference(*ref_args)
-    assert not _flat(expected).isnan().any(), f"the recipe's own output has NaN (a generator bug)\n{r!r}"
+    assert not _flat(expected).isnan().any(), f"the recipe's own output has NaN (a fuzzer bug)\n{r!r}"
     differentiable = [n for n, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
     try:
         optimized = attnfuse.optimize(module)
@@ -445,7 +447,8 @@ def run_recipe(r: Recipe, *, atol: float = 2e-5, rtol: float = 1e-4) -> attnfuse
     try:
         torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, equal_nan=True)
     except AssertionError as e:
-        raise WrongOutput(f"WRONG OUTPUT ({_max_error(actual, expected)}; fused {report.fused}){context}\n{e}") from None
+        raise WrongOutput(f"WRONG OUTPUT ({_max_error(actual, expected)}; fused {report.fused})"
+                          f"{context}\n{e}") from None
     g_expected = grads(_flat(expected), [ref_args[n] for n in differentiable])
     names = ("q", "k", "v", "bias", "keep")
     for n, e, a in zip(differentiable, g_expected, g_actual):
