@@ -79,6 +79,8 @@ def attend(
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     path = dispatch.choose_path(q, softcap=softcap, window=window, bias=bias, bias_fn=bias_fn, dropout_p=dropout_p,
                                 needs_grad=needs_grad, allowed=allowed)
+    if path != "math" and needs_grad and bias is not None and dispatch.bias_masks_a_whole_row(bias):
+        path = "math"
     scale_value = E ** -0.5 if scale is None else scale
     if path == "flex":
         if on_kernel is not None:

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import CausalBias
 
+from attnfuse.masking import is_traced
+
 KERNELS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -38,6 +40,25 @@ def validate_kernels(kernels: Optional[Iterable[str]]) -> Optional[tuple[str, ..
     if unknown or not kernels:
         raise ValueError(f"unknown kernel(s) {unknown or kernels}; choose from {sorted(KERNEL_CHOICES)}")
     return kernels
+
+
+# A bias at or below this masks a key (the same threshold as patterns.masks.MASKING_THRESHOLD).
+_MASKING_BIAS = -1e4
+
+
+def bias_masks_a_whole_row(bias: torch.Tensor) -> bool:
+    """Whether an additive bias masks every key of some query row (one reduction and a host sync).
+
+    Fused kernels recompute the probabilities in the backward pass from a log-sum-exp; for a row of
+    ``finfo.min`` entries, ``min + log(S)`` rounds back to ``min`` and the gradients come out ``S``
+    times too large (found by the fuzzer, CPU flash; the same recomputation is in the GPU kernels).
+    Such calls run unfused, as the original did.
+    """
+    if not bias.is_floating_point() or bias.shape[-1] == 0:
+        return False
+    if is_traced(bias):
+        return True  # under a compiler the value is unknown: stay exact
+    return bool((bias.amax(dim=-1) <= _MASKING_BIAS).any())
 
 
 def choose_path(q: torch.Tensor, *, softcap: Optional[float], window: Optional[int], bias: Optional[torch.Tensor],

@@ -460,9 +460,25 @@ def run_recipe(r: Recipe, *, atol: float = 2e-5, rtol: float = 1e-4) -> attnfuse
     return report
 
 
+# Constructions attnfuse deliberately leaves alone (it cannot prove them equal), with the reason it
+# must give. A drawn recipe in one of these must be *skipped with that reason* and still run unchanged.
+DOCUMENTED_SKIPS = {
+    "the scores change after a finite mask fill":
+        lambda r: r.order == "scale_mask_bias" and r.bias != "none" and r.mask not in ("none", "additive")
+        and r.fill != "neg_inf",
+    "a tensor scale is applied after a bias or mask":
+        lambda r: r.scale == "param" and r.order in ("bias_scale_mask", "scale_mask_bias"),
+}
+
+
+def _documented_skip(r: Recipe, report: attnfuse.FusionReport) -> bool:
+    return report.fused == 0 and report.skipped == 1 and any(
+        applies(r) and reason in (report.sites[0].reason or "") for reason, applies in DOCUMENTED_SKIPS.items())
+
+
 def check_attention(r: Recipe) -> None:
     report = run_recipe(r)
-    if report.fused != 1 or report.skipped != 0:
+    if (report.fused != 1 or report.skipped != 0) and not _documented_skip(r, report):
         reasons = "; ".join(f"{s.status}: {s.reason}" for s in report.sites) or "no site found"
         raise NotFused(f"NOT FUSED (fused {report.fused}, skipped {report.skipped}: {reasons})\n{r!r}\n{report}")
 
@@ -486,6 +502,11 @@ SMOKE = {
                              mask="additive", keep=("111111",), softmax="F_dtype_float32", pv="matmul",
                              out="flat", dropout="functional", p=0.1),
     "single_head_kv_bias": Recipe(b=2, h=2, hk=1, i=4, j=4, d=4, kv="single", bias="hij", scale="q_pre"),
+    # found by the fuzzer: an additive finfo.min mask covering a whole row; fused kernels rebuild the
+    # probabilities from a log-sum-exp that rounds the row's log(j) away, so their gradients were j x too big
+    "additive_mask_fully_masked_row": Recipe(b=1, h=1, hk=1, i=1, j=2, d=1, mask="additive", keep=("00",)),
+    "bias_after_finite_fill_is_skipped": Recipe(b=1, h=1, hk=1, i=1, j=1, d=1, order="scale_mask_bias",
+                                                mask="causal_where", fill="neg_max", bias="bhij"),
 }
 SMOKE_MUTATIONS = {
     "softmax_over_queries": Recipe(b=1, h=2, hk=2, i=3, j=4, d=4, qk="matmul_op", pv="matmul", mutation="softmax_dim"),
