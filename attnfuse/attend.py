@@ -8,7 +8,7 @@ import torch
 from attnfuse import dispatch
 from attnfuse.fallback import index_grid, math_attention
 from attnfuse.flex import flex_attend
-from attnfuse.masking import restore_fully_masked_rows, rows_without_keys, sdpa_mask
+from attnfuse.masking import is_traced, restore_fully_masked_rows, rows_without_keys, sdpa_mask
 
 Causal = Optional[Literal["top_left", "bottom_right"]]
 FullyMaskedRows = Literal["zero", "mean", "nan"]
@@ -77,22 +77,24 @@ def attend(
         k, v = k.expand(B, *k.shape[1:]), v.expand(B, *v.shape[1:])
     keep = mask if mask is None or mask.dtype == torch.bool else mask.bool()
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    path = dispatch.choose_path(q, softcap=softcap, window=window, bias=bias, bias_fn=bias_fn, dropout_p=dropout_p,
+    path = dispatch.choose_path(q, k, softcap=softcap, window=window, bias=bias, bias_fn=bias_fn, dropout_p=dropout_p,
                                 needs_grad=needs_grad, allowed=allowed)
     if path != "math" and needs_grad and bias is not None and dispatch.bias_masks_a_whole_row(bias):
         path = "math"
     scale_value = E ** -0.5 if scale is None else scale
     if path == "flex":
-        if on_kernel is not None:
-            on_kernel("flex")
-        out = flex_attend(q, k, v, keep=keep, bias=None if bias is None else bias.to(q.dtype), bias_fn=bias_fn,
-                          causal=causal, window=window, softcap=softcap, scale=scale_value, enable_gqa=Hk != H)
-    elif path == "math":
+        out = _flex_or_none(q, k, v, keep, bias, bias_fn, causal, window, softcap, scale_value, allowed)
+        if out is not None:
+            if on_kernel is not None:
+                on_kernel("flex")
+        else:
+            path = "math" if softcap is not None else "sdpa"
+    if path == "math":
         if on_kernel is not None:
             on_kernel("unfused math")
         out = math_attention(q, k, v, keep=keep, bias=bias, bias_fn=bias_fn, causal=causal, window=window,
                              softcap=softcap, scale=scale_value, dropout_p=dropout_p)
-    else:
+    elif path == "sdpa":
         if bias_fn is not None:
             grid_bias = bias_fn(index_grid(B, H, L, S, q.device))
             bias = grid_bias if bias is None else bias + grid_bias
@@ -101,6 +103,18 @@ def attend(
     if dead is not None:
         out = restore_fully_masked_rows(out, v, dead, fully_masked_rows)
     return out
+
+
+def _flex_or_none(q, k, v, keep, bias, bias_fn, causal, window, softcap, scale, allowed) -> Optional[torch.Tensor]:
+    """FlexAttention, or None when it cannot compile here (remembered, so SDPA takes such calls)."""
+    try:
+        return flex_attend(q, k, v, keep=keep, bias=None if bias is None else bias.to(q.dtype), bias_fn=bias_fn,
+                           causal=causal, window=window, softcap=softcap, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    except Exception as error:  # e.g. Triton finds no kernel configuration that fits this GPU
+        if is_traced(q) or (allowed is not None and set(allowed) == {"flex"}):
+            raise
+        dispatch.flex_failed(q, k, error)
+        return None
 
 
 def _sdpa(q, k, v, keep, bias, causal, window, scale, dropout_p, needs_grad, allowed, on_kernel) -> torch.Tensor:

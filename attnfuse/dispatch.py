@@ -61,7 +61,19 @@ def bias_masks_a_whole_row(bias: torch.Tensor) -> bool:
     return bool((bias.amax(dim=-1) <= _MASKING_BIAS).any())
 
 
-def choose_path(q: torch.Tensor, *, softcap: Optional[float], window: Optional[int], bias: Optional[torch.Tensor],
+_FLEX_FAILURES: dict[tuple, str] = {}
+
+
+def _flex_signature(q: torch.Tensor, k: torch.Tensor) -> tuple:
+    return (q.device.type, q.dtype, q.shape[-1], k.shape[-1], q.shape[1], k.shape[1])
+
+
+def flex_failed(q: torch.Tensor, k: torch.Tensor, error: Exception) -> None:
+    """Remember that FlexAttention could not compile for this kind of call; SDPA takes such calls."""
+    _FLEX_FAILURES[_flex_signature(q, k)] = f"{type(error).__name__}: {error}"[:300]
+
+
+def choose_path(q: torch.Tensor, k: torch.Tensor, *, softcap: Optional[float], window: Optional[int], bias: Optional[torch.Tensor],
                 bias_fn: Optional[object], dropout_p: float, needs_grad: bool,
                 allowed: Optional[tuple[str, ...]]) -> str:
     """``"sdpa"``, ``"flex"`` or ``"math"`` (unfused) for one call.
@@ -78,9 +90,12 @@ def choose_path(q: torch.Tensor, *, softcap: Optional[float], window: Optional[i
             raise RuntimeError("attnfuse: the forced kernel 'flex' cannot run this call (FlexAttention has no "
                                "dropout and no backward on the CPU); allow an SDPA kernel too")
         return "flex"
-    flex_allowed = flex_possible and (allowed is None or "flex" in allowed)
-    wants_flex = softcap is not None or bias_fn is not None or window is not None or \
-        (bias is not None and bias.dim() >= 3 and bias.shape[-3] > 1)
+    flex_allowed = flex_possible and (allowed is None or "flex" in allowed) and \
+        _flex_signature(q, k) not in _FLEX_FAILURES
+    # A plain per-head bias tensor runs faster on Flex too, but only eagerly: under an outer compile a
+    # Flex kernel that does not fit the GPU cannot fall back, and SDPA can take the tensor as it is.
+    plain_bias_on_flex = bias is not None and bias.dim() >= 3 and bias.shape[-3] > 1 and not is_traced(q)
+    wants_flex = softcap is not None or bias_fn is not None or window is not None or plain_bias_on_flex
     if flex_allowed and wants_flex and q.device.type == "cuda":
         return "flex"
     return "math" if softcap is not None else "sdpa"

@@ -1,0 +1,484 @@
+"""Coverage table: which hand-written attention spellings and real models attnfuse fuses, and what
+torch.compile's own attention fusion (Inductor's ``fuse_attention`` pattern matcher) does with them.
+
+    python benchmarks/coverage.py --write            # every entry; writes docs/coverage.md
+    python benchmarks/coverage.py --no-inductor      # attnfuse only (Inductor on the CPU is slow)
+    python benchmarks/coverage.py --only gpt2,bloom  # some entries (keys: --list)
+
+Every entry is built small (eval mode, fp32, CPU) from the test-owned modules under ``tests/``
+(spelling families, score-modification modules) or from tiny configs of real models. For each:
+``attnfuse.audit`` (verified, changes nothing) gives the sites found, fused and skipped, their
+features and kernel; ``torch.compile(module, backend="inductor")`` runs once and
+``counters["inductor"]["fuse_attention"]`` says how many sites Inductor's patterns fused. An entry
+that raises is reported in its row, never stops the run.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import date
+from typing import Any, Callable, Optional
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(REPO, "tests"))
+sys.path.insert(0, REPO)  # this checkout, not an installed copy
+
+import attnfuse  # noqa: E402
+
+SEQ = 9  # sequence length of the real models
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=_gen(seed))
+
+
+def bhnd(b: int = 2, h: int = 4, i: int = 9, j: int = 9, d: int = 16, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    return randn(b, h, i, d, seed=seed), randn(b, h, j, d, seed=seed + 1), randn(b, h, j, d, seed=seed + 2)
+
+
+def tokens(shape: tuple[int, ...], vocab: int = 100, seed: int = 0, low: int = 0) -> torch.Tensor:
+    return torch.randint(low, vocab, shape, generator=_gen(seed))
+
+
+def keep_mask(b: int = 2, j: int = 9, pad_from: int = 6) -> torch.Tensor:
+    """Key-padding keep mask (True = attend): the second row's last keys are padding."""
+    mask = torch.ones(b, j, dtype=torch.bool)
+    mask[1, pad_from:] = False
+    return mask
+
+
+def seeded(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build()
+
+
+Built = tuple[torch.nn.Module, tuple, dict]
+
+
+@dataclass
+class Entry:
+    key: str
+    label: str
+    build: Callable[[], Built]
+    note: str = ""  # expectation shown in the row (e.g. a documented skip)
+
+
+# ----------------------------------------------------------------------------- entries: spelling families
+
+def _seed_entries() -> list[Entry]:
+    from seed_modules import BiasThenCausalStyle, GenomicsStyle, MegabyteStyle, PaddingStyle
+
+    def genomics():
+        q = randn(2, 4, 9, 16)
+        k, v = randn(2, 9, 16, seed=1), randn(2, 9, 16, seed=2)  # one k/v head shared by all q heads
+        return GenomicsStyle(causal=True).eval(), (q, k, v), {"attn_bias": randn(4, 9, 9, seed=3)}
+
+    def megabyte():
+        return MegabyteStyle(causal=True).eval(), bhnd(), {}
+
+    def padding(scale=None):
+        return lambda: (PaddingStyle(scale=scale).eval(), bhnd(), {"mask": keep_mask()})
+
+    def bias_then_causal():
+        return BiasThenCausalStyle(causal=True).eval(), bhnd(i=5, j=9), {"bias": randn(1, 4, 5, 9, seed=3)}
+
+    return [
+        Entry("seed_genomics", "seed: GenomicsStyle (causal + bias, single-head k/v)", genomics),
+        Entry("seed_megabyte", "seed: MegabyteStyle (causal)", megabyte),
+        Entry("seed_padding", "seed: PaddingStyle (key padding)", padding()),
+        Entry("seed_padding_scale", "seed: PaddingStyle(scale=0.3)", padding(0.3)),
+        Entry("seed_bias_causal", "seed: BiasThenCausalStyle (q_len 5, k_len 9)", bias_then_causal),
+    ]
+
+
+def _family_entries() -> list[Entry]:
+    import test_families as tf
+
+    def nanogpt():
+        return seeded(tf.NanoGPTSelfAttention).eval(), (randn(2, 9, 32),), {}
+
+    def timm():
+        return seeded(tf.TimmAttention).eval(), (randn(2, 9, 32),), {}
+
+    def diffusers_self():
+        return seeded(tf.DiffusersAttention).eval(), (randn(2, 9, 32),), {}
+
+    def diffusers_cross_mask():
+        module = seeded(lambda: tf.DiffusersAttention(cross_dim=24)).eval()
+        return module, (randn(2, 6, 32), randn(2, 9, 24, seed=1), keep_mask()), {}
+
+    def where_cross():
+        mask = keep_mask(3, 9)
+        mask[2] = False  # a row with every key masked
+        return seeded(tf.WhereMaskCrossAttention).eval(), (randn(3, 5, 32), randn(3, 9, 24, seed=1), mask), {}
+
+    def alibi():
+        return tf.AlibiCausalAttention(heads=4).eval(), bhnd(i=5, j=9), {}
+
+    def kv_cache():
+        args = (randn(2, 3, 32), randn(2, 4, 9, 8, seed=1), randn(2, 4, 9, 8, seed=2))
+        return seeded(tf.KVCacheAttention).eval(), args, {}
+
+    def softmax(spelling):
+        return lambda: (tf.SoftmaxSpelling(spelling).eval(), bhnd(i=6, j=9), {})
+
+    def bshd():
+        return tf.BSHDEinsumAttention().eval(), (randn(2, 6, 4, 16), randn(2, 9, 4, 16, seed=1),
+                                                 randn(2, 9, 4, 16, seed=2)), {}
+
+    return [
+        Entry("nanogpt", "family: nanoGPT (tril buffer, -inf fill)", nanogpt),
+        Entry("timm", "family: timm vision Attention", timm),
+        Entry("diffusers", "family: diffusers baddbmm (self)", diffusers_self),
+        Entry("diffusers_cross_mask", "family: diffusers baddbmm (cross, additive mask)", diffusers_cross_mask),
+        Entry("where_cross", "family: cross-attention, torch.where padding", where_cross),
+        Entry("alibi_family", "family: ALiBi causal (arange bias)", alibi),
+        Entry("kv_cache", "family: KV-cache decoding (3 new, 9 cached)", kv_cache),
+        Entry("softmax_float_to", "family: fp32 softmax `.float().softmax().to()`", softmax("float_then_to")),
+        Entry("softmax_dtype_type_as", "family: fp32 softmax `F.softmax(dtype=fp32).type_as()`",
+              softmax("F_dtype_float32_type_as")),
+        Entry("bshd_einsum", "family: BSHD einsum (b s h d layout)", bshd),
+    ]
+
+
+def _score_entries() -> list[Entry]:
+    import score_modules as sm
+
+    return [
+        Entry("score_alibi_causal", "score: AlibiCausal (Bloom/MPT style)",
+              lambda: (sm.AlibiCausal(4).eval(), bhnd(), {})),
+        Entry("score_alibi_symmetric", "score: AlibiSymmetric (encoder)",
+              lambda: (sm.AlibiSymmetric(4).eval(), bhnd(), {})),
+        Entry("score_bucket_bias", "score: BucketBias (T5 buckets)",
+              lambda: (seeded(lambda: sm.BucketBias(4)).eval(), bhnd(), {})),
+        Entry("score_softcap_window", "score: SoftcapWindow (Gemma 2 style)",
+              lambda: (sm.SoftcapWindow(cap=20.0, window=3).eval(), bhnd(), {})),
+    ]
+
+
+# ----------------------------------------------------------------------------- entries: real models
+
+def _model_entries() -> list[Entry]:
+    def tm():
+        import test_models
+        return test_models
+
+    def transformers():
+        import transformers as t
+        return t
+
+    def gpt2():
+        return tm().build_gpt2(2).eval(), (), {"input_ids": tokens((2, SEQ)), "use_cache": False}
+
+    def bert():
+        ids = tokens((2, SEQ), low=1)
+        mask = keep_mask(2, SEQ).long()
+        ids[1, 6:] = 0
+        return tm().build_bert(2).eval(), (), {"input_ids": ids, "attention_mask": mask}
+
+    def llama():
+        return tm().build_llama(2).eval(), (), {"input_ids": tokens((2, SEQ)), "use_cache": False}
+
+    def t5():
+        kwargs = {"input_ids": tokens((2, SEQ), low=2), "decoder_input_ids": tokens((2, 7), seed=1, low=2),
+                  "use_cache": False}
+        return tm().build_t5(2).eval(), (), kwargs
+
+    def vit():
+        return tm().build_vit(2).eval(), (), {"pixel_values": randn(2, 3, 16, 16)}
+
+    def whisper():
+        kwargs = {"input_features": randn(2, 8, 32), "decoder_input_ids": tokens((2, 5), seed=1, low=4),
+                  "use_cache": False}
+        return tm().build_whisper(2).eval(), (), kwargs
+
+    def x_decoder():
+        return tm().build_x_decoder().eval(), (tokens((2, SEQ)),), {}
+
+    def x_encoder():
+        return tm().build_x_encoder().eval(), (tokens((2, SEQ)),), {"mask": keep_mask(2, SEQ, pad_from=7)}
+
+    def megabyte():
+        # max_seq_len (16, 4): 4 patches of 4 bytes; 9 bytes are padded up to whole patches by the model.
+        return tm().build_megabyte().eval(), (tokens((2, SEQ), vocab=256),), {}
+
+    def mistral():
+        t = transformers()
+        config = t.MistralConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
+                                 intermediate_size=128, vocab_size=100, max_position_embeddings=64, sliding_window=4,
+                                 bos_token_id=1, eos_token_id=2, pad_token_id=0, attn_implementation="eager")
+        return seeded(lambda: t.MistralModel(config)).eval(), (), {"input_ids": tokens((2, SEQ)), "use_cache": False}
+
+    def gemma2():
+        t = transformers()
+        config = t.Gemma2Config(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
+                                head_dim=16, intermediate_size=128, vocab_size=100, max_position_embeddings=64,
+                                sliding_window=4, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                                attn_implementation="eager")
+        return seeded(lambda: t.Gemma2Model(config)).eval(), (), {"input_ids": tokens((2, SEQ)), "use_cache": False}
+
+    def mpt():
+        t = transformers()
+        config = t.MptConfig(d_model=64, n_heads=4, n_layers=2, expansion_ratio=2, max_seq_len=32, vocab_size=100,
+                             attn_implementation="eager")
+        return seeded(lambda: t.MptModel(config)).eval(), (), {"input_ids": tokens((2, SEQ)), "use_cache": False}
+
+    def bloom():
+        t = transformers()
+        config = t.BloomConfig(hidden_size=64, n_head=4, n_layer=2, vocab_size=100, attn_implementation="eager")
+        return seeded(lambda: t.BloomModel(config)).eval(), (), {"input_ids": tokens((2, SEQ)), "use_cache": False}
+
+    return [
+        Entry("gpt2", "transformers GPT-2", gpt2),
+        Entry("bert", "transformers BERT (padding mask)", bert),
+        Entry("llama", "transformers Llama (GQA 4/2)", llama),
+        Entry("t5", "transformers T5 (enc-dec)", t5),
+        Entry("vit", "transformers ViT", vit),
+        Entry("whisper", "transformers Whisper (enc-dec)", whisper),
+        Entry("mistral", "transformers Mistral (sliding_window 4)", mistral),
+        Entry("gemma2", "transformers Gemma 2 (softcap, window 4)", gemma2),
+        Entry("mpt", "transformers MPT (ALiBi)", mpt),
+        Entry("bloom", "transformers Bloom (ALiBi, baddbmm)", bloom, note="expected skipped: scores reshaped"),
+        Entry("x_decoder", "x-transformers Decoder", x_decoder),
+        Entry("x_encoder", "x-transformers Encoder (padding mask)", x_encoder),
+        Entry("megabyte", "MEGABYTE-pytorch", megabyte),
+    ]
+
+
+def all_entries() -> list[Entry]:
+    return _seed_entries() + _family_entries() + _score_entries() + _model_entries()
+
+
+# ----------------------------------------------------------------------------- one entry
+
+@dataclass
+class Row:
+    entry: Entry
+    sites: Optional[int] = None
+    fused: Optional[int] = None
+    features: str = ""
+    kernel: str = ""
+    skipped: list[str] = field(default_factory=list)
+    audit_error: Optional[str] = None
+    inductor: Optional[int] = None
+    inductor_error: Optional[str] = None
+    seconds: float = 0.0
+
+
+def _error(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:160]}" if text else type(exc).__name__
+
+
+def _num(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _compact_shapes(text: str) -> str:
+    """``key padding (2, 1, 1, 9)`` -> ``key padding (2,1,1,9)``: no spaces inside shapes."""
+    return re.sub(r"\(([^()]*)\)", lambda m: "(" + m.group(1).replace(" ", "") + ")", text)
+
+
+def site_summary(features: dict) -> str:
+    """A few words on one fused site: causal + alignment, window, softcap, score functions, mask, bias, GQA, scale."""
+    parts = []
+    causal = features.get("causal")
+    if causal:
+        parts.append(f"causal {str(causal).replace('_', '-')}" if isinstance(causal, str) else "causal")
+    if features.get("window") is not None:
+        parts.append(f"window {features['window']}")
+    if features.get("softcap") is not None:
+        parts.append(f"softcap {_num(features['softcap'])}")
+    if features.get("score_functions"):
+        n = features["score_functions"]
+        parts.append(f"{n} score fn{'s' if n != 1 else ''}")
+    if features.get("mask"):
+        parts.append(f"mask {_compact_shapes(str(features['mask']))}")
+    if features.get("bias"):
+        parts.append(f"bias {_compact_shapes(str(features['bias']))}")
+    q, kv = features.get("q_heads"), features.get("kv_heads")
+    if q and kv and q != kv:
+        parts.append(f"GQA {q}/{kv} kv" if kv > 1 else f"{q} heads / 1 kv")
+    if features.get("dropout"):
+        parts.append(f"dropout {_num(features['dropout'])}")
+    if "scale" in features:
+        parts.append(f"scale {_num(features['scale'])}")
+    if features.get("q_len") is not None and features.get("q_len") != features.get("k_len"):
+        parts.append(f"q {features['q_len']} / k {features['k_len']}")
+    return ", ".join(parts) or "plain"
+
+
+def _grouped(items: list[str]) -> str:
+    """Distinct items in first-seen order, ``n x item`` where an item repeats and several differ."""
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item] = counts.get(item, 0) + 1
+    if len(counts) == 1:
+        return next(iter(counts))
+    return "; ".join(f"{n}x {item}" if n > 1 else item for item, n in counts.items())
+
+
+def run_entry(entry: Entry, inductor: bool) -> Row:
+    row = Row(entry)
+    start = time.perf_counter()
+    try:
+        module, args, kwargs = entry.build()
+    except BaseException as exc:  # noqa: BLE001 (pytest's Skipped is a BaseException)
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        row.audit_error = f"build failed: {_error(exc)}"
+        row.seconds = time.perf_counter() - start
+        return row
+
+    try:
+        torch._dynamo.reset()
+        report = attnfuse.audit(module, *args, **kwargs)
+        present = [s for s in report.sites if s.status in ("fused", "skipped")]
+        fused = [s for s in present if s.status == "fused"]
+        row.sites, row.fused = len(present), len(fused)
+        row.features = _grouped([site_summary(s.features) for s in fused]) if fused else ""
+        row.kernel = _grouped([str(s.backend) for s in fused]) if fused else "-"
+        row.skipped = [f"{s.name}: {s.reason}" for s in present
+                       if s.status == "skipped"]
+        row.report = report  # type: ignore[attr-defined]
+    except Exception as exc:  # noqa: BLE001
+        row.audit_error = _error(exc)
+        row.audit_traceback = traceback.format_exc()  # type: ignore[attr-defined]
+
+    if inductor:
+        try:
+            torch._dynamo.reset()
+            torch._dynamo.utils.counters.clear()
+            torch.compile(module, backend="inductor")(*args, **kwargs)
+            row.inductor = int(torch._dynamo.utils.counters["inductor"].get("fuse_attention", 0))
+        except Exception as exc:  # noqa: BLE001
+            row.inductor_error = _error(exc)
+        finally:
+            torch._dynamo.reset()
+    row.seconds = time.perf_counter() - start
+    return row
+
+
+# ----------------------------------------------------------------------------- table
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _skip_reasons(row: Row) -> str:
+    reasons: dict[str, int] = {}
+    for item in row.skipped:
+        reason = item.split(": ", 1)[1] if ": " in item else item
+        reasons[reason] = reasons.get(reason, 0) + 1
+    return "; ".join(f"{n}x {r}" if n > 1 else r for r, n in reasons.items())
+
+
+def render(rows: list[Row], inductor: bool, elapsed: float) -> str:
+    env = (f"Device: CPU ({platform.machine()}), fp32, eval mode; torch {torch.__version__}; "
+           f"{date.today().isoformat()}; generated by `python benchmarks/coverage.py` in {elapsed:.0f} s.")
+    lines = [env, "",
+             "| family / model | features (fused sites) | attnfuse fused / sites | kernel | torch.compile fuse_attention |",
+             "|---|---|---|---|---|"]
+    for row in rows:
+        if row.audit_error is not None:
+            features, counts, kernel = f"**error**: {row.audit_error}", "error", "-"
+        else:
+            features = row.features or ("no site found" if not row.sites else "")
+            if row.skipped:
+                skipped = f"skipped: {_skip_reasons(row)}"
+                features = f"{features}; {skipped}" if features else skipped
+            if row.entry.note:
+                features = f"{features} ({row.entry.note})"
+            counts, kernel = f"{row.fused} / {row.sites}", row.kernel
+        if not inductor:
+            ind = "not run"
+        elif row.inductor_error is not None:
+            ind = f"error: {row.inductor_error}"
+        else:
+            ind = str(row.inductor)
+        lines.append(f"| {_cell(row.entry.label)} | {_cell(features)} | {counts} | {_cell(kernel)} | {_cell(ind)} |")
+
+    ok = [r for r in rows if r.audit_error is None]
+    fused, sites = sum(r.fused for r in ok), sum(r.sites for r in ok)
+    lines += ["", f"Totals: attnfuse fused {fused} of {sites} sites present in {len(ok)} entries"
+              + (f" ({len(rows) - len(ok)} entries failed)" if len(ok) < len(rows) else "") + "; "]
+    if inductor:
+        ind_ok = [r for r in rows if r.inductor_error is None and r.inductor is not None]
+        lines[-1] += (f"torch.compile (Inductor) fuse_attention fused {sum(r.inductor for r in ind_ok)} "
+                      f"in {len(ind_ok)} entries"
+                      + (f" ({len(rows) - len(ind_ok)} entries failed)" if len(ind_ok) < len(rows) else "") + ".")
+    else:
+        lines[-1] += "torch.compile (Inductor) not run (--no-inductor)."
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", help="comma-separated entry keys (see --list)")
+    parser.add_argument("--no-inductor", action="store_true", help="skip torch.compile's own fusion (slow on CPU)")
+    parser.add_argument("--write", action="store_true", help="also write docs/coverage.md")
+    parser.add_argument("--list", action="store_true", help="list entry keys and exit")
+    parser.add_argument("--verbose", action="store_true", help="print each audit report and error traceback")
+    opts = parser.parse_args()
+
+    entries = all_entries()
+    if opts.list:
+        for e in entries:
+            print(f"{e.key:24s} {e.label}")
+        return
+    if opts.only:
+        wanted = [k.strip().lower() for k in opts.only.split(",") if k.strip()]
+        unknown = [k for k in wanted if k not in {e.key for e in entries}]
+        if unknown:
+            parser.error(f"unknown entries {unknown}; known: {', '.join(e.key for e in entries)}")
+        entries = [e for e in entries if e.key in wanted]
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    inductor = not opts.no_inductor
+    rows = []
+    start = time.perf_counter()
+    for n, entry in enumerate(entries, 1):
+        row = run_entry(entry, inductor)
+        rows.append(row)
+        status = (f"error ({row.audit_error})" if row.audit_error else f"{row.fused}/{row.sites} fused")
+        ind = "" if not inductor else (f", inductor {row.inductor}" if row.inductor_error is None
+                                       else f", inductor error ({row.inductor_error})")
+        print(f"[{n}/{len(entries)}] {entry.key}: {status}{ind} ({row.seconds:.1f} s)", file=sys.stderr, flush=True)
+        if opts.verbose:
+            if getattr(row, "report", None) is not None:
+                print(str(row.report), file=sys.stderr)
+            if getattr(row, "audit_traceback", None):
+                print(row.audit_traceback, file=sys.stderr)
+    elapsed = time.perf_counter() - start
+
+    table = render(rows, inductor, elapsed)
+    print(table)
+    if opts.write:
+        docs = os.path.join(REPO, "docs")
+        os.makedirs(docs, exist_ok=True)
+        path = os.path.join(docs, "coverage.md")
+        with open(path, "w") as f:
+            f.write("# Coverage\n\nHand-written attention found and fused by attnfuse (`attnfuse.audit`, verified "
+                    "against the unrewritten code), next to the sites that torch.compile's own attention fusion "
+                    "(Inductor's `fuse_attention` patterns) rewrites in the same modules. Regenerate with "
+                    "`python benchmarks/coverage.py --write`.\n\n" + table + "\n")
+        print(f"\nwrote {os.path.relpath(path, os.getcwd())}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
