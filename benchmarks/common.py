@@ -10,7 +10,8 @@ import torch
 
 
 def environment() -> dict:
-    return {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
+    cpu = f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+    return {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else cpu,
             "torch": torch.__version__, "date": date.today().isoformat()}
 
 
