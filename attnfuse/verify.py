@@ -5,7 +5,7 @@ import copy
 from typing import Any, Callable
 
 import torch
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 
 from attnfuse.report import SiteReport
 
@@ -57,22 +57,53 @@ class VerifiedGraph:
             for report in fused:
                 report.reason = "verify: not checked (dropout is active, so outputs are random)"
             return
+        checks = [("the real inputs", args), *adversarial_inputs(self.original, args)]
         with torch.no_grad():
-            expected = self.original(*args)
-            if max_difference(expected, self.graph_module(*args)) <= 1.0:
+            expected = [(name, inputs, self.original(*inputs)) for name, inputs in checks]
+            if all(max_difference(out, self.graph_module(*inputs)) <= 1.0 for _, inputs, out in expected):
                 return
             keep, failed = set(), {}
             for report in fused:
                 trial = copy.deepcopy(self.original)
                 self.rewrite_only(trial, {report.source})
-                error = max_difference(expected, trial(*args))
-                if error <= 1.0:
+                errors = [(max_difference(out, trial(*inputs)), name) for name, inputs, out in expected]
+                worst = max(errors)
+                if worst[0] <= 1.0:
                     keep.add(report.source)
                 else:
-                    failed[report.source] = error
+                    failed[report.source] = worst
         final = copy.deepcopy(self.original)
         for report in self.rewrite_only(final, keep):
             if report.source in failed:
-                report.reason = (f"verify: output differed from the original by {failed[report.source]:.3g}x "
+                error, name = failed[report.source]
+                report.reason = (f"verify: output differed from the original on {name} by {error:.3g}x "
                                  "the tolerance; rolled back")
         self.graph_module = final
+
+
+def _is_weight(placeholder: Node) -> bool:
+    return "_parameters_" in placeholder.name or "_buffers_" in placeholder.name
+
+
+def adversarial_inputs(gm: GraphModule, args: tuple) -> list[tuple[str, tuple]]:
+    """Inputs derived from the real ones where a wrong rewrite shows: a boolean mask whose first row
+    masks every key (the fully masked row), and the non-weight float inputs scaled by 4 (a sharper
+    softmax, where a dropped or misplaced scale shows)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    variants = []
+    masks = [i for i, (node, a) in enumerate(zip(placeholders, args))
+             if isinstance(a, torch.Tensor) and a.dtype == torch.bool and a.dim() >= 1 and a.numel()]
+    if masks:
+        inputs = list(args)
+        for i in masks:
+            inputs[i] = args[i].clone()
+            inputs[i][0] = False
+        variants.append(("a mask with every key of one row masked", tuple(inputs)))
+    floats = [i for i, (node, a) in enumerate(zip(placeholders, args))
+              if isinstance(a, torch.Tensor) and a.is_floating_point() and not _is_weight(node)]
+    if floats:
+        inputs = list(args)
+        for i in floats:
+            inputs[i] = args[i] * 4
+        variants.append(("inputs scaled by 4", tuple(inputs)))
+    return variants

@@ -126,6 +126,21 @@ def test_verify_rolls_back_a_wrong_rewrite(monkeypatch):
     assert site.status == "skipped" and site.reason.startswith("verify: output differed")
 
 
+def test_verify_catches_a_rewrite_wrong_only_on_fully_masked_rows(monkeypatch):
+    """The real inputs mask no whole row; verify's derived input (first row all masked) exposes it."""
+    import sys
+
+    monkeypatch.setattr(sys.modules["attnfuse.attend"], "restore_fully_masked_rows", lambda out, v, dead, mode: out)
+    model = PaddingStyle().eval()
+    q, k, v = (torch.randn(2, 2, 4, 8) for _ in range(3))
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    expected = copy.deepcopy(model)(q, k, v, mask)
+    attnfuse.optimize(model, verify=True)
+    torch.testing.assert_close(model(q, k, v, mask), expected)
+    site = attnfuse.report(model).sites[0]
+    assert site.status == "skipped" and "every key of one row masked" in site.reason, site.reason
+
+
 def test_verify_keeps_a_correct_rewrite():
     report = assert_fused_equal(PaddingStyle().eval(), tuple(torch.randn(2, 2, 4, 8) for _ in range(3)),
                                 verify=True)
