@@ -14,6 +14,7 @@ import torch
 from torch.fx import GraphModule
 
 import attnfuse.patterns  # noqa: F401  (registers the rule families)
+from attnfuse.constants import BUFFER_VALUE
 from attnfuse.match import Skip, find_sites
 from attnfuse.options import Options
 from attnfuse.report import FusionReport, SiteReport, module_path, source_line
@@ -33,6 +34,7 @@ class AttnfuseBackend:
 
     def __call__(self, gm: GraphModule, example_inputs: Sequence[Any]) -> Callable:
         self.report.graphs_compiled += 1
+        _record_buffer_values(gm, example_inputs)
         original = copy.deepcopy(gm) if self.options.verify else None
         site_reports = self.rewrite(gm)
         if original is not None and any(r.status == "fused" for r in site_reports):
@@ -71,6 +73,16 @@ class AttnfuseBackend:
 
     def rewrite_only(self, gm: GraphModule, sources: set[str]) -> list[SiteReport]:
         return self.rewrite(gm, only=sources)
+
+
+def _record_buffer_values(gm: GraphModule, example_inputs: Sequence[Any]) -> None:
+    """Give the matcher the values of module buffers (Dynamo passes them as graph inputs), for masks
+    built from them; rewrites that rely on such a value guard it (``attnfuse.guards``)."""
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    for node, value in zip(placeholders, example_inputs):
+        if "_buffers_" in node.name and isinstance(value, torch.Tensor) and not isinstance(
+                value, torch._subclasses.FakeTensor):
+            node.meta[BUFFER_VALUE] = value
 
 
 def _inductor_after_check(checked: VerifiedGraph, example_inputs: Sequence[Any]) -> Callable:

@@ -31,14 +31,26 @@ def _too_large(meta: Any) -> bool:
     return meta.numel() > _MAX_ELEMENTS.get(meta.device.type, _MAX_ELEMENTS["cpu"])
 
 
-def constant_value(node: Any) -> Optional[Any]:
-    """The value of ``node`` if it depends on no graph input (computed on its own device), else None."""
+BUFFER_VALUE = "attnfuse_buffer_value"
+
+
+def constant_value(node: Any, with_buffers: bool = False) -> Optional[Any]:
+    """The value of ``node`` if it depends on no graph input (computed on its own device), else None.
+
+    With ``with_buffers``, module buffers count as constants at the value they had when the graph was
+    captured (``BUFFER_VALUE`` in their meta); a rewrite that relies on such a value must guard the
+    buffers it read (``buffers_read``), since a buffer can change without a recompile.
+    """
     if not isinstance(node, Node):
         return node
     cache = node.meta.setdefault("attnfuse_constant", {})
-    if "value" in cache:
-        return cache["value"]
-    cache["value"] = None
+    key = "with_buffers" if with_buffers else "value"
+    if key in cache:
+        return cache[key]
+    cache[key] = None
+    if with_buffers and node.op == "placeholder" and BUFFER_VALUE in node.meta:
+        cache[key] = node.meta[BUFFER_VALUE]
+        return cache[key]
     if _too_large(node.meta.get("example_value")):
         return None
     if not _is_foldable_call(node):
@@ -46,7 +58,7 @@ def constant_value(node: Any) -> Optional[Any]:
     missing = []
 
     def resolve(arg: Node) -> Any:
-        value = constant_value(arg)
+        value = constant_value(arg, with_buffers)
         if value is None:
             missing.append(arg)
         return value
@@ -64,5 +76,19 @@ def constant_value(node: Any) -> Optional[Any]:
         return None
     if isinstance(value, torch.Tensor) and isinstance(value, torch._subclasses.FakeTensor):
         return None
-    cache["value"] = value
+    cache[key] = value
     return value
+
+
+def buffers_read(node: Node) -> list[Node]:
+    """The buffer placeholders that ``node``'s value depends on."""
+    found, pending, seen = [], [node], set()
+    while pending:
+        current = pending.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current.op == "placeholder" and BUFFER_VALUE in current.meta:
+            found.append(current)
+        pending.extend(current.all_input_nodes)
+    return found

@@ -14,6 +14,7 @@ import torch
 
 from attnfuse.attend import attend
 from attnfuse.canonical import tensor_meta
+from attnfuse.guards import CausalGuard
 from attnfuse.site import AttentionSite
 
 
@@ -92,6 +93,8 @@ class SitePlan:
     window: Optional[int] = None
     softcap: Optional[float] = None
     bias_program: Optional[BiasProgram] = field(default=None, compare=False)
+    causal_guard: Optional[CausalGuard] = field(default=None, compare=False)
+    guard_inputs: int = 0
     record: KernelRecord = field(default_factory=KernelRecord, compare=False)
 
 
@@ -121,6 +124,9 @@ def plan_for(site: AttentionSite, kernels: Optional[tuple[str, ...]] = None) -> 
         softcap=terms.softcap,
         bias_program=BiasProgram([f for f, _ in terms.functions], tuple(c for _, c in terms.functions))
         if terms.functions else None,
+        causal_guard=CausalGuard(terms.causal_guard[0].node, terms.causal_guard[0].negated,
+                                 list(terms.causal_guard[1]), terms.causal) if terms.causal_guard else None,
+        guard_inputs=len(terms.causal_guard[1]) if terms.causal_guard else 0,
     )
 
 
@@ -128,7 +134,8 @@ def site_inputs(site: AttentionSite) -> tuple:
     """The graph nodes the fused call reads, in the order ``run_site`` expects them."""
     return (site.q.node, site.k.node, site.v.node, *[m.node for m in site.scores.keep_masks],
             *[b for b, _ in site.scores.biases], *[f.value for f in site.scores.tensor_factors],
-            *[leaf for f, _ in site.scores.functions for leaf in f.leaves])
+            *[leaf for f, _ in site.scores.functions for leaf in f.leaves],
+            *(site.scores.causal_guard[1] if site.scores.causal_guard else ()))
 
 
 def _to_4d(x: torch.Tensor, plan: SitePlan, batch_shape: tuple[int, ...]) -> torch.Tensor:
@@ -164,7 +171,9 @@ def run_site(plan: SitePlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     """Compute one rewritten site: layouts to 4-d, masks and biases combined, one ``attend`` call."""
     n_masks, n_biases, n_factors = len(plan.mask_negated), len(plan.bias_coefficients), len(plan.factor_inverse)
     masks, biases = extra[:n_masks], extra[n_masks:n_masks + n_biases]
-    factors, leaves = extra[n_masks + n_biases:n_masks + n_biases + n_factors], extra[n_masks + n_biases + n_factors:]
+    factors = extra[n_masks + n_biases:n_masks + n_biases + n_factors]
+    leaves = extra[n_masks + n_biases + n_factors:len(extra) - plan.guard_inputs]
+    guarded = extra[len(extra) - plan.guard_inputs:] if plan.guard_inputs else ()
     if plan.bias_program is not None:
         plan.bias_program.leaf_values = leaves
     q = plan.q.apply(q)
@@ -187,7 +196,13 @@ def run_site(plan: SitePlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     for term, coefficient in zip(biases, plan.bias_coefficients):
         term = _score_operand(term if coefficient == 1.0 else term * coefficient, plan, batch_shape)
         bias = term if bias is None else bias + term
-    out = attend(q, k, v, mask=keep, bias=bias, causal=plan.causal, window=plan.window, softcap=plan.softcap,
+    causal = plan.causal
+    if plan.causal_guard is not None:
+        changed = plan.causal_guard.changed_mask(guarded, q.shape[-2], k.shape[-2])
+        if changed is not None:  # the buffer no longer holds the causal triangle: use it as a mask
+            changed = _score_operand(changed, plan, batch_shape)
+            keep, causal = (changed if keep is None else keep & changed), None
+    out = attend(q, k, v, mask=keep, bias=bias, causal=causal, window=plan.window, softcap=plan.softcap,
                  bias_fn=plan.bias_program, scale=scale, dropout_p=plan.dropout_p,
                  fully_masked_rows=plan.fully_masked_rows, kernels=plan.kernels,
                  on_kernel=plan.record if plan.record.kernel is None else None)

@@ -318,6 +318,8 @@ def _apply_masks(terms: ScoreTerms, L: object, S: object) -> None:
             continue
         if pattern.kind == "causal" and terms.causal is None:
             terms.causal, terms.window = pattern.alignment, pattern.window
+            if pattern.guarded_by:
+                terms.causal_guard = (mask, pattern.guarded_by)
             continue
         remaining.append(mask)
     terms.keep_masks = remaining

@@ -32,6 +32,7 @@ class ScoreTerms:
     window: Optional[object] = None
     softcap: Optional[float] = None
     functions: list[tuple[ScoreFunction, float]] = field(default_factory=list)
+    causal_guard: Optional[tuple[KeepMask, tuple]] = None  # (mask, buffers) a causal flag was read from
 
 
 @dataclass
@@ -72,6 +73,7 @@ class AttentionSite:
         runtime_scale = any(tensor_meta(f.value) is not None for f in self.scores.tensor_factors)
         return {
             "causal": self.scores.causal,
+            "causal_guarded_by_buffer": bool(self.scores.causal_guard) or None,
             "window": _size(self.scores.window) if self.scores.window is not None else None,
             "softcap": self.scores.softcap,
             "score_functions": len(self.scores.functions) or None,

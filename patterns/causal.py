@@ -16,7 +16,7 @@ import torch
 from torch.fx import Node
 
 from attnfuse.canonical import bind, canonical, example_value, is_call, is_scalar, same_size
-from attnfuse.constants import constant_value
+from attnfuse.constants import buffers_read, constant_value
 from attnfuse.patterns.index import keep_inequalities
 from attnfuse.patterns.masks import MASKING_THRESHOLD, KeepMask, Select
 
@@ -30,6 +30,7 @@ class MaskPattern:
     kind: str
     alignment: Optional[str] = None
     window: Optional[object] = None
+    guarded_by: tuple = ()
 
 
 TENSOR = MaskPattern("tensor")
@@ -84,10 +85,14 @@ def _structural(mask: KeepMask, L: Size, S: Size) -> Optional[MaskPattern]:
 def _by_value(mask: KeepMask, L: Size, S: Size) -> Optional[MaskPattern]:
     if not (isinstance(L, int) and isinstance(S, int)):
         return None
-    value = constant_value(mask.node)
+    value = constant_value(mask.node, with_buffers=True)
     if not isinstance(value, torch.Tensor) or value.dtype != torch.bool:
         return None
-    return _keep_pattern(~value if mask.negated else value, L, S)
+    pattern = _keep_pattern(~value if mask.negated else value, L, S)
+    buffers = tuple(buffers_read(mask.node))
+    if buffers:  # read from a module buffer: only a causal triangle is used, and only under a guard
+        return MaskPattern("causal", pattern.alignment, guarded_by=buffers) if pattern.kind == "causal" else TENSOR
+    return pattern
 
 
 def _keep_pattern(keep: torch.Tensor, L: int, S: int) -> MaskPattern:

@@ -221,3 +221,23 @@ def test_score_modifications_on_flex_match_fp32(name, dtype):
     (expected * weight).sum().backward()
     for a, b in zip(low, high):
         torch.testing.assert_close(a.grad.float(), b.grad, atol=tol * 4, rtol=tol * 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_on_gpu_matches_unrewritten_under_autocast(dtype):
+    """Under torch.autocast the optimized model matches the unrewritten one under the same autocast."""
+    torch._dynamo.reset()
+    from test_api import TinyBlock
+
+    reference = TinyBlock(dim=64, heads=4).cuda()
+    model = attnfuse.optimize(copy.deepcopy(reference))
+    x = torch.randn(2, 96, 64, device="cuda")
+    x_ref, x_opt = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.autocast("cuda", dtype=dtype):
+        expected, actual = reference(x_ref), model(x_opt)
+    assert attnfuse.report(model).fused == 1
+    tol = 2e-2 if dtype == torch.float16 else 4e-2
+    torch.testing.assert_close(actual.float(), expected.float(), atol=tol, rtol=tol)
+    actual.float().sum().backward()
+    expected.float().sum().backward()
+    torch.testing.assert_close(x_opt.grad, x_ref.grad, atol=tol * 4, rtol=tol * 4)
