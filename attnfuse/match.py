@@ -23,7 +23,7 @@ from attnfuse.patterns.dropout import Dropout
 from attnfuse.patterns.layouts import Operand, Permute, peel_head_repeat
 from attnfuse.patterns.masks import KeepMask, Select, fill_value, keep_mask, mask_reason
 from attnfuse.patterns.products import Product
-from attnfuse.patterns.scales import Factor, Multiply, score_factor
+from attnfuse.patterns.scales import Multiply, score_factor
 from attnfuse.patterns.score_functions import score_function
 from attnfuse.patterns.score_mods import Tanh
 from attnfuse.patterns.softmax import Softmax

@@ -11,7 +11,6 @@ step is forward + backward of the LM loss. Prints a table of ms and peak GB, wri
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 

@@ -2,7 +2,6 @@
 the buffer is changed in place or replaced."""
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
