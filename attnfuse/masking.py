@@ -76,4 +76,6 @@ def restore_fully_masked_rows(out: torch.Tensor, v: torch.Tensor, dead: torch.Te
         fill = v.mean(dim=-2, keepdim=True).to(out.dtype)
         if fill.shape[1] != out.shape[1]:
             fill = fill.repeat_interleave(out.shape[1] // fill.shape[1], dim=1)
+    if not out.requires_grad and not is_traced(out):
+        return torch.where(dead, fill, out, out=out)  # no gradient to keep: in place, no second output
     return torch.where(dead, fill, out)
