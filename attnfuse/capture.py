@@ -48,8 +48,8 @@ class AttnfuseBackend:
             return compile_fx(gm, list(example_inputs))
         return gm.forward
 
-    def rewrite(self, gm: GraphModule, only: Optional[set[str]] = None) -> list[SiteReport]:
-        """Match and rewrite every site of ``gm`` in place (only those named in ``only``, if given)."""
+    def rewrite(self, gm: GraphModule, only: Optional[set[tuple[str, str]]] = None) -> list[SiteReport]:
+        """Match and rewrite every site of ``gm`` in place (only the ``(name, source)`` keys in ``only``)."""
         reports = []
         found = list(find_sites(gm.graph))
         for result in found:
@@ -58,7 +58,7 @@ class AttnfuseBackend:
                 reports.append(SiteReport(name, source, "skipped", reason=result.reason))
                 continue
             features = result.features()
-            if only is not None and source not in only:
+            if only is not None and (name, source) not in only:
                 reports.append(SiteReport(name, source, "skipped", reason="rolled back", features=features))
                 continue
             plan = rewrite_site(gm, result, next(_site_counter), self.options.kernels)
@@ -71,8 +71,8 @@ class AttnfuseBackend:
             self.report.add(report)
         return reports
 
-    def rewrite_only(self, gm: GraphModule, sources: set[str]) -> list[SiteReport]:
-        return self.rewrite(gm, only=sources)
+    def rewrite_only(self, gm: GraphModule, sites: set[tuple[str, str]]) -> list[SiteReport]:
+        return self.rewrite(gm, only=sites)
 
 
 def _record_buffer_values(gm: GraphModule, example_inputs: Sequence[Any]) -> None:

@@ -40,7 +40,7 @@ class VerifiedGraph:
     """
 
     def __init__(self, original: GraphModule, rewritten: GraphModule, reports: list[SiteReport],
-                 rewrite_only: Callable[[GraphModule, set[str]], list[SiteReport]]) -> None:
+                 rewrite_only: Callable[[GraphModule, set[tuple[str, str]]], list[SiteReport]]) -> None:
         self.original, self.graph_module = original, rewritten
         self.reports, self.rewrite_only = reports, rewrite_only
         self.checked = False
@@ -64,18 +64,19 @@ class VerifiedGraph:
                 return
             keep, failed = set(), {}
             for report in fused:
+                key = (report.name, report.source)
                 trial = copy.deepcopy(self.original)
-                self.rewrite_only(trial, {report.source})
+                self.rewrite_only(trial, {key})
                 errors = [(max_difference(out, trial(*inputs)), name) for name, inputs, out in expected]
                 worst = max(errors)
                 if worst[0] <= 1.0:
-                    keep.add(report.source)
+                    keep.add(key)
                 else:
-                    failed[report.source] = worst
+                    failed[key] = worst
         final = copy.deepcopy(self.original)
         for report in self.rewrite_only(final, keep):
-            if report.source in failed:
-                error, name = failed[report.source]
+            if (report.name, report.source) in failed:
+                error, name = failed[(report.name, report.source)]
                 report.reason = (f"verify: output differed from the original on {name} by {error:.3g}x "
                                  "the tolerance; rolled back")
         self.graph_module = final
