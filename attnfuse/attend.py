@@ -7,6 +7,7 @@ import torch
 
 from attnfuse import dispatch
 from attnfuse.fallback import index_grid, math_attention
+from attnfuse.autotune import autotune_order
 from attnfuse.flex import flex_attend
 from attnfuse.masking import is_traced, restore_fully_masked_rows, rows_without_keys, sdpa_mask
 
@@ -43,6 +44,7 @@ def attend(
     dropout_p: float = 0.0,
     fully_masked_rows: FullyMaskedRows = "zero",
     kernels: Optional[Iterable[str]] = None,
+    autotune: bool = False,
     on_kernel: Optional[Callable[[str], None]] = None,
 ) -> torch.Tensor:
     """Fused ``softmax(mods(scale * q k^T) + bias, masked) @ v`` on the fastest valid kernel.
@@ -63,6 +65,7 @@ def attend(
         fully_masked_rows: output of a query row whose keys are all masked: ``"zero"`` (SDPA's),
             ``"mean"`` (the mean of v, what a finite ``masked_fill`` gives) or ``"nan"`` (a ``-inf`` fill).
         kernels: restrict to these kernels (``"cudnn"``, ``"flash"``, ``"efficient"``, ``"math"``, ``"flex"``).
+        autotune: time the valid SDPA kernels once per call signature and use the fastest.
         on_kernel: called with the name of the kernel that runs (used by the audit).
     """
     _check(q, k, v, causal, fully_masked_rows, window)
@@ -98,7 +101,7 @@ def attend(
         if bias_fn is not None:
             grid_bias = bias_fn(index_grid(B, H, L, S, q.device))
             bias = grid_bias if bias is None else bias + grid_bias
-        out = _sdpa(q, k, v, keep, bias, causal, window, scale, dropout_p, needs_grad, allowed, on_kernel)
+        out = _sdpa(q, k, v, keep, bias, causal, window, scale, dropout_p, needs_grad, allowed, on_kernel, autotune)
     dead = rows_without_keys(keep, causal, L, S, q.device, window)
     if dead is not None:
         out = restore_fully_masked_rows(out, v, dead, fully_masked_rows)
@@ -117,7 +120,8 @@ def _flex_or_none(q, k, v, keep, bias, bias_fn, causal, window, softcap, scale, 
         return None
 
 
-def _sdpa(q, k, v, keep, bias, causal, window, scale, dropout_p, needs_grad, allowed, on_kernel) -> torch.Tensor:
+def _sdpa(q, k, v, keep, bias, causal, window, scale, dropout_p, needs_grad, allowed, on_kernel,
+          autotune=False) -> torch.Tensor:
     L, S, H, Hk = q.shape[-2], k.shape[-2], q.shape[1], k.shape[1]
     attn_mask, is_causal = sdpa_mask(keep, bias, causal, L, S, q, window)
     enable_gqa = Hk != H
@@ -127,6 +131,8 @@ def _sdpa(q, k, v, keep, bias, causal, window, scale, dropout_p, needs_grad, all
         enable_gqa = False
     sdpa_allowed = None if allowed is None else tuple(name for name in allowed if name != "flex")
     order = dispatch.kernel_order(q, k, attn_mask, needs_grad, sdpa_allowed)
+    if autotune and not is_traced(q):
+        order = autotune_order(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, needs_grad, order)
     if on_kernel is not None:
         on_kernel(dispatch.chosen_kernel(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, order))
     return dispatch.run_sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, order,

@@ -61,7 +61,7 @@ class AttnfuseBackend:
             if only is not None and (name, source) not in only:
                 reports.append(SiteReport(name, source, "skipped", reason="rolled back", features=features))
                 continue
-            plan = rewrite_site(gm, result, next(_site_counter), self.options.kernels)
+            plan = rewrite_site(gm, result, next(_site_counter), self.options.kernels, self.options.autotune)
             reports.append(SiteReport(name, source, "fused", features=features, record=plan.record,
                                       predicted_backend="sdpa"))
         if any(r.status == "fused" for r in reports):

@@ -90,6 +90,7 @@ class SitePlan:
     dropout_p: float
     out_dtype: torch.dtype
     kernels: Optional[tuple[str, ...]] = None
+    autotune: bool = False
     window: Optional[int] = None
     softcap: Optional[float] = None
     bias_program: Optional[BiasProgram] = field(default=None, compare=False)
@@ -98,7 +99,7 @@ class SitePlan:
     record: KernelRecord = field(default_factory=KernelRecord, compare=False)
 
 
-def plan_for(site: AttentionSite, kernels: Optional[tuple[str, ...]] = None) -> SitePlan:
+def plan_for(site: AttentionSite, kernels: Optional[tuple[str, ...]] = None, autotune: bool = False) -> SitePlan:
     """The static plan of ``site``."""
     terms = site.scores
     canonical_out = site.batch + site.query + site.value_dim
@@ -120,6 +121,7 @@ def plan_for(site: AttentionSite, kernels: Optional[tuple[str, ...]] = None) -> 
         dropout_p=site.dropout_p,
         out_dtype=tensor_meta(site.output).dtype,
         kernels=kernels,
+        autotune=autotune,
         window=terms.window,
         softcap=terms.softcap,
         bias_program=BiasProgram([f for f, _ in terms.functions], tuple(c for _, c in terms.functions))
@@ -204,7 +206,7 @@ def run_site(plan: SitePlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             keep, causal = (changed if keep is None else keep & changed), None
     out = attend(q, k, v, mask=keep, bias=bias, causal=causal, window=plan.window, softcap=plan.softcap,
                  bias_fn=plan.bias_program, scale=scale, dropout_p=plan.dropout_p,
-                 fully_masked_rows=plan.fully_masked_rows, kernels=plan.kernels,
+                 fully_masked_rows=plan.fully_masked_rows, kernels=plan.kernels, autotune=plan.autotune,
                  on_kernel=plan.record if plan.record.kernel is None else None)
     out = _from_4d(out, plan, batch_shape).permute(plan.out_perm)
     return out if out.dtype == plan.out_dtype else out.to(plan.out_dtype)

@@ -21,12 +21,15 @@ class Options:
         verify: on the first call of each graph, run the original and the rewritten graph on the
             real inputs and roll back every site whose output differs.
         dynamic: passed to ``torch.compile`` (None: Dynamo's automatic dynamic shapes).
+        autotune: time the valid SDPA kernels once per call signature (device, dtype, shapes, mask
+            kind, gradients) and use the fastest from then on, instead of the measured default order.
     """
 
     compiler: str = "eager"
     kernels: Optional[tuple[str, ...]] = None
     verify: bool = False
     dynamic: Optional[bool] = None
+    autotune: bool = False
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "Options":

@@ -11,9 +11,9 @@ from attnfuse.site import AttentionSite
 
 
 def rewrite_site(gm: GraphModule, site: AttentionSite, index: int,
-                 kernels: Optional[tuple[str, ...]] = None) -> SitePlan:
+                 kernels: Optional[tuple[str, ...]] = None, autotune: bool = False) -> SitePlan:
     """Insert ``attnfuse_site_<index>(q, k, v, ...)`` in place of the site's value product."""
-    plan = plan_for(site, kernels)
+    plan = plan_for(site, kernels, autotune)
     graph = gm.graph
     with graph.inserting_before(site.output):
         fused = graph.call_function(site_function(plan, f"attnfuse_site_{index}"), site_inputs(site))

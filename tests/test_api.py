@@ -153,3 +153,13 @@ def test_string_backend_is_registered_by_entry_point():
     from attnfuse.capture import attnfuse_backend
 
     assert lookup_backend("attnfuse") is attnfuse_backend
+
+
+def test_autotune_times_kernels_once_per_signature_and_stays_exact():
+    from attnfuse.autotune import winners
+
+    before = len(winners())
+    report = assert_fused_equal(PaddingStyle().eval(), (*(torch.randn(2, 2, 6, 8, requires_grad=True) for _ in range(3)),
+                                                        torch.rand(2, 6) > 0.3), autotune=True)
+    assert len(winners()) > before
+    assert report.sites[0].backend in ("cpu-flash", "cpu-math")

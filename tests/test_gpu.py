@@ -241,3 +241,15 @@ def test_autocast_on_gpu_matches_unrewritten_under_autocast(dtype):
     actual.float().sum().backward()
     expected.float().sum().backward()
     torch.testing.assert_close(x_opt.grad, x_ref.grad, atol=tol * 4, rtol=tol * 4)
+
+
+@pytest.mark.parametrize("case", ["plain", "padding", "gqa"])
+def test_autotune_on_gpu_picks_a_valid_kernel_and_stays_exact(case):
+    from attnfuse.autotune import winners
+
+    low, high, options = make_case(CASES[case], torch.bfloat16)
+    chosen: list[str] = []
+    out = attnfuse.attend(*low, **options, autotune=True, on_kernel=chosen.append)
+    print(f"autotune {case}: {chosen[0]}; cached winners: {len(winners())}")
+    torch.testing.assert_close(out.float(), reference(*high, **options), atol=4e-2, rtol=4e-2, equal_nan=True)
+    assert chosen[0] in ("cudnn", "flash", "efficient", "math")
