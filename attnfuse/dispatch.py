@@ -16,6 +16,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import CausalBias
 
 from attnfuse.masking import is_traced
+from attnfuse.patterns.masks import MASKING_THRESHOLD
 
 KERNELS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -24,8 +25,6 @@ KERNELS = {
     "math": SDPBackend.MATH,
 }
 KERNEL_NAMES = {backend: name for name, backend in KERNELS.items()}
-
-
 KERNEL_CHOICES = (*KERNELS, "flex")
 
 
@@ -42,10 +41,6 @@ def validate_kernels(kernels: Optional[Iterable[str]]) -> Optional[tuple[str, ..
     return kernels
 
 
-# A bias at or below this masks a key (the same threshold as patterns.masks.MASKING_THRESHOLD).
-_MASKING_BIAS = -1e4
-
-
 def bias_masks_a_whole_row(bias: torch.Tensor) -> bool:
     """Whether an additive bias masks every key of some query row (one reduction and a host sync).
 
@@ -58,7 +53,7 @@ def bias_masks_a_whole_row(bias: torch.Tensor) -> bool:
         return False
     if is_traced(bias):
         return True  # under a compiler the value is unknown: stay exact
-    return bool((bias.amax(dim=-1) <= _MASKING_BIAS).any())
+    return bool((bias.amax(dim=-1) <= MASKING_THRESHOLD).any())
 
 
 _FLEX_FAILURES: dict[tuple, str] = {}

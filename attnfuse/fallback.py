@@ -10,7 +10,7 @@ from typing import Callable, Optional
 
 import torch
 
-from attnfuse.masking import causal_keep
+from attnfuse.masking import combined_keep
 
 
 def index_grid(B: int, H: int, L: int, S: int, device: torch.device) -> tuple:
@@ -35,8 +35,7 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, keep: O
         scores = scores + bias.to(compute)
     if bias_fn is not None:
         scores = scores + bias_fn(index_grid(B, H, L, S, q.device)).to(compute)
-    if causal is not None:
-        keep = causal_keep(L, S, causal, q.device, window) if keep is None else keep & causal_keep(L, S, causal, q.device, window)
+    keep = combined_keep(keep, causal, L, S, q.device, window)
     if keep is not None:
         scores = scores.masked_fill(~keep, torch.finfo(compute).min)
     probs = torch.softmax(scores, dim=-1)

@@ -22,6 +22,15 @@ def causal_keep(L: int, S: int, alignment: str, device: torch.device, window: Op
     return keep if window is None else keep.triu(offset - window + 1)
 
 
+def combined_keep(keep: Optional[torch.Tensor], causal: Optional[str], L: int, S: int, device: torch.device,
+                  window: Optional[int] = None) -> Optional[torch.Tensor]:
+    """A keep-mask and a causal (windowed) triangle as one boolean mask; either may be absent."""
+    if causal is None:
+        return keep
+    triangle = causal_keep(L, S, causal, device, window)
+    return triangle if keep is None else keep & triangle
+
+
 def is_traced(q: torch.Tensor) -> bool:
     """Whether we run under a compiler's tracer, where SDPA's ``CausalBias`` subclass cannot be created."""
     from torch._subclasses.functional_tensor import FunctionalTensor
@@ -41,9 +50,7 @@ def sdpa_mask(keep: Optional[torch.Tensor], bias: Optional[torch.Tensor], causal
             return None, True
         if L < S and not is_traced(q):
             return causal_lower_right(L, S), False
-    if causal is not None:
-        triangle = causal_keep(L, S, causal, device, window)
-        keep = triangle if keep is None else keep & triangle
+    keep = combined_keep(keep, causal, L, S, device, window)
     if bias is None:
         return keep, False
     bias = bias.to(dtype)
@@ -62,10 +69,7 @@ def rows_without_keys(keep: Optional[torch.Tensor], causal: Optional[str], L: in
     if keep is None and (causal == "bottom_right" or L <= S):
         # a window keeps the diagonal key j = i + S - L whenever that key exists
         return (torch.arange(L, device=device) < L - S).unsqueeze(-1) if L > S else None
-    if causal is not None:
-        triangle = causal_keep(L, S, causal, device, window)
-        keep = triangle if keep is None else keep & triangle
-    return ~keep.any(-1, keepdim=True)
+    return ~combined_keep(keep, causal, L, S, device, window).any(-1, keepdim=True)
 
 
 def restore_fully_masked_rows(out: torch.Tensor, v: torch.Tensor, dead: torch.Tensor, mode: str) -> torch.Tensor:
