@@ -9,7 +9,7 @@ from attnfuse import dispatch
 from attnfuse.fallback import index_grid, math_attention
 from attnfuse.autotune import autotune_order
 from attnfuse.flex import flex_attend
-from attnfuse.masking import is_traced, restore_fully_masked_rows, rows_without_keys, sdpa_mask
+from attnfuse.masking import combined_keep, is_traced, restore_fully_masked_rows, rows_without_keys, sdpa_mask
 
 Causal = Optional[Literal["top_left", "bottom_right"]]
 FullyMaskedRows = Literal["zero", "mean", "nan"]
@@ -97,12 +97,15 @@ def attend(
             on_kernel("unfused math")
         out = math_attention(q, k, v, keep=keep, bias=bias, bias_fn=bias_fn, causal=causal, window=window,
                              softcap=softcap, scale=scale_value, dropout_p=dropout_p)
-    elif path == "sdpa":
+    full_keep = None
+    if path == "sdpa":
         if bias_fn is not None:
             grid_bias = bias_fn(index_grid(B, H, L, S, q.device))
             bias = grid_bias if bias is None else bias + grid_bias
-        out = _sdpa(q, k, v, keep, bias, causal, window, scale, dropout_p, needs_grad, allowed, on_kernel, autotune)
-    dead = rows_without_keys(keep, causal, L, S, q.device, window)
+        full_keep = None if keep is None else combined_keep(keep, causal, L, S, q.device, window)
+        out = _sdpa(q, k, v, full_keep, bias, causal, window, scale, dropout_p, needs_grad, allowed, on_kernel,
+                    autotune)
+    dead = rows_without_keys(keep, causal, L, S, q.device, window, full_keep)
     if dead is not None:
         out = restore_fully_masked_rows(out, v, dead, fully_masked_rows)
     return out
@@ -120,10 +123,10 @@ def _flex_or_none(q, k, v, keep, bias, bias_fn, causal, window, softcap, scale, 
         return None
 
 
-def _sdpa(q, k, v, keep, bias, causal, window, scale, dropout_p, needs_grad, allowed, on_kernel,
+def _sdpa(q, k, v, full_keep, bias, causal, window, scale, dropout_p, needs_grad, allowed, on_kernel,
           autotune=False) -> torch.Tensor:
     L, S, H, Hk = q.shape[-2], k.shape[-2], q.shape[1], k.shape[1]
-    attn_mask, is_causal = sdpa_mask(keep, bias, causal, L, S, q, window)
+    attn_mask, is_causal = sdpa_mask(full_keep, bias, causal, L, S, q, window)
     enable_gqa = Hk != H
     if enable_gqa and q.is_cuda and attn_mask is not None:
         # Only flash and cuDNN share kv heads natively, and flash takes no mask: repeat for the others.

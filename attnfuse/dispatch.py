@@ -12,10 +12,12 @@ from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend
 from torch.nn.attention.bias import CausalBias
 
+from attnfuse.kernel_scope import kernel_scope
 from attnfuse.masking import is_traced
+from attnfuse.memo import ContentMemo
 from attnfuse.patterns.masks import MASKING_THRESHOLD
 
 KERNELS = {
@@ -26,6 +28,7 @@ KERNELS = {
 }
 KERNEL_NAMES = {backend: name for name, backend in KERNELS.items()}
 KERNEL_CHOICES = (*KERNELS, "flex")
+_WHOLE_ROW_MASKED = ContentMemo()  # additive bias -> whether it masks a whole row
 
 
 def validate_kernels(kernels: Optional[Iterable[str]]) -> Optional[tuple[str, ...]]:
@@ -42,7 +45,8 @@ def validate_kernels(kernels: Optional[Iterable[str]]) -> Optional[tuple[str, ..
 
 
 def bias_masks_a_whole_row(bias: torch.Tensor) -> bool:
-    """Whether an additive bias masks every key of some query row (one reduction and a host sync).
+    """Whether an additive bias masks every key of some query row (one reduction and a host sync,
+    once per unchanged bias tensor: every layer of a model shares one).
 
     Fused kernels recompute the probabilities in the backward pass from a log-sum-exp; for a row of
     ``finfo.min`` entries, ``min + log(S)`` rounds back to ``min`` and the gradients come out ``S``
@@ -53,7 +57,7 @@ def bias_masks_a_whole_row(bias: torch.Tensor) -> bool:
         return False
     if is_traced(bias):
         return True  # under a compiler the value is unknown: stay exact
-    return bool((bias.amax(dim=-1) <= MASKING_THRESHOLD).any())
+    return _WHOLE_ROW_MASKED.get(bias, None, lambda: bool((bias.amax(dim=-1) <= MASKING_THRESHOLD).any()))
 
 
 _FLEX_FAILURES: dict[tuple, str] = {}
@@ -133,7 +137,7 @@ def chosen_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: 
     if isinstance(attn_mask, CausalBias):
         return "efficient (lower-right causal)" if q.device.type == "cuda" else "cpu-math (lower-right causal)"
     try:
-        with sdpa_kernel(order, set_priority=True):
+        with kernel_scope(order, q):
             index = torch._fused_sdp_choice(q, k, v, attn_mask, dropout_p, is_causal, scale=scale,
                                             enable_gqa=enable_gqa)
         name = KERNEL_NAMES.get(SDPBackend(index), "math")
@@ -152,12 +156,12 @@ def run_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optio
     kwargs = dict(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                   enable_gqa=enable_gqa)
     try:
-        with sdpa_kernel(order, set_priority=True):
+        with kernel_scope(order, q):
             return F.scaled_dot_product_attention(q, k, v, **kwargs)
     except RuntimeError as error:
         if strict:
             names = [KERNEL_NAMES[b] for b in order]
             raise RuntimeError(f"attnfuse: none of the forced kernels {names} can run this call "
                                f"({error}); allow more kernels, e.g. add 'math'") from error
-        with sdpa_kernel([SDPBackend.MATH]):
+        with kernel_scope([SDPBackend.MATH], q):
             return F.scaled_dot_product_attention(q, k, v, **kwargs)

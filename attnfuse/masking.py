@@ -13,6 +13,10 @@ from typing import Optional
 import torch
 from torch.nn.attention.bias import causal_lower_right
 
+from attnfuse.memo import ContentMemo, memoizable
+
+_ROWS_WITHOUT_KEYS = ContentMemo()  # keep-mask -> whether some query row keeps no key
+
 
 def causal_keep(L: int, S: int, alignment: str, device: torch.device, window: Optional[int] = None) -> torch.Tensor:
     """The ``(L, S)`` keep-mask of a causal triangle aligned top-left or bottom-right, optionally
@@ -39,18 +43,22 @@ def is_traced(q: torch.Tensor) -> bool:
         torch._is_functional_tensor(q)
 
 
-def sdpa_mask(keep: Optional[torch.Tensor], bias: Optional[torch.Tensor], causal: Optional[str], L: int, S: int,
-              q: torch.Tensor, window: Optional[int] = None) -> tuple[Optional[torch.Tensor], bool]:
-    """``(attn_mask, is_causal)`` for SDPA, building an ``L x S`` tensor only when the inputs force it."""
+def sdpa_mask(full_keep: Optional[torch.Tensor], bias: Optional[torch.Tensor], causal: Optional[str], L: int,
+              S: int, q: torch.Tensor, window: Optional[int] = None) -> tuple[Optional[torch.Tensor], bool]:
+    """``(attn_mask, is_causal)`` for SDPA, building an ``L x S`` tensor only when the inputs force it.
+
+    ``full_keep`` is the call's keep-mask already combined with its causal triangle (``combined_keep``),
+    or None when the call has no keep-mask.
+    """
     dtype, device = q.dtype, q.device
-    if keep is None and bias is None and window is None:
+    if full_keep is None and bias is None and window is None:
         if causal is None:
             return None, False
         if causal == "top_left" or L == S:
             return None, True
         if L < S and not is_traced(q):
             return causal_lower_right(L, S), False
-    keep = combined_keep(keep, causal, L, S, device, window)
+    keep = full_keep if full_keep is not None else combined_keep(None, causal, L, S, device, window)
     if bias is None:
         return keep, False
     bias = bias.to(dtype)
@@ -60,8 +68,14 @@ def sdpa_mask(keep: Optional[torch.Tensor], bias: Optional[torch.Tensor], causal
 
 
 def rows_without_keys(keep: Optional[torch.Tensor], causal: Optional[str], L: int, S: int,
-                      device: torch.device, window: Optional[int] = None) -> Optional[torch.Tensor]:
-    """A boolean broadcastable to ``(B, H, L, 1)``, True where a query row keeps no key; None if none can."""
+                      device: torch.device, window: Optional[int] = None,
+                      full_keep: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """A boolean broadcastable to ``(B, H, L, 1)``, True where a query row keeps no key; None if none does.
+
+    For a keep-mask the answer needs its values: eagerly, whether any row is empty is learned once per
+    unchanged mask (one host synchronization, ``attnfuse.memo``), so the usual mask, with a key in
+    every row, costs no pass over the output. ``full_keep`` may pass ``combined_keep``'s result if built.
+    """
     if keep is None and window is None:
         if causal == "bottom_right" and L > S:
             return (torch.arange(L, device=device) < L - S).unsqueeze(-1)
@@ -69,7 +83,15 @@ def rows_without_keys(keep: Optional[torch.Tensor], causal: Optional[str], L: in
     if keep is None and (causal == "bottom_right" or L <= S):
         # a window keeps the diagonal key j = i + S - L whenever that key exists
         return (torch.arange(L, device=device) < L - S).unsqueeze(-1) if L > S else None
-    return ~combined_keep(keep, causal, L, S, device, window).any(-1, keepdim=True)
+
+    def empty_rows() -> torch.Tensor:
+        full = full_keep if full_keep is not None else combined_keep(keep, causal, L, S, device, window)
+        return ~full.any(-1, keepdim=True)
+
+    if keep is not None and memoizable(keep):
+        if not _ROWS_WITHOUT_KEYS.get(keep, (causal, L, S, window), lambda: bool(empty_rows().any())):
+            return None
+    return empty_rows()
 
 
 def restore_fully_masked_rows(out: torch.Tensor, v: torch.Tensor, dead: torch.Tensor, mode: str) -> torch.Tensor:
