@@ -253,3 +253,20 @@ def test_autotune_on_gpu_picks_a_valid_kernel_and_stays_exact(case):
     print(f"autotune {case}: {chosen[0]}; cached winners: {len(winners())}")
     torch.testing.assert_close(out.float(), reference(*high, **options), atol=4e-2, rtol=4e-2, equal_nan=True)
     assert chosen[0] in ("cudnn", "flash", "efficient", "math")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reused_padding_mask_changed_in_place_is_rechecked_on_gpu(dtype):
+    """The row check is memoized per unchanged mask (one sync); an in-place change must be seen."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(4, 8, 384, 64, device="cuda", generator=g).to(dtype) for _ in range(3))
+    mask = torch.ones(4, 384, dtype=torch.bool, device="cuda")
+    mask[2, 100:] = False
+    module = PaddingStyle().eval()
+    optimized = attnfuse.optimize(copy.deepcopy(module))
+    for change in (None, 1, 3, None):
+        if change is not None:
+            mask[change] = False  # every key of this batch row masked: output must be the mean of v
+        expected = module(q.float(), k.float(), v.float(), mask)
+        actual = optimized(q, k, v, mask)
+        torch.testing.assert_close(actual.float(), expected, atol=2e-2, rtol=2e-2)
