@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 import torch
 
@@ -113,6 +114,7 @@ def main():
     parser.add_argument("--only", default=None, help="comma-separated variant names")
     parser.add_argument("--model", default="llama", choices=sorted(MODELS))
     args = parser.parse_args()
+    warnings.filterwarnings("ignore")
     rows = []
     print(environment())
     print("| model | seq x batch | pass | variant | ms | peak GB | vs eager |\n|---|---|---|---|---|---|---|")
@@ -146,7 +148,7 @@ def main():
                       flush=True)
                 del model
                 torch.cuda.empty_cache()
-    save(args.out, {"environment": environment(), "rows": rows})
+                save(args.out, {"environment": environment(), "rows": rows})
 
 
 if __name__ == "__main__":
