@@ -71,9 +71,11 @@ def build(name: str, implementation: str, seq: int):
     return model.to("cuda", torch.bfloat16)
 
 
-def variants(name: str, compile_variants: bool):
+def variants(name: str, compile_variants: bool, autotune: bool = False):
     yield "eager", lambda seq: build(name, "eager", seq)
     yield "attnfuse", lambda seq: attnfuse.optimize(build(name, "eager", seq))
+    if autotune:
+        yield "attnfuse(autotune)", lambda seq: attnfuse.optimize(build(name, "eager", seq), autotune=True)
     yield "hf_sdpa", lambda seq: build(name, "sdpa", seq)
     if compile_variants:
         yield "compile(eager)", lambda seq: torch.compile(build(name, "eager", seq))
@@ -110,6 +112,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="docs/bench_models.json")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--autotune", action="store_true", help="also attnfuse.optimize(autotune=True)")
     parser.add_argument("--shapes", default="2048x8,8192x2")
     parser.add_argument("--only", default=None, help="comma-separated variant names")
     parser.add_argument("--model", default="llama", choices=sorted(MODELS))
@@ -123,7 +126,7 @@ def main():
         tokens = torch.randint(0, VOCAB.get(args.model, 32000), (batch, seq), device="cuda")
         for train in (False, True):
             eager_ms = None
-            for name, make in variants(args.model, args.compile):
+            for name, make in variants(args.model, args.compile, args.autotune):
                 if args.only and name not in args.only.split(","):
                     continue
                 torch._dynamo.reset()
@@ -137,7 +140,7 @@ def main():
                 if name == "eager":
                     eager_ms = ms
                 report = None
-                if name == "attnfuse":
+                if name.startswith("attnfuse"):
                     report = attnfuse.report(model).to_dict()
                 rows.append({"model": MODELS[args.model], "seq": seq, "batch": batch,
                              "pass": "train" if train else "inference", "variant": name, "ms": ms, "peak_gb": gb,
