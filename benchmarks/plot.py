@@ -36,7 +36,10 @@ def main() -> None:
                              and r["results"][k] and r["results"][k]["ms"]), default=None) for r in rows]
                 ax.plot(n, series("naive"), style, color="tab:red", label=f"naive eager d{d}")
                 ax.plot(n, best, style, color="tab:gray", label=f"best SDPA kernel d{d}")
+                ax.plot(n, series("compile_naive"), style, color="tab:orange", label=f"torch.compile(naive) d{d}")
                 ax.plot(n, series("attnfuse"), style, color="tab:blue", marker="o", ms=3, label=f"attnfuse d{d}")
+                ax.plot(n, series("compile_attnfuse"), style, color="tab:green", marker="x", ms=3,
+                        label=f'compile(backend="attnfuse") d{d}')
             ax.set_xscale("log", base=2)
             ax.set_title(f"{kind}, mask: {mode}")
             ax.set_ylabel("TFLOP/s")

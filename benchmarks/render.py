@@ -11,26 +11,60 @@ import os
 DOCS = os.path.join(os.path.dirname(__file__), "..", "docs")
 
 
-def ops_table(path: str) -> str:
+def _best_sdpa(r: dict) -> tuple[str, dict]:
+    kernels = {k[5:]: v for k, v in r.items() if k.startswith("sdpa_") and v and v["ms"]}
+    best = min(kernels, key=lambda k: kernels[k]["ms"])
+    return best, kernels[best]
+
+
+def ops_table(path: str, lengths: tuple[int, ...] = (1024, 4096, 16384)) -> str:
     data = json.load(open(path))
     env = data["environment"]
-    lines = [f"Per op, {env['device']}, torch {env['torch']}, {env['date']}; TFLOP/s (causal counts half the FLOPs), "
-             "16 heads, batch x n = 32k tokens; `best SDPA` is the fastest hand-written kernel that accepts the call.",
-             "", "| pass | d | n | mask | naive | attnfuse | best SDPA (kernel) | attnfuse / best | vs naive | GB naive / attnfuse / SDPA |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    dtype = data["rows"][0]["dtype"]
+    lines = [f"Per op, {dtype}, {env['device']}, torch {env['torch']}, {env['date']}; TFLOP/s (causal counts half the "
+             "FLOPs), 16 heads, batch x n = 32k tokens; `best SDPA` is the fastest hand-written kernel that accepts the call.",
+             "", "| pass | d | n | mask | naive | compile(naive) | attnfuse | compile(attnfuse) | best SDPA (kernel) | "
+             "attnfuse / best | vs naive | GB naive / attnfuse / SDPA |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in data["rows"]:
         r = row["results"]
-        if row["n"] not in (1024, 4096, 16384):
+        if row["n"] not in lengths:
             continue
-        kernels = {k[5:]: v for k, v in r.items() if k.startswith("sdpa_") and v and v["ms"]}
-        best = min(kernels, key=lambda k: kernels[k]["ms"])
+        best, kernel = _best_sdpa(r)
         fused, naive = r["attnfuse"], r["naive"]
+        tf = lambda key: "-" if not r.get(key) else ("OOM" if r[key]["ms"] is None else f"{r[key]['tflops']:.0f}")  # noqa: E731
         speedup = f"{naive['ms'] / fused['ms']:.1f}x" if naive["ms"] else "OOM"
-        naive_tf = f"{naive['tflops']:.0f}" if naive["ms"] else "OOM"
         naive_gb = f"{naive['peak_gb']:.2f}" if naive["ms"] else "OOM"
-        lines.append(f"| {row['pass']} | {row['d']} | {row['n']} | {row['mode']} | {naive_tf} | {fused['tflops']:.0f} | "
-                     f"{kernels[best]['tflops']:.0f} ({best}) | {kernels[best]['ms'] / fused['ms']:.2f} | {speedup} | "
-                     f"{naive_gb} / {fused['peak_gb']:.2f} / {kernels[best]['peak_gb']:.2f} |")
+        lines.append(f"| {row['pass']} | {row['d']} | {row['n']} | {row['mode']} | {tf('naive')} | {tf('compile_naive')} | "
+                     f"{tf('attnfuse')} | {tf('compile_attnfuse')} | {kernel['tflops']:.0f} ({best}) | "
+                     f"{kernel['ms'] / fused['ms']:.2f} | {speedup} | {naive_gb} / {fused['peak_gb']:.2f} / "
+                     f"{kernel['peak_gb']:.2f} |")
+    return "\n".join(lines)
+
+
+def ratio_summary(paths: list[str]) -> str:
+    """Speed relative to the best hand-picked SDPA kernel over every benchmarked shape, per dtype, pass and mask."""
+    lines = ["Speed / best hand-picked SDPA kernel over every shape of the per-op runs (d 64 and 128, n 512 to 16384): "
+             "min, median and max of each ratio, and the worst shape.", "",
+             "| dtype | pass | mask | attnfuse eager | worst at (d, n) | compile(backend=\"attnfuse\") | worst at (d, n) | "
+             "attention memory attnfuse / SDPA (max) |", "|---|---|---|---|---|---|---|---|"]
+    groups: dict = {}
+    for path in paths:
+        for row in json.load(open(path))["rows"]:
+            groups.setdefault((row["dtype"], row["pass"], row["mode"]), []).append(row)
+
+    def stats(rows: list, key: str) -> tuple[str, str]:
+        ratios = sorted((_best_sdpa(r["results"])[1]["ms"] / r["results"][key]["ms"], (r["d"], r["n"])) for r in rows
+                        if r["results"].get(key) and r["results"][key]["ms"])
+        if not ratios:
+            return "-", "-"
+        values = [value for value, _ in ratios]
+        return f"{values[0]:.2f} / {values[len(values) // 2]:.2f} / {values[-1]:.2f}", f"{ratios[0][1]}"
+
+    for (dtype, kind, mode), rows in groups.items():
+        eager, eager_worst = stats(rows, "attnfuse")
+        compiled, compiled_worst = stats(rows, "compile_attnfuse")
+        memory = max(r["results"]["attnfuse"]["peak_gb"] / _best_sdpa(r["results"])[1]["peak_gb"] for r in rows)
+        lines.append(f"| {dtype} | {kind} | {mode} | {eager} | {eager_worst} | {compiled} | {compiled_worst} | {memory:.2f} |")
     return "\n".join(lines)
 
 
@@ -40,10 +74,11 @@ def models_table(paths: list[str]) -> str:
         data = json.load(open(path))
         env = data["environment"]
         rows += data["rows"]
-    lines = [f"End to end, transformers models in eager mode (8 layers, hidden 1024, 16 heads, bf16), {env['device']}, "
-             f"torch {env['torch']}, {env['date']}; ms per call (peak extra GB of the first call):", "",
-             "| model | seq x batch | pass | eager | attnfuse.optimize | transformers `sdpa` | compile(eager) | "
-             "compile(eager, backend=\"attnfuse\") | compile(`sdpa` model) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"End to end, models with hand-written attention (bf16), {env['device']}, torch {env['torch']}, "
+             f"{env['date']}; ms per call (peak extra GB of a steady-state call). `own SDPA path`: transformers' `sdpa`, "
+             "MEGABYTE's `flash_attn=True`, x-transformers' `attn_flash=True`.", "",
+             "| model | seq x batch | pass | eager | attnfuse.optimize | own SDPA path | compile(eager) | "
+             "compile(eager, backend=\"attnfuse\") | compile(own SDPA path) |", "|---|---|---|---|---|---|---|---|---|"]
     keys = {}
     for row in rows:
         keys.setdefault((row["model"], row["seq"], row["batch"], row["pass"]), {})[row["variant"]] = row
@@ -74,25 +109,10 @@ def scores_table(path: str) -> str:
     return "\n".join(lines)
 
 
-def compile_table(path: str) -> str:
-    data = json.load(open(path))
-    env = data["environment"]
-    lines = [f"torch.compile per op, d=64 n=4096 bf16, {env['device']}, torch {env['torch']}, {env['date']}; TFLOP/s:", "",
-             "| pass | mask | naive eager | torch.compile(naive) | attnfuse eager | compile(backend=\"attnfuse\") | "
-             "best SDPA |", "|---|---|---|---|---|---|---|"]
-    for row in data["rows"]:
-        r = row["results"]
-        tf = lambda key: "-" if not r.get(key) or r[key]["ms"] is None else f"{r[key]['tflops']:.0f}"  # noqa: E731
-        best = max((r[k]["tflops"] for k in r if k.startswith("sdpa_") and r[k] and r[k]["ms"]), default=None)
-        lines.append(f"| {row['pass']} | {row['mode']} | {tf('naive')} | {tf('compile_naive')} | {tf('attnfuse')} | "
-                     f"{tf('compile_attnfuse')} | {best:.0f} |")
-    return "\n".join(lines)
-
-
 if __name__ == "__main__":
-    print(ops_table(os.path.join(DOCS, "bench_ops_h100.json")))
+    print(ratio_summary([os.path.join(DOCS, "bench_ops_h100.json"), os.path.join(DOCS, "bench_ops_fp16_h100.json")]))
     print()
-    print(compile_table(os.path.join(DOCS, "bench_ops_compile_h100.json")))
+    print(ops_table(os.path.join(DOCS, "bench_ops_h100.json")))
     print()
     print(scores_table(os.path.join(DOCS, "bench_scores_h100.json")))
     print()
