@@ -7,6 +7,7 @@ long as the tensor lives and is unchanged. PyTorch bumps a tensor's version coun
 all its views, on every in-place write, so a stored fact is used only while the contents are the
 ones it was computed from. Tensors without a version counter (inference mode), tensors seen by a
 compiler's tracer and tensors on a stream being captured into a CUDA graph are never memoized.
+Writes that bypass the version counter (through ``tensor.data`` or a NumPy view) are not seen.
 """
 from __future__ import annotations
 
