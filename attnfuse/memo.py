@@ -17,6 +17,9 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 
+MAX_FACTS_PER_TENSOR = 64
+
+
 def memoizable(tensor: torch.Tensor) -> bool:
     """Whether facts about ``tensor`` may be stored: a real tensor with a version counter, in eager mode."""
     from attnfuse.masking import is_traced
@@ -46,8 +49,16 @@ class ContentMemo:
             facts = (tensor._version, {})  # an in-place write invalidates everything known about the base
             self._entries[base] = facts
         if identity not in facts[1]:
+            if len(facts[1]) >= MAX_FACTS_PER_TENSOR:  # e.g. a long-lived mask sliced anew at every decoding step
+                del facts[1][next(iter(facts[1]))]
             facts[1][identity] = compute()
         return facts[1][identity]
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def facts_about(self, tensor: torch.Tensor) -> int:
+        """How many facts are stored for ``tensor``'s base (for tests)."""
+        base = tensor if tensor._base is None else tensor._base
+        facts = self._entries.get(base)
+        return 0 if facts is None else len(facts[1])

@@ -49,6 +49,16 @@ def test_memo_forgets_a_tensor_when_it_dies():
     assert len(memo) == 0
 
 
+def test_memo_keeps_a_bounded_number_of_facts_per_tensor():
+    from attnfuse.memo import MAX_FACTS_PER_TENSOR
+
+    memo = ContentMemo()
+    cache = torch.ones(1, 1, 1, 4096, dtype=torch.bool)  # a long-lived mask, sliced anew at every step
+    for step in range(1, 3 * MAX_FACTS_PER_TENSOR):
+        assert memo.get(cache[..., :step], None, lambda step=step: step) == step
+    assert memo.facts_about(cache) == MAX_FACTS_PER_TENSOR
+
+
 def test_memo_never_stores_for_inference_tensors():
     memo, calls = ContentMemo(), []
     with torch.inference_mode():
