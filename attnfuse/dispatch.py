@@ -1,10 +1,15 @@
 """Dispatch: the SDPA kernels to try, fastest first, for one call's device, dtype, mask and shapes.
 
-The order comes from figures measured on an H100 with torch 2.11 (see DESIGN.md and
-``benchmarks/``): cuDNN > flash > memory-efficient > math on Hopper in half precision, flash first
-on Ampere, memory-efficient for fp32. SDPA itself skips a listed kernel that cannot take the call
-(``sdpa_kernel(..., set_priority=True)``), so the list is a fallback chain; the rules below only
-remove kernels whose *result* would differ from the original (the known traps).
+The order comes from figures measured on an H100 with torch 2.11 (``benchmarks/bench_ops.py``,
+``docs/bench_ops_h100.json`` and ``docs/bench_ops_fp16_h100.json``): in half precision cuDNN was
+the fastest valid kernel at every shape of that grid (d 64/128, n 512-16384, no mask, causal, key
+padding, forward and forward+backward), flash second, memory-efficient third (the only other one
+that takes a mask); flash first on Ampere, memory-efficient for fp32. One end-to-end exception is
+open: MEGABYTE's global attention at b=8, n=129 ran slower on cuDNN than on flash in eager mode
+(README, "Measured"); ``benchmarks/bench_kernels.py`` is the run that should turn it into a rule.
+SDPA itself skips a listed kernel that cannot take the call (``kernel_scope`` sets the priority),
+so the list is a fallback chain; the rules below only remove kernels whose *result* would differ
+from the original (the known traps).
 """
 from __future__ import annotations
 
