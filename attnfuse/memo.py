@@ -29,6 +29,11 @@ def memoizable(tensor: torch.Tensor) -> bool:
     return not (tensor.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
+def _base_of(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor whose storage and version counter ``tensor`` shares (itself unless a view)."""
+    return tensor if tensor._base is None else tensor._base
+
+
 class ContentMemo:
     """``get(tensor, key, compute)``: ``compute()`` once per (tensor contents, key).
 
@@ -42,8 +47,8 @@ class ContentMemo:
     def get(self, tensor: torch.Tensor, key: Hashable, compute: Callable[[], Any]) -> Any:
         if not memoizable(tensor):
             return compute()
-        base = tensor if tensor._base is None else tensor._base
-        identity = (tensor._version, tuple(tensor.shape), tensor.stride(), tensor.storage_offset(), tensor.dtype, key)
+        base = _base_of(tensor)
+        identity = (tuple(tensor.shape), tensor.stride(), tensor.storage_offset(), tensor.dtype, key)
         facts = self._entries.get(base)
         if facts is None or facts[0] != tensor._version:
             facts = (tensor._version, {})  # an in-place write invalidates everything known about the base
@@ -59,6 +64,5 @@ class ContentMemo:
 
     def facts_about(self, tensor: torch.Tensor) -> int:
         """How many facts are stored for ``tensor``'s base (for tests)."""
-        base = tensor if tensor._base is None else tensor._base
-        facts = self._entries.get(base)
+        facts = self._entries.get(_base_of(tensor))
         return 0 if facts is None else len(facts[1])
