@@ -17,14 +17,11 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from common import environment, measure, save  # noqa: E402
-
-KERNELS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-           "efficient": SDPBackend.EFFICIENT_ATTENTION}
+from common import FUSED_KERNELS as KERNELS, environment, measure, save  # noqa: E402
 
 
 def inputs(b: int, h: int, n: int, d: int, layout: str, grad: bool):

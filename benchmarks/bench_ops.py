@@ -19,18 +19,15 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import sdpa_kernel
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # this checkout, not an installed copy
 
 import attnfuse  # noqa: E402
-from common import environment, measure, save  # noqa: E402
+from common import FUSED_KERNELS as KERNELS, environment, measure, save  # noqa: E402
 from seed_modules import MegabyteStyle, PaddingStyle  # noqa: E402
-
-KERNELS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-           "efficient": SDPBackend.EFFICIENT_ATTENTION}
 
 
 def build(mode: str, b: int, h: int, n: int, d: int, dtype: torch.dtype, grad: bool):

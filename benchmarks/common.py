@@ -7,6 +7,11 @@ from datetime import date
 from typing import Callable, Optional
 
 import torch
+from torch.nn.attention import SDPBackend
+
+# The fused SDPA kernels a hand-written call can be pinned to (the benchmarks' "best SDPA" candidates).
+FUSED_KERNELS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                 "efficient": SDPBackend.EFFICIENT_ATTENTION}
 
 
 def environment() -> dict:
