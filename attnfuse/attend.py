@@ -133,7 +133,7 @@ def _sdpa(q, k, v, full_keep, bias, causal, window, scale, dropout_p, needs_grad
         k, v = k.repeat_interleave(H // Hk, dim=1), v.repeat_interleave(H // Hk, dim=1)
         enable_gqa = False
     sdpa_allowed = None if allowed is None else tuple(name for name in allowed if name != "flex")
-    order = dispatch.kernel_order(q, k, attn_mask, needs_grad, sdpa_allowed)
+    order = dispatch.kernel_order(q, k, v, attn_mask, needs_grad, sdpa_allowed)
     if autotune and not is_traced(q):
         order = autotune_order(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, needs_grad, order)
     if on_kernel is not None:

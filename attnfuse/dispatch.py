@@ -1,15 +1,13 @@
 """Dispatch: the SDPA kernels to try, fastest first, for one call's device, dtype, mask and shapes.
 
-The order comes from figures measured on an H100 with torch 2.11 (``benchmarks/bench_ops.py``,
-``docs/bench_ops_h100.json`` and ``docs/bench_ops_fp16_h100.json``): in half precision cuDNN was
-the fastest valid kernel at every shape of that grid (d 64/128, n 512-16384, no mask, causal, key
-padding, forward and forward+backward), flash second, memory-efficient third (the only other one
-that takes a mask); flash first on Ampere, memory-efficient for fp32. One end-to-end exception is
-open: MEGABYTE's global attention at b=8, n=129 ran slower on cuDNN than on flash in eager mode
-(README, "Measured"); ``benchmarks/bench_kernels.py`` is the run that should turn it into a rule.
-SDPA itself skips a listed kernel that cannot take the call (``kernel_scope`` sets the priority),
-so the list is a fallback chain; the rules below only remove kernels whose *result* would differ
-from the original (the known traps).
+The order comes from figures measured on an H100 with torch 2.11 (``benchmarks/bench_ops.py`` and
+``benchmarks/bench_kernels.py``; JSON in ``docs/``): in half precision cuDNN was the fastest valid
+kernel at every shape of the per-op grid (d 64/128, n 512-16384, no mask, causal, key padding,
+forward and forward+backward) and at lengths off the tile grid (129, 257, 513, 1025), flash second;
+memory-efficient attention wins for short keys at small head dims (``preferred_order``). Flash first
+on Ampere, memory-efficient for fp32. SDPA itself skips a listed kernel that cannot take the call
+(``kernel_scope`` sets the priority), so the list is a fallback chain; the rules below only remove
+kernels whose *result* would differ from the original (the known traps).
 """
 from __future__ import annotations
 
@@ -115,16 +113,35 @@ def known_traps(q: torch.Tensor, k: torch.Tensor, attn_mask: Optional[torch.Tens
     return traps
 
 
-def kernel_order(q: torch.Tensor, k: torch.Tensor, attn_mask: Optional[torch.Tensor], needs_grad: bool,
-                 allowed: Optional[tuple[str, ...]] = None) -> list[SDPBackend]:
+# Keys and head dims up to this length run fastest on memory-efficient attention on Hopper.
+SHORT_KEYS = 64
+
+
+def preferred_order(device_type: str, capability: tuple[int, int], dtype: torch.dtype, key_len: int,
+                    head_dim: int) -> list[str]:
+    """The SDPA kernels fastest first, from the call's facts alone (``docs/bench_kernels_h100.json``).
+
+    Half precision on Hopper: cuDNN first except for short keys at small head dims, where memory-efficient
+    attention was faster (H100, 32k tokens, h=16, d=64, 17 to 64 keys: cuDNN took 1.23-1.64x its time
+    forward and 1.40-1.57x forward+backward, with or without a causal or padding mask; from 80 keys on,
+    or at d=128, cuDNN was the fastest). ``head_dim`` is the larger of q/k's and v's.
+    """
+    if device_type != "cuda":
+        return ["flash", "math"]
+    if dtype not in (torch.float16, torch.bfloat16):
+        return ["efficient", "math"]
+    if capability[0] < 9:
+        return ["flash", "efficient", "cudnn", "math"]
+    if key_len <= SHORT_KEYS and head_dim <= SHORT_KEYS:
+        return ["efficient", "cudnn", "flash", "math"]
+    return ["cudnn", "flash", "efficient", "math"]
+
+
+def kernel_order(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
+                 needs_grad: bool, allowed: Optional[tuple[str, ...]] = None) -> list[SDPBackend]:
     """SDPA kernels to try for this call, fastest valid first; raises if every allowed kernel is a trap."""
-    if q.device.type != "cuda":
-        order = ["flash", "math"]
-    elif q.dtype not in (torch.float16, torch.bfloat16):
-        order = ["efficient", "math"]
-    else:
-        major, _ = torch.cuda.get_device_capability(q.device)
-        order = ["cudnn", "flash", "efficient", "math"] if major >= 9 else ["flash", "efficient", "cudnn", "math"]
+    capability = torch.cuda.get_device_capability(q.device) if q.is_cuda else (0, 0)
+    order = preferred_order(q.device.type, capability, q.dtype, k.shape[-2], max(q.shape[-1], v.shape[-1]))
     if allowed is not None:
         order = [name for name in order if name in allowed] or list(allowed)
     traps = known_traps(q, k, attn_mask, needs_grad)

@@ -9,7 +9,9 @@ with the same weights and inputs: the hand-written-attention model, that model u
 ``flash_attn=True``, x-transformers' ``attn_flash=True``; column ``hf_sdpa``), and with
 ``--compile`` ``torch.compile`` of the eager model, ``torch.compile(backend="attnfuse")`` of the
 eager model and ``torch.compile`` of the ``sdpa`` model. Inference is a no-grad forward; a train
-step is forward + backward of the LM loss. Prints a table of ms and peak GB, writes JSON.
+step is forward + backward of the LM loss. Prints a table of ms and peak GB, writes JSON. Small
+models are bound by host time, which varies between runs on a shared machine: ``--rounds N`` times
+the variants in turn N times and keeps each one's fastest round (all rounds are in the JSON).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import argparse
 import os
 import sys
 import warnings
+from typing import Optional
 
 import torch
 
@@ -71,11 +74,14 @@ def build(name: str, implementation: str, seq: int):
     return model.to("cuda", torch.bfloat16)
 
 
-def variants(name: str, compile_variants: bool, autotune: bool = False):
+def variants(name: str, compile_variants: bool, autotune: bool = False, forced: tuple[str, ...] = ()):
     yield "eager", lambda seq: build(name, "eager", seq)
     yield "attnfuse", lambda seq: attnfuse.optimize(build(name, "eager", seq))
     if autotune:
         yield "attnfuse(autotune)", lambda seq: attnfuse.optimize(build(name, "eager", seq), autotune=True)
+    for kernel in forced:
+        yield f"attnfuse[{kernel}]", lambda seq, kernel=kernel: attnfuse.optimize(build(name, "eager", seq),
+                                                                                 kernels=(kernel, "math"))
     yield "hf_sdpa", lambda seq: build(name, "sdpa", seq)
     if compile_variants:
         yield "compile(eager)", lambda seq: torch.compile(build(name, "eager", seq))
@@ -108,6 +114,19 @@ def run(name: str, model, tokens, train: bool):
     return step
 
 
+def profile(step, path: str, title: str) -> None:
+    """Append a torch.profiler table of three steps (top ops by GPU time, with their host time) to ``path``."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+    with open(path, "a") as f:
+        f.write(f"\n## {title}\n{table}\n")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="docs/bench_models.json")
@@ -116,43 +135,66 @@ def main():
     parser.add_argument("--shapes", default="2048x8,8192x2")
     parser.add_argument("--only", default=None, help="comma-separated variant names")
     parser.add_argument("--model", default="llama", choices=sorted(MODELS))
+    parser.add_argument("--kernels", default="", help="also attnfuse forced to each of these kernels, e.g. flash,efficient")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="time every variant this many times, in turn, and keep the fastest (host-bound models vary "
+                             "from run to run)")
+    parser.add_argument("--profile", default=None, help="append a torch.profiler table per variant to this file")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     rows = []
     print(environment())
     print("| model | seq x batch | pass | variant | ms | peak GB | vs eager |\n|---|---|---|---|---|---|---|")
+    forced = tuple(k for k in args.kernels.split(",") if k)
     for shape in args.shapes.split(","):
         seq, batch = map(int, shape.split("x"))
         tokens = torch.randint(0, VOCAB.get(args.model, 32000), (batch, seq), device="cuda")
         for train in (False, True):
-            eager_ms = None
-            for name, make in variants(args.model, args.compile, args.autotune):
-                if args.only and name not in args.only.split(","):
-                    continue
-                torch._dynamo.reset()
-                try:
-                    model = make(seq)
-                except Exception as error:  # e.g. a model without an sdpa implementation
-                    print(f"| {args.model} | {seq}x{batch} | - | {name} | unavailable: {type(error).__name__} | - | - |")
-                    continue
-                model.train(train)
-                ms, gb = measure(run(args.model, model, tokens, train), warmup_ms=50, rep_ms=300)
-                if name == "eager":
-                    eager_ms = ms
-                report = None
-                if name.startswith("attnfuse"):
-                    report = attnfuse.report(model).to_dict()
-                rows.append({"model": MODELS[args.model], "seq": seq, "batch": batch,
-                             "pass": "train" if train else "inference", "variant": name, "ms": ms, "peak_gb": gb,
-                             "report": report})
-                ratio = "-" if not (ms and eager_ms) else f"{eager_ms / ms:.2f}x"
-                print(f"| {args.model} | {seq}x{batch} | {'train' if train else 'infer'} | {name} | "
-                      f"{'OOM' if ms is None else f'{ms:.1f}'} | {'-' if gb is None else f'{gb:.1f}'} | {ratio} |",
-                      flush=True)
-                del model
-                torch.cuda.empty_cache()
-                save(args.out, {"environment": environment(), "rows": rows})
+            runs: dict[str, list[dict]] = {}
+            for _ in range(args.rounds):
+                for name, make in variants(args.model, args.compile, args.autotune, forced):
+                    if args.only and name not in args.only.split(","):
+                        continue
+                    row = time_variant(args, name, make, seq, batch, tokens, train)
+                    if row is None:
+                        continue
+                    runs.setdefault(name, []).append(row)
+                    eager_ms = fastest(runs.get("eager", []))["ms"] if "eager" in runs else None
+                    ms, gb = row["ms"], row["peak_gb"]
+                    ratio = "-" if not (ms and eager_ms) else f"{eager_ms / ms:.2f}x"
+                    print(f"| {args.model} | {seq}x{batch} | {'train' if train else 'infer'} | {name} | "
+                          f"{'OOM' if ms is None else f'{ms:.1f}'} | {'-' if gb is None else f'{gb:.1f}'} | {ratio} |",
+                          flush=True)
+                    save(args.out, {"environment": environment(), "rounds": args.rounds,
+                                    "rows": rows + [fastest(r) for r in runs.values()]})
+            rows.extend(fastest(r) for r in runs.values())
+    save(args.out, {"environment": environment(), "rounds": args.rounds, "rows": rows})
 
+
+def fastest(rounds: list[dict]) -> dict:
+    """The round with the lowest time (out of memory counts as slowest), with every round's time."""
+    best = min(rounds, key=lambda row: float("inf") if row["ms"] is None else row["ms"])
+    return dict(best, ms_rounds=[row["ms"] for row in rounds])
+
+
+def time_variant(args, name: str, make, seq: int, batch: int, tokens: torch.Tensor, train: bool) -> Optional[dict]:
+    """One timed (and optionally profiled) run of one variant, as a JSON row; None if it cannot be built."""
+    torch._dynamo.reset()
+    try:
+        model = make(seq)
+    except Exception as error:  # e.g. a model without an sdpa implementation
+        print(f"| {args.model} | {seq}x{batch} | - | {name} | unavailable: {type(error).__name__}: {error} | - | - |")
+        return None
+    model.train(train)
+    ms, gb = measure(run(args.model, model, tokens, train), warmup_ms=50, rep_ms=300)
+    if args.profile and ms is not None:
+        profile(run(args.model, model, tokens, train), args.profile,
+                f"{args.model} {seq}x{batch} {'train' if train else 'inference'} {name}")
+    report = attnfuse.report(model).to_dict() if name.startswith("attnfuse") else None
+    del model
+    torch.cuda.empty_cache()
+    return {"model": MODELS[args.model], "seq": seq, "batch": batch, "pass": "train" if train else "inference",
+            "variant": name, "ms": ms, "peak_gb": gb, "report": report}
 
 if __name__ == "__main__":
     main()

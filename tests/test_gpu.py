@@ -34,6 +34,9 @@ CASES = {
     "gqa_padding": dict(L=128, S=128, kv_heads=2, mask="padding", fully_masked_rows="mean"),
     "single_head_kv": dict(L=128, S=128, kv_heads=0),
     "head_dim_40": dict(L=128, S=128, E=40),
+    "short_keys": dict(L=17, S=17),
+    "short_keys_causal": dict(L=33, S=33, causal="top_left"),
+    "short_keys_padding": dict(L=64, S=64, mask="padding", fully_masked_rows="mean"),
 }
 
 
@@ -85,6 +88,20 @@ def test_attend_on_each_kernel_matches_fp32(name, dtype, kernel):
     for a, b in zip(low, high):
         assert torch.isfinite(a.grad).all(), "NaN/inf gradient"
         torch.testing.assert_close(a.grad.float(), b.grad, atol=tol * 4, rtol=tol * 4)
+
+
+@pytest.mark.parametrize("S, E, expected", [(17, 64, "efficient"), (64, 64, "efficient"), (64, 128, "cudnn"),
+                                             (80, 64, "cudnn"), (1024, 64, "cudnn")])
+def test_default_kernel_on_hopper_follows_the_measured_order(S, E, expected):
+    """Short keys at small head dims go to memory-efficient attention, the rest to cuDNN (bench_kernels)."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the measured order is for Hopper")
+    q, k, v = (torch.randn(64, 16, S, E, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    chosen: list[str] = []
+    out = attnfuse.attend(q, k, v, causal="top_left", on_kernel=chosen.append)
+    assert chosen == [expected]
+    expected_out = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    torch.testing.assert_close(out.float(), expected_out, atol=2e-2, rtol=2e-2)
 
 
 def test_write_kernel_log():
