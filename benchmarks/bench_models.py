@@ -114,6 +114,17 @@ def run(name: str, model, tokens, train: bool):
     return step
 
 
+def gpu_ms(step, steps: int = 3) -> float:
+    """Milliseconds of GPU kernel time per step (torch.profiler), which host-time noise does not move."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    return sum(event.self_device_time_total for event in prof.key_averages()) / steps / 1e3
+
+
 def profile(step, path: str, title: str) -> None:
     """Append a torch.profiler table of three steps (top ops by GPU time, with their host time) to ``path``."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
@@ -139,12 +150,13 @@ def main():
     parser.add_argument("--rounds", type=int, default=1,
                         help="time every variant this many times, in turn, and keep the fastest (host-bound models vary "
                              "from run to run)")
+    parser.add_argument("--gpu-time", action="store_true", help="also GPU kernel ms per step (torch.profiler)")
     parser.add_argument("--profile", default=None, help="append a torch.profiler table per variant to this file")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     rows = []
     print(environment())
-    print("| model | seq x batch | pass | variant | ms | peak GB | vs eager |\n|---|---|---|---|---|---|---|")
+    print("| model | seq x batch | pass | variant | ms | GPU ms | peak GB | vs eager |\n|---|---|---|---|---|---|---|---|")
     forced = tuple(k for k in args.kernels.split(",") if k)
     for shape in args.shapes.split(","):
         seq, batch = map(int, shape.split("x"))
@@ -160,11 +172,11 @@ def main():
                         continue
                     runs.setdefault(name, []).append(row)
                     eager_ms = fastest(runs.get("eager", []))["ms"] if "eager" in runs else None
-                    ms, gb = row["ms"], row["peak_gb"]
+                    ms, gb, kernel_ms = row["ms"], row["peak_gb"], row["gpu_ms"]
                     ratio = "-" if not (ms and eager_ms) else f"{eager_ms / ms:.2f}x"
                     print(f"| {args.model} | {seq}x{batch} | {'train' if train else 'infer'} | {name} | "
-                          f"{'OOM' if ms is None else f'{ms:.1f}'} | {'-' if gb is None else f'{gb:.1f}'} | {ratio} |",
-                          flush=True)
+                          f"{'OOM' if ms is None else f'{ms:.1f}'} | {'-' if kernel_ms is None else f'{kernel_ms:.2f}'} | "
+                          f"{'-' if gb is None else f'{gb:.1f}'} | {ratio} |", flush=True)
                     save(args.out, {"environment": environment(), "rounds": args.rounds,
                                     "rows": rows + [fastest(r) for r in runs.values()]})
             rows.extend(fastest(r) for r in runs.values())
@@ -183,18 +195,19 @@ def time_variant(args, name: str, make, seq: int, batch: int, tokens: torch.Tens
     try:
         model = make(seq)
     except Exception as error:  # e.g. a model without an sdpa implementation
-        print(f"| {args.model} | {seq}x{batch} | - | {name} | unavailable: {type(error).__name__}: {error} | - | - |")
+        print(f"| {args.model} | {seq}x{batch} | - | {name} | unavailable: {type(error).__name__}: {error} | - | - | - |")
         return None
     model.train(train)
     ms, gb = measure(run(args.model, model, tokens, train), warmup_ms=50, rep_ms=300)
     if args.profile and ms is not None:
         profile(run(args.model, model, tokens, train), args.profile,
                 f"{args.model} {seq}x{batch} {'train' if train else 'inference'} {name}")
+    kernel_ms = gpu_ms(run(args.model, model, tokens, train)) if args.gpu_time and ms is not None else None
     report = attnfuse.report(model).to_dict() if name.startswith("attnfuse") else None
     del model
     torch.cuda.empty_cache()
     return {"model": MODELS[args.model], "seq": seq, "batch": batch, "pass": "train" if train else "inference",
-            "variant": name, "ms": ms, "peak_gb": gb, "report": report}
+            "variant": name, "ms": ms, "gpu_ms": kernel_ms, "peak_gb": gb, "report": report}
 
 if __name__ == "__main__":
     main()

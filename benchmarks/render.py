@@ -92,6 +92,23 @@ def models_table(paths: list[str]) -> str:
     return "\n".join(lines)
 
 
+def gpu_time_table(path: str) -> str:
+    """A ``bench_models.py --gpu-time --rounds N`` run: GPU kernel ms per step beside the fastest wall ms."""
+    data = json.load(open(path))
+    env, rows = data["environment"], data["rows"]
+    names = list(dict.fromkeys(row["variant"] for row in rows))
+    lines = [f"GPU kernel time per step (torch.profiler) and the fastest of {data['rounds']} wall-clock rounds, "
+             f"{rows[0]['model']}, bf16, {env['device']}, torch {env['torch']}, {env['date']}; ms, GPU / wall:", "",
+             "| seq x batch | pass | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    cells: dict[tuple, dict] = {}
+    for row in rows:
+        cells.setdefault((row["seq"], row["batch"], row["pass"]), {})[row["variant"]] = row
+    for (seq, batch, kind), variants in cells.items():
+        values = [f"{variants[n]['gpu_ms']:.2f} / {variants[n]['ms']:.1f}" if n in variants else "-" for n in names]
+        lines.append(f"| {seq} x {batch} | {kind} | " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
 def scores_table(path: str) -> str:
     data = json.load(open(path))
     env = data["environment"]
@@ -117,3 +134,5 @@ if __name__ == "__main__":
     print(scores_table(os.path.join(DOCS, "bench_scores_h100.json")))
     print()
     print(models_table(sorted(glob.glob(os.path.join(DOCS, "bench_models_h100_*.json")))))
+    print()
+    print(gpu_time_table(os.path.join(DOCS, "gpu_time_megabyte_h100.json")))
