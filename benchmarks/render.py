@@ -97,7 +97,8 @@ def gpu_time_table(path: str) -> str:
     data = json.load(open(path))
     env, rows = data["environment"], data["rows"]
     names = list(dict.fromkeys(row["variant"] for row in rows))
-    lines = [f"GPU kernel time per step (torch.profiler) and the fastest of {data['rounds']} wall-clock rounds, "
+    wall = "one wall-clock run" if data["rounds"] == 1 else f"the fastest of {data['rounds']} wall-clock rounds"
+    lines = [f"GPU kernel time per step (torch.profiler) and {wall}, "
              f"{rows[0]['model']}, bf16, {env['device']}, torch {env['torch']}, {env['date']}; ms, GPU / wall:", "",
              "| seq x batch | pass | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
     cells: dict[tuple, dict] = {}
@@ -134,5 +135,6 @@ if __name__ == "__main__":
     print(scores_table(os.path.join(DOCS, "bench_scores_h100.json")))
     print()
     print(models_table(sorted(glob.glob(os.path.join(DOCS, "bench_models_h100_*.json")))))
-    print()
-    print(gpu_time_table(os.path.join(DOCS, "gpu_time_megabyte_h100.json")))
+    for path in ("gpu_time_megabyte_h100.json", "gpu_time_megabyte_compile_h100.json"):
+        print()
+        print(gpu_time_table(os.path.join(DOCS, path)))
