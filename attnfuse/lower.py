@@ -15,6 +15,7 @@ import torch
 from attnfuse.attend import attend
 from attnfuse.canonical import tensor_meta
 from attnfuse.guards import CausalGuard
+from attnfuse.masking import conjunction
 from attnfuse.memo import ContentMemo
 from attnfuse.site import AttentionSite
 
@@ -197,7 +198,7 @@ def run_site(plan: SitePlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     keep = None
     for mask, negated in zip(masks, plan.mask_negated):
         mask = _score_operand(_NEGATIONS.get(mask, None, mask.logical_not) if negated else mask, plan, batch_shape)
-        keep = mask if keep is None else keep & mask
+        keep = mask if keep is None else conjunction(keep, mask)
     bias = None
     for term, coefficient in zip(biases, plan.bias_coefficients):
         term = _score_operand(term if coefficient == 1.0 else term * coefficient, plan, batch_shape)

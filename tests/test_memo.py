@@ -108,6 +108,46 @@ def test_attend_skips_the_row_check_only_while_the_mask_is_unchanged():
     torch.testing.assert_close(out[0], v[0].mean(-2, keepdim=True).expand_as(out[0]))
 
 
+def test_two_masks_combine_into_one_tensor_while_both_are_unchanged():
+    padding = torch.ones(2, 5, dtype=torch.bool)
+    custom = torch.rand(2, 1, 5, 5, generator=torch.Generator().manual_seed(0)) > 0.3
+    first = masking.conjunction(padding[:, None, None, :], custom)
+    assert masking.conjunction(padding[:, None, None, :], custom[:]) is first  # fresh views, same masks
+    torch.testing.assert_close(first, padding[:, None, None, :] & custom)
+    padding[1, 2] = False
+    second = masking.conjunction(padding[:, None, None, :], custom)
+    assert second is not first and not second[1, ..., 2].any()
+    custom[0, 0, 0] = False
+    third = masking.conjunction(padding[:, None, None, :], custom)
+    assert third is not second and not third[0, 0, 0].any()
+    torch.testing.assert_close(third, padding[:, None, None, :] & custom)
+
+
+class TwoMasks(torch.nn.Module):
+    """A key-padding mask and a per-pair mask, both filled into the scores."""
+
+    def forward(self, q, k, v, padding, allowed):
+        sim = torch.einsum("b h i d, b h j d -> b h i j", q, k) * q.shape[-1] ** -0.5
+        sim = sim.masked_fill(~padding[:, None, None, :], -torch.finfo(sim.dtype).max)
+        sim = sim.masked_fill(~allowed, -torch.finfo(sim.dtype).max)
+        return torch.einsum("b h i j, b h j d -> b h i d", sim.softmax(-1), v)
+
+
+def test_site_with_two_masks_changed_in_place_still_matches_the_original():
+    q, k, v, padding = _padding_inputs()
+    allowed = torch.ones(3, 1, 7, 7, dtype=torch.bool)
+    module = TwoMasks()
+    optimized = attnfuse.optimize(TwoMasks())
+    torch.testing.assert_close(optimized(q, k, v, padding, allowed), module(q, k, v, padding, allowed))
+    assert attnfuse.report(optimized).fused == 1
+    allowed[0, 0, 2] = False  # query row 2 of batch 0 loses every key: the mean of v, as the original
+    padding[2, :4] = False
+    for _ in range(2):
+        torch.testing.assert_close(optimized(q, k, v, padding, allowed), module(q, k, v, padding, allowed))
+    allowed[0, 0, 2] = True
+    torch.testing.assert_close(optimized(q, k, v, padding, allowed), module(q, k, v, padding, allowed))
+
+
 def test_kernel_scope_enables_only_the_order_and_restores_the_global_state():
     from torch.nn.attention import _cur_sdpa_kernel_backends
 
