@@ -8,16 +8,15 @@ back explicitly, so the result never depends on the kernel.
 """
 from __future__ import annotations
 
-import weakref
 from typing import Optional
 
 import torch
 from torch.nn.attention.bias import causal_lower_right
 
-from attnfuse.memo import ContentMemo, base_of, memoizable
+from attnfuse.memo import ContentMemo, memoizable
 
 _ROWS_WITHOUT_KEYS = ContentMemo()  # keep-mask -> whether some query row keeps no key
-_CONJUNCTIONS = ContentMemo()  # keep-mask -> {another keep-mask: the two combined}
+_CONJUNCTIONS = ContentMemo()  # keep-mask -> ContentMemo(another keep-mask -> the two combined)
 
 
 def conjunction(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
@@ -25,15 +24,11 @@ def conjunction(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
 
     A site with two keep-masks (say padding and a custom mask) would otherwise hand a fresh tensor
     to every call, and the facts memoized about a keep-mask (``rows_without_keys``) would cost a host
-    synchronization each time. ``second`` is recognized by its base tensor (held weakly), view
-    geometry and version counter, so a write to either mask gives a new conjunction.
+    synchronization each time. The combination is a fact about ``second`` stored under a fact about
+    ``first``, so a write to either mask gives a new conjunction.
     """
-    if not (memoizable(first) and memoizable(second)):
-        return first & second
-    base = base_of(second)
-    key = (id(base), base._version, tuple(second.shape), second.stride(), second.storage_offset(), second.dtype)
-    owner, combined = _CONJUNCTIONS.get(first, key, lambda: (weakref.ref(base), first & second))
-    return combined if owner() is base else first & second  # a dead tensor's id, reused: not the same mask
+    combinations_with_first = _CONJUNCTIONS.get(first, None, ContentMemo)
+    return combinations_with_first.get(second, None, lambda: first & second)
 
 
 def causal_keep(L: int, S: int, alignment: str, device: torch.device, window: Optional[int] = None) -> torch.Tensor:

@@ -29,7 +29,7 @@ def memoizable(tensor: torch.Tensor) -> bool:
     return not (tensor.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-def base_of(tensor: torch.Tensor) -> torch.Tensor:
+def _base_of(tensor: torch.Tensor) -> torch.Tensor:
     """The tensor whose storage and version counter ``tensor`` shares (itself unless a view)."""
     return tensor if tensor._base is None else tensor._base
 
@@ -47,7 +47,7 @@ class ContentMemo:
     def get(self, tensor: torch.Tensor, key: Hashable, compute: Callable[[], Any]) -> Any:
         if not memoizable(tensor):
             return compute()
-        base = base_of(tensor)
+        base = _base_of(tensor)
         identity = (tuple(tensor.shape), tensor.stride(), tensor.storage_offset(), tensor.dtype, key)
         facts = self._entries.get(base)
         if facts is None or facts[0] != tensor._version:
@@ -64,5 +64,5 @@ class ContentMemo:
 
     def facts_about(self, tensor: torch.Tensor) -> int:
         """How many facts are stored for ``tensor``'s base (for tests)."""
-        facts = self._entries.get(base_of(tensor))
+        facts = self._entries.get(_base_of(tensor))
         return 0 if facts is None else len(facts[1])
