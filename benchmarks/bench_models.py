@@ -114,26 +114,28 @@ def run(name: str, model, tokens, train: bool):
     return step
 
 
-def gpu_ms(step, steps: int = 3) -> float:
-    """Milliseconds of GPU kernel time per step (torch.profiler), which host-time noise does not move."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+def profile_steps(step, with_host: bool, steps: int = 3):
+    """torch.profiler's per-op averages over ``steps`` calls of ``step``: GPU kernels, and host ops
+    too when ``with_host`` (then an op and its kernel can both list the kernel's time as their own, as
+    seen in the MEGABYTE profile, so only the GPU-only averages are summed)."""
+    from torch.profiler import ProfilerActivity, profile
 
-    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if with_host else [ProfilerActivity.CUDA]
+    with profile(activities=activities) as prof:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
-    return sum(event.self_device_time_total for event in prof.key_averages()) / steps / 1e3
+    return prof.key_averages()
 
 
-def profile(step, path: str, title: str) -> None:
-    """Append a torch.profiler table of three steps (top ops by GPU time, with their host time) to ``path``."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+def gpu_ms(step, steps: int = 3) -> float:
+    """Milliseconds of GPU kernel time per step, which host-time noise does not move."""
+    return sum(event.self_device_time_total for event in profile_steps(step, False, steps)) / steps / 1e3
 
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+
+def append_profile(step, path: str, title: str) -> None:
+    """Append the top ops of three steps by GPU time, with their host time, to ``path``."""
+    table = profile_steps(step, True).table(sort_by="cuda_time_total", row_limit=30)
     with open(path, "a") as f:
         f.write(f"\n## {title}\n{table}\n")
 
@@ -171,7 +173,7 @@ def main():
                     if row is None:
                         continue
                     runs.setdefault(name, []).append(row)
-                    eager_ms = fastest(runs.get("eager", []))["ms"] if "eager" in runs else None
+                    eager_ms = fastest(runs["eager"])["ms"] if "eager" in runs else None
                     ms, gb, kernel_ms = row["ms"], row["peak_gb"], row["gpu_ms"]
                     ratio = "-" if not (ms and eager_ms) else f"{eager_ms / ms:.2f}x"
                     print(f"| {args.model} | {seq}x{batch} | {'train' if train else 'infer'} | {name} | "
@@ -200,8 +202,8 @@ def time_variant(args, name: str, make, seq: int, batch: int, tokens: torch.Tens
     model.train(train)
     ms, gb = measure(run(args.model, model, tokens, train), warmup_ms=50, rep_ms=300)
     if args.profile and ms is not None:
-        profile(run(args.model, model, tokens, train), args.profile,
-                f"{args.model} {seq}x{batch} {'train' if train else 'inference'} {name}")
+        append_profile(run(args.model, model, tokens, train), args.profile,
+                       f"{args.model} {seq}x{batch} {'train' if train else 'inference'} {name}")
     kernel_ms = gpu_ms(run(args.model, model, tokens, train)) if args.gpu_time and ms is not None else None
     report = attnfuse.report(model).to_dict() if name.startswith("attnfuse") else None
     del model
