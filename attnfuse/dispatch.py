@@ -122,9 +122,9 @@ def preferred_order(device_type: str, capability: tuple[int, int], dtype: torch.
     """The SDPA kernels fastest first, from the call's facts alone (``docs/bench_kernels_h100.json``).
 
     Half precision on Hopper: cuDNN first except for short keys at small head dims, where memory-efficient
-    attention was faster (H100, 32k tokens, h=16, d=64, 17 to 64 keys: cuDNN took 1.23-1.64x its time
-    forward and 1.40-1.57x forward+backward, with or without a causal or padding mask; from 80 keys on,
-    or at d=128, cuDNN was the fastest). ``head_dim`` is the larger of q/k's and v's.
+    attention was faster (H100, 32k tokens, h=16, d=64, 17 to 64 keys: cuDNN took 1.22-1.65x its time
+    forward and 1.12-1.57x forward+backward without a mask or causal, 1.17-3.88x with key padding;
+    from 80 keys on, or at d=128, cuDNN was fastest forward). ``head_dim`` is the larger of q/k's and v's.
     """
     if device_type != "cuda":
         return ["flash", "math"]
