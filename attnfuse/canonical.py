@@ -14,6 +14,12 @@ import torch
 from torch.fx import Node
 
 Canonicalizer = Callable[[Node], Optional[Any]]
+WRITTEN = "attnfuse_written"  # node.meta key set by ``attnfuse.effects``: positions of writes to its storage
+
+
+def is_written(node: Any) -> bool:
+    """Whether some op writes ``node``'s storage in place in its graph, so its construction is not its value."""
+    return isinstance(node, Node) and bool(node.meta.get(WRITTEN))
 _CANONICALIZERS: list[Canonicalizer] = []
 
 
@@ -26,6 +32,8 @@ def canonicalizer(fn: Canonicalizer) -> Canonicalizer:
 def canonical(node: Any) -> Optional[Any]:
     """The canonical op that ``node`` computes, or None when no rule recognizes it."""
     if not isinstance(node, Node) or node.op not in ("call_function", "call_method"):
+        return None
+    if is_written(node):
         return None
     cache = node.meta.setdefault("attnfuse_canonical", {})
     if "op" not in cache:

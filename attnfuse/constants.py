@@ -12,6 +12,8 @@ import torch
 from torch.fx import Node
 from torch.fx.node import map_arg
 
+from attnfuse.canonical import is_written
+
 _RANDOM_TARGETS = {"rand", "randn", "randint", "bernoulli", "dropout", "normal", "rand_like", "randn_like"}
 # Largest constant evaluated at compile time: masks are evaluated where the model runs, and a GPU
 # takes an (8, 1, 8192, 8192) mask in milliseconds.
@@ -43,6 +45,8 @@ def constant_value(node: Any, with_buffers: bool = False) -> Optional[Any]:
     """
     if not isinstance(node, Node):
         return node
+    if is_written(node):
+        return None
     cache = node.meta.setdefault("attnfuse_constant", {})
     key = "with_buffers" if with_buffers else "value"
     if key in cache:

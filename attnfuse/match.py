@@ -15,7 +15,8 @@ from torch.fx import Graph, Node
 
 import torch
 
-from attnfuse.canonical import canonical, is_call, remove_dead_nodes, tensor_meta, value_users
+from attnfuse.canonical import canonical, is_call, is_written, remove_dead_nodes, tensor_meta, value_users
+from attnfuse.effects import functionalize, mark_writes, written_between
 from attnfuse.patterns.biases import Add, bias_reason
 from attnfuse.patterns.casts import Cast
 from attnfuse.patterns.causal import classify, classify_additive
@@ -47,10 +48,13 @@ class NotFusable(Exception):
 def find_sites(graph: Graph) -> Iterator[Union[AttentionSite, Skip]]:
     """Every attention-like softmax in ``graph``, matched into a site or skipped with a reason.
 
-    Dead values (debug copies such as ``sim.clone()`` kept for inspection and never returned) are
-    removed first, so they do not count as uses of the scores.
+    In-place writes are made functional where that is exact and the remaining ones recorded
+    (``attnfuse.effects``); dead values (debug copies such as ``sim.clone()`` kept for inspection and
+    never returned) are removed, so they do not count as uses of the scores.
     """
+    functionalize(graph)
     remove_dead_nodes(reversed(list(graph.nodes)))
+    mark_writes(graph)
     for node in list(graph.nodes):
         op = canonical(node)
         if isinstance(op, Softmax) and looks_like_attention(node, op):
@@ -131,6 +135,9 @@ def walk_to_product(scores_input: Node) -> tuple[Node, Product, list]:
     steps: list = []
     node = scores_input
     while True:
+        if is_written(node):
+            raise NotFusable("the attention scores are written in place through a view (e.g. a slice "
+                             "assignment into the scores); not supported yet")
         op = canonical(node)
         if isinstance(op, Product):
             steps.reverse()
@@ -339,6 +346,23 @@ def _index_functions(terms: ScoreTerms, batch_rank: int) -> None:
     terms.biases = kept
 
 
+def _check_no_write_inside(first: Node, last: Node, softmax: Node, operands: list[Node], terms: ScoreTerms) -> None:
+    """The fused call reads its tensors where the value product was: none may be written in between."""
+    read = operands + [m.node for m in terms.keep_masks] + [b for b, _ in terms.biases] + \
+        [f.value for f in terms.tensor_factors] + [leaf for f, _ in terms.functions for leaf in f.leaves]
+    if terms.causal_guard:
+        read += list(terms.causal_guard[1])
+    node = written_between(read, first, last)
+    if node is not None:
+        raise NotFusable(f"`{node.name}` is written in place between the QK product and the value product; "
+                         "the fused call would read the new values")
+    probs = softmax
+    while probs is not last:
+        if is_written(probs):
+            raise NotFusable("the attention weights are written in place before the value product")
+        probs = value_users(probs)[0]
+
+
 def match_site(softmax: Node, op: Softmax) -> AttentionSite:
     """Match one softmax into an ``AttentionSite``; raises ``NotFusable`` with the reason otherwise."""
     _single_user(op.x, "the attention scores")
@@ -363,6 +387,7 @@ def match_site(softmax: Node, op: Softmax) -> AttentionSite:
         kv_group = k_group
     _apply_masks(terms, _size_along(q, query), _size_along(k, key))
     _index_functions(terms, len(batch))
+    _check_no_write_inside(product_node, pv_node, softmax, [q.node, k.node, v.node], terms)
     return AttentionSite(softmax=softmax, output=pv_node, q=q, k=k, v=v, batch=batch, query=query, key=key,
                          head_dim=head_dim, value_dim=value_dim, out_axes=out_axes, scores=terms,
                          dropout_p=dropout_p, kv_group=kv_group)

@@ -15,7 +15,7 @@ from typing import Optional, Union
 import torch
 from torch.fx import Node
 
-from attnfuse.canonical import bind, canonical, example_value, is_call, is_scalar, same_size
+from attnfuse.canonical import bind, canonical, example_value, is_call, is_scalar, is_written, same_size
 from attnfuse.constants import buffers_read, constant_value
 from attnfuse.patterns.index import keep_inequalities
 from attnfuse.patterns.masks import MASKING_THRESHOLD, KeepMask, Select
@@ -46,7 +46,7 @@ def _alignment(offset: object, L: Size, S: Size) -> Optional[str]:
 
 
 def _all_true_of_shape(node: object, L: Size, S: Size) -> bool:
-    if not isinstance(node, Node):
+    if not isinstance(node, Node) or is_written(node):
         return False
     if is_call(node, (torch.ones,)):
         shape = node.args[0] if len(node.args) == 1 and isinstance(node.args[0], (tuple, list)) else node.args
@@ -69,7 +69,7 @@ def _triangle(node: Node) -> Optional[tuple[str, object, Node]]:
 
 
 def _structural(mask: KeepMask, L: Size, S: Size) -> Optional[MaskPattern]:
-    triangle = _triangle(mask.node)
+    triangle = _triangle(mask.node) if not is_written(mask.node) else None
     if triangle is None or not _all_true_of_shape(triangle[2], L, S):
         return None
     name, diagonal, _ = triangle

@@ -14,7 +14,7 @@ from typing import Optional, Union
 import torch
 from torch.fx import Node
 
-from attnfuse.canonical import bind, example_value, is_call, is_scalar, tensor_meta
+from attnfuse.canonical import bind, example_value, is_call, is_scalar, is_written, tensor_meta
 
 Number = Union[int, torch.SymInt]
 
@@ -116,7 +116,7 @@ def interpret(node: object, depth: int = 24) -> Optional[object]:
     """``node`` as a ``Linear`` index tensor or a ``Predicate``, or None if it is neither."""
     if not isinstance(node, Node):
         return _as_linear(node)
-    if depth == 0:
+    if depth == 0 or is_written(node):
         return None
     cache = node.meta.setdefault("attnfuse_index", {})
     if "value" not in cache:

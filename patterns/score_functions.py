@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import torch
 from torch.fx import Node
 
-from attnfuse.canonical import bind, example_value, is_call, is_scalar, tensor_meta
+from attnfuse.canonical import bind, example_value, is_call, is_scalar, is_written, tensor_meta
 from attnfuse.constants import constant_value
 
 # Elementwise functions applied unchanged to the pointwise values.
@@ -81,6 +81,8 @@ class _Builder:
             if is_scalar(node) or isinstance(node, bool):
                 return lambda index, leaves, c=node: c
             raise NotPointwise(f"argument {node!r}")
+        if is_written(node):
+            raise NotPointwise(f"{node.name} is written in place")
         meta = tensor_meta(node)
         if meta is None:
             value = example_value(node)

@@ -1,0 +1,213 @@
+"""Effects: read a captured graph as the functional program it is.
+
+Dynamo graphs keep the user's in-place writes (``m.tril_()``, ``b[:, :2] = -1e9``, ``s.masked_fill_(...)``,
+``x += y``) and read the written tensor through its old node afterwards, so a rule that evaluates or
+reads a node's construction would see the value before the write. Two passes make that impossible:
+
+* ``functionalize``: a write to a tensor created inside the graph, with no view of it anywhere,
+  becomes a functional op, and every later reader reads the new node (exact: same values, same dtype).
+* ``mark_writes``: every write that remains (to a graph input, to a view, through an unknown op) marks
+  all nodes sharing the written storage (aliasing read from Dynamo's fake tensors), so constant
+  folding and the mask readers refuse them and the matcher can tell whether a site's inputs change
+  between the QK product and the value product.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Iterable, Optional
+
+import torch
+from torch.fx import Graph, Node
+
+from attnfuse.canonical import WRITTEN, example_value, is_written
+
+_INPLACE_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+                      operator.itruediv: operator.truediv, operator.ifloordiv: operator.floordiv,
+                      operator.imod: operator.mod, operator.ipow: operator.pow, operator.iand: operator.and_,
+                      operator.ior: operator.or_, operator.ixor: operator.xor, operator.ilshift: operator.lshift,
+                      operator.irshift: operator.rshift, operator.imatmul: operator.matmul}
+
+
+def _name(node: Node) -> str:
+    target = node.target
+    if isinstance(target, str):
+        return target
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.name.split("::")[-1]
+    return getattr(target, "__name__", "")
+
+
+def _writes_by_name(node: Node) -> bool:
+    if isinstance(node.target, torch._ops.OpOverload):
+        return node.target._schema.is_mutable
+    name = _name(node)
+    return (node.target in _INPLACE_OPERATORS or node.target is operator.setitem
+            or (name.endswith("_") and not name.endswith("__")) or node.kwargs.get("inplace") is True)
+
+
+def written_operand(node: Node) -> Optional[Node]:
+    """The tensor node that ``node`` writes in place (in-place method or operator, ``setitem``,
+    ``out=``, ``inplace=True``, a mutable aten op), or None."""
+    if node.op not in ("call_function", "call_method"):
+        return None
+    if "out" in node.kwargs:
+        target = node.kwargs["out"]
+    elif _writes_by_name(node):
+        target = node.args[0] if node.args else None
+    else:
+        return None
+    return target if isinstance(target, Node) else None
+
+
+def storage(node: Any) -> Optional[int]:
+    """The identity of the storage ``node``'s tensor lives in (views share their base's), or None.
+
+    Read from the example (fake) tensors Dynamo recorded, which alias exactly as the real ones do;
+    they live as long as the graph, so the address identifies the storage.
+    """
+    value = example_value(node)
+    if not isinstance(value, torch.Tensor):
+        return None
+    try:
+        return value.untyped_storage()._cdata
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return None
+
+
+def inplace_on_copy(method: str, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """The functional form of any in-place op: the op applied to a copy of ``x`` (exact, dtype kept)."""
+    y = x.clone()
+    if method == "__setitem__":
+        y[args[0]] = args[1]
+    else:
+        getattr(y, method)(*args, **kwargs)
+    return y
+
+
+def _fake_result(target: Any, op: str, args: tuple, kwargs: dict) -> Any:
+    """Run ``target`` on the example (fake) values of ``args`` to get the new node's example value."""
+    from torch.fx.node import map_arg
+
+    values = map_arg((args, kwargs), example_value)
+    fake_mode = next((v.fake_mode for v in values[0] if isinstance(v, torch._subclasses.FakeTensor)), None)
+    if fake_mode is None:
+        return None
+    with fake_mode:
+        if op == "call_method":
+            return getattr(values[0][0], target)(*values[0][1:], **values[1])
+        return target(*values[0], **values[1])
+
+
+def _functional_call(write: Node) -> Optional[tuple[str, Any, tuple, dict]]:
+    """``(op, target, args, kwargs)`` computing what ``write`` leaves in its operand, without writing."""
+    operand = write.args[0]
+    if isinstance(write.target, torch._ops.OpOverload):
+        return None
+    if write.target is operator.setitem:
+        return "call_function", inplace_on_copy, ("__setitem__", *write.args), {}
+    if "out" in write.kwargs or write.kwargs.get("inplace") is True:
+        return None
+    name = _name(write)
+    functional: Optional[tuple[str, Any]] = None
+    if write.target in _INPLACE_OPERATORS:
+        functional = ("call_function", _INPLACE_OPERATORS[write.target])
+    elif write.op == "call_method" and hasattr(torch.Tensor, name[:-1]):
+        functional = ("call_method", name[:-1])
+    elif write.op == "call_function" and hasattr(torch.Tensor, name[:-1]) and \
+            getattr(torch.Tensor, name, None) is write.target:
+        functional = ("call_function", getattr(torch.Tensor, name[:-1]))
+    if functional is not None:
+        try:
+            result = _fake_result(functional[1], functional[0], write.args, dict(write.kwargs))
+        except Exception:
+            result = None
+        before = example_value(operand)
+        if isinstance(result, torch.Tensor) and isinstance(before, torch.Tensor) and \
+                result.dtype == before.dtype and result.shape == before.shape:
+            return functional[0], functional[1], write.args, dict(write.kwargs)
+    if write.op == "call_method" or hasattr(torch.Tensor, name):
+        return "call_function", inplace_on_copy, (name, *write.args), dict(write.kwargs)
+    return None
+
+
+def _alias_group(graph: Graph, node: Node) -> list[Node]:
+    key = storage(node)
+    return [] if key is None else [n for n in graph.nodes if key == storage(n)]
+
+
+def _functionalizable(graph: Graph, write: Node) -> bool:
+    """A write to a tensor created in this graph, of which no view exists: replacing it is exact."""
+    operand = written_operand(write)
+    group = _alias_group(graph, operand) if operand is not None else []
+    if not group:
+        return False
+    root = group[0]
+    if root.op not in ("call_function", "call_method") or written_operand(root) is not None:
+        return False
+    base = example_value(root)
+    if base._base is not None:
+        return False
+    return all(n is root or written_operand(n) in group for n in group)
+
+
+def _replace_write(graph: Graph, write: Node, order: dict[Node, int]) -> None:
+    operand = written_operand(write)
+    group = set(_alias_group(graph, operand))
+    op, target, args, kwargs = _functional_call(write)
+    with graph.inserting_after(write):
+        new = graph.create_node(op, target, args, kwargs)
+    new.meta.update({k: v for k, v in write.meta.items() if k in ("stack_trace", "nn_module_stack", "source_fn_stack")})
+    try:
+        new.meta["example_value"] = _fake_result(target, op, args, kwargs)
+    except Exception:
+        new.meta["example_value"] = None
+    position = order[write]
+    for member in group:
+        for user in list(member.users):
+            if user is not new and user is not write and order.get(user, -1) > position:
+                user.replace_input_with(member, new)
+    write.replace_all_uses_with(new)
+    graph.erase_node(write)
+
+
+def functionalize(graph: Graph) -> int:
+    """Rewrite every replaceable in-place write into its functional form; returns how many were rewritten."""
+    rewritten = 0
+    while True:
+        order = {node: i for i, node in enumerate(graph.nodes)}
+        write = next((n for n in graph.nodes if written_operand(n) is not None and _functional_call(n) is not None
+                      and _functionalizable(graph, n)), None)
+        if write is None:
+            return rewritten
+        _replace_write(graph, write, order)
+        rewritten += 1
+
+
+def mark_writes(graph: Graph) -> None:
+    """Record on every node the graph positions of writes to its storage (``WRITTEN`` in its meta)."""
+    writes: dict[int, list[int]] = {}
+    nodes = list(graph.nodes)
+    for position, node in enumerate(nodes):
+        node.meta.pop(WRITTEN, None)
+        operand = written_operand(node)
+        key = storage(operand) if operand is not None else None
+        if key is not None:
+            writes.setdefault(key, []).append(position)
+    for position, node in enumerate(nodes):
+        node.meta["attnfuse_position"] = position
+        key = storage(node)
+        if key is not None and key in writes:
+            node.meta[WRITTEN] = tuple(writes[key])
+
+
+def position(node: Node) -> int:
+    return node.meta.get("attnfuse_position", -1)
+
+
+def written_between(nodes: Iterable[Node], first: Node, last: Node) -> Optional[Node]:
+    """One of ``nodes`` whose storage is written after ``first`` and before ``last`` (graph order), or None."""
+    start, end = position(first), position(last)
+    for node in nodes:
+        if isinstance(node, Node) and any(start < w < end for w in node.meta.get(WRITTEN, ())):
+            return node
+    return None
