@@ -40,9 +40,12 @@ def _name(node: Node) -> str:
 def _writes_by_name(node: Node) -> bool:
     if isinstance(node.target, torch._ops.OpOverload):
         return node.target._schema.is_mutable
+    if node.target in _INPLACE_OPERATORS or node.target is operator.setitem:
+        return True
+    if getattr(node.target, "__module__", None) in ("_operator", "operator"):
+        return False  # ``operator.and_`` and friends are not in place
     name = _name(node)
-    return (node.target in _INPLACE_OPERATORS or node.target is operator.setitem
-            or (name.endswith("_") and not name.endswith("__")) or node.kwargs.get("inplace") is True)
+    return (name.endswith("_") and not name.endswith("__")) or node.kwargs.get("inplace") is True
 
 
 def written_operand(node: Node) -> Optional[Node]:

@@ -14,6 +14,7 @@ import torch
 
 from attnfuse.attend import attend
 from attnfuse.canonical import tensor_meta
+from attnfuse.dominance import FillDominance
 from attnfuse.guards import CausalGuard
 from attnfuse.masking import conjunction
 from attnfuse.memo import ContentMemo
@@ -102,6 +103,14 @@ class SitePlan:
     causal_guard: Optional[CausalGuard] = field(default=None, compare=False)
     guard_inputs: int = 0
     record: KernelRecord = field(default_factory=KernelRecord, compare=False)
+    dominance: Optional[FillDominance] = field(default=None, compare=False)
+    original: Optional[Callable] = field(default=None, compare=False)  # the site's own ops (``attnfuse.original``)
+    original_inputs: int = 0  # extra inputs only ``original`` reads, after the fused call's own
+    keys_in_every_row: bool = False  # run ``original`` for calls where a causal row would keep no key
+
+    @property
+    def needs_original(self) -> bool:
+        return self.dominance is not None or self.keys_in_every_row
 
 
 def plan_for(site: AttentionSite, kernels: Optional[tuple[str, ...]] = None, autotune: bool = False) -> SitePlan:
@@ -134,6 +143,8 @@ def plan_for(site: AttentionSite, kernels: Optional[tuple[str, ...]] = None, aut
         causal_guard=CausalGuard(terms.causal_guard[0].node, terms.causal_guard[0].negated,
                                  list(terms.causal_guard[1]), terms.causal) if terms.causal_guard else None,
         guard_inputs=len(terms.causal_guard[1]) if terms.causal_guard else 0,
+        dominance=FillDominance(terms.fill, tensor_meta(site.softmax).dtype) if terms.fill_check else None,
+        keys_in_every_row=terms.keys_in_every_row,
     )
 
 
@@ -174,8 +185,21 @@ def _score_operand(x: torch.Tensor, plan: SitePlan, batch_shape: tuple[int, ...]
     return _to_4d(x, plan, batch_shape)
 
 
+def _every_row_keeps_a_key(causal: Optional[str], L: int, S: int) -> bool:
+    return S >= 1 and (causal != "bottom_right" or L <= S)
+
+
+def _run_original(plan: SitePlan, inputs: tuple, why: str) -> torch.Tensor:
+    """The site's own ops, for a call on which a fact the fused call relies on does not hold."""
+    if plan.record.kernel is None:
+        plan.record(f"original ops ({why})")
+    return plan.original(*inputs)
+
+
 def run_site(plan: SitePlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
     """Compute one rewritten site: layouts to 4-d, masks and biases combined, one ``attend`` call."""
+    everything = (q, k, v, *extra)
+    extra = extra[:len(extra) - plan.original_inputs]
     n_masks, n_biases, n_factors = len(plan.mask_negated), len(plan.bias_coefficients), len(plan.factor_inverse)
     masks, biases = extra[:n_masks], extra[n_masks:n_masks + n_biases]
     factors = extra[n_masks + n_biases:n_masks + n_biases + n_factors]
@@ -195,6 +219,11 @@ def run_site(plan: SitePlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             continue
         factor = _score_operand(factor, plan, batch_shape)
         q = q / factor if inverse else q * factor
+    if plan.keys_in_every_row and not _every_row_keeps_a_key(plan.causal, q.shape[-2], k.shape[-2]):
+        return _run_original(plan, everything, "a causal row keeps no key on this call")
+    if plan.dominance is not None and not plan.dominance.holds(
+            q, k, scale, plan.softcap, [b if c == 1.0 else b * c for b, c in zip(biases, plan.bias_coefficients)]):
+        return _run_original(plan, everything, "the fill did not mask on this call")
     keep = None
     for mask, negated in zip(masks, plan.mask_negated):
         mask = _score_operand(_NEGATIONS.get(mask, None, mask.logical_not) if negated else mask, plan, batch_shape)

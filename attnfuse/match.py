@@ -15,8 +15,10 @@ from torch.fx import Graph, Node
 
 import torch
 
-from attnfuse.canonical import canonical, is_call, is_written, remove_dead_nodes, tensor_meta, value_users
+from attnfuse.canonical import canonical, is_call, is_written, remove_dead_nodes, same_size, tensor_meta, value_users
+from attnfuse.dominance import PROVEN_FILL
 from attnfuse.effects import functionalize, mark_writes, written_between
+from attnfuse.original import NoOriginal, original_program
 from attnfuse.patterns.biases import Add, bias_reason
 from attnfuse.patterns.casts import Cast
 from attnfuse.patterns.causal import classify, classify_additive
@@ -310,11 +312,14 @@ def _apply_masks(terms: ScoreTerms, L: object, S: object) -> None:
             biases.append((bias, coefficient))
             continue
         pattern, fill = found
-        fill = None if fill is None else fill * coefficient
         if pattern.kind == "all":
             continue
-        if pattern.kind == "causal" and terms.causal is None and terms.fill in (None, fill):
-            terms.causal, terms.fill, terms.window = pattern.alignment, fill, pattern.window
+        alone = len(terms.biases) == 1 and not terms.keep_masks and terms.fill is None
+        if pattern.kind == "causal" and alone and fill * coefficient <= PROVEN_FILL and \
+                not _some_row_loses_every_key(pattern.alignment, L, S):
+            terms.causal, terms.window = pattern.alignment, pattern.window
+            # an additive mask over a row of no keys is softmax(s + c), not a masked row: checked per call
+            terms.keys_in_every_row = not _every_row_keeps_a_key(pattern.alignment, L, S)
             continue
         biases.append((bias, coefficient))
     terms.biases = biases
@@ -332,6 +337,43 @@ def _apply_masks(terms: ScoreTerms, L: object, S: object) -> None:
     terms.keep_masks = remaining
     if not remaining and terms.causal is None:
         terms.fill = None
+
+
+def _every_row_keeps_a_key(alignment: str, L: object, S: object) -> bool:
+    """Whether a causal triangle leaves every query row at least one key (so no row is fully masked)."""
+    return _at_least_one(S) and (alignment == "top_left" or _at_most(L, S))
+
+
+def _some_row_loses_every_key(alignment: str, L: object, S: object) -> bool:
+    return _statically_true(lambda: S < 1) or (alignment == "bottom_right" and _statically_true(lambda: L > S))
+
+
+def _at_least_one(size: object) -> bool:
+    return _statically_true(lambda: size >= 1)
+
+
+def _at_most(a: object, b: object) -> bool:
+    return _statically_true(lambda: a <= b)
+
+
+def _statically_true(condition) -> bool:
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    try:
+        return bool(statically_known_true(condition()))
+    except Exception:
+        return False
+
+
+def _fill_check(terms: ScoreTerms) -> None:
+    """Decide how the site's finite fill is known to mask: proven, or checked per call (``attnfuse.dominance``)."""
+    finite = terms.fill is not None and terms.fill != float("-inf") and (terms.keep_masks or terms.causal)
+    if not finite:
+        return
+    if terms.fill > PROVEN_FILL and terms.functions:
+        raise NotFusable(f"masked scores are set to {terms.fill:g} beside a position-computed bias: whether the fill "
+                         "still masks cannot be checked cheaply; use -inf or finfo.min as the fill")
+    terms.fill_check = terms.fill > PROVEN_FILL or bool(terms.biases)
 
 
 def _index_functions(terms: ScoreTerms, batch_rank: int) -> None:
@@ -352,6 +394,12 @@ def _check_no_write_inside(first: Node, last: Node, softmax: Node, operands: lis
         [f.value for f in terms.tensor_factors] + [leaf for f, _ in terms.functions for leaf in f.leaves]
     if terms.causal_guard:
         read += list(terms.causal_guard[1])
+    if terms.fill_check or terms.keys_in_every_row:
+        try:
+            original_program(last, read)
+        except NoOriginal as error:
+            raise NotFusable(f"the additive mask or finite fill must be checked on each call, and the site's own "
+                             f"ops cannot be kept for calls where the check fails ({error})")
     node = written_between(read, first, last)
     if node is not None:
         raise NotFusable(f"`{node.name}` is written in place between the QK product and the value product; "
@@ -387,6 +435,7 @@ def match_site(softmax: Node, op: Softmax) -> AttentionSite:
         kv_group = k_group
     _apply_masks(terms, _size_along(q, query), _size_along(k, key))
     _index_functions(terms, len(batch))
+    _fill_check(terms)
     _check_no_write_inside(product_node, pv_node, softmax, [q.node, k.node, v.node], terms)
     return AttentionSite(softmax=softmax, output=pv_node, q=q, k=k, v=v, batch=batch, query=query, key=key,
                          head_dim=head_dim, value_dim=value_dim, out_axes=out_axes, scores=terms,

@@ -33,6 +33,8 @@ class ScoreTerms:
     softcap: Optional[float] = None
     functions: list[tuple[ScoreFunction, float]] = field(default_factory=list)
     causal_guard: Optional[tuple[KeepMask, tuple]] = None  # (mask, buffers) a causal flag was read from
+    fill_check: bool = False  # the finite fill is checked to mask on each call (``attnfuse.dominance``)
+    keys_in_every_row: bool = False  # the causal flag holds only while q_len <= k_len (checked per call)
 
 
 @dataclass

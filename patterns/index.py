@@ -7,6 +7,7 @@ size at once, so it also holds under dynamic shapes, where the mask cannot be ev
 """
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -105,11 +106,20 @@ _COMPARISONS = {
 }
 
 
-def _compare(kind: str, a: Linear, b: Linear) -> Inequality:
+def _compare(kind: str, a: Linear, b: Linear) -> Optional[Inequality]:
+    """``a <= b`` (or ``<``, ``>=``, ``>``) as ``coef . index + const <= 0`` with an integer constant."""
     if kind in ("ge", "gt"):
         a, b, kind = b, a, "le" if kind == "ge" else "lt"
     diff = _combine(a, b, -1)
-    return Inequality(diff.coef, diff.const + (1 if kind == "lt" else 0))
+    const = diff.const
+    if isinstance(const, float):  # the index part is an integer: x + c <= 0 iff x <= floor(-c)
+        if not math.isfinite(const):
+            return None
+        const = -math.floor(-const) if kind == "le" else 1 - math.ceil(-const)
+        return Inequality(diff.coef, const)
+    if not isinstance(const, (int, torch.SymInt)):
+        return None
+    return Inequality(diff.coef, const + (1 if kind == "lt" else 0))
 
 
 def interpret(node: object, depth: int = 24) -> Optional[object]:
@@ -129,12 +139,11 @@ def _interpret(node: Node, depth: int) -> Optional[object]:
         return _as_linear(node)
     sub = lambda x: interpret(x, depth - 1)  # noqa: E731
     if is_call(node, (torch.arange,)):
-        args = bind(node, ("start", "end", "step"))
-        if "end" not in args:
-            args = {"start": 0, "end": args["start"], "step": args.get("step", 1)}
-        step = example_value(args.get("step", 1))
-        start = example_value(args["start"])
-        return Linear((int(step),), start) if isinstance(step, int) and is_scalar(start) else None
+        args = arange_arguments(node)
+        step, start = example_value(args["step"]), example_value(args["start"])
+        if not (isinstance(step, int) and isinstance(start, (int, torch.SymInt)) and exact_positions(node)):
+            return None
+        return Linear((int(step),), start)
     for kind, sign in (("add", 1), ("sub", -1)):
         if is_call(node, (getattr(operator, kind), getattr(torch, kind)), (kind,)) and len(node.args) == 2:
             a, b = _as_linear(sub(node.args[0])), _as_linear(sub(node.args[1]))
@@ -171,9 +180,55 @@ def _interpret(node: Node, depth: int) -> Optional[object]:
         return inner
     if _is_all_true(node):
         return TRUE
-    if is_call(node, (), ("expand", "contiguous", "to", "bool", "long", "int")):
-        return sub(node.args[0])
+    if is_call(node, (), ("expand",)):
+        return _expanded(sub(node.args[0]), tensor_meta(node.args[0]))
+    if is_call(node, (), ("contiguous", "to", "bool", "long", "int")):
+        inner = sub(node.args[0])
+        return inner if _cast_keeps(inner, node) else None
     return None
+
+
+def arange_arguments(node: Node) -> dict:
+    """``start``, ``end``, ``step`` of any ``torch.arange`` call (``arange(n)``, ``arange(end=n)``, ...)."""
+    args = bind(node, ("start", "end", "step"))
+    if "end" not in args:
+        args = {"start": 0, "end": args.get("start"), **({"step": args["step"]} if "step" in args else {})}
+    args.setdefault("start", 0)
+    args.setdefault("step", 1)
+    return args
+
+
+def exact_positions(node: Node) -> bool:
+    """Whether every position of this ``arange`` is exact in its dtype (no wrap, no rounding)."""
+    meta = tensor_meta(node)
+    if meta is None:
+        return False
+    if meta.dtype in (torch.int64, torch.int32):
+        return True
+    limit = {torch.float64: 2 ** 53, torch.float32: 2 ** 24}.get(meta.dtype)
+    length = meta.shape[0] if meta.dim() == 1 else None
+    end = example_value(arange_arguments(node)["end"])
+    return limit is not None and isinstance(length, int) and isinstance(end, int) and abs(end) + length <= limit
+
+
+def _cast_keeps(inner: object, node: Node) -> bool:
+    """A cast that keeps the value: predicates to bool, positions to a dtype that holds them exactly."""
+    out = tensor_meta(node)
+    if out is None or inner is None:
+        return False
+    if isinstance(inner, (Inequality, Logic)):
+        return out.dtype == torch.bool
+    return out.dtype in (torch.int64, torch.int32, torch.float64)
+
+
+def _expanded(inner: object, source: Optional[torch.Tensor]) -> object:
+    """An ``expand`` repeats size-1 dims: their index no longer varies, so their coefficient is dropped."""
+    if inner is None or source is None:
+        return None
+    if isinstance(inner, Linear):
+        return Linear(tuple(0 if _is_one(size) else c for c, size in zip(_pad(inner.coef, source.dim()), source.shape)),
+                      inner.const)
+    return _relevant(inner, tuple(source.shape))
 
 
 def _is_all_true(node: Node) -> bool:

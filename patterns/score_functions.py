@@ -17,6 +17,7 @@ from torch.fx import Node
 
 from attnfuse.canonical import bind, example_value, is_call, is_scalar, is_written, tensor_meta
 from attnfuse.constants import constant_value
+from attnfuse.patterns.index import exact_positions, arange_arguments
 
 # Elementwise functions applied unchanged to the pointwise values.
 _UNARY = {torch.abs: torch.abs, torch.neg: torch.neg, torch.log: torch.log, torch.exp: torch.exp,
@@ -104,11 +105,11 @@ class _Builder:
 
     def op(self, node: Node, axes: tuple, shape: tuple) -> Callable:
         if is_call(node, (torch.arange,)):
+            if not exact_positions(node):
+                raise NotPointwise("positions that wrap or round in their dtype")
             self.uses_positions = True
-            args = bind(node, ("start", "end", "step"))
-            if "end" not in args:
-                args = {"start": 0, "end": args["start"], "step": args.get("step", 1)}
-            start, step = self.build(args["start"], ()), self.build(args.get("step", 1), ())
+            args = arange_arguments(node)
+            start, step = self.build(args["start"], ()), self.build(args["step"], ())
             dtype = tensor_meta(node).dtype
             # Integer positions stay in the kernel's int32 index arithmetic (int64 is slower there).
             cast = dtype if dtype.is_floating_point else None

@@ -1,0 +1,60 @@
+"""Whether a finite fill acts as a mask: the one fact about masking that depends on the scores' values.
+
+``masked_fill(m, -1e9)`` (or ``-1e4``, or ``finfo(fp16).min``) keeps a masked key out of the softmax only
+while every kept score exceeds the fill by enough for ``exp(fill - max)`` to underflow to zero (104 in
+fp32 arithmetic, 746 in fp64); a kept score pushed down by an additive padding bias, or scores of a
+magnitude near the fill, break it and the original then attends to the masked keys. A fill at or below
+``PROVEN_FILL`` needs no check while the additive biases stay above it (read once per unchanged bias
+tensor); any other finite fill is checked on each call from a bound on the scores,
+``|scale| * max|q_i| * max|k_j|`` (one pass over q and k and a host sync). When the check fails the
+site runs its original ops for that call (``attnfuse.original``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from attnfuse.masking import is_traced
+from attnfuse.memo import ContentMemo
+
+PROVEN_FILL = -1e30
+_BIAS_MINIMA = ContentMemo()  # bias tensor -> its smallest entry
+
+
+def underflow_gap(dtype: torch.dtype) -> float:
+    """How far below the row maximum a score must be for its ``exp`` to round to zero in ``dtype``'s softmax."""
+    return 746.0 if dtype == torch.float64 else 104.0
+
+
+def _smallest(bias: torch.Tensor) -> float:
+    if bias.numel() == 0:
+        return 0.0
+    return _BIAS_MINIMA.get(bias, None, lambda: float(bias.detach().amin().float()))
+
+
+@dataclass(frozen=True)
+class FillDominance:
+    """The per-call check that the site's finite fill still masks (see the module docstring)."""
+
+    fill: float
+    softmax_dtype: torch.dtype
+
+    def holds(self, q: torch.Tensor, k: torch.Tensor, scale: float, softcap: Optional[float],
+              biases: Sequence[torch.Tensor]) -> bool:
+        if is_traced(q):
+            return False  # no values under a compiler's tracer: the original ops run
+        lowest_bias = sum(_smallest(b) for b in biases)
+        if self.fill <= PROVEN_FILL and lowest_bias > PROVEN_FILL:
+            return True
+        bound = abs(scale) * _largest_norm(q) * _largest_norm(k)
+        if softcap is not None:
+            bound = min(bound, abs(softcap))
+        return -bound + lowest_bias >= self.fill + underflow_gap(self.softmax_dtype)
+
+
+def _largest_norm(x: torch.Tensor) -> float:
+    if x.numel() == 0:
+        return 0.0
+    return float(torch.linalg.vector_norm(x.detach(), dim=-1, dtype=torch.float32).amax())
