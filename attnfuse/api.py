@@ -6,7 +6,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from attnfuse.capture import AttnfuseBackend
+from attnfuse.capture import Capture, backend_for, captured
 from attnfuse.options import Options
 from attnfuse.report import FusionReport
 
@@ -29,9 +29,9 @@ def optimize(model: nn.Module, **options: Any) -> nn.Module:
     """
     _require_module(model, "optimize")
     settings = Options.from_kwargs(**options)
-    report = FusionReport()
-    backend = AttnfuseBackend(settings, report, root=type(model).__name__)
-    model.compile(backend=backend, dynamic=settings.dynamic)
+    report = FusionReport(root=type(model).__name__)
+    compiled = torch.compile(model._call_impl, backend=backend_for(settings), dynamic=settings.dynamic)
+    model._compiled_call_impl = captured(compiled, Capture(report, verify=settings.verify))
     object.__setattr__(model, _STATE, report)
     return model
 
@@ -49,8 +49,7 @@ def report(model: nn.Module) -> FusionReport:
 def audit(model: nn.Module, *args: Any, **kwargs: Any) -> FusionReport:
     """Run one call of ``model(*args, **kwargs)`` through the pass, verified, without changing ``model``."""
     _require_module(model, "audit")
-    result = FusionReport()
-    backend = AttnfuseBackend(Options(verify=True), result, root=type(model).__name__)
-    compiled = torch.compile(model._call_impl, backend=backend)
-    compiled(*args, **kwargs)
+    result = FusionReport(root=type(model).__name__)
+    compiled = torch.compile(model._call_impl, backend=backend_for(Options()))
+    captured(compiled, Capture(result, verify=True))(*args, **kwargs)
     return result
