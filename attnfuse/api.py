@@ -1,12 +1,12 @@
 """The public entry points: ``optimize`` (compile a model in place) and ``audit`` (report only)."""
 from __future__ import annotations
 
-from typing import Any
+from types import CodeType
+from typing import Any, Optional
 
-import torch
 from torch import nn
 
-from attnfuse.capture import Capture, backend_for, captured
+from attnfuse.capture import Capture, backend_for, captured, compile_model_call
 from attnfuse.options import Options
 from attnfuse.report import FusionReport
 
@@ -17,6 +17,10 @@ def _require_module(model: Any, what: str) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"attnfuse.{what} expects a torch.nn.Module, got {type(model).__name__}; "
                         "for a plain function use torch.compile(fn, backend='attnfuse')")
+
+
+def _forward_code(model: nn.Module) -> Optional[CodeType]:
+    return getattr(getattr(type(model), "forward", None), "__code__", None)
 
 
 def optimize(model: nn.Module, **options: Any) -> nn.Module:
@@ -30,8 +34,8 @@ def optimize(model: nn.Module, **options: Any) -> nn.Module:
     _require_module(model, "optimize")
     settings = Options.from_kwargs(**options)
     report = FusionReport(root=type(model).__name__)
-    compiled = torch.compile(model._call_impl, backend=backend_for(settings), dynamic=settings.dynamic)
-    model._compiled_call_impl = captured(compiled, Capture(report, verify=settings.verify))
+    compiled = compile_model_call(model._call_impl, backend_for(settings), settings.dynamic)
+    model._compiled_call_impl = captured(compiled, Capture(report, settings.verify, code=_forward_code(model)))
     object.__setattr__(model, _STATE, report)
     return model
 
@@ -50,6 +54,6 @@ def audit(model: nn.Module, *args: Any, **kwargs: Any) -> FusionReport:
     """Run one call of ``model(*args, **kwargs)`` through the pass, verified, without changing ``model``."""
     _require_module(model, "audit")
     result = FusionReport(root=type(model).__name__)
-    compiled = torch.compile(model._call_impl, backend=backend_for(Options()))
-    captured(compiled, Capture(result, verify=True))(*args, **kwargs)
+    compiled = compile_model_call(model._call_impl, backend_for(Options()), None)
+    captured(compiled, Capture(result, verify=True, code=_forward_code(model)))(*args, **kwargs)
     return result

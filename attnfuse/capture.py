@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import contextvars
 import copy
+import inspect
 import itertools
 from dataclasses import dataclass, replace
+from types import CodeType
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -43,6 +45,7 @@ class Capture:
     report: FusionReport
     verify: bool = False
     graph_calls: int = 0
+    code: Optional[CodeType] = None  # the model's ``forward``, to say why Dynamo ran no graph of it
 
 
 _ACTIVE: contextvars.ContextVar[Optional[Capture]] = contextvars.ContextVar("attnfuse_capture", default=None)
@@ -194,16 +197,78 @@ NO_GRAPH_RAN = ("a call of this model ran with no graph through attnfuse: Dynamo
                 "attention in it was neither fused nor checked")
 
 
+def _summary(key: str) -> str:
+    """The kind and the explanation of a Dynamo counter key (``gb_type`` then ``Explanation: ...`` lines)."""
+    lines = [line.strip() for line in str(key).strip().splitlines() if line.strip()]
+    if not lines:
+        return "unknown reason"
+    explanation = next((line.split(":", 1)[1].strip() for line in lines[1:] if line.startswith("Explanation:")), "")
+    text = f"{lines[0]}: {explanation}" if explanation else lines[0]
+    return text if len(text) <= 240 else text[:237] + "..."
+
+
 def _describe_signal(kind: str, key: str) -> str:
-    what = str(key).strip().splitlines()[0] if str(key).strip() else "unknown reason"
+    what = _summary(key)
     if "recompile limit" in what.lower() or "cache size limit" in what.lower():
         return (f"Dynamo stopped compiling part of this model ({what}); those calls run eagerly, unfused and "
-                "unchecked. Raise torch._dynamo.config.recompile_limit, or compile fewer variants "
-                "(shapes, options, module settings) of one class")
+                "unchecked. Compile fewer variants (shapes, options, module settings) of one class, or raise "
+                "attnfuse.capture.RECOMPILE_LIMIT")
     if kind == "graph_break":
         return (f"Dynamo split this model at a graph break ({what}); a softmax and the products around it "
                 "on different sides of a break are not seen as one attention")
     return f"Dynamo could not compile part of this model ({what}); that part ran eagerly, unfused and unchecked"
+
+
+def _why_no_graph(code: Optional[CodeType]) -> Optional[str]:
+    """A note naming the recompile limit when Dynamo holds that many variants of ``code`` already."""
+    if code is None:
+        return None
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    variants = len(_debug_get_cache_entry_list(code))
+    if variants < recompile_limit():
+        return None
+    return (f"Dynamo's recompile limit is reached for {code.co_name} ({code.co_filename}:{code.co_firstlineno}): "
+            f"it holds {variants} compiled variants, so this model runs eagerly, unfused and unchecked. Compile "
+            "fewer variants (shapes, options, module settings) of one class, or raise "
+            "attnfuse.capture.RECOMPILE_LIMIT")
+
+
+# ----------------------------------------------------------------------------- compiling a model
+
+# Compiled variants of one code object before Dynamo falls back to eager, for code compiled by
+# attnfuse only (Dynamo's own default is 8): every configuration of a class (head counts and other
+# int attributes are static guards), every set of rewrite options and every input shape family
+# that Dynamo cannot make dynamic is one variant, and they add up across the models of a process.
+RECOMPILE_LIMIT = 64
+
+
+_COMPILE_TAKES_A_LIMIT = "recompile_limit" in inspect.signature(torch.compile).parameters  # torch >= 2.12?
+
+
+def recompile_limit() -> int:
+    """The limit for attnfuse-compiled code: ours, or the user's global one if that is higher."""
+    return max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
+
+
+def compile_model_call(fn: Callable[..., Any], backend: Callable, dynamic: Optional[bool]) -> Callable[..., Any]:
+    """``torch.compile(fn, backend=backend)`` with the recompile limit raised for ``fn`` alone: through
+    ``torch.compile(recompile_limit=)`` where torch has it, else by setting Dynamo's config around each call."""
+    limit = recompile_limit()
+    if _COMPILE_TAKES_A_LIMIT:
+        return torch.compile(fn, backend=backend, dynamic=dynamic, recompile_limit=limit)
+    compiled = torch.compile(fn, backend=backend, dynamic=dynamic)
+    config = torch._dynamo.config
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        previous = config.recompile_limit
+        config.recompile_limit = max(limit, previous)
+        try:
+            return compiled(*args, **kwargs)
+        finally:
+            config.recompile_limit = previous
+
+    return call
 
 
 def captured(compiled: Callable[..., Any], capture: Capture) -> Callable[..., Any]:
@@ -220,6 +285,9 @@ def captured(compiled: Callable[..., Any], capture: Capture) -> Callable[..., An
             _SIGNALS.finish(capture.report, attempts)
             if capture.graph_calls == graphs_before:
                 capture.report.note(NO_GRAPH_RAN)
+                reason = _why_no_graph(capture.code)
+                if reason:
+                    capture.report.note(reason)
 
     return call
 
