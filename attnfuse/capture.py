@@ -221,10 +221,12 @@ def _describe_signal(kind: str, key: str) -> str:
 
 def _why_no_graph(code: Optional[CodeType]) -> Optional[str]:
     """A note naming the recompile limit when Dynamo holds that many variants of ``code`` already."""
+    try:
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    except ImportError:  # a torch without this debugging hook: the general note stands alone
+        return None
     if code is None:
         return None
-    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
-
     variants = len(_debug_get_cache_entry_list(code))
     if variants < recompile_limit():
         return None

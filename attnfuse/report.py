@@ -111,7 +111,7 @@ class FusionReport:
     root: str = "model"
     graphs: list[GraphSites] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    _graph_ids: set[int] = field(default_factory=set, repr=False, compare=False)
+    _graph_ids: set[int] = field(default_factory=set, init=False, repr=False, compare=False)
 
     @property
     def sites(self) -> list[SiteReport]:
