@@ -1,12 +1,12 @@
 """The public entry points: ``optimize`` (compile a model in place) and ``audit`` (report only)."""
 from __future__ import annotations
 
-from typing import Any
+from types import CodeType
+from typing import Any, Optional
 
-import torch
 from torch import nn
 
-from attnfuse.capture import AttnfuseBackend
+from attnfuse.capture import Capture, backend_for, captured, compile_model_call
 from attnfuse.options import Options
 from attnfuse.report import FusionReport
 
@@ -19,6 +19,10 @@ def _require_module(model: Any, what: str) -> None:
                         "for a plain function use torch.compile(fn, backend='attnfuse')")
 
 
+def _forward_code(model: nn.Module) -> Optional[CodeType]:
+    return getattr(getattr(type(model), "forward", None), "__code__", None)
+
+
 def optimize(model: nn.Module, **options: Any) -> nn.Module:
     """Fuse the hand-written attention of ``model``; returns the same module, compiled in place.
 
@@ -29,9 +33,9 @@ def optimize(model: nn.Module, **options: Any) -> nn.Module:
     """
     _require_module(model, "optimize")
     settings = Options.from_kwargs(**options)
-    report = FusionReport()
-    backend = AttnfuseBackend(settings, report, root=type(model).__name__)
-    model.compile(backend=backend, dynamic=settings.dynamic)
+    report = FusionReport(root=type(model).__name__)
+    compiled = compile_model_call(model._call_impl, backend_for(settings), settings.dynamic)
+    model._compiled_call_impl = captured(compiled, Capture(report, settings.verify, code=_forward_code(model)))
     object.__setattr__(model, _STATE, report)
     return model
 
@@ -49,8 +53,7 @@ def report(model: nn.Module) -> FusionReport:
 def audit(model: nn.Module, *args: Any, **kwargs: Any) -> FusionReport:
     """Run one call of ``model(*args, **kwargs)`` through the pass, verified, without changing ``model``."""
     _require_module(model, "audit")
-    result = FusionReport()
-    backend = AttnfuseBackend(Options(verify=True), result, root=type(model).__name__)
-    compiled = torch.compile(model._call_impl, backend=backend)
-    compiled(*args, **kwargs)
+    result = FusionReport(root=type(model).__name__)
+    compiled = compile_model_call(model._call_impl, backend_for(Options()), None)
+    captured(compiled, Capture(result, verify=True, code=_forward_code(model)))(*args, **kwargs)
     return result

@@ -1,13 +1,26 @@
 """Capture: the Dynamo backend that runs the pass on every graph Dynamo hands it.
 
 Dynamo captures any Python model (graph breaks included: each piece is a graph of its own);
-this backend matches and rewrites each graph, records the sites in a ``FusionReport``, optionally
-verifies the rewrite on the first call, and returns the graph to run eagerly or through Inductor.
+the backend matches and rewrites each graph and returns a ``CompiledGraph`` that runs it eagerly or
+through Inductor.
+
+One backend object serves every model with the same rewrite options. Dynamo keys its cache on the
+code object, the guards and the backend, so a new backend per model would make every optimized or
+audited instance of a class a recompile of the same ``forward``, and after
+``torch._dynamo.config.recompile_limit`` (8) Dynamo would silently run the model eagerly. With one
+backend, instances of a class share the compiled graph as they would under ``torch.compile``. What
+belongs to one model (its report, whether to verify) is not part of the compiled graph: ``captured``
+puts the model's ``Capture`` in a context variable for the duration of each call, and each graph
+records its sites into the active capture's report the first time that model runs it.
 """
 from __future__ import annotations
 
+import contextvars
 import copy
+import inspect
 import itertools
+from dataclasses import dataclass, replace
+from types import CodeType
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -17,43 +30,94 @@ import attnfuse.patterns  # noqa: F401  (registers the rule families)
 from attnfuse.constants import BUFFER_VALUE
 from attnfuse.match import Skip, find_sites
 from attnfuse.options import Options
-from attnfuse.report import FusionReport, SiteReport, module_path, source_line
+from attnfuse.report import FusionReport, GraphSites, SiteReport, relative_module_path, source_line
 from attnfuse.rewrite import rewrite_site
-from attnfuse.verify import VerifiedGraph
+from attnfuse.verify import check_rewrite
 
 _site_counter = itertools.count()
 
 
-class AttnfuseBackend:
-    """A Dynamo backend: ``torch.compile(model, backend=AttnfuseBackend(options, report))``."""
+@dataclass
+class Capture:
+    """What one optimized model (or one audit) owns while its calls run: its report, and whether the
+    first call of each graph is verified against the original."""
 
-    def __init__(self, options: Options, report: Optional[FusionReport] = None, root: str = "model") -> None:
+    report: FusionReport
+    verify: bool = False
+    graph_calls: int = 0
+    code: Optional[CodeType] = None  # the model's ``forward``, to say why Dynamo ran no graph of it
+
+
+_ACTIVE: contextvars.ContextVar[Optional[Capture]] = contextvars.ContextVar("attnfuse_capture", default=None)
+
+
+class CompiledGraph:
+    """One rewritten graph as Dynamo runs it; shared by every model whose code and guards match.
+
+    On the first call under each model's ``Capture`` it verifies the rewrite if that model asked
+    for it, then records its sites in that model's report.
+    """
+
+    def __init__(self, original: GraphModule, rewritten: GraphModule, sites: list[SiteReport],
+                 backend: "AttnfuseBackend", example_inputs: Sequence[Any]) -> None:
+        self.original, self.graph_module = original, rewritten
+        self.sites = GraphSites(sites)
+        self.backend, self.example_inputs = backend, list(example_inputs)
+        self.run: Callable[..., Any] = backend.lower(rewritten, self.example_inputs)
+        self.checked_without_capture = False
+
+    def __call__(self, *args: Any) -> Any:
+        capture = _ACTIVE.get()
+        if capture is None:
+            if self.backend.options.verify and not self.checked_without_capture:
+                self.checked_without_capture = True
+                self.verify(args)
+        else:
+            capture.graph_calls += 1
+            if not capture.report.has_graph(self.sites):
+                if capture.verify:
+                    self.verify(args)
+                capture.report.add_graph(self.sites)
+        return self.run(*args)
+
+    def verify(self, args: tuple) -> None:
+        """Check the current rewrite on ``args``; roll back (for every model sharing the graph) what differs."""
+        result = check_rewrite(self.original, self.graph_module, self.sites.sites, self.backend.rewrite_only, args)
+        if result is not None:
+            self.graph_module, self.sites.sites[:] = result
+            self.run = self.backend.lower(self.graph_module, self.example_inputs)
+
+
+class AttnfuseBackend:
+    """A Dynamo backend: ``torch.compile(model, backend=AttnfuseBackend(options))``.
+
+    ``attnfuse.optimize`` and ``attnfuse.audit`` use ``backend_for(options)``, one object per set of
+    rewrite options, so that Dynamo reuses compiled graphs across models instead of recompiling.
+    """
+
+    def __init__(self, options: Options) -> None:
         self.options = options
-        self.report = report if report is not None else FusionReport()
-        self.root = root
 
     def __call__(self, gm: GraphModule, example_inputs: Sequence[Any]) -> Callable:
-        self.report.graphs_compiled += 1
         _record_buffer_values(gm, example_inputs)
-        original = copy.deepcopy(gm) if self.options.verify else None
-        site_reports = self.rewrite(gm)
-        if original is not None and any(r.status == "fused" for r in site_reports):
-            checked = VerifiedGraph(original, gm, site_reports, self.rewrite_only)
-            if self.options.compiler == "inductor":
-                return _inductor_after_check(checked, example_inputs)
-            return checked
+        original = copy.deepcopy(gm)  # before the matcher caches anything in the nodes' meta
+        sites = self.rewrite(gm)
+        return CompiledGraph(original, gm, sites, self, example_inputs)
+
+    def lower(self, gm: GraphModule, example_inputs: list[Any]) -> Callable:
+        """What runs ``gm``: itself (eager), or Inductor's compilation of it."""
         if self.options.compiler == "inductor":
             from torch._inductor.compile_fx import compile_fx
 
-            return compile_fx(gm, list(example_inputs))
+            return compile_fx(gm, example_inputs)
         return gm.forward
 
     def rewrite(self, gm: GraphModule, only: Optional[set[tuple[str, str]]] = None) -> list[SiteReport]:
-        """Match and rewrite every site of ``gm`` in place (only the ``(name, source)`` keys in ``only``)."""
+        """Match and rewrite every site of ``gm`` in place (only the ``(name, source)`` keys in ``only``);
+        site names are relative to the compiled model."""
         reports = []
-        found = list(find_sites(gm.graph))
-        for result in found:
-            name, source = module_path(result.softmax, self.root), source_line(result.softmax)
+        for result in list(find_sites(gm.graph)):
+            name, source = relative_module_path(result.softmax), source_line(result.softmax)
             if isinstance(result, Skip):
                 reports.append(SiteReport(name, source, "skipped", reason=result.reason))
                 continue
@@ -67,12 +131,167 @@ class AttnfuseBackend:
         if any(r.status == "fused" for r in reports):
             gm.graph.lint()
             gm.recompile()
-        for report in reports:
-            self.report.add(report)
         return reports
 
     def rewrite_only(self, gm: GraphModule, sites: set[tuple[str, str]]) -> list[SiteReport]:
         return self.rewrite(gm, only=sites)
+
+
+_SHARED_BACKENDS: dict[Options, AttnfuseBackend] = {}
+
+
+def backend_for(options: Options) -> AttnfuseBackend:
+    """The one backend object for ``options``' rewrite settings (verify and dynamic are per model)."""
+    key = replace(options, verify=False, dynamic=None)
+    return _SHARED_BACKENDS.setdefault(key, AttnfuseBackend(key))
+
+
+# ----------------------------------------------------------------------------- Dynamo's own signals
+
+def _frame_attempts() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["frames"]["total"]
+
+
+class _DynamoSignals:
+    """Dynamo's counters of graph breaks and of frames it gave up on, read only around calls in which
+    Dynamo tried to compile something (one integer compare per call otherwise)."""
+
+    KINDS = ("graph_break", "unimplemented")
+
+    def __init__(self) -> None:
+        self.attempts = -1
+        self.seen: dict[str, dict[str, int]] = {}
+
+    def start(self) -> int:
+        attempts = _frame_attempts()
+        if attempts != self.attempts:
+            self._remember(attempts)
+        return attempts
+
+    def finish(self, report: FusionReport, started: int) -> None:
+        """Note in ``report`` every graph break or compile failure Dynamo counted since ``started``."""
+        attempts = _frame_attempts()
+        if attempts == started:
+            return
+        from torch._dynamo.utils import counters
+
+        for kind in self.KINDS:
+            for key, count in list(counters[kind].items()):
+                if count > self.seen.get(kind, {}).get(key, 0):
+                    report.note(_describe_signal(kind, key))
+        self._remember(attempts)
+
+    def _remember(self, attempts: int) -> None:
+        from torch._dynamo.utils import counters
+
+        self.attempts = attempts
+        self.seen = {kind: dict(counters[kind]) for kind in self.KINDS}
+
+
+_SIGNALS = _DynamoSignals()
+
+NO_GRAPH_RAN = ("a call of this model ran with no graph through attnfuse: Dynamo ran it eagerly (a recompile "
+                "or cache limit, a skipped or disabled frame) or captured no tensor operation, so any "
+                "attention in it was neither fused nor checked")
+
+
+def _summary(key: str) -> str:
+    """The kind and the explanation of a Dynamo counter key (``gb_type`` then ``Explanation: ...`` lines)."""
+    lines = [line.strip() for line in str(key).strip().splitlines() if line.strip()]
+    if not lines:
+        return "unknown reason"
+    explanation = next((line.split(":", 1)[1].strip() for line in lines[1:] if line.startswith("Explanation:")), "")
+    text = f"{lines[0]}: {explanation}" if explanation else lines[0]
+    return text if len(text) <= 240 else text[:237] + "..."
+
+
+def _describe_signal(kind: str, key: str) -> str:
+    what = _summary(key)
+    if "recompile limit" in what.lower() or "cache size limit" in what.lower():
+        return (f"Dynamo stopped compiling part of this model ({what}); those calls run eagerly, unfused and "
+                "unchecked. Compile fewer variants (shapes, options, module settings) of one class, or raise "
+                "attnfuse.capture.RECOMPILE_LIMIT")
+    if kind == "graph_break":
+        return (f"Dynamo split this model at a graph break ({what}); a softmax and the products around it "
+                "on different sides of a break are not seen as one attention")
+    return f"Dynamo could not compile part of this model ({what}); that part ran eagerly, unfused and unchecked"
+
+
+def _why_no_graph(code: Optional[CodeType]) -> Optional[str]:
+    """A note naming the recompile limit when Dynamo holds that many variants of ``code`` already."""
+    try:
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    except ImportError:  # a torch without this debugging hook: the general note stands alone
+        return None
+    if code is None:
+        return None
+    variants = len(_debug_get_cache_entry_list(code))
+    if variants < recompile_limit():
+        return None
+    return (f"Dynamo's recompile limit is reached for {code.co_name} ({code.co_filename}:{code.co_firstlineno}): "
+            f"it holds {variants} compiled variants, so this model runs eagerly, unfused and unchecked. Compile "
+            "fewer variants (shapes, options, module settings) of one class, or raise "
+            "attnfuse.capture.RECOMPILE_LIMIT")
+
+
+# ----------------------------------------------------------------------------- compiling a model
+
+# Compiled variants of one code object before Dynamo falls back to eager, for code compiled by
+# attnfuse only (Dynamo's own default is 8): every configuration of a class (head counts and other
+# int attributes are static guards), every set of rewrite options and every input shape family
+# that Dynamo cannot make dynamic is one variant, and they add up across the models of a process.
+RECOMPILE_LIMIT = 64
+
+
+_COMPILE_TAKES_A_LIMIT = "recompile_limit" in inspect.signature(torch.compile).parameters  # torch >= 2.12?
+
+
+def recompile_limit() -> int:
+    """The limit for attnfuse-compiled code: ours, or the user's global one if that is higher."""
+    return max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
+
+
+def compile_model_call(fn: Callable[..., Any], backend: Callable, dynamic: Optional[bool]) -> Callable[..., Any]:
+    """``torch.compile(fn, backend=backend)`` with the recompile limit raised for ``fn`` alone: through
+    ``torch.compile(recompile_limit=)`` where torch has it, else by setting Dynamo's config around each call."""
+    limit = recompile_limit()
+    if _COMPILE_TAKES_A_LIMIT:
+        return torch.compile(fn, backend=backend, dynamic=dynamic, recompile_limit=limit)
+    compiled = torch.compile(fn, backend=backend, dynamic=dynamic)
+    config = torch._dynamo.config
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        previous = config.recompile_limit
+        config.recompile_limit = max(limit, previous)
+        try:
+            return compiled(*args, **kwargs)
+        finally:
+            config.recompile_limit = previous
+
+    return call
+
+
+def captured(compiled: Callable[..., Any], capture: Capture) -> Callable[..., Any]:
+    """``compiled`` (a ``torch.compile`` result) run with ``capture`` active, so the graphs it runs
+    report to it; afterwards, notes what Dynamo did not hand to the pass."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        graphs_before, attempts = capture.graph_calls, _SIGNALS.start()
+        token = _ACTIVE.set(capture)
+        try:
+            return compiled(*args, **kwargs)
+        finally:
+            _ACTIVE.reset(token)
+            _SIGNALS.finish(capture.report, attempts)
+            if capture.graph_calls == graphs_before:
+                capture.report.note(NO_GRAPH_RAN)
+                reason = _why_no_graph(capture.code)
+                if reason:
+                    capture.report.note(reason)
+
+    return call
 
 
 def _record_buffer_values(gm: GraphModule, example_inputs: Sequence[Any]) -> None:
@@ -85,23 +304,9 @@ def _record_buffer_values(gm: GraphModule, example_inputs: Sequence[Any]) -> Non
             node.meta[BUFFER_VALUE] = value
 
 
-def _inductor_after_check(checked: VerifiedGraph, example_inputs: Sequence[Any]) -> Callable:
-    """Verify eagerly on the first call, then compile the (possibly rolled back) graph with Inductor."""
-    from torch._inductor.compile_fx import compile_fx
-
-    compiled: list[Callable] = []
-
-    def call(*args: Any) -> Any:
-        if not compiled:
-            out = checked(*args)
-            compiled.append(compile_fx(checked.graph_module, list(example_inputs)))
-            return out
-        return compiled[0](*args)
-
-    return call
-
-
 def attnfuse_backend(gm: GraphModule, example_inputs: Sequence[Any], **options: Any) -> Callable:
-    """The ``torch.compile(model, backend="attnfuse")`` entry point: rewrite, then Inductor by default."""
+    """The ``torch.compile(model, backend="attnfuse")`` entry point: rewrite, then Inductor by default.
+    Options come as keywords or as ``torch.compile(..., options={...})``."""
+    options = {**(options.pop("options", None) or {}), **options}
     options.setdefault("compiler", "inductor")
     return AttnfuseBackend(Options.from_kwargs(**options))(gm, example_inputs)

@@ -84,16 +84,31 @@ def _is_reshape(node: object) -> bool:
     return isinstance(node, Node) and is_call(node, (torch.reshape,), ("view", "reshape"))
 
 
-def reaches_product(node: object, depth: int = _SEARCH_DEPTH) -> bool:
-    """Whether ``node`` is a product, possibly through elementwise score ops (or reshapes)."""
+def _is_unknown_step(node: Node, source: object) -> bool:
+    """A call no rule reads whose result keeps the rank of ``source``, one of its tensor inputs: an
+    elementwise op (``torch.max(s, finfo.min)``, ``clamp``), or an op on the key axis (a sink column
+    concatenated, sliced off after the softmax). A step on the way between two products."""
+    op = canonical(node)
+    if isinstance(op, (Product, Softmax)) or _is_passthrough(op) or node.op not in ("call_function", "call_method"):
+        return False
+    out, into = tensor_meta(node), tensor_meta(source)
+    return out is not None and into is not None and out.dim() == into.dim()
+
+
+def reaches_product(node: object, depth: int = _SEARCH_DEPTH, unknown: int = 0) -> bool:
+    """Whether ``node`` is a product, possibly through elementwise score ops (or reshapes), and through
+    up to ``unknown`` ops no rule reads that keep the rank (``_is_unknown_step``)."""
     op = canonical(node)
     if isinstance(op, Product):
         return True
-    if depth and _is_reshape(node):
-        return reaches_product(node.args[0], depth - 1)
-    if depth == 0 or not _is_passthrough(op):
+    if not depth:
         return False
-    return any(reaches_product(x, depth - 1) for x in _score_inputs(op) if isinstance(x, Node))
+    if _is_reshape(node):
+        return reaches_product(node.args[0], depth - 1, unknown)
+    if _is_passthrough(op):
+        return any(reaches_product(x, depth - 1, unknown) for x in _score_inputs(op) if isinstance(x, Node))
+    return bool(unknown) and isinstance(node, Node) and any(
+        reaches_product(x, depth - 1, unknown - 1) for x in node.all_input_nodes if _is_unknown_step(node, x))
 
 
 def _feeds_product(node: Node, depth: int = _SEARCH_DEPTH) -> bool:
@@ -101,14 +116,21 @@ def _feeds_product(node: Node, depth: int = _SEARCH_DEPTH) -> bool:
         op = canonical(user)
         if isinstance(op, Product) or (depth and _is_passthrough(op) and _feeds_product(user, depth - 1)):
             return True
-        if depth and (op is None or _is_reshape(user)) and _feeds_product(user, depth - 1):
+        if depth and (op is None or _is_reshape(user) or _is_unknown_step(user, node)) \
+                and _feeds_product(user, depth - 1):
             return True
     return False
 
 
+# Unknown ops allowed between the QK product and the softmax for the softmax to count as attention
+# (it is then reported, skipped with the op's name, instead of vanishing from the report).
+_UNKNOWN_STEPS = 3
+
+
 def looks_like_attention(node: Node, op: Softmax) -> bool:
-    """A softmax between two products: the only kind the audit reports on."""
-    return reaches_product(op.x) and _feeds_product(node)
+    """A softmax between two products, possibly through a few ops no rule reads: the kind the audit
+    reports on (fused, or skipped with a reason)."""
+    return reaches_product(op.x, unknown=_UNKNOWN_STEPS) and _feeds_product(node)
 
 
 # ----------------------------------------------------------------------------- the walk

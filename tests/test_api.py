@@ -55,18 +55,27 @@ def test_audit_shape_and_no_side_effect():
     report = attnfuse.audit(model, torch.randn(1, 4, 16))
     assert model._compiled_call_impl is None
     d = report.to_dict()
-    assert set(d) == {"fused", "skipped", "sites"} and d["fused"] == 1 and d["skipped"] == 0
+    assert set(d) == {"fused", "skipped", "sites", "notes"} and d["fused"] == 1 and d["skipped"] == 0
     assert set(d["sites"][0]) == {"name", "source", "status", "reason", "features", "backend"}
     assert d["sites"][0]["status"] == "fused" and d["sites"][0]["backend"] in ("cpu-flash", "cpu-math")
     text = str(report)
     assert "TinyBlock.attend" in text and "fused" in text and "causal" in text
 
 
+class LinearSoftmax(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.proj(x).softmax(dim=-1)
+
+
 def test_model_without_attention_runs_unchanged_and_says_so():
-    model = nn.Sequential(nn.Linear(4, 4), nn.Softmax(dim=-1))
+    model = LinearSoftmax()
     x = torch.randn(3, 4)
     report = attnfuse.audit(model, x)
-    assert report.to_dict() == {"fused": 0, "skipped": 0, "sites": []}
+    assert report.to_dict() == {"fused": 0, "skipped": 0, "sites": [], "notes": []}
     assert "no attention found" in str(report)
     expected = model(x)
     torch.testing.assert_close(attnfuse.optimize(model)(x), expected)
