@@ -112,7 +112,7 @@ def attend(
             whole = full_keep if full_keep is not None else combined_keep(None, causal, L, S, q.device, window)
             q_run, keep_run, bias_run = uniform_rows_for_dropout(q, whole, bias, dead)
         out = _sdpa(q_run, k, v, keep_run, bias_run, causal, window, scale, dropout_p, needs_grad, allowed, on_kernel,
-                    autotune, None if uniform_rows else dead)
+                    autotune, None if uniform_rows or needs_grad else dead)
         if out is None:  # a masked key's NaN or inf reached the kernel's output: compute as the original did
             path, math_reason = "math", "unfused math (NaN/inf in masked keys)"
     if path == "math":
@@ -149,7 +149,7 @@ def _sdpa(q, k, v, full_keep, bias, causal, window, scale, dropout_p, needs_grad
           autotune=False, restored_rows=None) -> Optional[torch.Tensor]:
     """SDPA on the fastest valid kernel; None when the kernel added its mask to a masked key's NaN or
     inf score and the NaN reached the output outside ``restored_rows`` (the original replaced that
-    score). Checking costs a pass over the output and a host read per masked call; under a compiler,
+    score; pass no rows when gradients are needed, since the backward reads them). Checking costs a pass over the output and a host read per masked call; under a compiler,
     where nothing can be read, the k rows that every query row masks are zeroed instead.
     """
     L, S, H, Hk = q.shape[-2], k.shape[-2], q.shape[1], k.shape[1]
@@ -170,6 +170,7 @@ def _sdpa(q, k, v, full_keep, bias, causal, window, scale, dropout_p, needs_grad
         order = autotune_order(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, needs_grad, order)
     if on_kernel is not None:
         on_kernel(dispatch.chosen_kernel(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, order))
+    rng = _rng_state(q) if adds_mask and checkable and dropout_p > 0 else None
     out = dispatch.run_sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, order,
                             strict=allowed is not None)
     if adds_mask and checkable:
@@ -177,5 +178,18 @@ def _sdpa(q, k, v, full_keep, bias, causal, window, scale, dropout_p, needs_grad
         if restored_rows is not None:
             leaked = leaked & ~restored_rows
         if host_bool(leaked.any()):
+            if rng is not None:  # the unfused rerun draws the dropout mask the original would have drawn
+                _set_rng_state(q, rng)
             return None
     return out
+
+
+def _rng_state(q: torch.Tensor) -> torch.Tensor:
+    return torch.cuda.get_rng_state(q.device) if q.is_cuda else torch.get_rng_state()
+
+
+def _set_rng_state(q: torch.Tensor, state: torch.Tensor) -> None:
+    if q.is_cuda:
+        torch.cuda.set_rng_state(state, q.device)
+    else:
+        torch.set_rng_state(state)
