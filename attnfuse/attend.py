@@ -69,6 +69,17 @@ def attend(
         kernels: restrict to these kernels (``"cudnn"``, ``"flash"``, ``"efficient"``, ``"math"``, ``"flex"``).
         autotune: time the valid SDPA kernels once per call signature and use the fastest.
         on_kernel: called with the name of the kernel that runs (used by the audit).
+
+    Cost beyond the kernel, per call (each fact is read from the values every call, ``attnfuse.memo``):
+    a keep-mask is reduced over its keys to find rows without keys (a pass over the mask, one host
+    read); where such rows exist they get the original's answer (a ``where`` over the output rows,
+    or, under dropout with a finite fill, q zeroed in those rows so the kernel's own dropout applies).
+    When the kernel adds its mask to the scores (any mask tensor; ``is_causal`` only on SDPA's math
+    kernel), the output is checked for NaN/inf (a pass over the output, one host read) and, if a
+    masked key's NaN or inf leaked in, the call is computed unfused as the original did. A bias
+    tensor is reduced over its keys for rows that are ``-inf`` throughout (a pass over the bias, one
+    host read), which the original gives as NaN. On the CPU a host read costs nothing; on CUDA it is
+    a synchronization. A negative scale is folded into q (``-q``, a pass over q).
     """
     _check(q, k, v, causal, fully_masked_rows, window)
     allowed = dispatch.validate_kernels(kernels)
@@ -149,8 +160,8 @@ def _sdpa(q, k, v, full_keep, bias, causal, window, scale, dropout_p, needs_grad
           autotune=False, restored_rows=None) -> Optional[torch.Tensor]:
     """SDPA on the fastest valid kernel; None when the kernel added its mask to a masked key's NaN or
     inf score and the NaN reached the output outside ``restored_rows`` (the original replaced that
-    score; pass no rows when gradients are needed, since the backward reads them). Checking costs a pass over the output and a host read per masked call; under a compiler,
-    where nothing can be read, the k rows that every query row masks are zeroed instead.
+    score; pass no rows when gradients are needed, since the backward reads them). Under a compiler,
+    where the output cannot be read, the k rows that every query row masks are zeroed instead.
     """
     L, S, H, Hk = q.shape[-2], k.shape[-2], q.shape[1], k.shape[1]
     attn_mask, is_causal = sdpa_mask(full_keep, bias, causal, L, S, q, window)

@@ -70,6 +70,29 @@ def test_dropout_on_a_row_without_keys_is_dropout_of_uniform_weights(fill, softc
     assert not torch.allclose(actual[1], v[1].mean(-2, keepdim=True).expand_as(actual[1]))  # random, not the mean
 
 
+class BiasedPaddedDropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.dropout = nn.Dropout(0.4)
+
+    def forward(self, q, k, v, bias, keep):
+        scores = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]) + bias).masked_fill(~keep[:, None, None, :], -1e9)
+        return self.dropout(scores.softmax(-1)) @ v
+
+
+def test_dropout_on_a_row_without_keys_ignores_its_bias_as_the_original():
+    q, k, v = _qkv(5, 5, grad=True)
+    bias = torch.randn(1, 2, 5, 5, generator=torch.Generator().manual_seed(2))
+    keep = torch.ones(2, 5, dtype=torch.bool)
+    keep[1] = False
+    reference, optimized = _train_pair(BiasedPaddedDropout())
+    for seed in range(3):
+        torch.manual_seed(seed)
+        expected = reference(q, k, v, bias, keep)
+        torch.manual_seed(seed)
+        torch.testing.assert_close(optimized(q, k, v, bias, keep), expected)
+
+
 def test_dropout_on_causal_rows_without_keys_averages_to_the_mean_of_v():
     """Bottom-right causal with more queries than keys: the first rows keep no key. Their dropout
     output is random, with the mean of v as its expectation (a statistic, checked over many draws)."""

@@ -170,3 +170,30 @@ def test_dead_key_columns_are_zeroed_under_a_compiler():
                              backend="aot_eager", fullgraph=True)
     expected = MaskedAttention(float("-inf"))(*leaf_copies((q, k, v, keep)))
     torch.testing.assert_close(compiled(q, k, v, keep), expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("case", ["padding", "causal", "lower_right"])
+def test_nonfinite_masked_keys_on_the_gpu(dtype, case):
+    """Measured on an H100 (torch 2.11): every kernel adds a mask tensor (padding leaks), ``is_causal``
+    selects on flash / memory-efficient / cuDNN, a lower-right ``CausalBias`` on flash / memory-efficient."""
+    L, S = (64, 1024) if case == "lower_right" else (1024, 1024)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(2, 4, L, 64, device="cuda", dtype=dtype, generator=g)
+    k, v = (torch.randn(2, 4, S, 64, device="cuda", dtype=dtype, generator=g) for _ in range(2))
+    keep = torch.ones(2, 1, 1, S, dtype=torch.bool, device="cuda")
+    if case == "padding":
+        keep[0, ..., -S // 4:] = False
+        k[0, :, -S // 4:] = float("nan")
+        model, args = MaskedAttention(float("-inf")), (q, k, v, keep)
+    else:
+        k[:, :, S - 2] = float("nan")  # above the diagonal of every row but the last ones
+        model, args = Causal(), (q, k, v)
+    expected = model(*(a.float() if a.is_floating_point() else a for a in args))
+    optimized = attnfuse.optimize(copy.deepcopy(model))
+    actual = optimized(*args).float()
+    assert attnfuse.report(optimized).fused == 1
+    assert (actual.isnan() == expected.isnan()).all()
+    torch.testing.assert_close(actual, expected, equal_nan=True, atol=2e-2 if dtype == torch.bfloat16 else 1e-4,
+                               rtol=2e-2 if dtype == torch.bfloat16 else 1e-4)
