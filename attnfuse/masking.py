@@ -7,6 +7,17 @@ original model's answer for them (the mean of v for a finite fill, NaN for ``-in
 back explicitly, so the result never depends on the kernel. The same holds for rows whose every
 score is ``-inf`` through a bias (NaN in the original). Which rows those are is computed from the
 mask's values at every call (``attnfuse.memo`` says why nothing is memoized, and what it costs).
+
+NaN or inf in a masked key (an uninitialised cache slot): the original replaces the masked score,
+a kernel that adds its mask computes ``NaN + -inf``. ``attend`` checks such a kernel's output and
+recomputes the call unfused when a non-finite value leaked in. Not reproduced, by choice of cost:
+a NaN or inf *value* in a key above the causal diagonal with ``is_causal`` on a kernel that skips
+masked tiles (CPU flash from a few hundred keys, GPU flash / memory-efficient / cuDNN past one tile):
+the original gives NaN in every row (``0 * NaN``), the kernel only in the rows that see the key;
+under a compiler or CUDA-graph capture, a NaN or inf key that some query row keeps and another
+masks (only keys masked for every row are zeroed there); and an additive causal constant (``s +
+triu(-inf)``, run on the causal path) over a non-finite key, where the original's ``NaN + -inf``
+is NaN and the causal kernel selects (the site would need to say that its mask was added).
 """
 from __future__ import annotations
 
