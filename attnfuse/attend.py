@@ -9,7 +9,9 @@ from attnfuse import dispatch
 from attnfuse.fallback import index_grid, math_attention
 from attnfuse.autotune import autotune_order
 from attnfuse.flex import flex_attend
-from attnfuse.masking import combined_keep, is_traced, restore_fully_masked_rows, rows_without_keys, sdpa_mask
+from attnfuse.masking import (combined_keep, dead_key_columns, is_traced, restore_fully_masked_rows, rows_of_neginf,
+                              rows_without_keys, sdpa_mask, uniform_rows_for_dropout)
+from attnfuse.memo import host_bool, host_readable
 
 Causal = Optional[Literal["top_left", "bottom_right"]]
 FullyMaskedRows = Literal["zero", "mean", "nan"]
@@ -67,6 +69,17 @@ def attend(
         kernels: restrict to these kernels (``"cudnn"``, ``"flash"``, ``"efficient"``, ``"math"``, ``"flex"``).
         autotune: time the valid SDPA kernels once per call signature and use the fastest.
         on_kernel: called with the name of the kernel that runs (used by the audit).
+
+    Cost beyond the kernel, per call (each fact is read from the values every call, ``attnfuse.memo``):
+    a keep-mask is reduced over its keys to find rows without keys (a pass over the mask, one host
+    read); where such rows exist they get the original's answer (a ``where`` over the output rows,
+    or, under dropout with a finite fill, q zeroed in those rows so the kernel's own dropout applies).
+    When the kernel adds its mask to the scores (any mask tensor; ``is_causal`` only on SDPA's math
+    kernel), the output is checked for NaN/inf (a pass over the output, one host read) and, if a
+    masked key's NaN or inf leaked in, the call is computed unfused as the original did. A bias
+    tensor is reduced over its keys for rows that are ``-inf`` throughout (a pass over the bias, one
+    host read), which the original gives as NaN. On the CPU a host read costs nothing; on CUDA it is
+    a synchronization. A negative scale is folded into q (``-q``, a pass over q).
     """
     _check(q, k, v, causal, fully_masked_rows, window)
     allowed = dispatch.validate_kernels(kernels)
@@ -85,6 +98,11 @@ def attend(
     if path != "math" and needs_grad and bias is not None and dispatch.bias_masks_a_whole_row(bias):
         path = "math"
     scale_value = E ** -0.5 if scale is None else scale
+    if S == 0 or scale_value == 0:
+        path = "math"  # no key to sum over (the original gives 0), or every score 0: nothing to fuse
+    elif scale_value < 0 and path != "math":
+        # fused kernels track the running maximum of the unscaled scores; -q with |scale| is exact
+        q, scale, scale_value = -q, -scale_value, -scale_value
     if path == "flex":
         out = _flex_or_none(q, k, v, keep, bias, bias_fn, causal, window, softcap, scale_value, allowed)
         if out is not None:
@@ -92,22 +110,37 @@ def attend(
                 on_kernel("flex")
         else:
             path = "math" if softcap is not None else "sdpa"
-    if path == "math":
-        if on_kernel is not None:
-            on_kernel("unfused math")
-        out = math_attention(q, k, v, keep=keep, bias=bias, bias_fn=bias_fn, causal=causal, window=window,
-                             softcap=softcap, scale=scale_value, dropout_p=dropout_p)
-    full_keep = None
+    full_keep, dead, dead_known, math_reason = None, None, False, "unfused math"
     if path == "sdpa":
         if bias_fn is not None:
             grid_bias = bias_fn(index_grid(B, H, L, S, q.device))
-            bias = grid_bias if bias is None else bias + grid_bias
+            bias, bias_fn = (grid_bias if bias is None else bias + grid_bias), None
         full_keep = None if keep is None else combined_keep(keep, causal, L, S, q.device, window)
-        out = _sdpa(q, k, v, full_keep, bias, causal, window, scale, dropout_p, needs_grad, allowed, on_kernel,
-                    autotune)
-    dead = rows_without_keys(keep, causal, L, S, q.device, window, full_keep)
-    if dead is not None:
+        dead, dead_known = rows_without_keys(keep, causal, L, S, q.device, window, full_keep), True
+        q_run, keep_run, bias_run = q, full_keep, bias
+        uniform_rows = dead is not None and dropout_p > 0 and fully_masked_rows == "mean"
+        if uniform_rows:
+            whole = full_keep if full_keep is not None else combined_keep(None, causal, L, S, q.device, window)
+            q_run, keep_run, bias_run = uniform_rows_for_dropout(q, whole, bias, dead)
+        out = _sdpa(q_run, k, v, keep_run, bias_run, causal, window, scale, dropout_p, needs_grad, allowed, on_kernel,
+                    autotune, None if uniform_rows or needs_grad else dead)
+        if out is None:  # a masked key's NaN or inf reached the kernel's output: compute as the original did
+            path, math_reason = "math", "unfused math (NaN/inf in masked keys)"
+    if path == "math":
+        if on_kernel is not None:
+            on_kernel(math_reason)
+        out = math_attention(q, k, v, keep=keep, bias=bias, bias_fn=bias_fn, causal=causal, window=window,
+                             softcap=softcap, scale=scale_value, dropout_p=dropout_p)
+    if not dead_known:
+        dead = rows_without_keys(keep, causal, L, S, q.device, window, full_keep)
+    if dead is not None and not (dropout_p > 0 and fully_masked_rows == "mean"):
+        # with dropout a finite fill's row is dropout(uniform) @ v, computed by the kernel or the math path
         out = restore_fully_masked_rows(out, v, dead, fully_masked_rows)
+    if bias is not None:
+        whole = full_keep if full_keep is not None else combined_keep(keep, causal, L, S, q.device, window)
+        neginf_rows = rows_of_neginf(bias, whole, fully_masked_rows == "nan")
+        if neginf_rows is not None:
+            out = restore_fully_masked_rows(out, v, neginf_rows, "nan")
     return out
 
 
@@ -124,7 +157,12 @@ def _flex_or_none(q, k, v, keep, bias, bias_fn, causal, window, softcap, scale, 
 
 
 def _sdpa(q, k, v, full_keep, bias, causal, window, scale, dropout_p, needs_grad, allowed, on_kernel,
-          autotune=False) -> torch.Tensor:
+          autotune=False, restored_rows=None) -> Optional[torch.Tensor]:
+    """SDPA on the fastest valid kernel; None when the kernel added its mask to a masked key's NaN or
+    inf score and the NaN reached the output outside ``restored_rows`` (the original replaced that
+    score; pass no rows when gradients are needed, since the backward reads them). Under a compiler,
+    where the output cannot be read, the k rows that every query row masks are zeroed instead.
+    """
     L, S, H, Hk = q.shape[-2], k.shape[-2], q.shape[1], k.shape[1]
     attn_mask, is_causal = sdpa_mask(full_keep, bias, causal, L, S, q, window)
     enable_gqa = Hk != H
@@ -134,9 +172,35 @@ def _sdpa(q, k, v, full_keep, bias, causal, window, scale, dropout_p, needs_grad
         enable_gqa = False
     sdpa_allowed = None if allowed is None else tuple(name for name in allowed if name != "flex")
     order = dispatch.kernel_order(q, k, v, attn_mask, needs_grad, sdpa_allowed)
+    masked = full_keep is not None or causal is not None or window is not None
+    adds_mask = masked and dispatch.kernel_adds_mask(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, order)
+    checkable = host_readable(q)
+    if adds_mask and not checkable and full_keep is not None:
+        k = k.masked_fill(dead_key_columns(full_keep, k.shape[1]).unsqueeze(-1), 0)
     if autotune and not is_traced(q):
         order = autotune_order(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, needs_grad, order)
     if on_kernel is not None:
         on_kernel(dispatch.chosen_kernel(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, order))
-    return dispatch.run_sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, order,
-                             strict=allowed is not None)
+    rng = _rng_state(q) if adds_mask and checkable and dropout_p > 0 else None
+    out = dispatch.run_sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, order,
+                            strict=allowed is not None)
+    if adds_mask and checkable:
+        leaked = ~torch.isfinite(out)
+        if restored_rows is not None:
+            leaked = leaked & ~restored_rows
+        if host_bool(leaked.any()):
+            if rng is not None:  # the unfused rerun draws the dropout mask the original would have drawn
+                _set_rng_state(q, rng)
+            return None
+    return out
+
+
+def _rng_state(q: torch.Tensor) -> torch.Tensor:
+    return torch.cuda.get_rng_state(q.device) if q.is_cuda else torch.get_rng_state()
+
+
+def _set_rng_state(q: torch.Tensor, state: torch.Tensor) -> None:
+    if q.is_cuda:
+        torch.cuda.set_rng_state(state, q.device)
+    else:
+        torch.set_rng_state(state)

@@ -20,7 +20,7 @@ from torch.nn.attention.bias import CausalBias
 
 from attnfuse.kernel_scope import kernel_scope
 from attnfuse.masking import is_traced
-from attnfuse.memo import ContentMemo
+from attnfuse.memo import host_bool
 from attnfuse.patterns.masks import MASKING_THRESHOLD
 
 KERNELS = {
@@ -31,7 +31,6 @@ KERNELS = {
 }
 KERNEL_NAMES = {backend: name for name, backend in KERNELS.items()}
 KERNEL_CHOICES = (*KERNELS, "flex")
-_WHOLE_ROW_MASKED = ContentMemo()  # additive bias -> whether it masks a whole row
 
 
 def validate_kernels(kernels: Optional[Iterable[str]]) -> Optional[tuple[str, ...]]:
@@ -48,19 +47,17 @@ def validate_kernels(kernels: Optional[Iterable[str]]) -> Optional[tuple[str, ..
 
 
 def bias_masks_a_whole_row(bias: torch.Tensor) -> bool:
-    """Whether an additive bias masks every key of some query row (one reduction and a host sync,
-    once per unchanged bias tensor: every layer of a model shares one).
+    """Whether an additive bias masks every key of some query row (a reduction over the bias at every
+    call and, eagerly, a host read; see ``attnfuse.memo``).
 
     Fused kernels recompute the probabilities in the backward pass from a log-sum-exp; for a row of
     ``finfo.min`` entries, ``min + log(S)`` rounds back to ``min`` and the gradients come out ``S``
     times too large (found by the fuzzer, CPU flash; the same recomputation is in the GPU kernels).
-    Such calls run unfused, as the original did.
+    Such calls run unfused, as the original did. Under a compiler the value is unknown: unfused too.
     """
     if not bias.is_floating_point() or bias.shape[-1] == 0:
         return False
-    if is_traced(bias):
-        return True  # under a compiler the value is unknown: stay exact
-    return _WHOLE_ROW_MASKED.get(bias, None, lambda: bool((bias.amax(dim=-1) <= MASKING_THRESHOLD).any()))
+    return host_bool((bias.amax(dim=-1) <= MASKING_THRESHOLD).any()) is not False
 
 
 _FLEX_FAILURES: dict[tuple, str] = {}
@@ -166,6 +163,37 @@ def chosen_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: 
     except Exception:
         name = KERNEL_NAMES[order[0]]
     return name if q.device.type == "cuda" else f"cpu-{name}"
+
+
+_CAUSAL_KERNELS: dict[tuple, str] = {}
+
+
+def _causal_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, scale: Optional[float],
+                   enable_gqa: bool, order: list[SDPBackend]) -> str:
+    """``chosen_kernel`` for an ``is_causal`` call, remembered per call signature (metadata only)."""
+    key = (q.device.type, q.dtype, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.stride(-1), k.stride(-1),
+           v.stride(-1), dropout_p > 0, enable_gqa, tuple(order), q.requires_grad or k.requires_grad)
+    if key not in _CAUSAL_KERNELS:
+        _CAUSAL_KERNELS[key] = chosen_kernel(q, k, v, None, dropout_p, True, scale, enable_gqa, order)
+    return _CAUSAL_KERNELS[key]
+
+
+def kernel_adds_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: object, dropout_p: float,
+                     is_causal: bool, scale: Optional[float], enable_gqa: bool, order: list[SDPBackend]) -> bool:
+    """Whether the kernel taking this call adds its mask to the scores instead of selecting.
+
+    Adding ``-inf`` to the score of a key that holds NaN or inf gives NaN, where the original's
+    ``masked_fill`` replaced that score: a masked key's non-finite value then reaches the output.
+    Measured (CPU, torch 2.13; H100, torch 2.11): every kernel adds a mask tensor; ``is_causal``
+    selects on CPU flash and on GPU flash, memory-efficient and cuDNN, but adds on the math kernel;
+    a lower-right ``CausalBias`` selects on GPU flash and memory-efficient and is materialized
+    (added) on the CPU and on the other kernels.
+    """
+    if isinstance(attn_mask, CausalBias):
+        return not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16, torch.float32))
+    if attn_mask is not None:
+        return True
+    return is_causal and _causal_kernel(q, k, v, dropout_p, scale, enable_gqa, order) in ("math", "cpu-math")
 
 
 def run_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],

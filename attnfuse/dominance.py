@@ -4,10 +4,10 @@
 while every kept score exceeds the fill by enough for ``exp(fill - max)`` to underflow to zero (104 in
 fp32 arithmetic, 746 in fp64); a kept score pushed down by an additive padding bias, or scores of a
 magnitude near the fill, break it and the original then attends to the masked keys. A fill at or below
-``PROVEN_FILL`` needs no check while the additive biases stay above it (read once per unchanged bias
-tensor); any other finite fill is checked on each call from a bound on the scores,
-``|scale| * max|q_i| * max|k_j|`` (one pass over q and k and a host sync). When the check fails the
-site runs its original ops for that call (``attnfuse.original``).
+``PROVEN_FILL`` needs no check while the additive biases stay above it; any other finite fill is checked on each call from a bound on the scores,
+``|scale| * max|q_i| * max|k_j|`` (one pass over q and k and a host sync). The bias minimum is read
+at every call too (one reduction over the bias and a host read; ``attnfuse.memo`` says why nothing
+is memoized). When the check fails the site runs its original ops for that call (``attnfuse.original``).
 """
 from __future__ import annotations
 
@@ -17,10 +17,8 @@ from typing import Optional, Sequence
 import torch
 
 from attnfuse.masking import is_traced
-from attnfuse.memo import ContentMemo
 
 PROVEN_FILL = -1e30
-_BIAS_MINIMA = ContentMemo()  # bias tensor -> its smallest entry
 
 
 def underflow_gap(dtype: torch.dtype) -> float:
@@ -31,7 +29,7 @@ def underflow_gap(dtype: torch.dtype) -> float:
 def _smallest(bias: torch.Tensor) -> float:
     if bias.numel() == 0:
         return 0.0
-    return _BIAS_MINIMA.get(bias, None, lambda: float(bias.detach().amin().float()))
+    return float(bias.detach().amin().float())
 
 
 @dataclass(frozen=True)

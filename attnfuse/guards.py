@@ -1,10 +1,13 @@
 """Guards: causal masks read from module buffers (nanoGPT's registered ``tril``), kept correct if the
 buffer changes after capture.
 
-The rewrite runs such a site on the kernels' causal path. Each call compares the buffers' storage
-and version counter with what the mask was proven on (no tensor is read); if a buffer was replaced
-or written to, the mask is recomputed from it by the original ops, proven again, and used as a
-plain mask if it is no longer the causal triangle.
+The rewrite runs such a site on the kernels' causal path. Each call recomputes the mask from the
+buffers with the original's own ops and compares it with the causal triangle: the work the original
+did per call on its mask (a pass over the ``(L, S)`` slice), one comparison, and, on CUDA, one host
+synchronization (``attnfuse.memo``: a check keyed by ``data_ptr`` and ``_version`` misses writes
+through ``.data``, whose version counter is separate, and through NumPy views). If the buffer no
+longer holds the triangle, the recomputed mask is used as a plain mask for that call. Under a
+compiler or CUDA-graph capture, where nothing can be read, the recomputed mask is always used.
 """
 from __future__ import annotations
 
@@ -14,7 +17,10 @@ import torch
 from torch import fx
 from torch.fx import Node
 
-from attnfuse.masking import causal_keep, is_traced
+from attnfuse.masking import causal_keep
+from attnfuse.memo import host_bool, host_readable
+
+MAX_TRIANGLES = 16  # triangles kept per site, one per (L, S, device) seen
 
 
 def extract_function(output: Node, inputs: list[Node]) -> fx.GraphModule:
@@ -36,27 +42,27 @@ def extract_function(output: Node, inputs: list[Node]) -> fx.GraphModule:
     return fx.GraphModule(torch.nn.Module(), graph)
 
 
-def _state(buffers: tuple) -> tuple:
-    return tuple((b.data_ptr(), b._version) for b in buffers)
-
-
 class CausalGuard:
     """Checks, per call, that a buffer-built mask is still the causal triangle it was proven to be."""
 
     def __init__(self, mask: Node, negated: bool, buffers: list[Node], alignment: str) -> None:
         self.compute = extract_function(mask, buffers)
         self.negated, self.alignment = negated, alignment
-        self.proven = _state(tuple(node.meta["attnfuse_buffer_value"] for node in buffers))
+        self._triangles: dict[tuple, torch.Tensor] = {}
+
+    def _triangle(self, L: int, S: int, device: torch.device) -> torch.Tensor:
+        key = (L, S, str(device))
+        if key not in self._triangles:
+            if len(self._triangles) >= MAX_TRIANGLES:
+                self._triangles.clear()
+            self._triangles[key] = causal_keep(L, S, self.alignment, device)
+        return self._triangles[key]
 
     def changed_mask(self, buffers: tuple, L: int, S: int) -> Optional[torch.Tensor]:
         """None while the mask is still causal; else the keep-mask to use instead of the causal flag."""
-        if not is_traced(buffers[0]) and _state(buffers) == self.proven:
-            return None
         value = self.compute(*buffers)
         keep = ~value if self.negated else value
-        if not is_traced(buffers[0]):
-            triangle = causal_keep(L, S, self.alignment, keep.device)
-            if keep.shape[-2:] == (L, S) and bool((keep == triangle).all()):
-                self.proven = _state(buffers)
+        if host_readable(keep) and keep.dtype == torch.bool and tuple(keep.shape[-2:]) == (L, S):
+            if host_bool((keep == self._triangle(L, S, keep.device)).all()):
                 return None
         return keep

@@ -17,11 +17,8 @@ from attnfuse.canonical import tensor_meta
 from attnfuse.dominance import FillDominance
 from attnfuse.guards import CausalGuard
 from attnfuse.masking import conjunction
-from attnfuse.memo import ContentMemo
 from attnfuse.site import AttentionSite
 
-
-_NEGATIONS = ContentMemo()  # a model's "masked" tensor -> its "keep" negation, shared by every layer
 
 
 @dataclass(frozen=True)
@@ -226,7 +223,7 @@ def run_site(plan: SitePlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         return _run_original(plan, everything, "the fill did not mask on this call")
     keep = None
     for mask, negated in zip(masks, plan.mask_negated):
-        mask = _score_operand(_NEGATIONS.get(mask, None, mask.logical_not) if negated else mask, plan, batch_shape)
+        mask = _score_operand(mask.logical_not() if negated else mask, plan, batch_shape)
         keep = mask if keep is None else conjunction(keep, mask)
     bias = None
     for term, coefficient in zip(biases, plan.bias_coefficients):

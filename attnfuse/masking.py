@@ -1,10 +1,26 @@
-"""Lowering of masks: the one ``attn_mask`` SDPA takes, and the rows where every key is masked.
+"""Lowering of masks: the one ``attn_mask`` SDPA takes, and the rows where kernels and the original differ.
 
 SDPA takes a single mask, so keep-masks, a causal triangle and additive biases are combined here
 only when more than one is present; a lone causal mask stays on the kernels' causal path. Rows in
 which every key is masked are where kernels disagree (0, NaN, or, on cuDNN, unmasked); the
 original model's answer for them (the mean of v for a finite fill, NaN for ``-inf``) is written
-back explicitly, so the result never depends on the kernel.
+back explicitly, so the result never depends on the kernel. The same holds for rows whose every
+score is ``-inf`` through a bias (NaN in the original). Which rows those are is computed from the
+mask's values at every call (``attnfuse.memo`` says why nothing is memoized, and what it costs).
+
+NaN or inf in a masked key (an uninitialised cache slot): the original replaces the masked score,
+a kernel that adds its mask computes ``NaN + -inf``. ``attend`` checks such a kernel's output and
+recomputes the call unfused when a non-finite value leaked in. Not reproduced, by choice of cost:
+a NaN or inf *value* in a key above the causal diagonal with ``is_causal`` on a kernel that skips
+masked tiles (CPU flash from a few hundred keys, GPU flash / memory-efficient / cuDNN past one tile):
+the original gives NaN in every row (``0 * NaN``), the kernel only in the rows that see the key;
+under a compiler or CUDA-graph capture, a NaN or inf key that some query row keeps and another
+masks (only keys masked for every row are zeroed there); and an additive causal constant (``s +
+triu(-inf)``, run on the causal path) over a non-finite key, where the original's ``NaN + -inf``
+is NaN and the causal kernel selects (the site would need to say that its mask was added); an
+infinite key that some row *keeps*, scoring ``-inf`` in a row with no other kept key (the original
+gives NaN, or uniform weights over the masked keys with a finite fill; kernels give 0), since
+finding it needs a pass over k at every call.
 """
 from __future__ import annotations
 
@@ -13,22 +29,12 @@ from typing import Optional
 import torch
 from torch.nn.attention.bias import causal_lower_right
 
-from attnfuse.memo import ContentMemo, memoizable
-
-_ROWS_WITHOUT_KEYS = ContentMemo()  # keep-mask -> whether some query row keeps no key
-_CONJUNCTIONS = ContentMemo()  # keep-mask -> ContentMemo(another keep-mask -> the two combined)
+from attnfuse.memo import host_bool
 
 
 def conjunction(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """``first & second``; for the same two unchanged masks, the same tensor at every call.
-
-    A site with two keep-masks (say padding and a custom mask) would otherwise hand a fresh tensor
-    to every call, and the facts memoized about a keep-mask (``rows_without_keys``) would cost a host
-    synchronization each time. The combination is a fact about ``second`` stored under a fact about
-    ``first``, so a write to either mask gives a new conjunction.
-    """
-    combinations_with_first = _CONJUNCTIONS.get(first, None, ContentMemo)
-    return combinations_with_first.get(second, None, lambda: first & second)
+    """``first & second``: two keep-masks of one site as one (one pass over the broadcast masks)."""
+    return first & second
 
 
 def causal_keep(L: int, S: int, alignment: str, device: torch.device, window: Optional[int] = None) -> torch.Tensor:
@@ -85,10 +91,14 @@ def rows_without_keys(keep: Optional[torch.Tensor], causal: Optional[str], L: in
                       full_keep: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """A boolean broadcastable to ``(B, H, L, 1)``, True where a query row keeps no key; None if none does.
 
-    For a keep-mask the answer needs its values: eagerly, whether any row is empty is learned once per
-    unchanged mask (one host synchronization, ``attnfuse.memo``), so the usual mask, with a key in
-    every row, costs no pass over the output. ``full_keep`` may pass ``combined_keep``'s result if built.
+    A causal triangle alone is answered from the shapes. A keep-mask is reduced over its keys at
+    every call (a pass over the mask, not over q, k or v) and, eagerly, whether any row is empty is
+    read on the host (``attnfuse.memo``), so a mask with a key in every row costs no pass over the
+    output. ``full_keep`` may pass ``combined_keep``'s result if built. With no key at all
+    (``S == 0``) there is nothing to restore: the original sums over no key and gives 0.
     """
+    if S == 0:
+        return None
     if keep is None and window is None:
         if causal == "bottom_right" and L > S:
             return (torch.arange(L, device=device) < L - S).unsqueeze(-1)
@@ -96,15 +106,51 @@ def rows_without_keys(keep: Optional[torch.Tensor], causal: Optional[str], L: in
     if keep is None and (causal == "bottom_right" or L <= S):
         # a window keeps the diagonal key j = i + S - L whenever that key exists
         return (torch.arange(L, device=device) < L - S).unsqueeze(-1) if L > S else None
+    full = full_keep if full_keep is not None else combined_keep(keep, causal, L, S, device, window)
+    dead = ~full.any(-1, keepdim=True)
+    return None if host_bool(dead.any()) is False else dead
 
-    def empty_rows() -> torch.Tensor:
-        full = full_keep if full_keep is not None else combined_keep(keep, causal, L, S, device, window)
-        return ~full.any(-1, keepdim=True)
 
-    if keep is not None and memoizable(keep):
-        if not _ROWS_WITHOUT_KEYS.get(keep, (causal, L, S, window), lambda: bool(empty_rows().any())):
-            return None
-    return empty_rows()
+def rows_of_neginf(bias: torch.Tensor, full_keep: Optional[torch.Tensor], fill_is_neginf: bool) -> Optional[torch.Tensor]:
+    """Rows whose every score is ``-inf`` in the original (so its softmax gives NaN), beyond rows
+    without keys: a bias of ``-inf`` at every kept key, and a ``-inf`` fill or no masked key.
+
+    Kernels return 0 for such rows. Costs a pass over the bias (and mask) per call and, eagerly, a
+    host read; None when no row is affected.
+    """
+    if not bias.is_floating_point() or bias.shape[-1] == 0:
+        return None
+    blocked = torch.isneginf(bias)
+    if full_keep is not None:
+        blocked = (blocked | ~full_keep) if fill_is_neginf else (blocked & full_keep)
+    rows = blocked.all(-1, keepdim=True)
+    return None if host_bool(rows.any()) is False else rows
+
+
+def dead_key_columns(full_keep: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """``(B|1, Hk|1, S)``: True for a key that every query row (of every query head sharing its kv
+    head) masks, so its k row is never read by the original and may be zeroed."""
+    full = full_keep.reshape((1,) * (4 - full_keep.dim()) + tuple(full_keep.shape))
+    dead = ~full.any(-2)
+    if dead.shape[1] > kv_heads:
+        dead = dead.unflatten(1, (kv_heads, -1)).all(2)
+    return dead
+
+
+def uniform_rows_for_dropout(q: torch.Tensor, full_keep: torch.Tensor, bias: Optional[torch.Tensor],
+                             dead: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """``(q, keep, bias)`` under which the kernel itself gives a row without keys uniform weights.
+
+    With a finite fill the original computes ``dropout(uniform) @ v`` for such a row (a random
+    result), which no write-back can reproduce: the row's q is zeroed, every key is kept and its
+    bias set to 0, so its scores are all 0 and the kernel's own dropout applies (on the CPU, where
+    SDPA's math kernel draws the same dropout mask as the original, even under the same seed).
+    Costs a pass over q and over the mask; gradients reach neither q nor k from such a row, as in
+    the original.
+    """
+    keep = full_keep | dead
+    bias = None if bias is None else torch.where(dead, torch.zeros((), dtype=bias.dtype, device=bias.device), bias)
+    return q.masked_fill(dead, 0), keep, bias
 
 
 def restore_fully_masked_rows(out: torch.Tensor, v: torch.Tensor, dead: torch.Tensor, mode: str) -> torch.Tensor:

@@ -1,13 +1,12 @@
-"""Facts memoized per unchanged tensor (attnfuse.memo) and the cheap SDPA kernel scope.
+"""Facts about a mask's values, read at every call (attnfuse.memo), and the cheap SDPA kernel scope.
 
-A memoized fact that outlived an in-place change of its mask would give a wrong answer on the
-rows that lost every key, so each test changes a mask between calls and compares with the
-unrewritten module.
+A fact that outlived a change of its mask would give a wrong answer on the rows that lost every
+key, so each test changes a mask between calls (in place, through ``.data``, through a NumPy view)
+and compares with the unrewritten module.
 """
 from __future__ import annotations
 
 import copy
-import gc
 
 import pytest
 import torch
@@ -16,56 +15,23 @@ from torch.nn.attention import SDPBackend
 import attnfuse
 from attnfuse import masking
 from attnfuse.kernel_scope import kernel_scope
-from attnfuse.memo import ContentMemo
+from attnfuse.memo import host_bool, host_bools
 from seed_modules import PaddingStyle
 
 
-def test_memo_computes_once_per_unchanged_tensor_and_again_after_a_write():
-    memo, calls = ContentMemo(), []
+def test_data_writes_do_not_move_the_version_counter():
+    """Why nothing is memoized by version: ``t.data`` has a counter of its own, NumPy views none."""
     mask = torch.ones(2, 5, dtype=torch.bool)
-
-    def compute():
-        calls.append(1)
-        return bool((~mask).any())
-
-    assert memo.get(mask, "k", compute) is False
-    assert memo.get(mask, "k", compute) is False
-    assert memo.get(mask[:, None, None, :], "k", lambda: "view") == "view"  # another geometry: its own fact
-    assert len(calls) == 1
-    mask[0, 3] = False  # in place: the version counter moves
-    assert memo.get(mask, "k", compute) is True
-    mask[:, None][1, 0, 2] = False  # a write through a view moves the shared counter too
-    assert memo.get(mask, "k", lambda: "recomputed") == "recomputed"
-    assert len(calls) == 2
+    mask.data[0, 1] = False
+    mask.numpy()[1, 2] = False
+    assert mask._version == 0 and not mask[0, 1] and not mask[1, 2]
 
 
-def test_memo_forgets_a_tensor_when_it_dies():
-    memo = ContentMemo()
-    mask = torch.ones(3, dtype=torch.bool)
-    memo.get(mask, None, lambda: 1)
-    assert len(memo) == 1
-    del mask
-    gc.collect()
-    assert len(memo) == 0
-
-
-def test_memo_keeps_a_bounded_number_of_facts_per_tensor():
-    from attnfuse.memo import MAX_FACTS_PER_TENSOR
-
-    memo = ContentMemo()
-    cache = torch.ones(1, 1, 1, 4096, dtype=torch.bool)  # a long-lived mask, sliced anew at every step
-    for step in range(1, 3 * MAX_FACTS_PER_TENSOR):
-        assert memo.get(cache[..., :step], None, lambda step=step: step) == step
-    assert memo.facts_about(cache) == MAX_FACTS_PER_TENSOR
-
-
-def test_memo_never_stores_for_inference_tensors():
-    memo, calls = ContentMemo(), []
-    with torch.inference_mode():
-        mask = torch.ones(3, dtype=torch.bool)
-        memo.get(mask, None, lambda: calls.append(1))
-        memo.get(mask, None, lambda: calls.append(1))
-    assert len(calls) == 2 and len(memo) == 0
+def test_host_reads_in_eager_mode_and_not_under_a_tracer():
+    assert host_bool(torch.tensor(True)) is True
+    assert host_bools(torch.tensor(False), torch.tensor([True])) == [False, True]
+    with torch._subclasses.FakeTensorMode():
+        assert host_bool(torch.tensor(True)) is None
 
 
 def _padding_inputs(b=3, h=2, n=7, d=8):
@@ -97,30 +63,32 @@ def test_new_mask_objects_each_call_are_checked_each_time():
         torch.testing.assert_close(optimized(q, k, v, mask), module(q, k, v, mask))
 
 
-def test_attend_skips_the_row_check_only_while_the_mask_is_unchanged():
+def test_rows_without_keys_follows_the_mask_values_at_every_call():
     q, k, v, mask = _padding_inputs()
     keep = mask[:, None, None, :]
     assert masking.rows_without_keys(keep, None, 7, 7, q.device) is None
     mask[0] = False
     dead = masking.rows_without_keys(mask[:, None, None, :], None, 7, 7, q.device)
     assert dead is not None and dead[0].all() and not dead[1:].any()
-    out = attnfuse.attend(q, k, v, mask=mask[:, None, None, :], fully_masked_rows="mean")
+    mask.data[0] = True  # not seen by the version counter, seen here
+    assert masking.rows_without_keys(keep, None, 7, 7, q.device) is None
+    out = attnfuse.attend(q, k, v, mask=(~mask)[:, None, None, :], fully_masked_rows="mean")
     torch.testing.assert_close(out[0], v[0].mean(-2, keepdim=True).expand_as(out[0]))
 
 
-def test_two_masks_combine_into_one_tensor_while_both_are_unchanged():
-    padding = torch.ones(2, 5, dtype=torch.bool)
-    custom = torch.rand(2, 1, 5, 5, generator=torch.Generator().manual_seed(0)) > 0.3
-    first = masking.conjunction(padding[:, None, None, :], custom)
-    assert masking.conjunction(padding[:, None, None, :], custom[:]) is first  # fresh views, same masks
-    torch.testing.assert_close(first, padding[:, None, None, :] & custom)
-    padding[1, 2] = False
-    second = masking.conjunction(padding[:, None, None, :], custom)
-    assert second is not first and not second[1, ..., 2].any()
-    custom[0, 0, 0] = False
-    third = masking.conjunction(padding[:, None, None, :], custom)
-    assert third is not second and not third[0, 0, 0].any()
-    torch.testing.assert_close(third, padding[:, None, None, :] & custom)
+@pytest.mark.parametrize("write", ["data", "numpy"])
+def test_mask_written_behind_the_version_counter_still_matches_the_original(write):
+    q, k, v, mask = _padding_inputs()
+    module = PaddingStyle().eval()
+    optimized = attnfuse.optimize(copy.deepcopy(module))
+    torch.testing.assert_close(optimized(q, k, v, mask), module(q, k, v, mask))
+    view = mask.data if write == "data" else mask.numpy()
+    view[1] = False  # batch row 1 loses every key: the mean of v, as in the original
+    view[2, 3:] = False
+    assert mask._version == 0
+    torch.testing.assert_close(optimized(q, k, v, mask), module(q, k, v, mask))
+    view[1] = True
+    torch.testing.assert_close(optimized(q, k, v, mask), module(q, k, v, mask))
 
 
 class TwoMasks(torch.nn.Module):

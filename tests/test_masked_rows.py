@@ -1,0 +1,181 @@
+"""Rows where kernels and the original disagree: every key masked under train-mode dropout, a run-time
+bias that is ``-inf`` on a whole row, no key at all (``k_len = 0``), and non-positive scales."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+from torch import nn
+
+import attnfuse
+from helpers import assert_fused_equal
+
+FINITE_FILLS = [-1e9, torch.finfo(torch.float32).min, -torch.finfo(torch.float32).max]
+
+
+def _qkv(L: int, S: int, seed: int = 0, grad: bool = False) -> tuple:
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(2, 2, n, 8, generator=g).requires_grad_(grad) for n in (L, S, S))
+
+
+class PaddedDropout(nn.Module):
+    """Key padding with a finite fill, dropout on the probabilities (BERT-style), optional softcap."""
+
+    def __init__(self, fill: float, p: float = 0.5, softcap: bool = False, causal: bool = False):
+        super().__init__()
+        self.fill, self.softcap, self.causal = fill, softcap, causal
+        self.dropout = nn.Dropout(p)
+
+    def forward(self, q, k, v, keep):
+        L, S = q.shape[-2], k.shape[-2]
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+        if self.softcap:
+            scores = torch.tanh(scores / 5.0) * 5.0
+        if self.causal:  # bottom-right: with L > S the first L - S rows keep no key
+            scores = scores.masked_fill(torch.ones(L, S, dtype=torch.bool).triu(S - L + 1), self.fill)
+        scores = scores.masked_fill(~keep[:, None, None, :], self.fill)
+        return self.dropout(scores.softmax(-1)) @ v
+
+
+def _train_pair(module: nn.Module) -> tuple[nn.Module, nn.Module]:
+    reference = copy.deepcopy(module).train()
+    optimized = attnfuse.optimize(copy.deepcopy(module).train())
+    return reference, optimized
+
+
+@pytest.mark.parametrize("fill", FINITE_FILLS)
+@pytest.mark.parametrize("softcap", [False, True])
+def test_dropout_on_a_row_without_keys_is_dropout_of_uniform_weights(fill, softcap):
+    """The original computes dropout(uniform) @ v there; on the CPU the fused call draws the same
+    dropout mask as the original, so under the same seed the results are equal (forward and backward)."""
+    q, k, v = _qkv(4, 6, grad=True)
+    keep = torch.ones(2, 6, dtype=torch.bool)
+    keep[1] = False  # batch 1 keeps no key at all
+    keep[0, -2:] = False
+    reference, optimized = _train_pair(PaddedDropout(fill, softcap=softcap))
+    for seed in range(3):
+        torch.manual_seed(seed)
+        expected = reference(q, k, v, keep)
+        torch.manual_seed(seed)
+        actual = optimized(q, k, v, keep)
+        torch.testing.assert_close(actual, expected)
+        g_e = torch.autograd.grad(expected.square().sum(), (q, k, v))
+        g_a = torch.autograd.grad(actual.square().sum(), (q, k, v))
+        for a, e in zip(g_a, g_e):
+            torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-4)
+    assert attnfuse.report(optimized).fused == 1
+    assert not torch.allclose(actual[1], v[1].mean(-2, keepdim=True).expand_as(actual[1]))  # random, not the mean
+
+
+class BiasedPaddedDropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.dropout = nn.Dropout(0.4)
+
+    def forward(self, q, k, v, bias, keep):
+        scores = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]) + bias).masked_fill(~keep[:, None, None, :], -1e9)
+        return self.dropout(scores.softmax(-1)) @ v
+
+
+def test_dropout_on_a_row_without_keys_ignores_its_bias_as_the_original():
+    q, k, v = _qkv(5, 5, grad=True)
+    bias = torch.randn(1, 2, 5, 5, generator=torch.Generator().manual_seed(2))
+    keep = torch.ones(2, 5, dtype=torch.bool)
+    keep[1] = False
+    reference, optimized = _train_pair(BiasedPaddedDropout())
+    for seed in range(3):
+        torch.manual_seed(seed)
+        expected = reference(q, k, v, bias, keep)
+        torch.manual_seed(seed)
+        torch.testing.assert_close(optimized(q, k, v, bias, keep), expected)
+
+
+def test_dropout_on_causal_rows_without_keys_averages_to_the_mean_of_v():
+    """Bottom-right causal with more queries than keys: the first rows keep no key. Their dropout
+    output is random, with the mean of v as its expectation (a statistic, checked over many draws)."""
+    q, k, v = _qkv(5, 3)
+    keep = torch.ones(2, 3, dtype=torch.bool)
+    _, optimized = _train_pair(PaddedDropout(-1e9, p=0.3, causal=True))
+    torch.manual_seed(0)
+    draws = torch.stack([optimized(q, k, v, keep) for _ in range(2000)])
+    dead_rows = draws[:, :, :, :2]  # L - S = 2 rows without keys
+    assert dead_rows.std(0).min() > 0.01
+    torch.testing.assert_close(dead_rows.mean(0), v.mean(-2, keepdim=True).expand(2, 2, 2, 8), atol=0.08, rtol=0)
+
+
+class RuntimeBias(nn.Module):
+    """A bias handed in at run time, then optionally a keep-mask with a fill."""
+
+    def __init__(self, fill=None):
+        super().__init__()
+        self.fill = fill
+
+    def forward(self, q, k, v, bias, keep):
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]) + bias
+        if self.fill is not None:
+            scores = scores.masked_fill(~keep, self.fill)
+        return scores.softmax(-1) @ v
+
+
+@given(fill=st.sampled_from([None, float("-inf"), -1e9, torch.finfo(torch.float32).min]),
+       bias_shape=st.sampled_from([(2, 1, 4, 5), (1, 2, 4, 5), (2, 2, 4, 5), (4, 5)]),
+       neginf=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 4)), max_size=12),
+       whole_rows=st.lists(st.integers(0, 3), min_size=1, max_size=2),
+       masked=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 4)), max_size=6),
+       grad=st.booleans())
+def test_runtime_bias_with_neginf_rows_gives_the_originals_nan(fill, bias_shape, neginf, whole_rows, masked, grad):
+    q, k, v = _qkv(4, 5, grad=grad)
+    g = torch.Generator().manual_seed(1)
+    bias = torch.randn(bias_shape, generator=g)
+    for i, j in neginf:
+        bias[..., i, j] = float("-inf")
+    for i in whole_rows:
+        bias[..., i, :] = float("-inf")
+    keep = torch.ones(2, 1, 4, 5, dtype=torch.bool)
+    for i, j in masked:
+        keep[..., i, j] = False
+    assert_fused_equal(RuntimeBias(fill), (q, k, v, bias, keep))
+
+
+class Padded(nn.Module):
+    def __init__(self, fill: float):
+        super().__init__()
+        self.fill = fill
+
+    def forward(self, q, k, v, keep):
+        scores = torch.einsum("bhid,bhjd->bhij", q, k) * q.shape[-1] ** -0.5
+        return scores.masked_fill(~keep[:, None, None, :], self.fill).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("fill", [float("-inf"), *FINITE_FILLS])
+def test_no_key_at_all_gives_zero_as_the_original(fill):
+    q, k, v = _qkv(3, 0, grad=True)
+    keep = torch.ones(2, 0, dtype=torch.bool)
+    expected = Padded(fill)(q, k, v, keep)
+    assert expected.shape == (2, 2, 3, 8) and not expected.any()
+    assert_fused_equal(Padded(fill), (q, k, v, keep))
+
+
+class ScaledCausal(nn.Module):
+    """A causal ``-inf`` fill after a scale that may be negative or zero, on the scores or on q."""
+
+    def __init__(self, scale: float, on_q: bool):
+        super().__init__()
+        self.scale, self.on_q = scale, on_q
+
+    def forward(self, q, k, v):
+        L, S = q.shape[-2], k.shape[-2]
+        scores = (q * self.scale) @ k.transpose(-2, -1) if self.on_q else (q @ k.transpose(-2, -1)) * self.scale
+        scores = scores.masked_fill(torch.ones(L, S, dtype=torch.bool).triu(S - L + 1), float("-inf"))
+        return scores.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("scale", [-0.3, -2.0, -1e-3, 0.0])
+@pytest.mark.parametrize("on_q", [False, True])
+@pytest.mark.parametrize("L,S", [(10, 10), (4, 9), (300, 300)])
+def test_nonpositive_scale_with_a_causal_fill(scale, on_q, L, S):
+    q, k, v = _qkv(L, S, grad=True)
+    assert_fused_equal(ScaledCausal(scale, on_q), (q, k, v))
