@@ -55,4 +55,5 @@ class FillDominance:
 def _largest_norm(x: torch.Tensor) -> float:
     if x.numel() == 0:
         return 0.0
-    return float(torch.linalg.vector_norm(x.detach(), dim=-1, dtype=torch.float32).amax())
+    x = x.detach()
+    return float(torch.linalg.vector_norm(x if x.dtype == torch.float64 else x.float(), dim=-1).amax())
