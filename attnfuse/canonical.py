@@ -31,9 +31,13 @@ def canonicalizer(fn: Canonicalizer) -> Canonicalizer:
 
 def canonical(node: Any) -> Optional[Any]:
     """The canonical op that ``node`` computes, or None when no rule recognizes it."""
+    return None if is_written(node) else spelling(node)
+
+
+def spelling(node: Any) -> Optional[Any]:
+    """The canonical op ``node`` is spelled as, even if its storage is written in place later (for
+    telling whether a softmax sits between two products, not for reading its value)."""
     if not isinstance(node, Node) or node.op not in ("call_function", "call_method"):
-        return None
-    if is_written(node):
         return None
     cache = node.meta.setdefault("attnfuse_canonical", {})
     if "op" not in cache:

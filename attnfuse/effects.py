@@ -138,24 +138,41 @@ def _alias_group(graph: Graph, node: Node) -> list[Node]:
     return [] if key is None else [n for n in graph.nodes if key == storage(n)]
 
 
+def _same_tensor(operand: Node, group: list[Node]) -> set[Node]:
+    """``operand`` and the nodes that are it after in-place ops (``x.add_(y)`` returns ``x``)."""
+    same = {operand}
+    for node in group:
+        if node.target is not operator.setitem and written_operand(node) in same:
+            same.add(node)
+    return same
+
+
 def _functionalizable(graph: Graph, write: Node) -> bool:
-    """A write to a tensor created in this graph, of which no view exists: replacing it is exact."""
+    """A write after which no other alias of the written tensor is read: replacing it is exact.
+
+    The storage must be created in this graph (not a graph input or a view of one); other aliases
+    (the ``bmm`` a ``view`` was taken of) may exist, but none may be read or written after the write.
+    """
     operand = written_operand(write)
     group = _alias_group(graph, operand) if operand is not None else []
     if not group:
         return False
-    root = group[0]
+    root = group[0]  # the node that created the storage (a graph input's views share its storage)
     if root.op not in ("call_function", "call_method") or written_operand(root) is not None:
         return False
-    base = example_value(root)
-    if base._base is not None:
-        return False
-    return all(n is root or written_operand(n) in group for n in group)
+    same = _same_tensor(operand, group)
+    members = set(group)
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    after = [node for node in graph.nodes if order[node] > order[write]]
+    if any(written_operand(node) in members - same for node in after):
+        return False  # a later write through another alias would change the written tensor too
+    return not any(order[user] > order[write] for node in members - same if written_operand(node) is None
+                   for user in node.users)
 
 
 def _replace_write(graph: Graph, write: Node, order: dict[Node, int]) -> None:
     operand = written_operand(write)
-    group = set(_alias_group(graph, operand))
+    same = _same_tensor(operand, _alias_group(graph, operand))
     op, target, args, kwargs = _functional_call(write)
     with graph.inserting_after(write):
         new = graph.create_node(op, target, args, kwargs)
@@ -165,7 +182,7 @@ def _replace_write(graph: Graph, write: Node, order: dict[Node, int]) -> None:
     except Exception:
         new.meta["example_value"] = None
     position = order[write]
-    for member in group:
+    for member in same:
         for user in list(member.users):
             if user is not new and user is not write and order.get(user, -1) > position:
                 user.replace_input_with(member, new)

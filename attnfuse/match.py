@@ -15,7 +15,8 @@ from torch.fx import Graph, Node
 
 import torch
 
-from attnfuse.canonical import canonical, is_call, is_written, remove_dead_nodes, same_size, tensor_meta, value_users
+from attnfuse.canonical import (canonical, is_call, is_written, remove_dead_nodes, same_size, spelling, tensor_meta,
+                                value_users)
 from attnfuse.dominance import PROVEN_FILL
 from attnfuse.effects import functionalize, mark_writes, written_between
 from attnfuse.original import NoOriginal, original_program
@@ -58,7 +59,7 @@ def find_sites(graph: Graph) -> Iterator[Union[AttentionSite, Skip]]:
     remove_dead_nodes(reversed(list(graph.nodes)))
     mark_writes(graph)
     for node in list(graph.nodes):
-        op = canonical(node)
+        op = spelling(node)
         if isinstance(op, Softmax) and looks_like_attention(node, op):
             try:
                 yield match_site(node, op)
@@ -98,7 +99,7 @@ def _is_unknown_step(node: Node, source: object) -> bool:
 def reaches_product(node: object, depth: int = _SEARCH_DEPTH, unknown: int = 0) -> bool:
     """Whether ``node`` is a product, possibly through elementwise score ops (or reshapes), and through
     up to ``unknown`` ops no rule reads that keep the rank (``_is_unknown_step``)."""
-    op = canonical(node)
+    op = spelling(node)
     if isinstance(op, Product):
         return True
     if not depth:
@@ -113,7 +114,7 @@ def reaches_product(node: object, depth: int = _SEARCH_DEPTH, unknown: int = 0) 
 
 def _feeds_product(node: Node, depth: int = _SEARCH_DEPTH) -> bool:
     for user in node.users:
-        op = canonical(user)
+        op = spelling(user)
         if isinstance(op, Product) or (depth and _is_passthrough(op) and _feeds_product(user, depth - 1)):
             return True
         if depth and (op is None or _is_reshape(user) or _is_unknown_step(user, node)) \

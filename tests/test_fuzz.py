@@ -126,7 +126,7 @@ SHARE = {
 
 def _fill(m, s) -> float:
     return {"neg_max": lambda: -torch.finfo(s.dtype).max, "min": lambda: torch.finfo(s.dtype).min,
-            "neg_1e9": lambda: -1e9, "neg_inf": lambda: float("-inf")}[m.r.fill]()
+            "neg_1e9": lambda: -1e9, "neg_1e4": lambda: -1e4, "neg_inf": lambda: float("-inf")}[m.r.fill]()
 
 
 def _keys(m, s, keep):
@@ -163,10 +163,33 @@ def _additive(m, s, keep):
     return s + (1.0 - _keys(m, s, keep).float()) * torch.finfo(s.dtype).min
 
 
+def _causal_tril_inplace(m, s, keep):
+    """The mask built in place, and the scores filled in place (lucidrains' ``sim.masked_fill_``)."""
+    i, j = s.shape[-2:]
+    kept = torch.ones(i, j, dtype=torch.bool)
+    kept.tril_(j - i)
+    s.masked_fill_(~kept, _fill(m, s))
+    return s
+
+
+def _padding_inplace(m, s, keep):
+    s.masked_fill_(~_keys(m, s, keep), _fill(m, s))
+    return s
+
+
+def _additive_setitem(m, s, keep):
+    """An additive padding bias written into a zero tensor by slice assignment."""
+    bias = torch.zeros(s.shape[0], *([1] * (s.dim() - 2)), s.shape[-1], dtype=s.dtype)
+    bias[~_keys(m, s, keep).expand(bias.shape)] = torch.finfo(s.dtype).min
+    return s + bias
+
+
 MASKS = {"none": None, "causal_triu": _causal_triu, "causal_where": _causal_where,
-         "causal_arange": _causal_arange, "padding": _padding, "additive": _additive}
-CAUSAL = ("causal_triu", "causal_where", "causal_arange")
-FILLS = ("neg_max", "min", "neg_1e9", "neg_inf")
+         "causal_arange": _causal_arange, "causal_tril_inplace": _causal_tril_inplace, "padding": _padding,
+         "padding_inplace": _padding_inplace, "additive": _additive, "additive_setitem": _additive_setitem}
+CAUSAL = ("causal_triu", "causal_where", "causal_arange", "causal_tril_inplace")
+PADDING = ("padding", "padding_inplace")
+FILLS = ("neg_max", "min", "neg_1e9", "neg_1e4", "neg_inf")
 
 
 def _bias_shape(r: Recipe) -> tuple[int, ...]:
@@ -362,11 +385,11 @@ def recipes(draw, mutated: bool = False) -> Recipe:
         mutation = _one(draw, options)
 
     fill, keep = "-", ()
-    if mask in CAUSAL or mask == "padding":
+    if mask in CAUSAL or mask in PADDING:
         # -inf only where no row (no column, for a softmax over the queries) can be fully masked.
-        never_all_masked = (mask in CAUSAL and i <= j) or (mask == "padding" and mutation != "softmax_dim")
+        never_all_masked = (mask in CAUSAL and i <= j) or (mask in PADDING and mutation != "softmax_dim")
         fill = _one(draw, [f for f in FILLS if f != "neg_inf" or never_all_masked])
-    if mask in ("padding", "additive"):
+    if mask in PADDING or mask in ("additive", "additive_setitem"):
         rows = draw(st.lists(st.lists(st.booleans(), min_size=j, max_size=j), min_size=b, max_size=b))
         if fill == "neg_inf":  # keep at least one key per batch row
             rows = [row if any(row) else [n == k for n in range(j)]
