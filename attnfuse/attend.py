@@ -10,6 +10,8 @@ from attnfuse.fallback import index_grid, math_attention
 from attnfuse.autotune import autotune_order
 from attnfuse.flex import flex_attend
 from attnfuse.masking import combined_keep, is_traced, restore_fully_masked_rows, rows_without_keys, sdpa_mask
+from attnfuse.memo import ContentMemo
+from attnfuse.precision import bias_dtype, internal_dtype
 
 Causal = Optional[Literal["top_left", "bottom_right"]]
 FullyMaskedRows = Literal["zero", "mean", "nan"]
@@ -53,7 +55,9 @@ def attend(
         q: ``(B, H, L, E)``. k, v: ``(B, Hk, S, E)`` / ``(B, Hk, S, Ev)`` with ``H % Hk == 0`` (grouped
             or multi-query heads are shared without copying), or single-head ``(B, S, E)``.
         mask: boolean keep-mask (True = attend) broadcastable to ``(B, H, L, S)``, e.g. ``(B, 1, 1, S)``.
-        bias: additive float bias broadcastable to ``(B, H, L, S)``.
+        bias: additive float bias broadcastable to ``(B, H, L, S)``. A bias wider than q (fp32 on bf16 q)
+            is added in its own precision, as PyTorch's type promotion adds it (at most the kernels'
+            internal fp32 for half-precision q): the call then runs on a kernel that can do so exactly.
         causal: ``"top_left"`` keeps ``j <= i`` (SDPA's ``is_causal``); ``"bottom_right"`` keeps
             ``j <= i + S - L`` (the ``triu(j - i + 1)`` convention, right for KV caches).
         window: with ``causal``, keep only the last ``window`` keys up to the diagonal (sliding window).
@@ -79,6 +83,8 @@ def attend(
     if k.shape[0] != B:
         k, v = k.expand(B, *k.shape[1:]), v.expand(B, *v.shape[1:])
     keep = mask if mask is None or mask.dtype == torch.bool else mask.bool()
+    if bias is not None and bias.dtype != bias_dtype(q.dtype, bias.dtype):
+        bias = bias.to(bias_dtype(q.dtype, bias.dtype))
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     path = dispatch.choose_path(q, k, softcap=softcap, window=window, bias=bias, bias_fn=bias_fn, dropout_p=dropout_p,
                                 needs_grad=needs_grad, allowed=allowed)
@@ -102,6 +108,15 @@ def attend(
         if bias_fn is not None:
             grid_bias = bias_fn(index_grid(B, H, L, S, q.device))
             bias = grid_bias if bias is None else bias + grid_bias
+            bias = bias.to(bias_dtype(q.dtype, bias.dtype))
+        bias = _bias_for_sdpa(bias, q)
+        if bias is not None and bias.dtype != q.dtype and q.is_cuda:
+            path = "math"  # fused CUDA kernels round a wider bias to q's dtype, or give NaN (cuDNN)
+            if on_kernel is not None:
+                on_kernel("unfused math (fp32 bias on half-precision q)")
+            out = math_attention(q, k, v, keep=keep, bias=bias, bias_fn=None, causal=causal, window=window,
+                                 softcap=softcap, scale=scale_value, dropout_p=dropout_p)
+    if path == "sdpa":
         full_keep = None if keep is None else combined_keep(keep, causal, L, S, q.device, window)
         out = _sdpa(q, k, v, full_keep, bias, causal, window, scale, dropout_p, needs_grad, allowed, on_kernel,
                     autotune)
@@ -114,8 +129,11 @@ def attend(
 def _flex_or_none(q, k, v, keep, bias, bias_fn, causal, window, softcap, scale, allowed) -> Optional[torch.Tensor]:
     """FlexAttention, or None when it cannot compile here (remembered, so SDPA takes such calls)."""
     try:
-        return flex_attend(q, k, v, keep=keep, bias=None if bias is None else bias.to(q.dtype), bias_fn=bias_fn,
-                           causal=causal, window=window, softcap=softcap, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+        # fp32: the original added an fp32 bias in fp32, and Flex gathers fp32 27x faster than bf16
+        return flex_attend(q, k, v, keep=keep, bias=None if bias is None else bias.to(internal_dtype(q.dtype)),
+                           bias_fn=bias_fn,
+                           causal=causal, window=window, softcap=softcap, scale=scale,
+                           enable_gqa=k.shape[1] != q.shape[1])
     except Exception as error:  # e.g. Triton finds no kernel configuration that fits this GPU
         if is_traced(q) or (allowed is not None and set(allowed) == {"flex"}):
             raise
@@ -140,3 +158,89 @@ def _sdpa(q, k, v, full_keep, bias, causal, window, scale, dropout_p, needs_grad
         on_kernel(dispatch.chosen_kernel(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, order))
     return dispatch.run_sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, order,
                              strict=allowed is not None)
+
+
+_ROUNDS_EXACTLY = ContentMemo()  # wide bias -> whether q's dtype holds every one of its values
+
+
+def _bias_for_sdpa(bias: Optional[torch.Tensor], q: torch.Tensor) -> Optional[torch.Tensor]:
+    """The bias for SDPA: in q's dtype where that loses nothing, else as it is (fp32 on half q).
+
+    The CPU kernels add an fp32 mask to half-precision scores in fp32; the CUDA kernels do not, so there
+    a wider bias is narrowed when every value survives (a 0 / -inf mask, integer ALiBi offsets),
+    checked once per unchanged bias; otherwise the caller runs the call unfused.
+    """
+    if bias is None or bias.dtype == q.dtype or not q.is_cuda or is_traced(q):
+        return bias
+    narrow = bias.to(q.dtype)
+    if _ROUNDS_EXACTLY.get(bias, q.dtype, lambda: bool((narrow.to(bias.dtype) == bias).all())):
+        return narrow
+    return bias
+
+
+# ----------------------------------------------------------------------------- autograd
+
+def _detached(t: object) -> object:
+    return t.detach().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+
+class _KernelBackward(torch.autograd.Function):
+    """Runs a fused site with the kernel's own backward; a backward that must itself be differentiable
+    (``create_graph=True``: gradient penalties, Hessian-vector products) recomputes the site on the
+    differentiable math path instead. The kernel's graph is built on detached inputs inside forward."""
+
+    @staticmethod
+    def forward(ctx, run, recompute, fresh_output, random, *tensors):
+        detached = tuple(_detached(t) for t in tensors)
+        with torch.enable_grad():
+            out = run(*detached)
+        ctx.run, ctx.recompute, ctx.random = run, recompute, random
+        ctx.detached, ctx.out, ctx.version = detached, out, out._version
+        ctx.values = tuple(None if isinstance(t, torch.Tensor) else t for t in tensors)
+        ctx.save_for_backward(*(t if isinstance(t, torch.Tensor) else None for t in tensors))
+        result = out.detach()
+        return result.clone() if fresh_output else result
+
+    @staticmethod
+    def backward(ctx, grad):
+        tensors = [value if saved is None else saved for saved, value in zip(ctx.saved_tensors, ctx.values)]
+        wanted = [i for i in range(len(tensors)) if ctx.needs_input_grad[4 + i]]
+        if torch.is_grad_enabled():
+            _refuse_rerun(ctx, "a backward with create_graph=True")
+            out = ctx.recompute(*tensors)
+            grads = torch.autograd.grad(out, [tensors[i] for i in wanted], grad, create_graph=True, allow_unused=True)
+        else:
+            out, ctx.out = ctx.out, None
+            if out is None or out._version != ctx.version:  # a second backward, or the output was written in place
+                _refuse_rerun(ctx, "a second backward through the same graph" if out is None else
+                              "a backward after the attention output was written in place")
+                with torch.enable_grad():
+                    out = ctx.run(*ctx.detached)
+            grads = torch.autograd.grad(out, [ctx.detached[i] for i in wanted], grad, allow_unused=True)
+        result = [None] * len(tensors)
+        for i, g in zip(wanted, grads):
+            result[i] = g
+        return (None, None, None, None, *result)
+
+
+def _refuse_rerun(ctx, what: str) -> None:
+    if ctx.random:
+        raise RuntimeError(f"attnfuse: {what} needs this attention site's forward again, but its dropout mask was "
+                           "drawn inside a fused kernel and cannot be drawn again; run it with dropout off "
+                           "(model.eval()) or leave the model unoptimized for this computation")
+
+
+def differentiable_twice(run: Callable[..., torch.Tensor], recompute: Callable[..., torch.Tensor], tensors: tuple,
+                         fresh_output: bool = False, random: bool = False) -> torch.Tensor:
+    """``run(*tensors)``, differentiable to any order like the unfused computation it replaces.
+
+    The first backward is the fused kernel's own; a higher-order one (``create_graph=True``) is taken
+    through ``recompute``, a differentiable version of ``run``. With ``fresh_output`` the result does
+    not share memory with the kernel's saved output, so it may be written in place before backward.
+    ``random`` (dropout inside the kernel): a computation that would need ``run`` again raises instead.
+    """
+    differentiable = [t for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)
+    if not needs_grad or any(is_traced(t) for t in differentiable) or torch._C._are_functorch_transforms_active():
+        return run(*tensors)
+    return _KernelBackward.apply(run, recompute, fresh_output, random, *tensors)
