@@ -196,6 +196,14 @@ def _scores_batch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SiteP
     return tuple(torch.broadcast_shapes(tuple(q.shape[:nb]), *kv))
 
 
+def _broadcast(x: torch.Tensor, plan: SitePlan, batch_shape: tuple[int, ...], own_heads: bool = False) -> torch.Tensor:
+    """``x`` expanded (a view) over the scores' batch axes where it is shared (size 1): latent queries
+    ``(1, H, L, d)`` against a batch of keys, one query head against several kv heads."""
+    nb = plan.batch_rank
+    target = (*batch_shape[:-1], x.shape[nb - 1]) if own_heads and nb >= 2 else batch_shape
+    return x if tuple(x.shape[:nb]) == target else x.expand(*target, *x.shape[nb:])
+
+
 def _fold_factors(q: torch.Tensor, scale: float, factors: tuple, plan: SitePlan,
                   batch_shape: tuple[int, ...]) -> tuple[torch.Tensor, float]:
     """Numbers multiply the scale; tensor factors (constant along the keys) are folded into q.
@@ -240,10 +248,9 @@ def compute_site(plan: SitePlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         plan.bias_program.leaf_values = leaves
     q, k, v = plan.q.apply(q), plan.k.apply(k), plan.v.apply(v)
     batch_shape = _scores_batch(q, k, v, plan)
-    if tuple(q.shape[:plan.batch_rank]) != batch_shape:  # one q shared by every batch row or head
-        q = q.expand(*batch_shape, *q.shape[plan.batch_rank:])
-    q = _to_4d(q, plan, batch_shape)
-    k, v = _to_4d(k, plan, batch_shape, own_heads=True), _to_4d(v, plan, batch_shape, own_heads=True)
+    q = _to_4d(_broadcast(q, plan, batch_shape), plan, batch_shape)
+    k = _to_4d(_broadcast(k, plan, batch_shape, own_heads=True), plan, batch_shape, own_heads=True)
+    v = _to_4d(_broadcast(v, plan, batch_shape, own_heads=True), plan, batch_shape, own_heads=True)
     q, scale = _fold_factors(q, plan.scale, factors, plan, batch_shape)
     dtype = plan.dtype or q.dtype
     q, k, v = (t if t.dtype == dtype else t.to(dtype) for t in (q, k, v))
