@@ -111,7 +111,11 @@ def attend(
             bias = bias.to(bias_dtype(q.dtype, bias.dtype))
         bias = _bias_for_sdpa(bias, q)
         if bias is not None and bias.dtype != q.dtype and q.is_cuda:
-            path = "math"  # fused CUDA kernels round a wider bias to q's dtype, or give NaN (cuDNN)
+            # fused CUDA kernels round a wider bias to q's dtype, or give NaN (cuDNN): add it unfused
+            if allowed is not None and "math" not in allowed:
+                raise RuntimeError(f"attnfuse: the forced kernels {list(allowed)} cannot add this {bias.dtype} bias "
+                                   f"to {q.dtype} scores exactly; allow 'math' (or 'flex')")
+            path = "math"
             if on_kernel is not None:
                 on_kernel("unfused math (fp32 bias on half-precision q)")
             out = math_attention(q, k, v, keep=keep, bias=bias, bias_fn=None, causal=causal, window=window,
@@ -167,15 +171,29 @@ def _bias_for_sdpa(bias: Optional[torch.Tensor], q: torch.Tensor) -> Optional[to
     """The bias for SDPA: in q's dtype where that loses nothing, else as it is (fp32 on half q).
 
     The CPU kernels add an fp32 mask to half-precision scores in fp32; the CUDA kernels do not, so there
-    a wider bias is narrowed when every value survives (a 0 / -inf mask, integer ALiBi offsets),
-    checked once per unchanged bias; otherwise the caller runs the call unfused.
+    a wider bias is narrowed when ``narrowed_exactly`` allows (checked once per unchanged bias); otherwise
+    the caller runs the call unfused.
     """
     if bias is None or bias.dtype == q.dtype or not q.is_cuda or is_traced(q):
         return bias
-    narrow = bias.to(q.dtype)
-    if _ROUNDS_EXACTLY.get(bias, q.dtype, lambda: bool((narrow.to(bias.dtype) == bias).all())):
-        return narrow
-    return bias
+    narrow = narrowed_exactly(bias, q.dtype)
+    return bias if narrow is None else narrow
+
+
+def narrowed_exactly(bias: torch.Tensor, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """``bias`` in ``dtype`` if that changes no sum with a score, else None (one host sync per unchanged bias).
+
+    Finite values below ``dtype``'s lowest (fp32's ``finfo.min`` masks) become that lowest value: both absorb any
+    score in fp32, so the softmax is the same; every other value must survive the cast exactly.
+    """
+    lowest = torch.finfo(dtype).min
+    absorbing = (bias < lowest) & bias.isfinite()
+    narrow = bias.masked_fill(absorbing, lowest).to(dtype)
+
+    def survives() -> bool:
+        return bool(((narrow.to(bias.dtype) == bias) | absorbing).all())
+
+    return narrow if _ROUNDS_EXACTLY.get(bias, dtype, survives) else None
 
 
 # ----------------------------------------------------------------------------- autograd

@@ -316,3 +316,19 @@ def test_gpu_mixed_dtype_spellings(cls):
     truth = _truth(q, k, v, 8 ** -0.5)
     dtype = {DoubleValueProduct: fp64, FloatValueProduct: fp32}.get(cls, bf16)
     _assert_no_worse((fused.double() - truth).abs().max().item(), (original.double() - truth).abs().max().item(), dtype)
+
+
+def test_a_wide_bias_is_narrowed_only_when_nothing_changes():
+    """The rule that lets the CUDA kernels take an fp32 bias in bf16 (CPU kernels take fp32 as it is)."""
+    from attnfuse.attend import narrowed_exactly
+
+    padding = torch.zeros(2, 1, 1, 8)
+    padding[0, ..., 5:] = float("-inf")
+    padding[1, ..., 6:] = torch.finfo(torch.float32).min
+    narrow = narrowed_exactly(padding, bf16)
+    assert narrow is not None and narrow.dtype == bf16
+    assert narrow[1, 0, 0, 7] == torch.finfo(bf16).min and narrow[0, 0, 0, 7] == float("-inf")
+    assert narrowed_exactly(torch.arange(-64.0, 64.0) * 0.5, bf16) is not None  # ALiBi offsets at slope 1/2
+    assert narrowed_exactly(torch.full((4,), -10000.0), bf16) is None  # -10000 is -9984 in bf16
+    assert narrowed_exactly(torch.tensor([0.1, 0.0]), bf16) is None
+    assert narrowed_exactly(torch.tensor([float("nan")]), bf16) is None
