@@ -183,11 +183,11 @@ def _bias_for_sdpa(bias: Optional[torch.Tensor], q: torch.Tensor) -> Optional[to
 def narrowed_exactly(bias: torch.Tensor, dtype: torch.dtype) -> Optional[torch.Tensor]:
     """``bias`` in ``dtype`` if that changes no sum with a score, else None (one host sync per unchanged bias).
 
-    Finite values below ``dtype``'s lowest (fp32's ``finfo.min`` masks) become that lowest value: both absorb any
-    score in fp32, so the softmax is the same; every other value must survive the cast exactly.
+    ``finfo(bias.dtype).min`` (the usual mask fill) becomes ``dtype``'s lowest value: both absorb any score
+    in fp32, so the softmax is the same; every other value must survive the cast exactly.
     """
     lowest = torch.finfo(dtype).min
-    absorbing = (bias < lowest) & bias.isfinite()
+    absorbing = bias == torch.finfo(bias.dtype).min
     narrow = bias.masked_fill(absorbing, lowest).to(dtype)
 
     def survives() -> bool:
