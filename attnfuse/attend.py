@@ -205,7 +205,8 @@ def _detached(t: object) -> object:
 class _KernelBackward(torch.autograd.Function):
     """Runs a fused site with the kernel's own backward; a backward that must itself be differentiable
     (``create_graph=True``: gradient penalties, Hessian-vector products) recomputes the site on the
-    differentiable math path instead. The kernel's graph is built on detached inputs inside forward."""
+    differentiable math path instead. The kernel's graph is built on detached inputs inside forward
+    and dropped by the first backward, so nothing outlives the graph's usual lifetime."""
 
     @staticmethod
     def forward(ctx, run, recompute, fresh_output, random, *tensors):
@@ -213,7 +214,7 @@ class _KernelBackward(torch.autograd.Function):
         with torch.enable_grad():
             out = run(*detached)
         ctx.run, ctx.recompute, ctx.random = run, recompute, random
-        ctx.detached, ctx.out, ctx.version = detached, out, out._version
+        ctx.kernel_graph = (detached, out, out._version)
         ctx.values = tuple(None if isinstance(t, torch.Tensor) else t for t in tensors)
         ctx.save_for_backward(*(t if isinstance(t, torch.Tensor) else None for t in tensors))
         result = out.detach()
@@ -223,18 +224,20 @@ class _KernelBackward(torch.autograd.Function):
     def backward(ctx, grad):
         tensors = [value if saved is None else saved for saved, value in zip(ctx.saved_tensors, ctx.values)]
         wanted = [i for i in range(len(tensors)) if ctx.needs_input_grad[4 + i]]
+        kernel_graph, ctx.kernel_graph = ctx.kernel_graph, None
         if torch.is_grad_enabled():
             _refuse_rerun(ctx, "a backward with create_graph=True")
             out = ctx.recompute(*tensors)
             grads = torch.autograd.grad(out, [tensors[i] for i in wanted], grad, create_graph=True, allow_unused=True)
         else:
-            out, ctx.out = ctx.out, None
-            if out is None or out._version != ctx.version:  # a second backward, or the output was written in place
-                _refuse_rerun(ctx, "a second backward through the same graph" if out is None else
+            if kernel_graph is None or kernel_graph[1]._version != kernel_graph[2]:
+                _refuse_rerun(ctx, "a second backward through the same graph" if kernel_graph is None else
                               "a backward after the attention output was written in place")
+                detached = tuple(_detached(t) for t in tensors)
                 with torch.enable_grad():
-                    out = ctx.run(*ctx.detached)
-            grads = torch.autograd.grad(out, [ctx.detached[i] for i in wanted], grad, allow_unused=True)
+                    kernel_graph = (detached, ctx.run(*detached), None)
+            detached, out, _ = kernel_graph
+            grads = torch.autograd.grad(out, [detached[i] for i in wanted], grad, allow_unused=True)
         result = [None] * len(tensors)
         for i, g in zip(wanted, grads):
             result[i] = g

@@ -243,6 +243,31 @@ def test_no_wrapper_without_gradients():
     assert out.grad_fn is None
 
 
+class ProjectedBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.project = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return Plain()(self.project(x), x, x).sin()
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_of_an_optimized_block(reentrant):
+    """``torch.utils.checkpoint`` re-runs the forward in backward: the kernel graph is rebuilt there."""
+    from torch.utils.checkpoint import checkpoint
+
+    reference, optimized = _pair(ProjectedBlock())
+    x = torch.randn(2, 3, 5, 8)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    checkpoint(reference, a, use_reentrant=reentrant).sum().backward()
+    checkpoint(optimized, b, use_reentrant=reentrant).sum().backward()
+    assert attnfuse.report(optimized).fused == 1
+    torch.testing.assert_close(b.grad, a.grad)
+    torch.testing.assert_close(optimized.project.weight.grad, reference.project.weight.grad)
+
+
 # ----------------------------------------------------------------------------- kernel precision (documented)
 
 def _tied_keys(scale_to: float):
