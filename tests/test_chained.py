@@ -221,3 +221,50 @@ def test_grad_transform_inside_the_model():
     torch.testing.assert_close(optimized(q, k, v), expected)
     torch._dynamo.reset()
     attnfuse.audit(Energy(), q, k, v)
+
+
+class VmapBuiltMask(nn.Module):
+    """A mask built per (query, key) pair with nested ``torch.vmap`` (transformers' ``use_vmap`` mask
+    functions), used by ordinary attention outside the vmap."""
+
+    def __init__(self, chunk: int):
+        super().__init__()
+        self.chunk = chunk
+
+    def forward(self, q, k, v):
+        L, S = q.shape[-2], k.shape[-2]
+        rule = lambda i, j: (j // self.chunk) <= (i // self.chunk)  # noqa: E731
+        keep = torch.vmap(torch.vmap(rule, in_dims=(None, 0)), in_dims=(0, None))(torch.arange(L), torch.arange(S))
+        s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+        return s.masked_fill(~keep, torch.finfo(s.dtype).min).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_mask_built_with_vmap(chunk):
+    q, k, v = _randn(2, 3, 6, 8), _randn(2, 3, 6, 8, seed=1), _randn(2, 3, 6, 8, seed=2)
+    assert_fused_equal(VmapBuiltMask(chunk), (q, k, v))
+    torch._dynamo.reset()
+    assert attnfuse.audit(VmapBuiltMask(chunk), q, k, v).fused == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", ["latent", "one_head", "shared_kv"])
+def test_gpu_broadcast_q(case, dtype):
+    """Expanded (stride-0) q, k or v on every CUDA kernel the dispatcher picks."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shapes = {"latent": ((1, 8, 64, 64), (4, 8, 256, 64)), "one_head": ((4, 1, 128, 64), (4, 8, 256, 64)),
+              "shared_kv": ((4, 8, 128, 64), (1, 8, 256, 64))}[case]
+    q = torch.randn(*shapes[0], device="cuda", generator=g, dtype=dtype).requires_grad_()
+    k, v = (torch.randn(*shapes[1], device="cuda", generator=g, dtype=dtype).requires_grad_() for _ in range(2))
+    torch._dynamo.reset()
+    optimized = attnfuse.optimize(OneQueryHead())
+    out = optimized(q, k, v)
+    assert attnfuse.report(optimized).fused == 1
+    high = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    expected = OneQueryHead()(*high)
+    torch.testing.assert_close(out.double(), expected, atol=2e-2, rtol=2e-2)
+    out.float().square().sum().backward()
+    expected.square().sum().backward()
+    for low, ref in zip((q, k, v), high):
+        torch.testing.assert_close(low.grad.double(), ref.grad, atol=5e-2 * (1 + ref.grad.abs().max().item()), rtol=5e-2)

@@ -332,3 +332,42 @@ def test_a_wide_bias_is_narrowed_only_when_nothing_changes():
     assert narrowed_exactly(torch.full((4,), -10000.0), bf16) is None  # -10000 is -9984 in bf16
     assert narrowed_exactly(torch.tensor([0.1, 0.0]), bf16) is None
     assert narrowed_exactly(torch.tensor([float("nan")]), bf16) is None
+
+
+class LearnedFloat32Bias(nn.Module):
+    """A learned fp32 ``(h, L, S)`` bias on bf16 scores: its gradient is computed in fp32 by the original."""
+
+    def __init__(self, h=4, L=24, S=24):
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(h, L, S, generator=torch.Generator().manual_seed(2)) * 4)
+
+    def forward(self, q, k, v):
+        return (q @ k.transpose(-2, -1) * 8 ** -0.5 + self.bias).softmax(-1).to(q.dtype) @ v
+
+
+def test_fp32_learned_bias_gradient_on_bf16():
+    module = LearnedFloat32Bias()
+    reference, optimized = copy.deepcopy(module), attnfuse.optimize(copy.deepcopy(module))
+    q, k, v = _qkv(L=24, S=24, seed=6)
+    truth_bias = module.bias.detach().double().requires_grad_()
+    out = _truth(q, k, v, 8 ** -0.5, truth_bias)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=fp64)
+    truth = torch.autograd.grad((out * weight).sum(), truth_bias)[0]
+    errors = []
+    for model in (optimized, reference):
+        result = model(q, k, v)
+        (result.double() * weight).sum().backward()
+        assert model.bias.grad.dtype == fp32
+        errors.append((model.bias.grad.double() - truth).abs().max().item())
+    assert attnfuse.report(optimized).fused == 1
+    _assert_no_worse(errors[0], errors[1], bf16)
+
+
+def test_fp64_bias_on_an_fp32_model_computes_in_fp64():
+    """An fp64 bias promotes fp32 scores to fp64; fp32 kernels would round it (large offsets lose digits)."""
+    q, k, v = _qkv(dtype=fp32, L=32, S=32, seed=7)
+    bias = (torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(8), dtype=fp64) + 1e7)
+    truth = _truth(q, k, v, 8 ** -0.5, bias)
+    fused_error, original_error, report = _errors(RuntimeBias(), (q, k, v, bias), truth)
+    assert report.fused == 1
+    _assert_no_worse(fused_error, original_error, fp32)
