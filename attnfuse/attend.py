@@ -198,57 +198,36 @@ def narrowed_exactly(bias: torch.Tensor, dtype: torch.dtype) -> Optional[torch.T
 
 # ----------------------------------------------------------------------------- autograd
 
-def _detached(t: object) -> object:
-    return t.detach().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-
-
-class _KernelBackward(torch.autograd.Function):
-    """Runs a fused site with the kernel's own backward; a backward that must itself be differentiable
-    (``create_graph=True``: gradient penalties, Hessian-vector products) recomputes the site on the
-    differentiable math path instead. The kernel's graph is built on detached inputs inside forward
-    and dropped by the first backward, so nothing outlives the graph's usual lifetime."""
+class _HigherOrderSwitch(torch.autograd.Function):
+    """Passes the fused output through; its backward sends the gradient on to the kernel's own backward,
+    except in a backward that must itself be differentiable (``create_graph=True``: gradient penalties,
+    Hessian-vector products), where it recomputes the site on the differentiable math path and gives
+    the inputs' gradients directly (the kernel's path then receives none)."""
 
     @staticmethod
-    def forward(ctx, run, recompute, fresh_output, random, *tensors):
-        detached = tuple(_detached(t) for t in tensors)
-        with torch.enable_grad():
-            out = run(*detached)
-        ctx.run, ctx.recompute, ctx.random = run, recompute, random
-        ctx.kernel_graph = (detached, out, out._version)
+    def forward(ctx, out, recompute, random, fresh_output, *tensors):
+        ctx.recompute, ctx.random = recompute, random
         ctx.values = tuple(None if isinstance(t, torch.Tensor) else t for t in tensors)
         ctx.save_for_backward(*(t if isinstance(t, torch.Tensor) else None for t in tensors))
-        result = out.detach()
-        return result.clone() if fresh_output else result
+        return out.clone() if fresh_output else out.detach()
 
     @staticmethod
     def backward(ctx, grad):
+        if not torch.is_grad_enabled():
+            return (grad, None, None, None, *(None for _ in ctx.values))
+        if ctx.random:
+            raise RuntimeError("attnfuse: a backward with create_graph=True needs this attention site's forward "
+                               "again, but its dropout mask was drawn inside a fused kernel and cannot be drawn "
+                               "again; run it with dropout off (model.eval()) or leave the model unoptimized for "
+                               "this computation")
         tensors = [value if saved is None else saved for saved, value in zip(ctx.saved_tensors, ctx.values)]
         wanted = [i for i in range(len(tensors)) if ctx.needs_input_grad[4 + i]]
-        kernel_graph, ctx.kernel_graph = ctx.kernel_graph, None
-        if torch.is_grad_enabled():
-            _refuse_rerun(ctx, "a backward with create_graph=True")
-            out = ctx.recompute(*tensors)
-            grads = torch.autograd.grad(out, [tensors[i] for i in wanted], grad, create_graph=True, allow_unused=True)
-        else:
-            if kernel_graph is None or kernel_graph[1]._version != kernel_graph[2]:
-                _refuse_rerun(ctx, "a second backward through the same graph" if kernel_graph is None else
-                              "a backward after the attention output was written in place")
-                detached = tuple(_detached(t) for t in tensors)
-                with torch.enable_grad():
-                    kernel_graph = (detached, ctx.run(*detached), None)
-            detached, out, _ = kernel_graph
-            grads = torch.autograd.grad(out, [detached[i] for i in wanted], grad, allow_unused=True)
+        out = ctx.recompute(*tensors)
+        grads = torch.autograd.grad(out, [tensors[i] for i in wanted], grad, create_graph=True, allow_unused=True)
         result = [None] * len(tensors)
         for i, g in zip(wanted, grads):
             result[i] = g
         return (None, None, None, None, *result)
-
-
-def _refuse_rerun(ctx, what: str) -> None:
-    if ctx.random:
-        raise RuntimeError(f"attnfuse: {what} needs this attention site's forward again, but its dropout mask was "
-                           "drawn inside a fused kernel and cannot be drawn again; run it with dropout off "
-                           "(model.eval()) or leave the model unoptimized for this computation")
 
 
 def differentiable_twice(run: Callable[..., torch.Tensor], recompute: Callable[..., torch.Tensor], tensors: tuple,
@@ -258,10 +237,11 @@ def differentiable_twice(run: Callable[..., torch.Tensor], recompute: Callable[.
     The first backward is the fused kernel's own; a higher-order one (``create_graph=True``) is taken
     through ``recompute``, a differentiable version of ``run``. With ``fresh_output`` the result does
     not share memory with the kernel's saved output, so it may be written in place before backward.
-    ``random`` (dropout inside the kernel): a computation that would need ``run`` again raises instead.
+    ``random`` (dropout inside the kernel): a higher-order backward raises, as it cannot be recomputed.
     """
     differentiable = [t for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)
+    out = run(*tensors)
     if not needs_grad or any(is_traced(t) for t in differentiable) or torch._C._are_functorch_transforms_active():
-        return run(*tensors)
-    return _KernelBackward.apply(run, recompute, fresh_output, random, *tensors)
+        return out
+    return _HigherOrderSwitch.apply(out, recompute, random, fresh_output, *tensors)

@@ -193,7 +193,10 @@ def _scores_batch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SiteP
     kv = [tuple(t.shape[:nb]) for t in (k, v)]
     if nb >= 2:
         kv = [shape[:-1] + (shape[-1] * plan.kv_group,) for shape in kv]
-    return tuple(torch.broadcast_shapes(tuple(q.shape[:nb]), *kv))
+    shape = tuple(q.shape[:nb])
+    for other in kv:  # torch.broadcast_shapes costs ~50 us a call; sizes here are 1 or equal
+        shape = tuple(b if a == 1 else a for a, b in zip(shape, other))
+    return shape
 
 
 def _broadcast(x: torch.Tensor, plan: SitePlan, batch_shape: tuple[int, ...], own_heads: bool = False) -> torch.Tensor:
