@@ -153,11 +153,11 @@ def site_inputs(site: AttentionSite) -> tuple:
             *(site.scores.causal_guard[1] if site.scores.causal_guard else ()))
 
 
-def _to_4d(x: torch.Tensor, plan: SitePlan, batch_shape: tuple[int, ...], own_heads: bool = False) -> torch.Tensor:
+def _to_4d(x: torch.Tensor, plan: SitePlan, batch_shape: tuple[int, ...]) -> torch.Tensor:
     """Score-layout tensor (batch axes, then two) as the kernels' 4-d ``(B, H, ., .)``.
 
-    Extra leading batch axes are broadcast to ``batch_shape`` and merged into one; ``own_heads`` keeps
-    the tensor's own head count (k and v share heads among groups of query heads).
+    Extra leading batch axes are broadcast to ``batch_shape`` and merged into one; the head axis keeps
+    its own size (k and v share heads among groups of query heads; masks broadcast over heads).
     """
     nb = plan.batch_rank
     if nb == 2:
@@ -166,8 +166,7 @@ def _to_4d(x: torch.Tensor, plan: SitePlan, batch_shape: tuple[int, ...], own_he
         return x.unsqueeze(1)
     if nb == 0:
         return x[None, None]
-    target = (*batch_shape[:-1], x.shape[nb - 1]) if own_heads else batch_shape
-    return x.expand(*target, *x.shape[nb:]).flatten(0, nb - 2)
+    return x.expand(*batch_shape[:-1], *x.shape[nb - 1:]).flatten(0, nb - 2)
 
 
 def _from_4d(out: torch.Tensor, plan: SitePlan, batch_shape: tuple[int, ...]) -> torch.Tensor:
@@ -252,8 +251,8 @@ def compute_site(plan: SitePlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     q, k, v = plan.q.apply(q), plan.k.apply(k), plan.v.apply(v)
     batch_shape = _scores_batch(q, k, v, plan)
     q = _to_4d(_broadcast(q, plan, batch_shape), plan, batch_shape)
-    k = _to_4d(_broadcast(k, plan, batch_shape, own_heads=True), plan, batch_shape, own_heads=True)
-    v = _to_4d(_broadcast(v, plan, batch_shape, own_heads=True), plan, batch_shape, own_heads=True)
+    k = _to_4d(_broadcast(k, plan, batch_shape, own_heads=True), plan, batch_shape)
+    v = _to_4d(_broadcast(v, plan, batch_shape, own_heads=True), plan, batch_shape)
     q, scale = _fold_factors(q, plan.scale, factors, plan, batch_shape)
     dtype = plan.dtype or q.dtype
     q, k, v = (t if t.dtype == dtype else t.to(dtype) for t in (q, k, v))
