@@ -6,12 +6,13 @@ and marked with the fused node that replaced it, and later sites read through th
 """
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
 from torch.fx import GraphModule, Node
 
-from attnfuse.canonical import has_side_effect, is_call, remove_dead_nodes
+from attnfuse.canonical import has_side_effect, remove_dead_nodes
 from attnfuse.lower import SitePlan, plan_for, site_function, site_inputs
 from attnfuse.site import AttentionSite
 
@@ -51,7 +52,7 @@ def rewrite_site(gm: GraphModule, site: AttentionSite, index: int,
 _VIEW_METHODS = {"view", "view_as", "reshape", "reshape_as", "transpose", "permute", "flatten", "unflatten",
                  "squeeze", "unsqueeze", "expand", "expand_as", "contiguous", "narrow", "select", "split",
                  "chunk", "unbind", "movedim", "moveaxis", "swapaxes", "swapdims", "t", "as_strided", "detach",
-                 "to", "type", "type_as", "float", "half", "bfloat16", "double", "clone_", "diagonal",
+                 "to", "type", "type_as", "float", "half", "bfloat16", "double", "diagonal",
                  "split_with_sizes", "tensor_split", "unfold", "view_as_real", "real", "imag"}
 _VIEW_FUNCTIONS = {torch.reshape, torch.transpose, torch.permute, torch.flatten, torch.unflatten, torch.squeeze,
                    torch.unsqueeze, torch.narrow, torch.select, torch.split, torch.chunk, torch.unbind,
@@ -65,8 +66,6 @@ def _may_alias(node: Node) -> bool:
         return node.target in _VIEW_METHODS
     if node.op != "call_function":
         return True
-    import operator
-
     return node.target in _VIEW_FUNCTIONS or node.target in (operator.getitem, getattr)
 
 
@@ -86,6 +85,6 @@ def output_may_be_written(output: Node) -> bool:
             seen.add(user)
             if user.op == "output" or has_side_effect(user):
                 return True
-            if _may_alias(user) and not is_call(user, (), ("size", "dim")):
+            if _may_alias(user):
                 pending.append(user)
     return False

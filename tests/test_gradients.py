@@ -274,7 +274,7 @@ def _tied_keys(scale_to: float):
     """Two identical keys that both give the largest logit, about ``scale_to``."""
     g = torch.Generator().manual_seed(0)
     d = 8
-    q, k, v = torch.randn(1, 1, 3, d, generator=g), torch.randn(1, 1, 4, d, generator=g), torch.randn(1, 1, 4, d, generator=g)
+    q, k, v = (torch.randn(1, 1, n, d, generator=g) for n in (3, 4, 4))
     k[..., 0, :] = q[..., 0, :]
     k[..., 1, :] = q[..., 0, :]
     factor = (scale_to * d ** 0.5 / (q[0, 0, 0] @ q[0, 0, 0])).sqrt()
