@@ -253,9 +253,10 @@ def compute_site(plan: SitePlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     q = _to_4d(_broadcast(q, plan, batch_shape), plan, batch_shape)
     k = _to_4d(_broadcast(k, plan, batch_shape, own_heads=True), plan, batch_shape)
     v = _to_4d(_broadcast(v, plan, batch_shape, own_heads=True), plan, batch_shape)
-    q, scale = _fold_factors(q, plan.scale, factors, plan, batch_shape)
     dtype = plan.dtype or q.dtype
     q, k, v = (t if t.dtype == dtype else t.to(dtype) for t in (q, k, v))
+    q, scale = _fold_factors(q, plan.scale, factors, plan, batch_shape)
+    q = q if q.dtype == dtype else q.to(dtype)
     keep = None
     for mask, negated in zip(masks, plan.mask_negated):
         mask = _score_operand(_NEGATIONS.get(mask, None, mask.logical_not) if negated else mask, plan, batch_shape)

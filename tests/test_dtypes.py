@@ -371,3 +371,59 @@ def test_fp64_bias_on_an_fp32_model_computes_in_fp64():
     fused_error, original_error, report = _errors(RuntimeBias(), (q, k, v, bias), truth)
     assert report.fused == 1
     _assert_no_worse(fused_error, original_error, fp32)
+
+
+# ----------------------------------------------------------------------------- a small grammar of casts
+
+class CastProgram(nn.Module):
+    """One attention with a cast, scale, bias or softmax dtype chosen at each point of the computation."""
+
+    def __init__(self, qk_cast, factor, bias, softmax_dtype, probs_cast, v_cast):
+        super().__init__()
+        self.qk_cast, self.factor, self.bias_kind = qk_cast, factor, bias
+        self.softmax_dtype, self.probs_cast, self.v_cast = softmax_dtype, probs_cast, v_cast
+        self.register_buffer("temperature", torch.tensor(8 ** 0.5, dtype=fp64))
+        self.register_buffer("head_scale", torch.full((4, 1, 1), 8 ** -0.5))
+        self.register_buffer("bias", torch.randn(4, 1, 12, generator=torch.Generator().manual_seed(4)) * 5)
+
+    def forward(self, q, k, v):
+        if self.qk_cast is not None:
+            q, k = q.to(self.qk_cast), k.to(self.qk_cast)
+        s = q @ k.transpose(-2, -1)
+        if self.factor == "float":
+            s = s * 8 ** -0.5
+        elif self.factor == "tensor_fp32":
+            s = s / torch.sqrt(torch.tensor(q.shape[-1], dtype=torch.float32))
+        elif self.factor == "buffer_fp64_0d":
+            s = s / self.temperature
+        else:
+            s = s * self.head_scale
+        if self.bias_kind == "fp32":
+            s = s + self.bias
+        elif self.bias_kind == "cast_to_scores":
+            s = s + self.bias.to(s.dtype)
+        p = torch.softmax(s, dim=-1, dtype=self.softmax_dtype)
+        if self.probs_cast is not None:
+            p = p.to(self.probs_cast)
+        v = v if self.v_cast is None else v.to(self.v_cast)
+        if p.dtype != v.dtype:
+            p = p.to(v.dtype)
+        return p @ v
+
+
+@given(model=st.sampled_from([bf16, fp16, fp32]), qk_cast=st.sampled_from([None, fp32, fp64]),
+       factor=st.sampled_from(["float", "tensor_fp32", "buffer_fp64_0d", "head_fp32"]),
+       bias=st.sampled_from([None, "fp32", "cast_to_scores"]), softmax_dtype=st.sampled_from([None, fp32, fp64]),
+       probs_cast=st.sampled_from([None, fp32, bf16]), v_cast=st.sampled_from([None, fp32, fp64]))
+def test_cast_grammar(model, qk_cast, factor, bias, softmax_dtype, probs_cast, v_cast):
+    """Every combination runs where the original runs, and is no less accurate than it against fp64."""
+    module = CastProgram(qk_cast, factor, bias, softmax_dtype, probs_cast, v_cast)
+    q, k, v = _qkv(L=10, S=12, dtype=model, seed=1)
+    try:
+        module(q, k, v)
+    except RuntimeError:
+        return  # a spelling the original itself rejects
+    truth = _truth(q, k, v, 8 ** -0.5, module.bias if bias else None)
+    fused_error, original_error, report = _errors(module, (q, k, v), truth)
+    assert report.fused == 1, str(report)
+    _assert_no_worse(fused_error, original_error, module(q, k, v).dtype)
