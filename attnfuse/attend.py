@@ -12,6 +12,7 @@ from attnfuse.flex import flex_attend
 from attnfuse.masking import (combined_keep, dead_key_columns, is_traced, restore_fully_masked_rows, rows_of_neginf,
                               rows_without_keys, sdpa_mask, uniform_rows_for_dropout)
 from attnfuse.memo import host_bool, host_readable
+from attnfuse.precision import bias_dtype, internal_dtype
 
 Causal = Optional[Literal["top_left", "bottom_right"]]
 FullyMaskedRows = Literal["zero", "mean", "nan"]
@@ -55,7 +56,9 @@ def attend(
         q: ``(B, H, L, E)``. k, v: ``(B, Hk, S, E)`` / ``(B, Hk, S, Ev)`` with ``H % Hk == 0`` (grouped
             or multi-query heads are shared without copying), or single-head ``(B, S, E)``.
         mask: boolean keep-mask (True = attend) broadcastable to ``(B, H, L, S)``, e.g. ``(B, 1, 1, S)``.
-        bias: additive float bias broadcastable to ``(B, H, L, S)``.
+        bias: additive float bias broadcastable to ``(B, H, L, S)``. A bias wider than q (fp32 on bf16 q)
+            is added in its own precision, as PyTorch's type promotion adds it (at most the kernels'
+            internal fp32 for half-precision q): the call then runs on a kernel that can do so exactly.
         causal: ``"top_left"`` keeps ``j <= i`` (SDPA's ``is_causal``); ``"bottom_right"`` keeps
             ``j <= i + S - L`` (the ``triu(j - i + 1)`` convention, right for KV caches).
         window: with ``causal``, keep only the last ``window`` keys up to the diagonal (sliding window).
@@ -92,6 +95,8 @@ def attend(
     if k.shape[0] != B:
         k, v = k.expand(B, *k.shape[1:]), v.expand(B, *v.shape[1:])
     keep = mask if mask is None or mask.dtype == torch.bool else mask.bool()
+    if bias is not None and bias.dtype != bias_dtype(q.dtype, bias.dtype):
+        bias = bias.to(bias_dtype(q.dtype, bias.dtype))
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     path = dispatch.choose_path(q, k, softcap=softcap, window=window, bias=bias, bias_fn=bias_fn, dropout_p=dropout_p,
                                 needs_grad=needs_grad, allowed=allowed)
@@ -115,6 +120,15 @@ def attend(
         if bias_fn is not None:
             grid_bias = bias_fn(index_grid(B, H, L, S, q.device))
             bias, bias_fn = (grid_bias if bias is None else bias + grid_bias), None
+            bias = bias.to(bias_dtype(q.dtype, bias.dtype))
+        bias = _bias_for_sdpa(bias, q)
+        if bias is not None and bias.dtype != q.dtype and q.is_cuda:
+            # fused CUDA kernels round a wider bias to q's dtype, or give NaN (cuDNN): add it unfused
+            if allowed is not None and "math" not in allowed:
+                raise RuntimeError(f"attnfuse: the forced kernels {list(allowed)} cannot add this {bias.dtype} bias "
+                                   f"to {q.dtype} scores exactly; allow 'math' (or 'flex')")
+            path, math_reason = "math", "unfused math (fp32 bias on half-precision q)"
+    if path == "sdpa":
         full_keep = None if keep is None else combined_keep(keep, causal, L, S, q.device, window)
         dead, dead_known = rows_without_keys(keep, causal, L, S, q.device, window, full_keep), True
         q_run, keep_run, bias_run = q, full_keep, bias
@@ -147,8 +161,10 @@ def attend(
 def _flex_or_none(q, k, v, keep, bias, bias_fn, causal, window, softcap, scale, allowed) -> Optional[torch.Tensor]:
     """FlexAttention, or None when it cannot compile here (remembered, so SDPA takes such calls)."""
     try:
-        return flex_attend(q, k, v, keep=keep, bias=None if bias is None else bias.to(q.dtype), bias_fn=bias_fn,
-                           causal=causal, window=window, softcap=softcap, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+        # fp32: the original added an fp32 bias in fp32, and Flex gathers fp32 27x faster than bf16
+        return flex_attend(q, k, v, keep=keep, bias=None if bias is None else bias.to(internal_dtype(q.dtype)),
+                           bias_fn=bias_fn, causal=causal, window=window, softcap=softcap, scale=scale,
+                           enable_gqa=k.shape[1] != q.shape[1])
     except Exception as error:  # e.g. Triton finds no kernel configuration that fits this GPU
         if is_traced(q) or (allowed is not None and set(allowed) == {"flex"}):
             raise
@@ -204,3 +220,80 @@ def _set_rng_state(q: torch.Tensor, state: torch.Tensor) -> None:
         torch.cuda.set_rng_state(state, q.device)
     else:
         torch.set_rng_state(state)
+
+
+def _bias_for_sdpa(bias: Optional[torch.Tensor], q: torch.Tensor) -> Optional[torch.Tensor]:
+    """The bias for SDPA: in q's dtype where that loses nothing, else as it is (fp32 on half q).
+
+    The CPU kernels add an fp32 mask to half-precision scores in fp32; the CUDA kernels do not, so there
+    a wider bias is narrowed when ``narrowed_exactly`` allows (checked at every call: a pass over the bias
+    and a host read, ``attnfuse.memo``); otherwise the caller runs the call unfused.
+    """
+    if bias is None or bias.dtype == q.dtype or not q.is_cuda or is_traced(q):
+        return bias
+    narrow = narrowed_exactly(bias, q.dtype)
+    return bias if narrow is None else narrow
+
+
+def narrowed_exactly(bias: torch.Tensor, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """``bias`` in ``dtype`` if that changes no sum with a score, else None (one host read per call).
+
+    ``finfo(bias.dtype).min`` (the usual mask fill) becomes ``dtype``'s lowest value: both absorb any score
+    in fp32, so the softmax is the same; every other value must survive the cast exactly.
+    """
+    lowest = torch.finfo(dtype).min
+    absorbing = bias == torch.finfo(bias.dtype).min
+    narrow = bias.masked_fill(absorbing, lowest).to(dtype)
+
+    return narrow if host_bool(((narrow.to(bias.dtype) == bias) | absorbing).all()) else None
+
+
+# ----------------------------------------------------------------------------- autograd
+
+class _HigherOrderSwitch(torch.autograd.Function):
+    """Passes the fused output through; its backward sends the gradient on to the kernel's own backward,
+    except in a backward that must itself be differentiable (``create_graph=True``: gradient penalties,
+    Hessian-vector products), where it recomputes the site on the differentiable math path and gives
+    the inputs' gradients directly (the kernel's path then receives none)."""
+
+    @staticmethod
+    def forward(ctx, out, recompute, random, fresh_output, *tensors):
+        ctx.recompute, ctx.random = recompute, random
+        ctx.values = tuple(None if isinstance(t, torch.Tensor) else t for t in tensors)
+        ctx.save_for_backward(*(t if isinstance(t, torch.Tensor) else None for t in tensors))
+        return out.clone() if fresh_output else out.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        if not torch.is_grad_enabled():
+            return (grad, None, None, None, *(None for _ in ctx.values))
+        if ctx.random:
+            raise RuntimeError("attnfuse: a backward with create_graph=True needs this attention site's forward "
+                               "again, but its dropout mask was drawn inside a fused kernel and cannot be drawn "
+                               "again; run it with dropout off (model.eval()) or leave the model unoptimized for "
+                               "this computation")
+        tensors = [value if saved is None else saved for saved, value in zip(ctx.saved_tensors, ctx.values)]
+        wanted = [i for i in range(len(tensors)) if ctx.needs_input_grad[4 + i]]
+        out = ctx.recompute(*tensors)
+        grads = torch.autograd.grad(out, [tensors[i] for i in wanted], grad, create_graph=True, allow_unused=True)
+        result = [None] * len(tensors)
+        for i, g in zip(wanted, grads):
+            result[i] = g
+        return (None, None, None, None, *result)
+
+
+def differentiable_twice(run: Callable[..., torch.Tensor], recompute: Callable[..., torch.Tensor], tensors: tuple,
+                         fresh_output: bool = False, random: bool = False) -> torch.Tensor:
+    """``run(*tensors)``, differentiable to any order like the unfused computation it replaces.
+
+    The first backward is the fused kernel's own; a higher-order one (``create_graph=True``) is taken
+    through ``recompute``, a differentiable version of ``run``. With ``fresh_output`` the result does
+    not share memory with the kernel's saved output, so it may be written in place before backward.
+    ``random`` (dropout inside the kernel): a higher-order backward raises, as it cannot be recomputed.
+    """
+    differentiable = [t for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)
+    out = run(*tensors)
+    if not needs_grad or any(is_traced(t) for t in differentiable) or torch._C._are_functorch_transforms_active():
+        return out
+    return _HigherOrderSwitch.apply(out, recompute, random, fresh_output, *tensors)

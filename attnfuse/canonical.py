@@ -113,11 +113,17 @@ _INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itru
                       operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.setitem}
 
 
+def _changes_functorch_state(node: Node) -> bool:
+    """``torch.vmap`` / ``torch.func`` level bookkeeping Dynamo inlines (``_vmap_increment_nesting`` ...)."""
+    module = getattr(node.target, "__module__", None) or ""
+    return node.op == "call_function" and module.startswith(("torch._functorch", "torch._C._functorch"))
+
+
 def has_side_effect(node: Node) -> bool:
     """Whether removing ``node`` could change the program even if nothing reads its result."""
     if node.op in ("placeholder", "output", "get_attr") or node.is_impure():
         return True
-    if "out" in node.kwargs:
+    if "out" in node.kwargs or _changes_functorch_state(node):
         return True
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
     is_inplace_name = name.endswith("_") and not name.endswith("__")

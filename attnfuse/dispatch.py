@@ -94,7 +94,10 @@ def choose_path(q: torch.Tensor, k: torch.Tensor, *, softcap: Optional[float], w
     # A plain per-head bias tensor runs faster on Flex too, but only eagerly: under an outer compile a
     # Flex kernel that does not fit the GPU cannot fall back, and SDPA can take the tensor as it is.
     plain_bias_on_flex = bias is not None and bias.dim() >= 3 and bias.shape[-3] > 1 and not is_traced(q)
-    wants_flex = softcap is not None or bias_fn is not None or window is not None or plain_bias_on_flex
+    # A bias wider than q (fp32 on bf16) must be added in fp32: Flex does; the SDPA kernels on CUDA do not.
+    wide_bias_on_flex = bias is not None and bias.dtype != q.dtype and not is_traced(q)
+    wants_flex = softcap is not None or bias_fn is not None or window is not None or plain_bias_on_flex or \
+        wide_bias_on_flex
     if flex_allowed and wants_flex and q.device.type == "cuda":
         return "flex"
     return "math" if softcap is not None else "sdpa"

@@ -148,10 +148,11 @@ def _same_tensor(operand: Node, group: list[Node]) -> set[Node]:
 
 
 def _functionalizable(graph: Graph, write: Node) -> bool:
-    """A write after which no other alias of the written tensor is read: replacing it is exact.
+    """A write after which no alias taken before it is read or written: replacing it is exact.
 
     The storage must be created in this graph (not a graph input or a view of one); other aliases
-    (the ``bmm`` a ``view`` was taken of) may exist, but none may be read or written after the write.
+    (the ``bmm`` a ``view`` was taken of) may exist, but after the write only the written tensor and
+    views taken from it later may be used, and those all read the new node once re-pointed.
     """
     operand = written_operand(write)
     group = _alias_group(graph, operand) if operand is not None else []
@@ -161,13 +162,18 @@ def _functionalizable(graph: Graph, write: Node) -> bool:
     if root.op not in ("call_function", "call_method") or written_operand(root) is not None:
         return False
     same = _same_tensor(operand, group)
-    members = set(group)
     order = {node: i for i, node in enumerate(graph.nodes)}
+    rebuilt = set(same)  # tensors that read the new value once later readers are re-pointed
+    for node in sorted(group, key=order.__getitem__):
+        if node in same or order[node] < order[write]:
+            continue
+        if not all(source in rebuilt for source in node.all_input_nodes if source in group):
+            return False  # an alias taken after the write from an alias that keeps the old value
+        rebuilt.add(node)
+    stale = set(group) - rebuilt
     after = [node for node in graph.nodes if order[node] > order[write]]
-    if any(written_operand(node) in members - same for node in after):
-        return False  # a later write through another alias would change the written tensor too
-    return not any(order[user] > order[write] for node in members - same if written_operand(node) is None
-                   for user in node.users)
+    return not any(written_operand(node) in stale or any(source in stale for source in node.all_input_nodes)
+                   for node in after)
 
 
 def _replace_write(graph: Graph, write: Node, order: dict[Node, int]) -> None:

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Optional
 
 import torch
 
-from attnfuse.attend import attend
+from attnfuse.attend import attend, differentiable_twice
 from attnfuse.canonical import tensor_meta
 from attnfuse.dominance import FillDominance
 from attnfuse.guards import CausalGuard
@@ -96,6 +97,9 @@ class SitePlan:
     autotune: bool = False
     window: Optional[int] = None
     softcap: Optional[float] = None
+    dtype: Optional[torch.dtype] = None
+    kv_group: int = 1
+    output_written: bool = False
     bias_program: Optional[BiasProgram] = field(default=None, compare=False)
     causal_guard: Optional[CausalGuard] = field(default=None, compare=False)
     guard_inputs: int = 0
@@ -110,8 +114,9 @@ class SitePlan:
         return self.dominance is not None or self.keys_in_every_row
 
 
-def plan_for(site: AttentionSite, kernels: Optional[tuple[str, ...]] = None, autotune: bool = False) -> SitePlan:
-    """The static plan of ``site``."""
+def plan_for(site: AttentionSite, kernels: Optional[tuple[str, ...]] = None, autotune: bool = False,
+             output_written: bool = False) -> SitePlan:
+    """The static plan of ``site``; ``output_written``: the site's output may be written in place."""
     terms = site.scores
     canonical_out = site.batch + site.query + site.value_dim
     fill = terms.fill
@@ -131,6 +136,9 @@ def plan_for(site: AttentionSite, kernels: Optional[tuple[str, ...]] = None, aut
         fully_masked_rows=fully_masked,
         dropout_p=site.dropout_p,
         out_dtype=tensor_meta(site.output).dtype,
+        dtype=site.dtype,
+        kv_group=site.kv_group,
+        output_written=output_written,
         kernels=kernels,
         autotune=autotune,
         window=terms.window,
@@ -154,7 +162,11 @@ def site_inputs(site: AttentionSite) -> tuple:
 
 
 def _to_4d(x: torch.Tensor, plan: SitePlan, batch_shape: tuple[int, ...]) -> torch.Tensor:
-    """Score-layout tensor (batch axes, then two) as the kernels' 4-d ``(B, H, ., .)``."""
+    """Score-layout tensor (batch axes, then two) as the kernels' 4-d ``(B, H, ., .)``.
+
+    Extra leading batch axes are broadcast to ``batch_shape`` and merged into one; the head axis keeps
+    its own size (k and v share heads among groups of query heads; masks broadcast over heads).
+    """
     nb = plan.batch_rank
     if nb == 2:
         return x
@@ -162,7 +174,7 @@ def _to_4d(x: torch.Tensor, plan: SitePlan, batch_shape: tuple[int, ...]) -> tor
         return x.unsqueeze(1)
     if nb == 0:
         return x[None, None]
-    return x.expand(*batch_shape, *x.shape[nb:]).flatten(0, nb - 2)
+    return x.expand(*batch_shape[:-1], *x.shape[nb - 1:]).flatten(0, nb - 2)
 
 
 def _from_4d(out: torch.Tensor, plan: SitePlan, batch_shape: tuple[int, ...]) -> torch.Tensor:
@@ -193,29 +205,82 @@ def _run_original(plan: SitePlan, inputs: tuple, why: str) -> torch.Tensor:
     return plan.original(*inputs)
 
 
-def run_site(plan: SitePlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
-    """Compute one rewritten site: layouts to 4-d, masks and biases combined, one ``attend`` call."""
-    everything = (q, k, v, *extra)
-    extra = extra[:len(extra) - plan.original_inputs]
+def _scores_batch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SitePlan) -> tuple[int, ...]:
+    """The batch axes of the scores: q's, k's and v's broadcast (q may be shared over batch or heads)."""
+    nb = plan.batch_rank
+    kv = [tuple(t.shape[:nb]) for t in (k, v)]
+    if nb >= 2:
+        kv = [shape[:-1] + (shape[-1] * plan.kv_group,) for shape in kv]
+    shape = tuple(q.shape[:nb])
+    for other in kv:  # torch.broadcast_shapes costs ~50 us a call; sizes here are 1 or equal
+        shape = tuple(b if a == 1 else a for a, b in zip(shape, other))
+    return shape
+
+
+def _broadcast(x: torch.Tensor, plan: SitePlan, batch_shape: tuple[int, ...], own_heads: bool = False) -> torch.Tensor:
+    """``x`` expanded (a view) over the scores' batch axes where it is shared (size 1): latent queries
+    ``(1, H, L, d)`` against a batch of keys, one query head against several kv heads."""
+    nb = plan.batch_rank
+    target = (*batch_shape[:-1], x.shape[nb - 1]) if own_heads and nb >= 2 else batch_shape
+    return x if tuple(x.shape[:nb]) == target else x.expand(*target, *x.shape[nb:])
+
+
+def _fold_factors(q: torch.Tensor, scale: float, factors: tuple, plan: SitePlan,
+                  batch_shape: tuple[int, ...]) -> tuple[torch.Tensor, float]:
+    """Numbers multiply the scale; tensor factors (constant along the keys) are folded into q.
+
+    A 0-d factor stays 0-d, so, as in the original, it does not promote q's dtype (a ``torch.tensor(d)``
+    fp32 scale in a bf16 model); a wider tensor factor promotes q, which is rounded back to the site's
+    dtype once, where the original rounded its scores.
+    """
+    for factor, inverse in zip(factors, plan.factor_inverse):
+        if not isinstance(factor, torch.Tensor):
+            scale = scale / factor if inverse else scale * factor
+            continue
+        if factor.dim():
+            factor = _score_operand(factor, plan, batch_shape)
+        q = q / factor if inverse else q * factor
+    return q, scale
+
+
+def _combined_bias(biases: tuple, plan: SitePlan, batch_shape: tuple[int, ...],
+                   dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """The site's additive terms as one bias; boolean and integer terms add as numbers in the scores'
+    dtype, as they did one by one in the original (summed among themselves they would OR or overflow)."""
+    bias = None
+    for term, coefficient in zip(biases, plan.bias_coefficients):
+        term = term if term.is_floating_point() else term.to(dtype)
+        term = _score_operand(term if coefficient == 1.0 else term * coefficient, plan, batch_shape)
+        bias = term if bias is None else bias + term
+    return bias
+
+
+def _split_inputs(plan: SitePlan, extra: tuple) -> tuple[tuple, tuple, tuple, tuple, tuple]:
+    """The extra inputs of a site call as (masks, biases, factors, score-function leaves, guarded buffers)."""
     n_masks, n_biases, n_factors = len(plan.mask_negated), len(plan.bias_coefficients), len(plan.factor_inverse)
     masks, biases = extra[:n_masks], extra[n_masks:n_masks + n_biases]
     factors = extra[n_masks + n_biases:n_masks + n_biases + n_factors]
     leaves = extra[n_masks + n_biases + n_factors:len(extra) - plan.guard_inputs]
     guarded = extra[len(extra) - plan.guard_inputs:] if plan.guard_inputs else ()
+    return masks, biases, factors, leaves, guarded
+
+
+def compute_site(plan: SitePlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *extra: torch.Tensor,
+                 kernels: Optional[tuple[str, ...]] = None) -> torch.Tensor:
+    """Compute one rewritten site: layouts to 4-d, masks and biases combined, one ``attend`` call."""
+    everything = (q, k, v, *extra)
+    masks, biases, factors, leaves, guarded = _split_inputs(plan, extra[:len(extra) - plan.original_inputs])
     if plan.bias_program is not None:
         plan.bias_program.leaf_values = leaves
-    q = plan.q.apply(q)
-    batch_shape = tuple(q.shape[:plan.batch_rank])
-    q = _to_4d(q, plan, batch_shape)
-    k = _to_4d(plan.k.apply(k), plan, batch_shape)
-    v = _to_4d(plan.v.apply(v), plan, batch_shape)
-    scale = plan.scale
-    for factor, inverse in zip(factors, plan.factor_inverse):
-        if not isinstance(factor, torch.Tensor):
-            scale = scale / factor if inverse else scale * factor
-            continue
-        factor = _score_operand(factor, plan, batch_shape)
-        q = q / factor if inverse else q * factor
+    q, k, v = plan.q.apply(q), plan.k.apply(k), plan.v.apply(v)
+    batch_shape = _scores_batch(q, k, v, plan)
+    q = _to_4d(_broadcast(q, plan, batch_shape), plan, batch_shape)
+    k = _to_4d(_broadcast(k, plan, batch_shape, own_heads=True), plan, batch_shape)
+    v = _to_4d(_broadcast(v, plan, batch_shape, own_heads=True), plan, batch_shape)
+    dtype = plan.dtype or q.dtype
+    q, k, v = (t if t.dtype == dtype else t.to(dtype) for t in (q, k, v))
+    q, scale = _fold_factors(q, plan.scale, factors, plan, batch_shape)
+    q = q if q.dtype == dtype else q.to(dtype)
     if plan.keys_in_every_row and not _every_row_keeps_a_key(plan.causal, q.shape[-2], k.shape[-2]):
         return _run_original(plan, everything, "a causal row keeps no key on this call")
     if plan.dominance is not None and not plan.dominance.holds(
@@ -225,22 +290,26 @@ def run_site(plan: SitePlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     for mask, negated in zip(masks, plan.mask_negated):
         mask = _score_operand(mask.logical_not() if negated else mask, plan, batch_shape)
         keep = mask if keep is None else conjunction(keep, mask)
-    bias = None
-    for term, coefficient in zip(biases, plan.bias_coefficients):
-        term = _score_operand(term if coefficient == 1.0 else term * coefficient, plan, batch_shape)
-        bias = term if bias is None else bias + term
+    bias = _combined_bias(biases, plan, batch_shape, dtype)
     causal = plan.causal
     if plan.causal_guard is not None:
         changed = plan.causal_guard.changed_mask(guarded, q.shape[-2], k.shape[-2])
         if changed is not None:  # the buffer no longer holds the causal triangle: use it as a mask
             changed = _score_operand(changed, plan, batch_shape)
             keep, causal = (changed if keep is None else keep & changed), None
+    record = plan.record if plan.record.kernel is None and kernels is None else None
     out = attend(q, k, v, mask=keep, bias=bias, causal=causal, window=plan.window, softcap=plan.softcap,
                  bias_fn=plan.bias_program, scale=scale, dropout_p=plan.dropout_p,
-                 fully_masked_rows=plan.fully_masked_rows, kernels=plan.kernels, autotune=plan.autotune,
-                 on_kernel=plan.record if plan.record.kernel is None else None)
+                 fully_masked_rows=plan.fully_masked_rows, kernels=kernels or plan.kernels, autotune=plan.autotune,
+                 on_kernel=record)
     out = _from_4d(out, plan, batch_shape).permute(plan.out_perm)
     return out if out.dtype == plan.out_dtype else out.to(plan.out_dtype)
+
+
+def run_site(plan: SitePlan, *tensors: torch.Tensor) -> torch.Tensor:
+    """One rewritten site, with a backward that is itself differentiable (``create_graph=True``)."""
+    return differentiable_twice(partial(compute_site, plan), partial(compute_site, plan, kernels=("math",)),
+                                tensors, fresh_output=plan.output_written, random=plan.dropout_p > 0)
 
 
 def site_function(plan: SitePlan, name: str) -> Callable[..., torch.Tensor]:

@@ -69,7 +69,7 @@ def sdpa_mask(full_keep: Optional[torch.Tensor], bias: Optional[torch.Tensor], c
     ``full_keep`` is the call's keep-mask already combined with its causal triangle (``combined_keep``),
     or None when the call has no keep-mask.
     """
-    dtype, device = q.dtype, q.device
+    device = q.device
     if full_keep is None and bias is None and window is None:
         if causal is None:
             return None, False
@@ -80,10 +80,9 @@ def sdpa_mask(full_keep: Optional[torch.Tensor], bias: Optional[torch.Tensor], c
     keep = full_keep if full_keep is not None else combined_keep(None, causal, L, S, device, window)
     if bias is None:
         return keep, False
-    bias = bias.to(dtype)
-    if keep is None:
+    if keep is None:  # the bias keeps its dtype: attend decided it (an fp32 bias on bf16 q is added in fp32)
         return bias, False
-    return bias.masked_fill(~keep, torch.finfo(dtype).min), False
+    return bias.masked_fill(~keep, torch.finfo(bias.dtype).min), False
 
 
 def rows_without_keys(keep: Optional[torch.Tensor], causal: Optional[str], L: int, S: int,

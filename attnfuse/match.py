@@ -21,7 +21,7 @@ from attnfuse.dominance import PROVEN_FILL
 from attnfuse.effects import functionalize, mark_writes, written_between
 from attnfuse.original import NoOriginal, original_program
 from attnfuse.patterns.biases import Add, bias_reason
-from attnfuse.patterns.casts import Cast
+from attnfuse.patterns.casts import Cast, peel_upcasts
 from attnfuse.patterns.causal import classify, classify_additive
 from attnfuse.patterns.dropout import Dropout
 from attnfuse.patterns.layouts import Operand, Permute, peel_head_repeat
@@ -31,6 +31,7 @@ from attnfuse.patterns.scales import Multiply, score_factor
 from attnfuse.patterns.score_functions import score_function
 from attnfuse.patterns.score_mods import Tanh
 from attnfuse.patterns.softmax import Softmax
+from attnfuse.precision import site_dtype
 from attnfuse.site import AttentionSite, ScoreTerms
 
 _SEARCH_DEPTH = 8
@@ -58,13 +59,39 @@ def find_sites(graph: Graph) -> Iterator[Union[AttentionSite, Skip]]:
     functionalize(graph)
     remove_dead_nodes(reversed(list(graph.nodes)))
     mark_writes(graph)
+    transformed = _under_function_transform(graph)
     for node in list(graph.nodes):
         op = spelling(node)
         if isinstance(op, Softmax) and looks_like_attention(node, op):
+            if node in transformed:
+                yield Skip(node, f"inside `torch.{transformed[node]}` (a torch.func transform): fused kernels are "
+                                 "not rewritten there; the attention runs as written")
+                continue
             try:
                 yield match_site(node, op)
             except NotFusable as reason:
                 yield Skip(node, str(reason))
+
+
+def _under_function_transform(graph: Graph) -> dict[Node, str]:
+    """Nodes Dynamo inlined from inside ``torch.vmap`` / ``torch.func.grad`` / ``jvp``, with the transform's name.
+
+    Their tensors are batched or wrapped at run time (the recorded shapes are per example), so a rewrite
+    there would run kernels on the wrong layout or let a tensor escape its transform.
+    """
+    inside, stack = {}, []
+    for node in graph.nodes:
+        name = getattr(node.target, "__name__", "") if node.op == "call_function" else ""
+        if name.endswith("_increment_nesting"):
+            stack.append(_TRANSFORMS.get(name.strip("_").split("_")[0], "func"))
+        elif name.endswith("_decrement_nesting") and stack:
+            stack.pop()
+        elif stack:
+            inside[node] = stack[-1]
+    return inside
+
+
+_TRANSFORMS = {"vmap": "vmap", "grad": "func.grad", "jvp": "func.jvp", "func": "func.functionalize"}
 
 
 # ----------------------------------------------------------------------------- reachability
@@ -286,8 +313,8 @@ def _walk_to_value_product(softmax: Node) -> tuple[Node, Product, float, Node]:
         _single_user(node, "the attention weights")
         user = value_users(node)[0]
         op = canonical(user)
-        if isinstance(op, Product):
-            return user, op, dropout_p, node
+        if isinstance(spelling(user), Product):  # writes to its result come after it: not part of the site
+            return user, spelling(user), dropout_p, node
         if isinstance(op, Dropout) and op.x is node:
             dropout_p = op.p if op.active else 0.0
         elif not (isinstance(op, Cast) or (isinstance(op, Permute) and op.perm == tuple(range(len(op.perm))))):
@@ -432,6 +459,25 @@ def _check_no_write_inside(first: Node, last: Node, softmax: Node, operands: lis
         if is_written(probs):
             raise NotFusable("the attention weights are written in place before the value product")
         probs = value_users(probs)[0]
+def _chain(product_node: Node, pv_node: Node) -> list[Node]:
+    """The nodes from the QK product up to (not including) the value product: one value user each."""
+    nodes, node = [], product_node
+    while node is not pv_node and len(nodes) <= 4 * _SEARCH_DEPTH:
+        nodes.append(node)
+        users = value_users(node)
+        if len(users) != 1:
+            break
+        node = users[0]
+    return nodes
+
+
+def _site_dtype(q: Operand, k: Operand, v: Operand, chain: list[Node], pv_node: Node):
+    """The dtype the fused call computes in (``attnfuse.precision``)."""
+    scores = [m.dtype for m in map(tensor_meta, chain) if m is not None and m.is_floating_point()]
+    output = tensor_meta(pv_node)
+    if output is None or not output.is_floating_point():
+        raise NotFusable("the value product does not give a floating-point tensor")
+    return site_dtype([tensor_meta(t.node).dtype for t in (q, k, v)], output.dtype, scores)
 
 
 def match_site(softmax: Node, op: Softmax) -> AttentionSite:
@@ -449,6 +495,7 @@ def match_site(softmax: Node, op: Softmax) -> AttentionSite:
     metas = [tensor_meta(t.node) for t in (q, k, v)]
     if any(m is None or not m.is_floating_point() for m in metas):
         raise NotFusable("q, k and v must be floating-point tensors")
+    q, k, v = peel_upcasts(q), peel_upcasts(k), peel_upcasts(v)
     kv_group = 1
     if len(batch) >= 2:
         k, k_group = peel_head_repeat(k, batch[-1])
@@ -456,10 +503,12 @@ def match_site(softmax: Node, op: Softmax) -> AttentionSite:
         if k_group != v_group:
             raise NotFusable("k and v repeat their heads differently")
         kv_group = k_group
+        k, v = peel_upcasts(k), peel_upcasts(v)
     _apply_masks(terms, _size_along(q, query), _size_along(k, key))
     _index_functions(terms, len(batch))
     _fill_check(terms)
     _check_no_write_inside(product_node, pv_node, softmax, [q.node, k.node, v.node], terms)
     return AttentionSite(softmax=softmax, output=pv_node, q=q, k=k, v=v, batch=batch, query=query, key=key,
                          head_dim=head_dim, value_dim=value_dim, out_axes=out_axes, scores=terms,
-                         dropout_p=dropout_p, kv_group=kv_group)
+                         dropout_p=dropout_p, kv_group=kv_group,
+                         dtype=_site_dtype(q, k, v, _chain(product_node, pv_node), pv_node))

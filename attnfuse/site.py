@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
 from torch.fx import Node
 
 from attnfuse.canonical import tensor_meta
@@ -56,6 +57,7 @@ class AttentionSite:
     dropout_p: float = 0.0
     kv_group: int = 1
     nodes: list[Node] = field(default_factory=list)
+    dtype: Optional[torch.dtype] = None  # the dtype the fused call computes in (attnfuse.precision)
 
     def q_axes(self) -> str:
         return self.batch + self.query + self.head_dim

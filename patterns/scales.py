@@ -1,7 +1,8 @@
 """Scale rules: the scores (or q, k) multiplied or divided by a number or a broadcastable tensor.
 
-A Python number becomes SDPA's ``scale``; a tensor factor that is constant along the key axis (a
-learned per-head temperature, a 0-d tensor) is folded into q, which is exact up to rounding.
+A Python number, or a one-element tensor computed from constants (``torch.sqrt(torch.tensor(d))``),
+becomes SDPA's ``scale``; a tensor factor that is constant along the key axis (a learned per-head
+temperature, a 0-d buffer) is folded into q, which is exact up to rounding.
 The user's scale is always carried over, never replaced by SDPA's default.
 """
 from __future__ import annotations
@@ -9,9 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Union
 
+import torch
 from torch.fx import Node
 
 from attnfuse.canonical import arithmetic_kind, canonicalizer, example_value, is_scalar, tensor_meta
+from attnfuse.constants import constant_value
 
 
 @dataclass(frozen=True)
@@ -59,4 +62,9 @@ def score_factor(other: object, inverse: bool, scores_rank: int) -> Union[Factor
         return "a factor broadcasts the scores to a larger shape"
     if meta.dim() >= 1 and meta.shape[-1] != 1:
         return "the scores are multiplied by a tensor that varies along the key axis (not a scale)"
+    folded = constant_value(other) if meta.numel() == 1 else None
+    if isinstance(folded, torch.Tensor) and folded.numel() == 1 and folded.is_floating_point():
+        # ``/ torch.sqrt(torch.tensor(d_k))``: a constant of the graph, so a plain number; the kernels apply
+        # it in their internal fp32, where the original rounded the scaled scores to their dtype
+        return Factor(float(folded.item()), inverse)
     return Factor(other, inverse)

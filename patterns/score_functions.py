@@ -165,7 +165,9 @@ class _Builder:
             args = bind(node, ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq",
                                "sparse"), max_norm=None)
             indices, weight = args["input"], args["weight"]
-            if tensor_meta(weight).dim() != 2 or args["max_norm"] is not None:
+            if tensor_meta(weight).dim() != 2 or not _plain_embedding(args):
+                # padding_idx and scale_grad_by_freq change weight.grad, max_norm writes the weight: a
+                # direct gather of `weight` would differ from the original in the backward pass
                 raise NotPointwise("embedding options")
             lookup = self.build(indices, axes[:-1])
             position = self.leaf(weight)
@@ -177,6 +179,12 @@ class _Builder:
     def _arg_axes(arg: object, axes: tuple) -> tuple:
         meta = tensor_meta(arg) if isinstance(arg, Node) else None
         return () if meta is None else _dims_map(meta.dim(), axes)
+
+
+def _plain_embedding(args: dict) -> bool:
+    """An ``F.embedding`` whose gradient is a plain scatter-add into ``weight`` (no options set)."""
+    return (args.get("padding_idx") is None and args.get("max_norm") is None
+            and not args.get("scale_grad_by_freq", False) and not args.get("sparse", False))
 
 
 def _tensor(value: object, index: tuple) -> torch.Tensor:

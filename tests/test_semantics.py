@@ -92,7 +92,7 @@ def _same_as_original(module: nn.Module, args: tuple, grad_scale: float = 1.0) -
     expected, actual = reference(*ref_args), optimized(*opt_args)
     report = attnfuse.report(optimized)
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-4, equal_nan=True, msg=lambda m: f"{m}\n{report}")
-    if not expected.isnan().any():
+    if not expected.isnan().any() and all(a.requires_grad for a in args[:3]):
         for e, a in zip(grads(expected, ref_args[:3]), grads(actual, opt_args[:3])):
             torch.testing.assert_close(a, e, atol=1e-4 * grad_scale, rtol=1e-3, msg=lambda m: f"gradient: {m}\n{report}")
     return report
@@ -152,3 +152,54 @@ def test_many_programs_in_one_process():
             q, k, v = torch.randn(2, 2, L, 4), torch.randn(2, 2, S, 4), torch.randn(2, 2, S, 4)
             pad = torch.rand(2, S) > 0.3
             torch.testing.assert_close(optimized(q, k, v, pad), module(q, k, v, pad), equal_nan=True)
+
+
+class PositionMask(nn.Module):
+    """A keep-mask from position comparisons; ``spelling`` picks one that is easy to misread."""
+
+    def __init__(self, spelling: str):
+        super().__init__()
+        self.spelling = spelling
+
+    def forward(self, q, k, v):
+        L, S = q.shape[-2], k.shape[-2]
+        i, j = torch.arange(L)[:, None], torch.arange(S)[None, :]
+        if self.spelling == "bool_positions":  # positions as bool are 0/1, not indices
+            keep = j.bool() <= i.bool()
+        elif self.spelling == "fp16_positions":  # fp16 rounds positions above 2048
+            keep = j.half() <= i.half()
+        elif self.spelling == "expanded_single":  # every query at position 0
+            keep = j <= torch.arange(1).expand(L)[:, None]
+        elif self.spelling == "float_window":
+            keep = (j <= i) & (j > i - 2.5)
+        elif self.spelling == "empty_window":
+            keep = (j <= i) & (j > i)
+        else:
+            keep = j <= i
+        s = (q @ k.transpose(-1, -2)) * 0.5
+        return s.masked_fill(~keep, -1e9).softmax(-1) @ v
+
+
+@given(st.sampled_from(["plain", "bool_positions", "fp16_positions", "expanded_single", "float_window",
+                        "empty_window"]), st.integers(1, 9), st.integers(1, 9))
+def test_position_masks_are_read_for_what_they_compute(spelling, L, S):
+    args = (torch.randn(1, 2, L, 4, requires_grad=True), torch.randn(1, 2, S, 4, requires_grad=True),
+            torch.randn(1, 2, S, 4, requires_grad=True))
+    _same_as_original(PositionMask(spelling), args)
+
+
+class SummedMasks(nn.Module):
+    """Boolean and int8 tensors added to the scores are numbers (0/1, or values that overflow int8)."""
+
+    def forward(self, q, k, v, m1, m2):
+        s = q @ k.transpose(-1, -2)
+        return (s + m1 + m2).softmax(-1) @ v
+
+
+def test_boolean_and_int8_biases_add_as_numbers():
+    L, S = 4, 6
+    args = (torch.randn(1, 2, L, 4), torch.randn(1, 2, S, 4), torch.randn(1, 2, S, 4))
+    both = torch.rand(L, S) > 0.5
+    _same_as_original(SummedMasks(), args + (both, both))
+    big = torch.full((L, S), 100, dtype=torch.int8)
+    _same_as_original(SummedMasks(), args + (big * both, big))
