@@ -10,8 +10,8 @@ from attnfuse.fallback import index_grid, math_attention
 from attnfuse.autotune import autotune_order
 from attnfuse.flex import flex_attend
 from attnfuse.masking import (combined_keep, dead_key_columns, is_traced, restore_fully_masked_rows, rows_of_neginf,
-                              rows_without_keys, sdpa_mask, uniform_rows_for_dropout)
-from attnfuse.memo import host_bool, host_readable
+                              rows_without_keys, sdpa_mask, uniform_rows_for_dropout, unread_rows_without_keys)
+from attnfuse.memo import host_bool, host_bools, host_readable
 from attnfuse.precision import bias_dtype, internal_dtype
 
 Causal = Optional[Literal["top_left", "bottom_right"]]
@@ -130,15 +130,17 @@ def attend(
             path, math_reason = "math", "unfused math (fp32 bias on half-precision q)"
     if path == "sdpa":
         full_keep = None if keep is None else combined_keep(keep, causal, L, S, q.device, window)
-        dead, dead_known = rows_without_keys(keep, causal, L, S, q.device, window, full_keep), True
+        dead, any_dead = _rows_without_keys_unread(keep, causal, L, S, q.device, window, full_keep, dropout_p)
         q_run, keep_run, bias_run = q, full_keep, bias
-        uniform_rows = dead is not None and dropout_p > 0 and fully_masked_rows == "mean"
+        uniform_rows = dead is not None and any_dead is None and dropout_p > 0 and fully_masked_rows == "mean"
         if uniform_rows:
             whole = full_keep if full_keep is not None else combined_keep(None, causal, L, S, q.device, window)
             q_run, keep_run, bias_run = uniform_rows_for_dropout(q, whole, bias, dead)
-        out = _sdpa(q_run, k, v, keep_run, bias_run, causal, window, scale, dropout_p, needs_grad, allowed, on_kernel,
-                    autotune, None if uniform_rows or needs_grad else dead)
-        if out is None:  # a masked key's NaN or inf reached the kernel's output: compute as the original did
+        out, leaked = _sdpa(q_run, k, v, keep_run, bias_run, causal, window, scale, dropout_p, needs_grad, allowed,
+                            on_kernel, autotune)
+        dead, leaked = _read_flags(dead, any_dead, leaked)
+        dead_known = True
+        if leaked:  # a masked key's NaN or inf reached the kernel's output: compute as the original did
             path, math_reason = "math", "unfused math (NaN/inf in masked keys)"
     if path == "math":
         if on_kernel is not None:
@@ -168,16 +170,41 @@ def _flex_or_none(q, k, v, keep, bias, bias_fn, causal, window, softcap, scale, 
     except Exception as error:  # e.g. Triton finds no kernel configuration that fits this GPU
         if is_traced(q) or (allowed is not None and set(allowed) == {"flex"}):
             raise
-        dispatch.flex_failed(q, k, error)
+        dispatch.flex_failed(q, k, error, bias, bias_fn, softcap, window)
         return None
 
 
+def _rows_without_keys_unread(keep, causal, L, S, device, window, full_keep, dropout_p):
+    """``(rows, flag)``: rows without keys and, for a keep-mask, the unread flag saying whether there are
+    any (None when known without reading). Under dropout the rows decide how the kernel is called, so
+    the flag is read at once."""
+    if keep is None or dropout_p > 0:
+        return rows_without_keys(keep, causal, L, S, device, window, full_keep), None
+    return unread_rows_without_keys(keep, causal, L, S, device, window, full_keep)
+
+
+def _read_flags(dead, any_dead, leaked):
+    """Read the rows-without-keys flag and the leak flag with one host synchronization.
+
+    Returns ``(dead or None, leaked)``; where nothing can be read (a tracer, graph capture) the rows
+    are kept (restored unconditionally) and no leak is reported (masked keys were zeroed instead).
+    """
+    flags = [f for f in (any_dead, leaked) if f is not None]
+    values = host_bools(*flags) if flags else []
+    if values is None:
+        return dead, False
+    read = dict(zip([id(f) for f in flags], values))
+    if any_dead is not None and not read[id(any_dead)]:
+        dead = None
+    return dead, bool(leaked is not None and read[id(leaked)])
+
+
 def _sdpa(q, k, v, full_keep, bias, causal, window, scale, dropout_p, needs_grad, allowed, on_kernel,
-          autotune=False, restored_rows=None) -> Optional[torch.Tensor]:
-    """SDPA on the fastest valid kernel; None when the kernel added its mask to a masked key's NaN or
-    inf score and the NaN reached the output outside ``restored_rows`` (the original replaced that
-    score; pass no rows when gradients are needed, since the backward reads them). Under a compiler,
-    where the output cannot be read, the k rows that every query row masks are zeroed instead.
+          autotune=False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """SDPA on the fastest valid kernel, and an unread flag: whether the kernel may have added its mask
+    to a masked key's NaN or inf score (any non-finite value in the output, read by the caller; a
+    rerun unfused decides). Under a compiler, where the output cannot be read, the k rows that every
+    query row masks are zeroed instead and no flag is returned.
     """
     L, S, H, Hk = q.shape[-2], k.shape[-2], q.shape[1], k.shape[1]
     attn_mask, is_causal = sdpa_mask(full_keep, bias, causal, L, S, q, window)
@@ -200,15 +227,17 @@ def _sdpa(q, k, v, full_keep, bias, causal, window, scale, dropout_p, needs_grad
     rng = _rng_state(q) if adds_mask and checkable and dropout_p > 0 else None
     out = dispatch.run_sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, order,
                             strict=allowed is not None)
-    if adds_mask and checkable:
-        leaked = ~torch.isfinite(out)
-        if restored_rows is not None:
-            leaked = leaked & ~restored_rows
-        if host_bool(leaked.any()):
-            if rng is not None:  # the unfused rerun draws the dropout mask the original would have drawn
-                _set_rng_state(q, rng)
-            return None
-    return out
+    if not (adds_mask and checkable):
+        return out, None
+    # one reduction: a NaN or inf anywhere makes the sum non-finite (a huge finite output too: a rerun, not an error)
+    total = out.sum(dtype=torch.float32) if out.dtype in (torch.float16, torch.bfloat16) else out.sum()
+    leaked = ~torch.isfinite(total)
+    if rng is not None:  # an unfused rerun must draw the dropout mask the original would have drawn
+        if host_bool(leaked):
+            _set_rng_state(q, rng)
+            return out, torch.ones((), dtype=torch.bool, device=q.device)
+        return out, torch.zeros((), dtype=torch.bool, device=q.device)
+    return out, leaked
 
 
 def _rng_state(q: torch.Tensor) -> torch.Tensor:

@@ -63,13 +63,20 @@ def bias_masks_a_whole_row(bias: torch.Tensor) -> bool:
 _FLEX_FAILURES: dict[tuple, str] = {}
 
 
-def _flex_signature(q: torch.Tensor, k: torch.Tensor) -> tuple:
-    return (q.device.type, q.dtype, q.shape[-1], k.shape[-1], q.shape[1], k.shape[1])
+def _flex_signature(q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor], bias_fn: Optional[object],
+                    softcap: Optional[float], window: Optional[object]) -> tuple:
+    """What a Flex kernel is compiled for: the shapes' head dims and counts, dtypes, and which score
+    modifications it carries (a failure for one site's ``score_mod`` says nothing about another's)."""
+    return (q.device.type, q.dtype, q.shape[-1], k.shape[-1], q.shape[1], k.shape[1],
+            None if bias is None else bias.dtype, None if bias_fn is None else id(bias_fn),
+            softcap is not None, window is not None)
 
 
-def flex_failed(q: torch.Tensor, k: torch.Tensor, error: Exception) -> None:
+def flex_failed(q: torch.Tensor, k: torch.Tensor, error: Exception, bias: Optional[torch.Tensor] = None,
+                bias_fn: Optional[object] = None, softcap: Optional[float] = None,
+                window: Optional[object] = None) -> None:
     """Remember that FlexAttention could not compile for this kind of call; SDPA takes such calls."""
-    _FLEX_FAILURES[_flex_signature(q, k)] = f"{type(error).__name__}: {error}"[:300]
+    _FLEX_FAILURES[_flex_signature(q, k, bias, bias_fn, softcap, window)] = f"{type(error).__name__}: {error}"[:300]
 
 
 def choose_path(q: torch.Tensor, k: torch.Tensor, *, softcap: Optional[float], window: Optional[int], bias: Optional[torch.Tensor],
@@ -90,7 +97,7 @@ def choose_path(q: torch.Tensor, k: torch.Tensor, *, softcap: Optional[float], w
                                "dropout and no backward on the CPU); allow an SDPA kernel too")
         return "flex"
     flex_allowed = flex_possible and (allowed is None or "flex" in allowed) and \
-        _flex_signature(q, k) not in _FLEX_FAILURES
+        _flex_signature(q, k, bias, bias_fn, softcap, window) not in _FLEX_FAILURES
     # A plain per-head bias tensor runs faster on Flex too, but only eagerly: under an outer compile a
     # Flex kernel that does not fit the GPU cannot fall back, and SDPA can take the tensor as it is.
     plain_bias_on_flex = bias is not None and bias.dim() >= 3 and bias.shape[-3] > 1 and not is_traced(q)
@@ -210,11 +217,31 @@ def run_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optio
                   enable_gqa=enable_gqa)
     try:
         with kernel_scope(order, q):
-            return F.scaled_dot_product_attention(q, k, v, **kwargs)
+            out = F.scaled_dot_product_attention(q, k, v, **kwargs)
     except RuntimeError as error:
         if strict:
             names = [KERNEL_NAMES[b] for b in order]
             raise RuntimeError(f"attnfuse: none of the forced kernels {names} can run this call "
                                f"({error}); allow more kernels, e.g. add 'math'") from error
         with kernel_scope([SDPBackend.MATH], q):
-            return F.scaled_dot_product_attention(q, k, v, **kwargs)
+            out = F.scaled_dot_product_attention(q, k, v, **kwargs)
+    if out.requires_grad and out.is_cuda and not is_traced(q):
+        out.register_hook(_gradient_in_layout_of(out))
+    return out
+
+
+def _gradient_in_layout_of(out: torch.Tensor):
+    """A hook giving the kernel's backward its output gradient in the output's own memory layout.
+
+    Measured on an H100 (torch 2.11, bf16): cuDNN's backward returned gradients off by about 2 when the
+    output gradient arrived transposed relative to the output (a model that writes into the attention
+    output through a view); flash was exact. A copy is made only when the layouts differ.
+    """
+    shape, stride = out.shape, out.stride()
+
+    def hook(grad: torch.Tensor) -> Optional[torch.Tensor]:
+        if grad.stride() == stride:
+            return None
+        return torch.empty_strided(shape, stride, dtype=grad.dtype, device=grad.device).copy_(grad)
+
+    return hook

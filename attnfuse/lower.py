@@ -148,7 +148,7 @@ def plan_for(site: AttentionSite, kernels: Optional[tuple[str, ...]] = None, aut
         causal_guard=CausalGuard(terms.causal_guard[0].node, terms.causal_guard[0].negated,
                                  list(terms.causal_guard[1]), terms.causal) if terms.causal_guard else None,
         guard_inputs=len(terms.causal_guard[1]) if terms.causal_guard else 0,
-        dominance=FillDominance(terms.fill, tensor_meta(site.softmax).dtype) if terms.fill_check else None,
+        dominance=FillDominance(terms.fill, tensor_meta(site.softmax).dtype, terms.scores_dtype) if terms.fill_check else None,
         keys_in_every_row=terms.keys_in_every_row,
     )
 

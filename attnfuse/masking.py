@@ -105,9 +105,18 @@ def rows_without_keys(keep: Optional[torch.Tensor], causal: Optional[str], L: in
     if keep is None and (causal == "bottom_right" or L <= S):
         # a window keeps the diagonal key j = i + S - L whenever that key exists
         return (torch.arange(L, device=device) < L - S).unsqueeze(-1) if L > S else None
+    dead, any_dead = unread_rows_without_keys(keep, causal, L, S, device, window, full_keep)
+    return None if host_bool(any_dead) is False else dead
+
+
+def unread_rows_without_keys(keep: Optional[torch.Tensor], causal: Optional[str], L: int, S: int,
+                             device: torch.device, window: Optional[int] = None,
+                             full_keep: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, any_row)`` of a keep-mask, not yet read on the host, so the caller can read the flag
+    together with another one (one synchronization instead of two)."""
     full = full_keep if full_keep is not None else combined_keep(keep, causal, L, S, device, window)
     dead = ~full.any(-1, keepdim=True)
-    return None if host_bool(dead.any()) is False else dead
+    return dead, dead.any()
 
 
 def rows_of_neginf(bias: torch.Tensor, full_keep: Optional[torch.Tensor], fill_is_neginf: bool) -> Optional[torch.Tensor]:

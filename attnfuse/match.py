@@ -17,7 +17,7 @@ import torch
 
 from attnfuse.canonical import (canonical, is_call, is_written, remove_dead_nodes, same_size, spelling, tensor_meta,
                                 value_users)
-from attnfuse.dominance import PROVEN_FILL
+from attnfuse.dominance import absorbing, underflow_gap
 from attnfuse.effects import functionalize, mark_writes, written_between
 from attnfuse.original import NoOriginal, original_program
 from attnfuse.patterns.biases import Add, bias_reason
@@ -350,7 +350,7 @@ def _size_along(operand: Operand, axis: str) -> object:
     return tensor_meta(operand.node).shape[operand.axes.index(axis)]
 
 
-def _apply_masks(terms: ScoreTerms, L: object, S: object) -> None:
+def _apply_masks(terms: ScoreTerms, L: object, S: object, dtype: torch.dtype) -> None:
     """Turn masks that are causal triangles into the causal flag; drop masks that keep everything.
 
     Boolean keep-masks and constant additive ``0 / finfo.min`` biases are both read this way.
@@ -365,7 +365,7 @@ def _apply_masks(terms: ScoreTerms, L: object, S: object) -> None:
         if pattern.kind == "all":
             continue
         alone = len(terms.biases) == 1 and not terms.keep_masks and terms.fill is None
-        if pattern.kind == "causal" and alone and fill * coefficient <= PROVEN_FILL and \
+        if pattern.kind == "causal" and alone and _absorbs(fill * coefficient, dtype, terms.softcap) and \
                 not _some_row_loses_every_key(pattern.alignment, L, S):
             terms.causal, terms.window = pattern.alignment, pattern.window
             # an additive mask over a row of no keys is softmax(s + c), not a masked row: checked per call
@@ -394,6 +394,12 @@ def _every_row_keeps_a_key(alignment: str, L: object, S: object) -> bool:
     return _at_least_one(S) and (alignment == "top_left" or _at_most(L, S))
 
 
+def _absorbs(value: float, dtype: torch.dtype, softcap: Optional[float]) -> bool:
+    """Whether adding ``value`` removes a key from the softmax for any scores: it is at the bottom of
+    ``dtype``, or scores bounded by a softcap (``|s| <= cap``) cannot come within the fp64 underflow gap."""
+    return value <= absorbing(dtype) or (softcap is not None and value <= -(2 * abs(softcap) + underflow_gap(torch.float64)))
+
+
 def _some_row_loses_every_key(alignment: str, L: object, S: object) -> bool:
     return _statically_true(lambda: S < 1) or (alignment == "bottom_right" and _statically_true(lambda: L > S))
 
@@ -415,15 +421,15 @@ def _statically_true(condition) -> bool:
         return False
 
 
-def _fill_check(terms: ScoreTerms) -> None:
+def _fill_check(terms: ScoreTerms, dtype: torch.dtype) -> None:
     """Decide how the site's finite fill is known to mask: proven, or checked per call (``attnfuse.dominance``)."""
     finite = terms.fill is not None and terms.fill != float("-inf") and (terms.keep_masks or terms.causal)
     if not finite:
         return
-    if terms.fill > PROVEN_FILL and terms.functions:
+    if terms.fill > absorbing(dtype) and terms.functions:
         raise NotFusable(f"masked scores are set to {terms.fill:g} beside a position-computed bias: whether the fill "
                          "still masks cannot be checked cheaply; use -inf or finfo.min as the fill")
-    terms.fill_check = terms.fill > PROVEN_FILL or bool(terms.biases)
+    terms.fill_check = terms.fill > absorbing(dtype) or bool(terms.biases)
 
 
 def _index_functions(terms: ScoreTerms, batch_rank: int) -> None:
@@ -504,9 +510,10 @@ def match_site(softmax: Node, op: Softmax) -> AttentionSite:
             raise NotFusable("k and v repeat their heads differently")
         kv_group = k_group
         k, v = peel_upcasts(k), peel_upcasts(v)
-    _apply_masks(terms, _size_along(q, query), _size_along(k, key))
+    _apply_masks(terms, _size_along(q, query), _size_along(k, key), scores_meta.dtype)
     _index_functions(terms, len(batch))
-    _fill_check(terms)
+    terms.scores_dtype = scores_meta.dtype
+    _fill_check(terms, scores_meta.dtype)
     _check_no_write_inside(product_node, pv_node, softmax, [q.node, k.node, v.node], terms)
     return AttentionSite(softmax=softmax, output=pv_node, q=q, k=k, v=v, batch=batch, query=query, key=key,
                          head_dim=head_dim, value_dim=value_dim, out_axes=out_axes, scores=terms,

@@ -35,6 +35,7 @@ class ScoreTerms:
     functions: list[tuple[ScoreFunction, float]] = field(default_factory=list)
     causal_guard: Optional[tuple[KeepMask, tuple]] = None  # (mask, buffers) a causal flag was read from
     fill_check: bool = False  # the finite fill is checked to mask on each call (``attnfuse.dominance``)
+    scores_dtype: Optional[torch.dtype] = None  # of the scores the softmax reads (what a fill is compared in)
     keys_in_every_row: bool = False  # the causal flag holds only while q_len <= k_len (checked per call)
 
 

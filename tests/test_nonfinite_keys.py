@@ -110,7 +110,8 @@ class Causal(nn.Module):
     def forward(self, q, k, v):
         L, S = q.shape[-2], k.shape[-2]
         scores = q @ k.transpose(-2, -1) / 2
-        return scores.masked_fill(torch.ones(L, S, dtype=torch.bool).triu(S - L + 1), self.fill).softmax(-1) @ v
+        return scores.masked_fill(torch.ones(L, S, dtype=torch.bool, device=q.device).triu(S - L + 1),
+                                  self.fill).softmax(-1) @ v
 
 
 @pytest.mark.parametrize("L,S", [(5, 5), (300, 300), (3, 7), (7, 3)])
@@ -127,7 +128,8 @@ def test_causal_nan_keys_above_the_diagonal(L, S, fill):
 class CausalDropout(nn.Module):
     def forward(self, q, k, v):
         L = q.shape[-2]
-        scores = (q @ k.transpose(-2, -1)).masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf"))
+        scores = (q @ k.transpose(-2, -1)).masked_fill(torch.ones(L, L, dtype=torch.bool, device=q.device).triu(1),
+                                                       float("-inf"))
         return torch.nn.functional.dropout(scores.softmax(-1), 0.3, training=self.training) @ v
 
 
