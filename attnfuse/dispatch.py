@@ -239,8 +239,8 @@ def _gradient_in_layout_of(out: torch.Tensor):
     """
     shape, stride = out.shape, out.stride()
 
-    def hook(grad: torch.Tensor) -> Optional[torch.Tensor]:
-        if grad.stride() == stride:
+    def hook(grad: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        if grad is None or grad.stride() == stride:  # None: the engine visits without a gradient
             return None
         return torch.empty_strided(shape, stride, dtype=grad.dtype, device=grad.device).copy_(grad)
 
