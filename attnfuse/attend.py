@@ -130,14 +130,21 @@ def attend(
             path, math_reason = "math", "unfused math (fp32 bias on half-precision q)"
     if path == "sdpa":
         full_keep = None if keep is None else combined_keep(keep, causal, L, S, q.device, window)
+        # a key-padding mask without gradients: masked k rows are zeroed and rows without keys written back
+        # unconditionally, so nothing is read on the host (with gradients the original's backward reads
+        # the masked keys too, 0 * NaN, so those calls keep the check and the rerun)
+        padding_only = keep is not None and keep.shape[-2] == 1 and causal is None and window is None and \
+            not needs_grad
         dead, any_dead = _rows_without_keys_unread(keep, causal, L, S, q.device, window, full_keep, dropout_p)
+        if padding_only and dropout_p == 0:
+            any_dead = None  # whole batch rows at most: written back with one `where`, nothing read
         q_run, keep_run, bias_run = q, full_keep, bias
         uniform_rows = dead is not None and any_dead is None and dropout_p > 0 and fully_masked_rows == "mean"
         if uniform_rows:
             whole = full_keep if full_keep is not None else combined_keep(None, causal, L, S, q.device, window)
             q_run, keep_run, bias_run = uniform_rows_for_dropout(q, whole, bias, dead)
         out, leaked = _sdpa(q_run, k, v, keep_run, bias_run, causal, window, scale, dropout_p, needs_grad, allowed,
-                            on_kernel, autotune)
+                            on_kernel, autotune, zero_masked_keys=padding_only)
         dead, leaked = _read_flags(dead, any_dead, leaked)
         dead_known = True
         if leaked:  # a masked key's NaN or inf reached the kernel's output: compute as the original did
@@ -200,11 +207,12 @@ def _read_flags(dead, any_dead, leaked):
 
 
 def _sdpa(q, k, v, full_keep, bias, causal, window, scale, dropout_p, needs_grad, allowed, on_kernel,
-          autotune=False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+          autotune=False, zero_masked_keys=False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """SDPA on the fastest valid kernel, and an unread flag: whether the kernel may have added its mask
     to a masked key's NaN or inf score (any non-finite value in the output, read by the caller; a
-    rerun unfused decides). Under a compiler, where the output cannot be read, the k rows that every
-    query row masks are zeroed instead and no flag is returned.
+    rerun unfused decides). Where every masked key is masked for every query (``zero_masked_keys``: a
+    key-padding mask), or under a compiler where the output cannot be read, the k rows that every query
+    row masks are zeroed instead (a pass over k, no read) and no flag is returned.
     """
     L, S, H, Hk = q.shape[-2], k.shape[-2], q.shape[1], k.shape[1]
     attn_mask, is_causal = sdpa_mask(full_keep, bias, causal, L, S, q, window)
@@ -217,7 +225,7 @@ def _sdpa(q, k, v, full_keep, bias, causal, window, scale, dropout_p, needs_grad
     order = dispatch.kernel_order(q, k, v, attn_mask, needs_grad, sdpa_allowed)
     masked = full_keep is not None or causal is not None or window is not None
     adds_mask = masked and dispatch.kernel_adds_mask(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, order)
-    checkable = host_readable(q)
+    checkable = host_readable(q) and not zero_masked_keys
     if adds_mask and not checkable and full_keep is not None:
         k = k.masked_fill(dead_key_columns(full_keep, k.shape[1]).unsqueeze(-1), 0)
     if autotune and not is_traced(q):
