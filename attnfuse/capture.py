@@ -19,6 +19,7 @@ import contextvars
 import copy
 import inspect
 import itertools
+from collections import Counter
 from dataclasses import dataclass, replace
 from types import CodeType
 from typing import Any, Callable, Optional, Sequence
@@ -115,9 +116,12 @@ class AttnfuseBackend:
     def rewrite(self, gm: GraphModule, only: Optional[set[tuple[str, str]]] = None) -> list[SiteReport]:
         """Match and rewrite every site of ``gm`` in place (only the ``(name, source)`` keys in ``only``);
         site names are relative to the compiled model."""
-        reports = []
+        reports, seen = [], Counter()
         for result in list(find_sites(gm.graph)):
             name, source = relative_module_path(result.softmax), source_line(result.softmax)
+            seen[(name, source)] += 1
+            if seen[(name, source)] > 1:  # another site on the same line (chained attention): its own row
+                source = f"{source}#{seen[(name, source)]}"
             if isinstance(result, Skip):
                 reports.append(SiteReport(name, source, "skipped", reason=result.reason))
                 continue

@@ -76,9 +76,7 @@ def test_chained_sites_fuse(cls, sites, monkeypatch):
     calls = []
     real = lower.run_site
     monkeypatch.setattr(lower, "run_site", lambda plan, *t: calls.append(plan) or real(plan, *t))
-    # sites on one source line share one report row (the report keys rows by module and line)
-    lines = 2 if cls in (ChainedThroughTransposes, ChainedWithCausalMask) else 1
-    assert_fused_equal(cls(), (q, k, v), fused=lines)
+    assert_fused_equal(cls(), (q, k, v), fused=sites)  # one report row per site, also on one source line
     assert len(calls) == sites  # every site ran fused in the one forward call
 
 
@@ -86,8 +84,8 @@ def test_chained_sites_fuse(cls, sites, monkeypatch):
 def test_chained_sites_audit(cls):
     q, k, v = (_randn(2, 3, 6, 8, seed=seed, grad=False) for seed in range(3))
     report = attnfuse.audit(cls(), q, k, v)
-    # sites on the same source line share one report row (attnfuse.report keys rows by module and line)
-    assert report.fused >= 1 and report.skipped == 0, str(report)
+    sites = dict(CHAINED)[cls]
+    assert report.fused == sites and report.skipped == 0, str(report)
 
 
 # ----------------------------------------------------------------------------- q broadcast over batch or heads
