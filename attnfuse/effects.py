@@ -101,22 +101,23 @@ def _fake_result(target: Any, op: str, args: tuple, kwargs: dict) -> Any:
         return target(*values[0], **values[1])
 
 
-def _functional_call(write: Node) -> Optional[tuple[str, Any, tuple, dict]]:
-    """``(op, target, args, kwargs)`` computing what ``write`` leaves in its operand, without writing."""
+def _functional_call(write: Node) -> Optional[tuple[str, Any, tuple, dict, Optional[torch.dtype]]]:
+    """``(op, target, args, kwargs, cast)`` computing what ``write`` leaves in its operand, without
+    writing; ``cast`` is the operand's dtype where the functional op's result would be wider."""
     operand = write.args[0]
     if isinstance(write.target, torch._ops.OpOverload):
         return None
     if write.target is operator.setitem:
-        return "call_function", inplace_on_copy, ("__setitem__", *write.args), {}
+        return "call_function", inplace_on_copy, ("__setitem__", *write.args), {}, None
     if "out" in write.kwargs or write.kwargs.get("inplace") is True:
         return None
     name = _name(write)
     functional: Optional[tuple[str, Any]] = None
     if write.target in _INPLACE_OPERATORS:
         functional = ("call_function", _INPLACE_OPERATORS[write.target])
-    elif write.op == "call_method" and hasattr(torch.Tensor, name[:-1]):
+    elif write.op == "call_method" and callable(getattr(torch.Tensor, name[:-1], None)):
         functional = ("call_method", name[:-1])
-    elif write.op == "call_function" and hasattr(torch.Tensor, name[:-1]) and \
+    elif write.op == "call_function" and callable(getattr(torch.Tensor, name[:-1], None)) and \
             getattr(torch.Tensor, name, None) is write.target:
         functional = ("call_function", getattr(torch.Tensor, name[:-1]))
     if functional is not None:
@@ -125,11 +126,14 @@ def _functional_call(write: Node) -> Optional[tuple[str, Any, tuple, dict]]:
         except Exception:
             result = None
         before = example_value(operand)
-        if isinstance(result, torch.Tensor) and isinstance(before, torch.Tensor) and \
-                result.dtype == before.dtype and result.shape == before.shape:
-            return functional[0], functional[1], write.args, dict(write.kwargs)
-    if write.op == "call_method" or hasattr(torch.Tensor, name):
-        return "call_function", inplace_on_copy, (name, *write.args), dict(write.kwargs)
+        if isinstance(result, torch.Tensor) and isinstance(before, torch.Tensor) and result.shape == before.shape:
+            # an in-place op computes in the promoted dtype and rounds into the operand's: op, then a cast
+            cast = None if result.dtype == before.dtype else before.dtype
+            return functional[0], functional[1], write.args, dict(write.kwargs), cast
+    if write.target in _INPLACE_OPERATORS:  # ``x += y`` keeps x's dtype where ``x + y`` would promote
+        name = f"__{name}__"
+    if callable(getattr(torch.Tensor, name, None)):  # any in-place Tensor method, applied to a copy
+        return "call_function", inplace_on_copy, (name, *write.args), dict(write.kwargs), None
     return None
 
 
@@ -176,17 +180,25 @@ def _functionalizable(graph: Graph, write: Node) -> bool:
                    for node in after)
 
 
-def _replace_write(graph: Graph, write: Node, order: dict[Node, int]) -> None:
-    operand = written_operand(write)
-    same = _same_tensor(operand, _alias_group(graph, operand))
-    op, target, args, kwargs = _functional_call(write)
-    with graph.inserting_after(write):
+def _insert_after(graph: Graph, before: Node, op: str, target: Any, args: tuple, kwargs: dict) -> Node:
+    """A new node right after ``before``, with its example value and ``before``'s source location."""
+    with graph.inserting_after(before):
         new = graph.create_node(op, target, args, kwargs)
-    new.meta.update({k: v for k, v in write.meta.items() if k in ("stack_trace", "nn_module_stack", "source_fn_stack")})
+    new.meta.update({k: v for k, v in before.meta.items() if k in ("stack_trace", "nn_module_stack", "source_fn_stack")})
     try:
         new.meta["example_value"] = _fake_result(target, op, args, kwargs)
     except Exception:
         new.meta["example_value"] = None
+    return new
+
+
+def _replace_write(graph: Graph, write: Node, order: dict[Node, int]) -> None:
+    operand = written_operand(write)
+    same = _same_tensor(operand, _alias_group(graph, operand))
+    op, target, args, kwargs, cast = _functional_call(write)
+    new = _insert_after(graph, write, op, target, args, kwargs)
+    if cast is not None:
+        new = _insert_after(graph, new, "call_method", "to", (new, cast), {})
     position = order[write]
     for member in same:
         for user in list(member.users):

@@ -203,3 +203,27 @@ def test_boolean_and_int8_biases_add_as_numbers():
     _same_as_original(SummedMasks(), args + (both, both))
     big = torch.full((L, S), 100, dtype=torch.int8)
     _same_as_original(SummedMasks(), args + (big * both, big))
+
+
+class InPlaceWiderAdd(nn.Module):
+    """``s += bias`` with an fp32 bias on bf16 scores computes in fp32 and rounds into bf16."""
+
+    def forward(self, q, k, v, bias):
+        s = q @ k.transpose(-1, -2)
+        s += bias
+        s.mul_(0.5)
+        return s.softmax(-1) @ v
+
+
+def test_inplace_add_of_a_wider_bias_keeps_the_scores_dtype():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 9, 8, generator=g) for _ in range(3))
+    bias = torch.randn(9, 9, generator=g) * 3
+    truth = InPlaceWiderAdd()(q.double(), k.double(), v.double(), bias.double())
+    low = [t.bfloat16() for t in (q, k, v)]
+    torch._dynamo.reset()
+    optimized = attnfuse.optimize(InPlaceWiderAdd())
+    fused, original = optimized(*low, bias), InPlaceWiderAdd()(*low, bias)
+    assert attnfuse.report(optimized).fused == 1, str(attnfuse.report(optimized))
+    assert fused.dtype == original.dtype == torch.bfloat16
+    assert (fused.double() - truth).abs().max() <= 1.25 * (original.double() - truth).abs().max() + 1e-2
