@@ -319,6 +319,36 @@ class _HigherOrderSwitch(torch.autograd.Function):
         return (None, None, None, None, *result)
 
 
+class _PrivateKernelSwitch(_HigherOrderSwitch):
+    """``_HigherOrderSwitch`` for a kernel that ran on detached copies of the inputs: its graph is private,
+    so a ``create_graph=True`` backward never reaches it. The engine visits a kernel node even when no
+    gradient reaches it, and cuDNN's backward then records an op that has no derivative (measured on an
+    H100, torch 2.11, half precision); the first-order backward goes through the private graph instead."""
+
+    @staticmethod
+    def forward(ctx, private, recompute, random, fresh_output, *tensors):
+        ctx.private_out, ctx.leaves = private
+        return _HigherOrderSwitch.forward(ctx, ctx.private_out, recompute, random, fresh_output, *tensors)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled():
+            return _HigherOrderSwitch.backward(ctx, grad)
+        wanted = [i for i, leaf in enumerate(ctx.leaves)
+                  if ctx.needs_input_grad[4 + i] and isinstance(leaf, torch.Tensor) and leaf.requires_grad]
+        grads = torch.autograd.grad(ctx.private_out, [ctx.leaves[i] for i in wanted], grad, retain_graph=True,
+                                    allow_unused=True)
+        result: list = [None] * len(ctx.leaves)
+        for i, g in zip(wanted, grads):
+            result[i] = g
+        return (None, None, None, None, *result)
+
+
+def _private_leaves(tensors: tuple) -> tuple:
+    return tuple(t.detach().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) and t.is_floating_point()
+                 else t for t in tensors)
+
+
 def differentiable_twice(run: Callable[..., torch.Tensor], recompute: Callable[..., torch.Tensor], tensors: tuple,
                          fresh_output: bool = False, random: bool = False) -> torch.Tensor:
     """``run(*tensors)``, differentiable to any order like the unfused computation it replaces.
@@ -330,7 +360,9 @@ def differentiable_twice(run: Callable[..., torch.Tensor], recompute: Callable[.
     """
     differentiable = [t for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)
-    out = run(*tensors)
     if not needs_grad or any(is_traced(t) for t in differentiable) or torch._C._are_functorch_transforms_active():
-        return out
-    return _HigherOrderSwitch.apply(out, recompute, random, fresh_output, *tensors)
+        return run(*tensors)
+    if any(t.is_cuda and t.dtype in (torch.float16, torch.bfloat16) for t in differentiable):  # cuDNN may run
+        leaves = _private_leaves(tensors)
+        return _PrivateKernelSwitch.apply((run(*leaves), leaves), recompute, random, fresh_output, *tensors)
+    return _HigherOrderSwitch.apply(run(*tensors), recompute, random, fresh_output, *tensors)

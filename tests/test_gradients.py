@@ -303,9 +303,6 @@ def test_tied_keys_gradients_at_large_logits(logit):
 @pytest.mark.parametrize("cls", [Plain, Causal], ids=lambda c: c.__name__)
 def test_gpu_double_backward_matches(cls, dtype):
     """The CUDA kernels' backward is not differentiable; a create_graph backward recomputes unfused."""
-    if dtype != torch.float32:
-        pytest.xfail("known gap (H100, torch 2.11): with cuDNN, the engine still runs the kernel's backward under "
-                     "create_graph, which has no derivative; flash and memory-efficient are fine")
     reference, optimized = _pair(cls().cuda())
     g = torch.Generator(device="cuda").manual_seed(0)
     base = [torch.randn(2, 4, n, 64, device="cuda", generator=g, dtype=dtype) for n in (128, 192, 192)]
