@@ -4,8 +4,9 @@ Dynamo graphs keep the user's in-place writes (``m.tril_()``, ``b[:, :2] = -1e9`
 ``x += y``) and read the written tensor through its old node afterwards, so a rule that evaluates or
 reads a node's construction would see the value before the write. Two passes make that impossible:
 
-* ``functionalize``: a write to a tensor created inside the graph, with no view of it anywhere,
-  becomes a functional op, and every later reader reads the new node (exact: same values, same dtype).
+* ``functionalize``: a write to a tensor created inside the graph, after which no other alias of it is
+  read, becomes a functional op (and a cast back where the op would promote), and every later reader
+  reads the new node (exact: same values, same dtype).
 * ``mark_writes``: every write that remains (to a graph input, to a view, through an unknown op) marks
   all nodes sharing the written storage (aliasing read from Dynamo's fake tensors), so constant
   folding and the mask readers refuse them and the matcher can tell whether a site's inputs change
@@ -19,7 +20,7 @@ from typing import Any, Iterable, Optional
 import torch
 from torch.fx import Graph, Node
 
-from attnfuse.canonical import WRITTEN, example_value, is_written
+from attnfuse.canonical import WRITTEN, example_value
 
 _INPLACE_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
                       operator.itruediv: operator.truediv, operator.ifloordiv: operator.floordiv,

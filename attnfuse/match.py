@@ -15,8 +15,7 @@ from torch.fx import Graph, Node
 
 import torch
 
-from attnfuse.canonical import (canonical, is_call, is_written, remove_dead_nodes, same_size, spelling, tensor_meta,
-                                value_users)
+from attnfuse.canonical import canonical, is_call, is_written, remove_dead_nodes, spelling, tensor_meta, value_users
 from attnfuse.dominance import absorbing, underflow_gap
 from attnfuse.effects import functionalize, mark_writes, written_between
 from attnfuse.original import NoOriginal, original_program
