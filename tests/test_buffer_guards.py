@@ -3,7 +3,6 @@
 every call, so each write is seen; the site returns to the causal path when the triangle is back."""
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
