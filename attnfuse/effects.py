@@ -212,14 +212,13 @@ def _replace_write(graph: Graph, write: Node, order: dict[Node, int]) -> None:
 def functionalize(graph: Graph) -> int:
     """Rewrite every replaceable in-place write into its functional form; returns how many were rewritten."""
     rewritten = 0
-    while True:
-        order = {node: i for i, node in enumerate(graph.nodes)}
-        write = next((n for n in graph.nodes if written_operand(n) is not None and _functional_call(n) is not None
-                      and _functionalizable(graph, n)), None)
-        if write is None:
-            return rewritten
-        _replace_write(graph, write, order)
-        rewritten += 1
+    # One pass in program order: replacing a write re-points only the readers after it, so a later write
+    # is judged on the graph as it will run.
+    for write in [n for n in graph.nodes if written_operand(n) is not None]:
+        if _functional_call(write) is not None and _functionalizable(graph, write):
+            _replace_write(graph, write, {node: i for i, node in enumerate(graph.nodes)})
+            rewritten += 1
+    return rewritten
 
 
 def mark_writes(graph: Graph) -> None:
