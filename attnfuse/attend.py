@@ -139,12 +139,16 @@ def attend(
         if padding_only and dropout_p == 0:
             any_dead = None  # whole batch rows at most: written back with one `where`, nothing read
         q_run, keep_run, bias_run = q, full_keep, bias
+        if padding_only and dropout_p == 0 and fully_masked_rows == "mean" and bias is None and dead is not None:
+            # a batch row without keys: all its k rows are zeroed below, so with every key kept its scores
+            # are all 0 and the kernel itself gives the uniform average (the mean of v): no write-back
+            keep_run, dead = full_keep | dead, None
         uniform_rows = dead is not None and any_dead is None and dropout_p > 0 and fully_masked_rows == "mean"
         if uniform_rows:
             whole = full_keep if full_keep is not None else combined_keep(None, causal, L, S, q.device, window)
             q_run, keep_run, bias_run = uniform_rows_for_dropout(q, whole, bias, dead)
         out, leaked = _sdpa(q_run, k, v, keep_run, bias_run, causal, window, scale, dropout_p, needs_grad, allowed,
-                            on_kernel, autotune, zero_masked_keys=padding_only)
+                            on_kernel, autotune, zero_keys_masked_by=full_keep if padding_only else None)
         dead, leaked = _read_flags(dead, any_dead, leaked)
         dead_known = True
         if leaked:  # a masked key's NaN or inf reached the kernel's output: compute as the original did
@@ -207,10 +211,10 @@ def _read_flags(dead, any_dead, leaked):
 
 
 def _sdpa(q, k, v, full_keep, bias, causal, window, scale, dropout_p, needs_grad, allowed, on_kernel,
-          autotune=False, zero_masked_keys=False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+          autotune=False, zero_keys_masked_by=None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """SDPA on the fastest valid kernel, and an unread flag: whether the kernel may have added its mask
     to a masked key's NaN or inf score (any non-finite value in the output, read by the caller; a
-    rerun unfused decides). Where every masked key is masked for every query (``zero_masked_keys``: a
+    rerun unfused decides). Where every masked key is masked for every query (``zero_keys_masked_by``: a
     key-padding mask), or under a compiler where the output cannot be read, the k rows that every query
     row masks are zeroed instead (a pass over k, no read) and no flag is returned.
     """
@@ -225,9 +229,10 @@ def _sdpa(q, k, v, full_keep, bias, causal, window, scale, dropout_p, needs_grad
     order = dispatch.kernel_order(q, k, v, attn_mask, needs_grad, sdpa_allowed)
     masked = full_keep is not None or causal is not None or window is not None
     adds_mask = masked and dispatch.kernel_adds_mask(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, order)
-    checkable = host_readable(q) and not zero_masked_keys
-    if adds_mask and not checkable and full_keep is not None:
-        k = k.masked_fill(dead_key_columns(full_keep, k.shape[1]).unsqueeze(-1), 0)
+    checkable = host_readable(q) and zero_keys_masked_by is None
+    zeroing = zero_keys_masked_by if zero_keys_masked_by is not None else full_keep
+    if adds_mask and not checkable and zeroing is not None:
+        k = k.masked_fill(dead_key_columns(zeroing, k.shape[1]).unsqueeze(-1), 0)
     if autotune and not is_traced(q):
         order = autotune_order(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, needs_grad, order)
     if on_kernel is not None:
