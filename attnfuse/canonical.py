@@ -109,8 +109,39 @@ def arithmetic_kind(node: Node) -> Optional[str]:
     return None
 
 
-_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
-                      operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.setitem}
+# Python's in-place operators, with the out-of-place operator each one updates its operand with.
+INPLACE_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+                     operator.itruediv: operator.truediv, operator.ifloordiv: operator.floordiv,
+                     operator.imod: operator.mod, operator.ipow: operator.pow, operator.iand: operator.and_,
+                     operator.ior: operator.or_, operator.ixor: operator.xor, operator.ilshift: operator.lshift,
+                     operator.irshift: operator.rshift, operator.imatmul: operator.matmul}
+
+
+def target_name(node: Node) -> str:
+    """The name of what ``node`` calls (a method name, a function's ``__name__``, an aten op's name)."""
+    target = node.target
+    if isinstance(target, str):
+        return target
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.name.split("::")[-1]
+    return getattr(target, "__name__", "")
+
+
+def writes_in_place(node: Node) -> bool:
+    """Whether ``node`` writes a tensor in place: an in-place method or operator, ``setitem``, ``out=``,
+    ``inplace=True``, a mutable aten op. ``operator.and_`` and friends are not in place."""
+    if node.op not in ("call_function", "call_method"):
+        return False
+    if "out" in node.kwargs or node.kwargs.get("inplace") is True:
+        return True
+    if isinstance(node.target, torch._ops.OpOverload):
+        return node.target._schema.is_mutable
+    if node.target in INPLACE_OPERATORS or node.target is operator.setitem:
+        return True
+    if getattr(node.target, "__module__", None) in ("_operator", "operator"):
+        return False
+    name = target_name(node)
+    return name.endswith("_") and not name.endswith("__")
 
 
 def _changes_functorch_state(node: Node) -> bool:
@@ -123,11 +154,7 @@ def has_side_effect(node: Node) -> bool:
     """Whether removing ``node`` could change the program even if nothing reads its result."""
     if node.op in ("placeholder", "output", "get_attr") or node.is_impure():
         return True
-    if "out" in node.kwargs or _changes_functorch_state(node):
-        return True
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    is_inplace_name = name.endswith("_") and not name.endswith("__")
-    return is_inplace_name or node.target in _INPLACE_OPERATORS
+    return _changes_functorch_state(node) or writes_in_place(node)
 
 
 def remove_dead_nodes(nodes: Iterable[Node]) -> None:
@@ -142,15 +169,20 @@ def remove_dead_nodes(nodes: Iterable[Node]) -> None:
         pending.extend(inputs)
 
 
-def same_size(a: Any, b: Any) -> bool:
-    """Whether two sizes (ints, SymInts or the graph nodes computing them) are provably equal."""
+def statically_true(condition: Callable[[], Any]) -> bool:
+    """Whether ``condition()`` over sizes (ints or SymInts) holds for every shape the graph serves."""
     from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-    a, b = example_value(a), example_value(b)
     try:
-        return bool(statically_known_true(a == b))
+        return bool(statically_known_true(condition()))
     except Exception:
         return False
+
+
+def same_size(a: Any, b: Any) -> bool:
+    """Whether two sizes (ints, SymInts or the graph nodes computing them) are provably equal."""
+    a, b = example_value(a), example_value(b)
+    return statically_true(lambda: a == b)
 
 
 def reads_only_metadata(user: Node, node: Node) -> bool:

@@ -20,46 +20,14 @@ from typing import Any, Iterable, Optional
 import torch
 from torch.fx import Graph, Node
 
-from attnfuse.canonical import WRITTEN, example_value
-
-_INPLACE_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
-                      operator.itruediv: operator.truediv, operator.ifloordiv: operator.floordiv,
-                      operator.imod: operator.mod, operator.ipow: operator.pow, operator.iand: operator.and_,
-                      operator.ior: operator.or_, operator.ixor: operator.xor, operator.ilshift: operator.lshift,
-                      operator.irshift: operator.rshift, operator.imatmul: operator.matmul}
-
-
-def _name(node: Node) -> str:
-    target = node.target
-    if isinstance(target, str):
-        return target
-    if isinstance(target, torch._ops.OpOverload):
-        return target._schema.name.split("::")[-1]
-    return getattr(target, "__name__", "")
-
-
-def _writes_by_name(node: Node) -> bool:
-    if isinstance(node.target, torch._ops.OpOverload):
-        return node.target._schema.is_mutable
-    if node.target in _INPLACE_OPERATORS or node.target is operator.setitem:
-        return True
-    if getattr(node.target, "__module__", None) in ("_operator", "operator"):
-        return False  # ``operator.and_`` and friends are not in place
-    name = _name(node)
-    return (name.endswith("_") and not name.endswith("__")) or node.kwargs.get("inplace") is True
-
+from attnfuse.canonical import INPLACE_OPERATORS, WRITTEN, example_value, is_written, target_name, writes_in_place
 
 def written_operand(node: Node) -> Optional[Node]:
     """The tensor node that ``node`` writes in place (in-place method or operator, ``setitem``,
     ``out=``, ``inplace=True``, a mutable aten op), or None."""
-    if node.op not in ("call_function", "call_method"):
+    if not writes_in_place(node):
         return None
-    if "out" in node.kwargs:
-        target = node.kwargs["out"]
-    elif _writes_by_name(node):
-        target = node.args[0] if node.args else None
-    else:
-        return None
+    target = node.kwargs["out"] if "out" in node.kwargs else (node.args[0] if node.args else None)
     return target if isinstance(target, Node) else None
 
 
@@ -112,10 +80,10 @@ def _functional_call(write: Node) -> Optional[tuple[str, Any, tuple, dict, Optio
         return "call_function", inplace_on_copy, ("__setitem__", *write.args), {}, None
     if "out" in write.kwargs or write.kwargs.get("inplace") is True:
         return None
-    name = _name(write)
+    name = target_name(write)
     functional: Optional[tuple[str, Any]] = None
-    if write.target in _INPLACE_OPERATORS:
-        functional = ("call_function", _INPLACE_OPERATORS[write.target])
+    if write.target in INPLACE_OPERATORS:
+        functional = ("call_function", INPLACE_OPERATORS[write.target])
     elif write.op == "call_method" and callable(getattr(torch.Tensor, name[:-1], None)):
         functional = ("call_method", name[:-1])
     elif write.op == "call_function" and callable(getattr(torch.Tensor, name[:-1], None)) and \
@@ -131,7 +99,7 @@ def _functional_call(write: Node) -> Optional[tuple[str, Any, tuple, dict, Optio
             # an in-place op computes in the promoted dtype and rounds into the operand's: op, then a cast
             cast = None if result.dtype == before.dtype else before.dtype
             return functional[0], functional[1], write.args, dict(write.kwargs), cast
-    if write.target in _INPLACE_OPERATORS:  # ``x += y`` keeps x's dtype where ``x + y`` would promote
+    if write.target in INPLACE_OPERATORS:  # ``x += y`` keeps x's dtype where ``x + y`` would promote
         name = f"__{name}__"
     if callable(getattr(torch.Tensor, name, None)):  # any in-place Tensor method, applied to a copy
         return "call_function", inplace_on_copy, (name, *write.args), dict(write.kwargs), None
@@ -249,3 +217,13 @@ def written_between(nodes: Iterable[Node], first: Node, last: Node) -> Optional[
         if isinstance(node, Node) and any(start < w < end for w in node.meta.get(WRITTEN, ())):
             return node
     return None
+
+
+def written_or_returned(node: Node) -> bool:
+    """Whether ``node``'s value may be written in place after it is computed: some op of the graph writes
+    its storage, or the graph returns it or a view of it (the caller may write it)."""
+    key = storage(node)
+    if key is None or is_written(node):
+        return True
+    returned = next(n for n in reversed(node.graph.nodes) if n.op == "output")
+    return any(key == storage(n) for n in returned.all_input_nodes)

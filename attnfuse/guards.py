@@ -14,39 +14,22 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import fx
 from torch.fx import Node
 
 from attnfuse.masking import causal_keep
 from attnfuse.memo import host_bool, host_readable
+from attnfuse.original import original_program
 
 MAX_TRIANGLES = 16  # triangles kept per site, one per (L, S, device) seen
-
-
-def extract_function(output: Node, inputs: list[Node]) -> fx.GraphModule:
-    """A small GraphModule computing ``output`` from ``inputs`` with the graph's own ops."""
-    graph, env = fx.Graph(), {}
-    for node in inputs:
-        env[node] = graph.placeholder(node.name)
-    order = {node: i for i, node in enumerate(output.graph.nodes)}
-    needed, pending = set(), [output]
-    while pending:
-        node = pending.pop()
-        if node in needed or node in env:
-            continue
-        needed.add(node)
-        pending.extend(node.all_input_nodes)
-    for node in sorted(needed, key=order.__getitem__):
-        env[node] = graph.node_copy(node, lambda arg: env[arg])
-    graph.output(env[output])
-    return fx.GraphModule(torch.nn.Module(), graph)
 
 
 class CausalGuard:
     """Checks, per call, that a buffer-built mask is still the causal triangle it was proven to be."""
 
     def __init__(self, mask: Node, negated: bool, buffers: list[Node], alignment: str) -> None:
-        self.compute = extract_function(mask, buffers)
+        self.compute, extras = original_program(mask, buffers)
+        if extras:  # the matcher reads a buffer mask by value only when it depends on nothing else
+            raise ValueError(f"attnfuse: the buffer mask also reads {[n.name for n in extras]}")
         self.negated, self.alignment = negated, alignment
         self._triangles: dict[tuple, torch.Tensor] = {}
 

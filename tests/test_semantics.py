@@ -227,3 +227,25 @@ def test_inplace_add_of_a_wider_bias_keeps_the_scores_dtype():
     assert attnfuse.report(optimized).fused == 1, str(attnfuse.report(optimized))
     assert fused.dtype == original.dtype == torch.bfloat16
     assert (fused.double() - truth).abs().max() <= 1.25 * (original.double() - truth).abs().max() + 1e-2
+
+
+class WindowUnderDynamicShapes(nn.Module):
+    """An additive sliding-window causal mask built with ``&``: under dynamic shapes ``q_len <= k_len``
+    is checked per call, so the site keeps its own ops beside the fused call (``&`` writes nothing)."""
+
+    def forward(self, q, k, v):
+        i, j = q.shape[-2], k.shape[-2]
+        q_pos, k_pos = torch.arange(j - i, j)[:, None], torch.arange(j)[None, :]
+        keep = (k_pos <= q_pos) & (k_pos > q_pos - 3)
+        s = q @ k.transpose(-1, -2) * 0.3 + torch.where(keep, 0.0, torch.finfo(torch.float32).min)
+        return s.softmax(-1) @ v
+
+
+def test_windowed_additive_mask_fuses_under_dynamic_shapes():
+    torch._dynamo.reset()
+    optimized = attnfuse.optimize(WindowUnderDynamicShapes(), dynamic=True)
+    for L, S in ((6, 9), (7, 11), (9, 4)):  # the last: rows without keys, run by the site's own ops
+        q, k, v = torch.randn(1, 2, L, 8), torch.randn(1, 2, S, 8), torch.randn(1, 2, S, 8)
+        torch.testing.assert_close(optimized(q, k, v), WindowUnderDynamicShapes()(q, k, v), equal_nan=True)
+    report = attnfuse.report(optimized)
+    assert report.fused == 1 and str(report.sites[0].features["window"]) == "3", str(report)
