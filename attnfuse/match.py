@@ -15,7 +15,8 @@ from torch.fx import Graph, Node
 
 import torch
 
-from attnfuse.canonical import canonical, is_call, is_written, remove_dead_nodes, spelling, tensor_meta, value_users
+from attnfuse.canonical import (canonical, is_call, is_written, remove_dead_nodes, spelling, statically_true,
+                                tensor_meta, value_users)
 from attnfuse.dominance import absorbing, underflow_gap
 from attnfuse.effects import functionalize, mark_writes, written_between
 from attnfuse.original import NoOriginal, original_program
@@ -390,7 +391,7 @@ def _apply_masks(terms: ScoreTerms, L: object, S: object, dtype: torch.dtype) ->
 
 def _every_row_keeps_a_key(alignment: str, L: object, S: object) -> bool:
     """Whether a causal triangle leaves every query row at least one key (so no row is fully masked)."""
-    return _at_least_one(S) and (alignment == "top_left" or _at_most(L, S))
+    return statically_true(lambda: S >= 1) and (alignment == "top_left" or statically_true(lambda: L <= S))
 
 
 def _absorbs(value: float, dtype: torch.dtype, softcap: Optional[float]) -> bool:
@@ -400,24 +401,7 @@ def _absorbs(value: float, dtype: torch.dtype, softcap: Optional[float]) -> bool
 
 
 def _some_row_loses_every_key(alignment: str, L: object, S: object) -> bool:
-    return _statically_true(lambda: S < 1) or (alignment == "bottom_right" and _statically_true(lambda: L > S))
-
-
-def _at_least_one(size: object) -> bool:
-    return _statically_true(lambda: size >= 1)
-
-
-def _at_most(a: object, b: object) -> bool:
-    return _statically_true(lambda: a <= b)
-
-
-def _statically_true(condition) -> bool:
-    from torch.fx.experimental.symbolic_shapes import statically_known_true
-
-    try:
-        return bool(statically_known_true(condition()))
-    except Exception:
-        return False
+    return statically_true(lambda: S < 1) or (alignment == "bottom_right" and statically_true(lambda: L > S))
 
 
 def _fill_check(terms: ScoreTerms, dtype: torch.dtype) -> None:

@@ -15,7 +15,8 @@ from typing import Optional, Union
 import torch
 from torch.fx import Node
 
-from attnfuse.canonical import bind, canonical, example_value, is_call, is_scalar, is_written, same_size
+from attnfuse.canonical import (bind, canonical, example_value, is_call, is_scalar, is_written, same_size,
+                                statically_true)
 from attnfuse.constants import buffers_read, constant_value
 from attnfuse.patterns.index import keep_inequalities
 from attnfuse.patterns.masks import MASKING_THRESHOLD, KeepMask, Select
@@ -130,18 +131,10 @@ def _by_index(node: Node, negated: bool, L: Size, S: Size) -> Optional[MaskPatte
     if not window:
         return MaskPattern("causal", alignment)
     size = offset - window[0][2] + 1  # i - j + c <= 0 keeps j >= i + c: ``size`` keys up to the diagonal
-    if not _positive(size):
+    if not statically_true(lambda: size >= 1):
         return TENSOR  # a window of no key masks every row: not a sliding window
     return MaskPattern("causal", alignment, window=size)
 
-
-def _positive(size: object) -> bool:
-    from torch.fx.experimental.symbolic_shapes import statically_known_true
-
-    try:
-        return bool(statically_known_true(size >= 1))
-    except Exception:
-        return False
 
 
 def classify(mask: KeepMask, L: Size, S: Size) -> MaskPattern:
