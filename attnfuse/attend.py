@@ -74,12 +74,13 @@ def attend(
         on_kernel: called with the name of the kernel that runs (used by the audit).
 
     Cost beyond the kernel, per call (each fact is read from the values every call, ``attnfuse.memo``):
-    a keep-mask is reduced over its keys to find rows without keys (a pass over the mask, one host
-    read); where such rows exist they get the original's answer (a ``where`` over the output rows,
-    or, under dropout with a finite fill, q zeroed in those rows so the kernel's own dropout applies).
-    When the kernel adds its mask to the scores (any mask tensor; ``is_causal`` only on SDPA's math
-    kernel), the output is checked for NaN/inf (a pass over the output, one host read) and, if a
-    masked key's NaN or inf leaked in, the call is computed unfused as the original did. A bias
+    a keep-mask is reduced over its keys to find rows without keys (a pass over the mask); where such
+    rows exist they get the original's answer (a ``where`` over the output rows, or, under dropout
+    with a finite fill, q zeroed in those rows so the kernel's own dropout applies). When the kernel
+    adds its mask to the scores (any mask tensor; ``is_causal`` only on SDPA's math kernel), the output
+    is checked for NaN/inf (one reduction over it) and, if a masked key's NaN or inf leaked in, the
+    call is computed unfused as the original did; both flags are read in one host read. A key-padding
+    call without gradients reads nothing: its masked k rows are zeroed instead (a pass over k). A bias
     tensor is reduced over its keys for rows that are ``-inf`` throughout (a pass over the bias, one
     host read), which the original gives as NaN. On the CPU a host read costs nothing; on CUDA it is
     a synchronization. A negative scale is folded into q (``-q``, a pass over q).
@@ -130,19 +131,20 @@ def attend(
             path, math_reason = "math", "unfused math (fp32 bias on half-precision q)"
     if path == "sdpa":
         full_keep = None if keep is None else combined_keep(keep, causal, L, S, q.device, window)
-        # a key-padding mask without gradients: masked k rows are zeroed and rows without keys written back
-        # unconditionally, so nothing is read on the host (with gradients the original's backward reads
-        # the masked keys too, 0 * NaN, so those calls keep the check and the rerun)
+        # A key-padding mask without gradients reads nothing on the host: masked k rows are zeroed (a NaN
+        # there cannot leak) and rows without keys, whole batch rows at most, are written back with one
+        # `where`. With gradients the original's backward reads the masked keys too (0 * NaN), so those
+        # calls keep the check and the rerun.
         padding_only = keep is not None and keep.shape[-2] == 1 and causal is None and window is None and \
             not needs_grad
         dead, any_dead = _rows_without_keys_unread(keep, causal, L, S, q.device, window, full_keep, dropout_p)
-        if padding_only and dropout_p == 0:
-            any_dead = None  # whole batch rows at most: written back with one `where`, nothing read
         q_run, keep_run, bias_run = q, full_keep, bias
-        if padding_only and dropout_p == 0 and fully_masked_rows == "mean" and bias is None and dead is not None:
-            # a batch row without keys: all its k rows are zeroed below, so with every key kept its scores
-            # are all 0 and the kernel itself gives the uniform average (the mean of v): no write-back
-            keep_run, dead = full_keep | dead, None
+        if padding_only and dropout_p == 0:
+            any_dead = None
+            if fully_masked_rows == "mean" and bias is None and dead is not None:
+                # such a row keeps all its (zeroed) keys: its scores are 0, and the kernel itself gives the
+                # uniform average, the mean of v, so nothing is written back
+                keep_run, dead = full_keep | dead, None
         uniform_rows = dead is not None and any_dead is None and dropout_p > 0 and fully_masked_rows == "mean"
         if uniform_rows:
             whole = full_keep if full_keep is not None else combined_keep(None, causal, L, S, q.device, window)
@@ -204,10 +206,10 @@ def _read_flags(dead, any_dead, leaked):
     values = host_bools(*flags) if flags else []
     if values is None:
         return dead, False
-    read = dict(zip([id(f) for f in flags], values))
-    if any_dead is not None and not read[id(any_dead)]:
+    read = iter(values)
+    if any_dead is not None and not next(read):
         dead = None
-    return dead, bool(leaked is not None and read[id(leaked)])
+    return dead, leaked is not None and next(read)
 
 
 def _sdpa(q, k, v, full_keep, bias, causal, window, scale, dropout_p, needs_grad, allowed, on_kernel,
