@@ -21,15 +21,21 @@ def leaf_copies(args: tuple) -> tuple:
                  for a in args)
 
 
-def assert_fused_equal(module: torch.nn.Module, args: tuple, *, fused: int = 1, atol: float = 2e-5,
-                       rtol: float = 1e-4, **options) -> attnfuse.FusionReport:
-    """Optimize a copy of ``module``; outputs and input gradients must match the original's."""
-    torch._dynamo.reset()  # hypothesis runs many examples per test; each must compile afresh
+def run_both(module: torch.nn.Module, args: tuple, **options) -> tuple:
+    """``(expected, actual, report, ref_args, opt_args)``: an unrewritten copy of ``module`` and ``module``
+    under ``attnfuse.optimize`` run on separate leaf copies of ``args``."""
     reference = copy.deepcopy(module)
     optimized = attnfuse.optimize(module, **options)
     ref_args, opt_args = leaf_copies(args), leaf_copies(args)
     expected, actual = reference(*ref_args), optimized(*opt_args)
-    report = attnfuse.report(optimized)
+    return expected, actual, attnfuse.report(optimized), ref_args, opt_args
+
+
+def assert_fused_equal(module: torch.nn.Module, args: tuple, *, fused: int = 1, atol: float = 2e-5,
+                       rtol: float = 1e-4, **options) -> attnfuse.FusionReport:
+    """Optimize a copy of ``module``; outputs and input gradients must match the original's."""
+    torch._dynamo.reset()  # hypothesis runs many examples per test; each must compile afresh
+    expected, actual, report, ref_args, opt_args = run_both(module, args, **options)
     assert report.fused == fused, str(report)
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, equal_nan=True)
     differentiable = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]

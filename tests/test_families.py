@@ -7,7 +7,6 @@ math between the softmax and the value product and must be reported as skipped, 
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 from torch import einsum, nn
 
 import attnfuse
-from helpers import assert_fused_equal, grads, leaf_copies
+from helpers import assert_fused_equal, grads, run_both
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -374,11 +373,7 @@ def _flat(out) -> torch.Tensor:
 def assert_skipped_equal(module: nn.Module, args: tuple) -> attnfuse.FusionReport:
     """Optimize a copy of ``module``: exactly one site, skipped with a reason; outputs and gradients unchanged."""
     torch._dynamo.reset()
-    reference = copy.deepcopy(module)
-    optimized = attnfuse.optimize(module)
-    ref_args, opt_args = leaf_copies(args), leaf_copies(args)
-    expected, actual = reference(*ref_args), optimized(*opt_args)
-    report = attnfuse.report(optimized)
+    expected, actual, report, ref_args, opt_args = run_both(module, args)
     assert report.fused == 0 and report.skipped == 1, str(report)
     assert report.sites[0].reason, str(report)
     torch.testing.assert_close(actual, expected, atol=2e-5, rtol=1e-4)

@@ -281,19 +281,23 @@ def _tied_keys(scale_to: float):
     return q * factor, k * factor, v
 
 
+def _assert_gradients_near_fp64(reference, optimized, qkv, logit):
+    """The optimized module's q/k/v gradients are within ``1e-4 * logit`` (relative) of an fp64 truth."""
+    truth_inputs = [t.double().requires_grad_() for t in qkv]
+    truth = torch.autograd.grad(reference(*truth_inputs).sum(), truth_inputs)
+    inputs = [t.clone().requires_grad_() for t in qkv]
+    found = torch.autograd.grad(optimized(*inputs).sum(), inputs)
+    for f, t in zip(found, truth):
+        assert (f.double() - t).abs().max() <= 1e-4 * logit * (1 + t.abs().max())
+
+
 @pytest.mark.parametrize("logit", [1e2, 1e4])
 def test_tied_keys_gradients_at_large_logits(logit):
     """Fused kernels recompute the probabilities from an fp32 log-sum-exp in the backward pass, whose
     absolute rounding grows with the logits (ulp 0.0625 at 1e6: the issue's grad_k error of 16.7). Up to
     logits of about 1e4 the gradient error stays within fp32 tolerances relative to the gradient."""
     q, k, v = _tied_keys(logit)
-    reference, optimized = _pair(Plain())
-    truth_inputs = [t.double().requires_grad_() for t in (q, k, v)]
-    truth = torch.autograd.grad(reference(*truth_inputs).sum(), truth_inputs)
-    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
-    found = torch.autograd.grad(optimized(*inputs).sum(), inputs)
-    for f, t in zip(found, truth):
-        assert (f.double() - t).abs().max() <= 1e-4 * logit * (1 + t.abs().max())
+    _assert_gradients_near_fp64(*_pair(Plain()), (q, k, v), logit)
 
 
 # ----------------------------------------------------------------------------- GPU (run with -m gpu)
@@ -336,10 +340,4 @@ def test_gpu_tied_keys_gradients_at_large_logits(logit):
     if logit >= 1e6:
         pytest.xfail("fused backward recomputes probabilities from an fp32 log-sum-exp (ulp 0.0625 at 1e6)")
     q, k, v = (t.cuda() for t in _tied_keys(logit))
-    reference, optimized = _pair(Plain().cuda())
-    truth_inputs = [t.double().requires_grad_() for t in (q, k, v)]
-    truth = torch.autograd.grad(reference(*truth_inputs).sum(), truth_inputs)
-    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
-    found = torch.autograd.grad(optimized(*inputs).sum(), inputs)
-    for f, t in zip(found, truth):
-        assert (f.double() - t).abs().max() <= 1e-4 * logit * (1 + t.abs().max())
+    _assert_gradients_near_fp64(*_pair(Plain().cuda()), (q, k, v), logit)

@@ -11,7 +11,7 @@ from hypothesis import given, strategies as st
 from torch import nn
 
 import attnfuse
-from helpers import grads, leaf_copies
+from helpers import grads, run_both
 
 FILLS = {"-inf": float("-inf"), "min": torch.finfo(torch.float32).min, "-1e9": -1e9, "-1e4": -1e4}
 
@@ -86,11 +86,7 @@ def _same_as_original(module: nn.Module, args: tuple, grad_scale: float = 1.0) -
     """Optimize ``module``; outputs and q/k/v gradients must be the original's (gradients scale with the
     scores' magnitude, so their tolerance does too)."""
     torch._dynamo.reset()
-    reference = copy.deepcopy(module)
-    optimized = attnfuse.optimize(module)
-    ref_args, opt_args = leaf_copies(args), leaf_copies(args)
-    expected, actual = reference(*ref_args), optimized(*opt_args)
-    report = attnfuse.report(optimized)
+    expected, actual, report, ref_args, opt_args = run_both(module, args)
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-4, equal_nan=True, msg=lambda m: f"{m}\n{report}")
     if not expected.isnan().any() and all(a.requires_grad for a in args[:3]):
         for e, a in zip(grads(expected, ref_args[:3]), grads(actual, opt_args[:3])):
