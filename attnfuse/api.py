@@ -8,7 +8,7 @@ from torch import nn
 
 from attnfuse.capture import Capture, backend_for, captured, compile_model_call
 from attnfuse.options import Options
-from attnfuse.report import FusionReport
+from attnfuse.report import FusionReport, ModuleIndex
 
 _STATE = "_attnfuse_report"
 
@@ -33,7 +33,7 @@ def optimize(model: nn.Module, **options: Any) -> nn.Module:
     """
     _require_module(model, "optimize")
     settings = Options.from_kwargs(**options)
-    report = FusionReport(root=type(model).__name__)
+    report = FusionReport(root=type(model).__name__, modules=ModuleIndex(model))
     compiled = compile_model_call(model._call_impl, backend_for(settings), settings.dynamic)
     model._compiled_call_impl = captured(compiled, Capture(report, settings.verify, code=_forward_code(model)))
     object.__setattr__(model, _STATE, report)
@@ -53,7 +53,7 @@ def report(model: nn.Module) -> FusionReport:
 def audit(model: nn.Module, *args: Any, **kwargs: Any) -> FusionReport:
     """Run one call of ``model(*args, **kwargs)`` through the pass, verified, without changing ``model``."""
     _require_module(model, "audit")
-    result = FusionReport(root=type(model).__name__)
+    result = FusionReport(root=type(model).__name__, modules=ModuleIndex(model))
     compiled = compile_model_call(model._call_impl, backend_for(Options()), None)
     captured(compiled, Capture(result, verify=True, code=_forward_code(model)))(*args, **kwargs)
     return result

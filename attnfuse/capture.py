@@ -31,7 +31,7 @@ import attnfuse.patterns  # noqa: F401  (registers the rule families)
 from attnfuse.constants import BUFFER_VALUE
 from attnfuse.match import Skip, find_sites
 from attnfuse.options import Options
-from attnfuse.report import FusionReport, GraphSites, SiteReport, relative_module_path, source_line
+from attnfuse.report import FusionReport, GraphSites, SiteReport, compiled_frame, relative_module_path, source_line
 from attnfuse.rewrite import rewrite_site
 from attnfuse.verify import check_rewrite
 
@@ -122,16 +122,18 @@ class AttnfuseBackend:
             seen[(name, source)] += 1
             if seen[(name, source)] > 1:  # another site on the same line (chained attention): its own row
                 source = f"{source}#{seen[(name, source)]}"
+            frame = compiled_frame(result.softmax)
             if isinstance(result, Skip):
-                reports.append(SiteReport(name, source, "skipped", reason=result.reason))
+                reports.append(SiteReport(name, source, "skipped", reason=result.reason, frame=frame))
                 continue
             features = result.features()
             if only is not None and (name, source) not in only:
-                reports.append(SiteReport(name, source, "skipped", reason="rolled back", features=features))
+                reports.append(SiteReport(name, source, "skipped", reason="rolled back", features=features,
+                                          frame=frame))
                 continue
             plan = rewrite_site(gm, result, next(_site_counter), self.options.kernels, self.options.autotune)
             reports.append(SiteReport(name, source, "fused", features=features, record=plan.record,
-                                      predicted_backend="sdpa"))
+                                      predicted_backend="sdpa", frame=frame))
         if any(r.status == "fused" for r in reports):
             gm.graph.lint()
             gm.recompile()

@@ -1,6 +1,8 @@
 """Audit: what was fused at each site, on which kernel, and why anything was left alone."""
 from __future__ import annotations
 
+import inspect
+import math
 import os
 import re
 from dataclasses import dataclass, field, replace
@@ -11,19 +13,60 @@ from torch.fx import Node
 from attnfuse.lower import KernelRecord
 
 _FILE_LINE = re.compile(r'File "([^"]+)", line (\d+)')
-_MODULE_KEY = re.compile(r"\._modules\['([^']+)'\]|\[(\d+)\]|\['([^']+)'\]")
+# The frame's module: its first local (``L['self']``), or ``L['args'][0]`` when a decorator's
+# ``wrapper(*args, **kwargs)`` received it.
+_FRAME_ROOT = re.compile(r"^L\['args'\]\[0\]|^L\['[^']+'\]")
+_ACCESS = re.compile(r"\.(\w+)|\[(\d+)\]|\['([^']+)'\]")
+_CONTAINER_ATTRIBUTES = ("__dict__", "_modules")
 
 
 def relative_module_path(node: Node) -> str:
-    """The dotted path, below the compiled model, of the module whose code holds ``node``
-    (``layers.0.attn``); empty for the model's own code."""
+    """The dotted path, below the module of the compiled frame, of the module whose code holds ``node``
+    (``layers.0.attn``, as ``named_modules()`` spells it); empty for the frame's own code."""
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return ""
     path, _ = list(stack.values())[-1]
-    path = path if isinstance(path, str) else str(path)
-    path = re.sub(r"^L\['[^']+'\]\.?", "", path)
-    return _MODULE_KEY.sub(lambda m: "." + next(g for g in m.groups() if g), path).lstrip(".")
+    path = _FRAME_ROOT.sub("", path if isinstance(path, str) else str(path))
+    parts = [next(g for g in m.groups() if g) for m in _ACCESS.finditer(path)]
+    return ".".join(p for p in parts if p not in _CONTAINER_ATTRIBUTES)
+
+
+def compiled_frame(node: Node) -> Optional[tuple[str, int]]:
+    """``(file, line)`` of the outermost frame Dynamo compiled for ``node``'s graph."""
+    match = _FILE_LINE.search(node.meta.get("stack_trace") or "")
+    return (match.group(1), int(match.group(2))) if match else None
+
+
+class ModuleIndex:
+    """Where each module's ``forward`` lives, to name a graph Dynamo compiled for a submodule's frame
+    (a graph break ends the model's frame; the submodule's call then starts a frame of its own)."""
+
+    def __init__(self, model: Any) -> None:
+        self._ranges: list[tuple[str, int, int, str]] = []
+        for name, module in model.named_modules():
+            code = getattr(inspect.unwrap(getattr(type(module), "forward", None) or (lambda: None)), "__code__", None)
+            if code is not None:
+                lines = [line for _, _, line in code.co_lines() if line is not None] or [code.co_firstlineno]
+                self._ranges.append((code.co_filename, code.co_firstlineno, max(lines), name))
+
+    def owners(self, frame: Optional[tuple[str, int]]) -> list[str]:
+        """The modules whose ``forward`` holds ``frame`` (the innermost function when they nest)."""
+        if frame is None:
+            return []
+        found = [r for r in self._ranges if r[0] == frame[0] and r[1] <= frame[1] <= r[2]]
+        innermost = min((r[2] - r[1] for r in found), default=None)
+        return [r[3] for r in found if r[2] - r[1] == innermost]
+
+
+def name_pattern(names: list[str]) -> str:
+    """One name for the modules that share a compiled graph: ``blocks.*`` for ``blocks.0, blocks.1``."""
+    patterns: list[str] = []
+    for name in names:
+        pattern = re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", name) if len(names) > 1 else name
+        if pattern not in patterns:
+            patterns.append(pattern)
+    return patterns[0] if len(patterns) == 1 else "{" + ", ".join(patterns) + "}"
 
 
 def rooted(root: str, path: str) -> str:
@@ -56,6 +99,7 @@ class SiteReport:
     features: dict = field(default_factory=dict)
     record: Optional[KernelRecord] = None
     predicted_backend: Optional[str] = None
+    frame: Optional[tuple[str, int]] = None  # the compiled frame (``compiled_frame``), to name it below the model
 
     @property
     def backend(self) -> Optional[str]:
@@ -65,7 +109,12 @@ class SiteReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "source": self.source, "status": self.status, "reason": self.reason,
-                "features": dict(self.features), "backend": self.backend}
+                "features": {k: _json_number(v) for k, v in self.features.items()}, "backend": self.backend}
+
+
+def _json_number(value: Any) -> Any:
+    """``value``, with a non-finite float as a string (``"-inf"``): JSON has no infinities."""
+    return str(value) if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _feature_summary(features: dict) -> str:
@@ -111,6 +160,7 @@ class FusionReport:
     root: str = "model"
     graphs: list[GraphSites] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    modules: Optional[ModuleIndex] = field(default=None, repr=False, compare=False)
     _graph_ids: set[int] = field(default_factory=set, init=False, repr=False, compare=False)
 
     @property
@@ -120,9 +170,15 @@ class FusionReport:
         merged: dict[tuple[str, str], SiteReport] = {}
         for graph in self.graphs:
             for site in graph.sites:
-                named = replace(site, name=rooted(self.root, site.name))
+                named = replace(site, name=rooted(self.root, self._full_path(site)))
                 merged[(named.name, named.source)] = named
         return list(merged.values())
+
+    def _full_path(self, site: SiteReport) -> str:
+        """The site's module below the model: its path below the compiled frame, after the frame's module."""
+        owners = [name for name in self.modules.owners(site.frame)] if self.modules else []
+        frame = name_pattern(owners) if owners else ""
+        return ".".join(part for part in (frame, site.name) if part)
 
     @property
     def graphs_compiled(self) -> int:
@@ -174,6 +230,8 @@ class FusionReport:
             lines.append("  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths)) + "  " + row[4])
             if n == 0:
                 lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 17)
+        if any(isinstance(s.features.get("q_len"), str) or isinstance(s.features.get("k_len"), str) for s in sites):
+            lines.append("L, S: the query and key lengths, read at run time (the graph was compiled for dynamic shapes)")
         return "\n".join(lines + notes)
 
     __repr__ = __str__
