@@ -30,6 +30,7 @@ from torch.fx import GraphModule
 import attnfuse.patterns  # noqa: F401  (registers the rule families)
 from attnfuse.constants import BUFFER_VALUE
 from attnfuse.match import Skip, find_sites
+from attnfuse.native import native_sites, use_fused_path
 from attnfuse.options import Options
 from attnfuse.report import FusionReport, GraphSites, SiteReport, compiled_frame, relative_module_path, source_line
 from attnfuse.rewrite import rewrite_site
@@ -117,6 +118,15 @@ class AttnfuseBackend:
         """Match and rewrite every site of ``gm`` in place (only the ``(name, source)`` keys in ``only``);
         site names are relative to the compiled model."""
         reports, seen = [], Counter()
+        for found in native_sites(gm.graph):
+            name, source, status = relative_module_path(found.node), source_line(found.node), found.status
+            if status == "fused" and only is not None and (name, source) not in only:
+                status, found.reason = "skipped", "rolled back"
+            elif status == "fused":
+                use_fused_path(found)
+            reports.append(SiteReport(name, source, status, reason=found.reason, predicted_backend=found.kernel,
+                                      frame=compiled_frame(found.node),
+                                      features={"multihead": True} if status == "fused" else {}))
         for result in list(find_sites(gm.graph)):
             name, source = relative_module_path(result.softmax), source_line(result.softmax)
             seen[(name, source)] += 1

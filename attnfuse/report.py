@@ -12,6 +12,7 @@ from torch.fx import Node
 
 from attnfuse.lower import KernelRecord
 
+ALREADY_FUSED = "native"  # the status of a site the model already runs on a fused kernel
 _FILE_LINE = re.compile(r'File "([^"]+)", line (\d+)')
 # The frame's module: its first local (``L['self']``), or ``L['args'][0]`` when a decorator's
 # ``wrapper(*args, **kwargs)`` received it.
@@ -103,6 +104,8 @@ class SiteReport:
 
     @property
     def backend(self) -> Optional[str]:
+        if self.status == ALREADY_FUSED:
+            return self.predicted_backend
         if self.status != "fused":
             return None
         return (self.record.kernel if self.record and self.record.kernel else self.predicted_backend)
@@ -119,6 +122,8 @@ def _json_number(value: Any) -> Any:
 
 def _feature_summary(features: dict) -> str:
     parts = []
+    if features.get("multihead"):
+        parts.append("nn.MultiheadAttention, need_weights=False (its weights were never read)")
     if features.get("causal"):
         parts.append(f"causal {features['causal'].replace('_', '-')}")
     if features.get("window") is not None:
@@ -210,6 +215,7 @@ class FusionReport:
     def to_dict(self) -> dict[str, Any]:
         sites = self.sites
         return {"fused": sum(s.status == "fused" for s in sites), "skipped": sum(s.status == "skipped" for s in sites),
+                "already_fused": sum(s.status == ALREADY_FUSED for s in sites),
                 "sites": [s.to_dict() for s in sites], "notes": list(self.notes)}
 
     def __str__(self) -> str:
@@ -224,8 +230,9 @@ class FusionReport:
             detail = _feature_summary(s.features) if s.status == "fused" else f"{s.reason}"
             rows.append((s.name, _short_source(s.source), s.status, s.backend or "-", detail))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        fused, skipped = (sum(s.status == status for s in sites) for status in ("fused", "skipped"))
-        lines = [f"attnfuse: {fused} fused, {skipped} skipped"]
+        fused, skipped, native = (sum(s.status == status for s in sites) for status in ("fused", "skipped", ALREADY_FUSED))
+        lines = [f"attnfuse: {fused} fused, {skipped} skipped" +
+                 (f", {native} already on a fused kernel (status {ALREADY_FUSED})" if native else "")]
         for n, row in enumerate(rows):
             lines.append("  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths)) + "  " + row[4])
             if n == 0:
