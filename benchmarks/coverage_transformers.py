@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(HERE))  # this checkout, not an installed cop
 import attnfuse  # noqa: E402
 
 SEQ, BATCH, PAD = 9, 2, 3
+MAX_PARAMETERS = 20_000_000
 
 # Config attributes set (where the config has them) to make every architecture tiny.
 TINY = {
@@ -99,6 +100,10 @@ def build(model_type: str) -> Optional[torch.nn.Module]:
     config = tiny_config(model_type)
     if config is None:
         return None
+    with torch.device("meta"):  # sizes the defaults left large (byte-level hash embeddings) would not fit
+        parameters = sum(p.numel() for p in model_class(model_type).from_config(config).parameters())
+    if parameters > MAX_PARAMETERS:
+        raise ValueError(f"{parameters / 1e6:.0f}M parameters even with the tiny sizes")
     torch.manual_seed(0)
     model = model_class(model_type).from_config(config, attn_implementation="eager")
     return model.float().eval()
