@@ -267,8 +267,64 @@ def _model_entries() -> list[Entry]:
     ]
 
 
+def _tiny_transformers(model_type: str, **overrides: Any) -> Callable[[], Built]:
+    """A transformers architecture at the sweep's tiny sizes (``coverage_transformers``), left-padded batch."""
+    def build() -> Built:
+        import coverage_transformers as ct
+        model = ct.build(model_type, **overrides)
+        return model, (), ct.inputs(model)
+    return build
+
+
+def _package_entries() -> list[Entry]:
+    def multihead(need_weights):
+        class Multihead(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.mha = torch.nn.MultiheadAttention(32, 4, batch_first=True)
+
+            def forward(self, x):
+                return self.mha(x, x, x, need_weights=need_weights)[0]
+        return lambda: (seeded(Multihead).eval(), (randn(2, 9, 32),), {})
+
+    def fair_esm():
+        import esm
+        return seeded(lambda: esm.ESM2(num_layers=2, embed_dim=32, attention_heads=4)).eval(), \
+            (tokens((2, SEQ), vocab=20, low=4),), {}
+
+    def monai_vit():
+        from monai.networks.nets import ViT
+        model = seeded(lambda: ViT(in_channels=1, img_size=(16, 16), patch_size=(8, 8), hidden_size=32, mlp_dim=64,
+                                   num_layers=2, num_heads=4, spatial_dims=2))
+        return model.eval(), (randn(2, 1, 16, 16),), {}
+
+    def monai_swin():
+        from monai.networks.nets import SwinUNETR
+        model = seeded(lambda: SwinUNETR(in_channels=1, out_channels=2, depths=(2, 2, 2, 2), num_heads=(2, 2, 2, 2),
+                                         feature_size=12, window_size=2, spatial_dims=2))
+        return model.eval(), (randn(1, 1, 64, 64),), {}
+
+    return [
+        Entry("mha_default", "torch nn.MultiheadAttention (need_weights default, weights dropped)", multihead(True)),
+        Entry("mha_sdpa", "torch nn.MultiheadAttention(need_weights=False)", multihead(False),
+              note="already on SDPA: reported native"),
+        Entry("gpt_neo", "transformers GPT-Neo (local + global, finite fill then mask)", _tiny_transformers("gpt_neo")),
+        Entry("xglm", "transformers XGLM (bmm, 4-d view for the mask, clamp)", _tiny_transformers("xglm")),
+        Entry("opt", "transformers OPT", _tiny_transformers("opt")),
+        Entry("falcon", "transformers Falcon (rotary)", _tiny_transformers("falcon")),
+        Entry("falcon_alibi", "transformers Falcon (ALiBi, baddbmm)", _tiny_transformers("falcon", alibi=True)),
+        Entry("openai_gpt", "transformers OpenAI GPT (w * b + -1e4 * (1 - b))", _tiny_transformers("openai-gpt")),
+        Entry("deberta", "transformers DeBERTa (c2p / p2c biases)", _tiny_transformers("deberta")),
+        Entry("deberta_v2", "transformers DeBERTa-v2", _tiny_transformers("deberta-v2")),
+        Entry("esm", "transformers ESM", _tiny_transformers("esm")),
+        Entry("fair_esm", "fair-esm ESM2", fair_esm),
+        Entry("monai_vit", "MONAI ViT (SABlock)", monai_vit),
+        Entry("monai_swin", "MONAI SwinUNETR 2-d (shifted windows)", monai_swin),
+    ]
+
+
 def all_entries() -> list[Entry]:
-    return _seed_entries() + _family_entries() + _score_entries() + _model_entries()
+    return _seed_entries() + _family_entries() + _score_entries() + _model_entries() + _package_entries()
 
 
 # ----------------------------------------------------------------------------- one entry

@@ -68,8 +68,8 @@ def tiny_config(model_type: str) -> Any:
     from transformers import AutoConfig
     config = AutoConfig.for_model(model_type)
     for name, value in TINY.items():
-        current = getattr(config, name, None)
-        if isinstance(current, int) and not isinstance(current, bool):
+        current = getattr(config, name, "absent")
+        if (isinstance(current, int) and not isinstance(current, bool)) or (name == "vocab_size" and current is None):
             try:
                 setattr(config, name, value)
             except AttributeError:  # a derived property (Falcon's head_dim)
@@ -96,10 +96,13 @@ def model_class(model_type: str) -> Any:
     raise ValueError(f"{model_type} is not a causal, seq2seq or masked LM")
 
 
-def build(model_type: str) -> Optional[torch.nn.Module]:
+def build(model_type: str, **overrides: Any) -> Optional[torch.nn.Module]:
+    """``model_type`` at tiny sizes (``overrides`` set on its config), eager attention, fp32, eval mode."""
     config = tiny_config(model_type)
     if config is None:
         return None
+    for name, value in overrides.items():
+        setattr(config, name, value)
     with torch.device("meta"):  # sizes the defaults left large (byte-level hash embeddings) would not fit
         parameters = sum(p.numel() for p in model_class(model_type).from_config(config).parameters())
     if parameters > MAX_PARAMETERS:
