@@ -77,6 +77,8 @@ def tiny_config(model_type: str) -> Any:
     for sub in ("text_config",):
         if getattr(config, sub, None) is not None:
             return None  # multimodal wrapper: the text model is swept under its own model_type
+    if hasattr(config, "pad_token_id") and config.pad_token_id is None and model_type == "esm":
+        config.pad_token_id = 1  # ESM's embeddings compare the ids with it
     for token in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
         if getattr(config, token, None) is not None and isinstance(getattr(config, token), int):
             setattr(config, token, min(getattr(config, token), TINY["vocab_size"] - 1))
