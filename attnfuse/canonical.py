@@ -185,9 +185,18 @@ def same_size(a: Any, b: Any) -> bool:
     return statically_true(lambda: a == b)
 
 
+_LIKE = (torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like, torch.randn_like)
+_NEW = ("new_zeros", "new_ones", "new_empty", "new_full", "new_tensor")
+
+
 def reads_only_metadata(user: Node, node: Node) -> bool:
-    """Whether ``user`` reads only the dtype or shape of ``node`` (``y.type_as(node)``, ``node.size()``)."""
-    if is_call(user, (), ("type_as",)) and len(user.args) == 2 and user.args[1] is node and user.args[0] is not node:
+    """Whether ``user`` reads only the dtype, device or shape of ``node`` (``y.type_as(node)``,
+    ``m.expand_as(node)``, ``node.new_zeros(...)``, ``torch.zeros_like(node)``, ``node.size()``)."""
+    if is_call(user, (), ("type_as", "expand_as", "view_as", "reshape_as")) and len(user.args) == 2 \
+            and user.args[1] is node and user.args[0] is not node:
+        return True
+    if (is_call(user, _LIKE, _NEW)) and user.args and user.args[0] is node and \
+            all(a is not node for a in list(user.args[1:]) + list(user.kwargs.values())):
         return True
     if is_call(user, (torch.Tensor.size,), ("size", "dim")) or (
             user.op == "call_function" and user.target is getattr and user.args[1] in ("shape", "dtype", "device", "ndim")):
