@@ -304,7 +304,25 @@ def _package_entries() -> list[Entry]:
                                          feature_size=12, window_size=2, spatial_dims=2))
         return model.eval(), (randn(1, 1, 64, 64),), {}
 
+    def timm_model(name, **kwargs):
+        def build():
+            import timm  # needs torchvision: on the GPU machine, not in the CPU test environment
+            from timm.layers import set_fused_attn
+            set_fused_attn(False)  # timm's own SDPA path off: the hand-written attention is what is measured
+            model = seeded(lambda: timm.create_model(name, pretrained=False, num_classes=10, **kwargs))
+            size = kwargs.get("img_size", 32)
+            return model.eval(), (randn(2, 3, size, size),), {}
+        return build
+
     return [
+        Entry("timm_swin", "timm Swin (shifted windows, relative-position bias)",
+              timm_model("swin_tiny_patch4_window7_224", img_size=56, embed_dim=32, depths=(2, 2), num_heads=(2, 4),
+                         window_size=7)),
+        Entry("timm_swinv2", "timm Swin V2 (cosine attention, log-CPB)",
+              timm_model("swinv2_tiny_window8_256", img_size=64, embed_dim=32, depths=(2, 2), num_heads=(2, 4),
+                         window_size=8)),
+        Entry("timm_vit", "timm ViT (fused_attn off)", timm_model("vit_tiny_patch16_224", img_size=32, depth=2)),
+        Entry("timm_eva", "timm EVA (rotary)", timm_model("eva02_tiny_patch14_224", img_size=28, depth=2)),
         Entry("mha_default", "torch nn.MultiheadAttention (need_weights default, weights dropped)", multihead(True)),
         Entry("mha_sdpa", "torch nn.MultiheadAttention(need_weights=False)", multihead(False),
               note="already on SDPA: reported native"),
