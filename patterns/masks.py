@@ -294,5 +294,6 @@ def weights_zeroing(node: Node) -> Optional[tuple[KeepMask, str, Node]]:
     if isinstance(op, Multiply) and not op.inverse:
         for weights, factor in ((op.a, op.b), (op.b, op.a)):
             if isinstance(weights, Node) and isinstance(factor, Node) and binary_mask(factor) is True:
-                return KeepMask(factor, False), "multiply", weights
+                mask = keep_mask(factor, False) if tensor_meta(factor).dtype == torch.bool else KeepMask(factor, False)
+                return mask, "multiply", weights
     return None
