@@ -8,6 +8,7 @@ on both sides are not attention and are not reported at all.
 from __future__ import annotations
 
 import math
+import operator
 import string
 from dataclasses import dataclass
 from typing import Iterator, Optional, Union
@@ -28,7 +29,7 @@ from attnfuse.patterns.causal import MaskPattern, classify, classify_additive
 from attnfuse.patterns.causal import _keep_pattern as keep_pattern  # causal.py is edited elsewhere
 from attnfuse.patterns.dropout import Dropout
 from attnfuse.patterns.layouts import Operand, Permute, peel_head_repeat
-from attnfuse.patterns.masks import (Clamp, KeepMask, Select, binary_mask, clamp_floor, complement_value,
+from attnfuse.patterns.masks import (Clamp, KeepMask, RegionWrite, Select, full_index, pad_region, binary_mask, clamp_floor, complement_value,
                                     drops_where_zero, fill_value, keep_mask, mask_reason, same_keep_mask,
                                     weights_zeroing)
 from attnfuse.patterns.products import Product
@@ -169,8 +170,17 @@ def looks_like_attention(node: Node, op: Softmax) -> bool:
 # ----------------------------------------------------------------------------- the walk
 
 def _single_user(node: Node, what: str) -> None:
-    if len(value_users(node)) != 1:
+    if len([user for user in value_users(node) if not _reads_written_region(user, node)]) != 1:
         raise NotFusable(f"{what}: also used outside the attention (returned, stored or reused)")
+
+
+def _reads_written_region(user: Node, node: Node) -> bool:
+    """``user`` is ``node[index]`` and ``node``'s region ``index`` is written with a value computed from it
+    (``attn[:, :, 1:, 1:] += rel``): one use of the scores, checked by ``_region_steps``."""
+    if not (user.op == "call_function" and user.target is operator.getitem and user.args[0] is node):
+        return False
+    return any(isinstance(canonical(other), RegionWrite) and canonical(other).base is node and
+               canonical(other).index == user.args[1] for other in node.users if other is not user)
 
 
 def _describe(node: Node) -> str:
@@ -225,6 +235,9 @@ def walk_to_product(scores_input: Node) -> tuple[Node, Product, list]:
             scores = op.x
         elif isinstance(op, Permute) and op.perm == tuple(range(len(op.perm))):
             scores = op.x
+        elif isinstance(op, RegionWrite):
+            scores = op.base
+            steps.extend(reversed(_region_steps(node, op)))
         elif isinstance(op, Permute):
             raise NotFusable("the scores are transposed between the QK product and the softmax")
         elif _is_reshape(node):
@@ -234,6 +247,129 @@ def walk_to_product(scores_input: Node) -> tuple[Node, Product, list]:
             raise NotFusable(f"unsupported op {_describe(node)} between the QK product and the softmax")
         _single_user(scores, "the attention scores")
         node = scores
+
+
+def _region_steps(node: Node, op: RegionWrite) -> list:
+    """The steps a write into a region of the scores applies, in forward order, each operand padded to the
+    whole scores (a bias with 0, a mask with "keep" outside the region), which is exact: ``s + 0 == s``.
+    A region set to a value that does not read the scores (``attn[..., :n] = -inf``) is a fill of it."""
+    meta = tensor_meta(op.base)
+    sizes = tuple(meta.shape) if meta is not None else ()
+    if isinstance(op.index, Node):
+        return _mask_index_fill(op)
+    index = full_index(op.index, len(sizes))
+    if index is None:
+        raise NotFusable("the scores are written in place through an index other than slices and integers "
+                         "(`None`, a tensor, a computed bound); write the change as a mask or a bias")
+    if not all(isinstance(size, int) for size in sizes):
+        raise NotFusable("a region of the scores is written in place under dynamic shapes; not supported yet "
+                         "(add a zero-padded bias or a mask instead)")
+    inner = _region_chain(op.value, op.base, op.index)
+    if inner is None:
+        value = tensor_meta(op.value)
+        if value is not None and value.numel() != 1:
+            raise NotFusable("a region of the scores is overwritten with a tensor (`attn[...] = x`); only a constant "
+                             "<= -1e4 written into a region acts as a mask")
+        drop = _built(node, pad_region, (True, index, sizes, False, meta.device))
+        return [("fill", drop, op.value, True)]
+    steps = []
+    for step in inner:
+        if step[0] == "bias":
+            term = tensor_meta(step[1])
+            if term is None or term.dtype != meta.dtype or term.dim() > len(torch.empty(sizes, device="meta")[index].shape):
+                raise NotFusable("a bias of another dtype or shape is added into a region of the scores")
+            steps.append(("bias", _built(node, pad_region, (step[1], index, sizes, 0)), step[2]))
+        else:
+            mask = keep_mask(step[1], step[3])
+            if tensor_meta(mask.node) is None or tensor_meta(mask.node).dtype != torch.bool:
+                raise NotFusable("a region of the scores is filled through a mask that is not boolean")
+            padded = _built(node, pad_region, (mask.node, index, sizes, not mask.negated))
+            steps.append(("fill", padded, step[2], mask.negated))
+    return steps
+
+
+def _mask_index_fill(op: RegionWrite) -> list:
+    """``attn[mask] = c`` with a boolean ``mask`` of the scores' whole shape: ``masked_fill(mask, c)``."""
+    mask, scores = tensor_meta(op.index), tensor_meta(op.base)
+    if mask is None or mask.dtype != torch.bool or tuple(mask.shape) != tuple(scores.shape):
+        raise NotFusable("the scores are written in place through a tensor index; only a boolean mask of the "
+                         "scores' whole shape (`attn[mask] = value`) is read, as a mask fill")
+    return [("fill", op.index, op.value, True)]
+
+
+def _region_chain(value: object, base: Node, index: object) -> Optional[list]:
+    """The bias and fill steps from ``base[index]`` to ``value`` (forward order), or None when ``value``
+    does not read ``base`` at all (the region is set)."""
+    steps, node = [], value
+    while True:
+        if isinstance(node, Node) and node.op == "call_function" and node.target is operator.getitem and \
+                node.args[0] is base and node.args[1] == index:
+            _single_user(node, "the region of the scores written in place")
+            steps.reverse()
+            return steps
+        op = canonical(node)
+        if isinstance(op, Add) and _reads(op.a, base):
+            steps.append(("bias", op.b, op.alpha * op.sign))
+            scores = op.a
+        elif isinstance(op, Add) and _reads(op.b, base) and op.sign == 1.0 and op.alpha == 1.0:
+            steps.append(("bias", op.a, 1.0))
+            scores = op.b
+        elif isinstance(op, Select) and _reads(op.if_false, base) and not _reads(op.if_true, base):
+            steps.append(("fill", op.cond, op.if_true, True))
+            scores = op.if_false
+        elif isinstance(op, Select) and _reads(op.if_true, base) and not _reads(op.if_false, base):
+            steps.append(("fill", op.cond, op.if_false, False))
+            scores = op.if_true
+        elif not _reads(node, base):
+            if steps:
+                raise NotFusable("a region of the scores is written with a value that does not read it")
+            return None
+        else:
+            raise NotFusable(f"a region of the scores is written in place with {_describe(node)} of it; only "
+                             "additions (`+=`) and mask fills of the region are read")
+        if isinstance(node, Node) and node is not value:
+            _single_user(node, "the region of the scores written in place")
+        node = scores
+
+
+def _reads(value: object, base: Node, depth: int = _SEARCH_DEPTH) -> bool:
+    """Whether ``value`` is computed from ``base``."""
+    if value is base:
+        return True
+    return isinstance(value, Node) and depth > 0 and any(_reads(x, base, depth - 1) for x in value.all_input_nodes)
+
+
+BUILT_FOR = "attnfuse_built_for"  # node.meta key: the softmax whose match built this node
+
+
+def _built(before: Node, target: object, args: tuple) -> Node:
+    """A node computing ``target(*args)`` inserted before ``before`` for the site being matched (a padded
+    bias or mask); erased again if the site is skipped (``match_site``)."""
+    from attnfuse.effects import _fake_result
+
+    graph = before.graph
+    with graph.inserting_before(before):
+        node = graph.call_function(target, args)
+    node.meta.update({k: v for k, v in before.meta.items() if k in ("stack_trace", "nn_module_stack", "source_fn_stack")})
+    try:
+        node.meta["example_value"] = _fake_result(target, "call_function", args, {})
+        if node.meta["example_value"] is None and not any(isinstance(a, Node) for a in args):
+            node.meta["example_value"] = target(*args)  # a constant region mask: small, computed once
+    except Exception:
+        node.meta["example_value"] = None
+    node.meta[BUILT_FOR] = True
+    return node
+
+
+def _built_nodes(graph: Graph) -> set[Node]:
+    return {node for node in graph.nodes if node.meta.get(BUILT_FOR)}
+
+
+def _erase_built(graph: Graph, kept: set[Node]) -> None:
+    """Erase the nodes built since ``kept`` was taken, for a site that was then skipped (nothing reads them)."""
+    for node in reversed(list(graph.nodes)):
+        if node.meta.get(BUILT_FOR) and node not in kept and not node.users:
+            graph.erase_node(node)
 
 
 def _apply_steps(product: Product, steps: list, rank: int) -> ScoreTerms:
@@ -613,6 +749,15 @@ def _site_dtype(q: Operand, k: Operand, v: Operand, chain: list[Node], pv_node: 
 
 def match_site(softmax: Node, op: Softmax) -> AttentionSite:
     """Match one softmax into an ``AttentionSite``; raises ``NotFusable`` with the reason otherwise."""
+    built = _built_nodes(softmax.graph)
+    try:
+        return _match_site(softmax, op)
+    except NotFusable:
+        _erase_built(softmax.graph, built)  # padded biases built for this site: nothing reads them
+        raise
+
+
+def _match_site(softmax: Node, op: Softmax) -> AttentionSite:
     _single_user(op.x, "the attention scores")
     product_node, product, steps = walk_to_product(op.x)
     _single_user(product_node, "the QK product")

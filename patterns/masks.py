@@ -297,3 +297,65 @@ def weights_zeroing(node: Node) -> Optional[tuple[KeepMask, str, Node]]:
                 mask = keep_mask(factor, False) if tensor_meta(factor).dtype == torch.bool else KeepMask(factor, False)
                 return mask, "multiply", weights
     return None
+
+
+# ----------------------------------------------------------------------------- writes into a region of the scores
+
+@dataclass(frozen=True)
+class RegionWrite:
+    """``base`` with ``base[index] = value`` applied to a copy (an in-place slice write, made functional by
+    ``attnfuse.effects``): ``attn[:, :, 1:, 1:] += rel``, ``attn[..., :n] = -inf``, ``attn[mask] = -inf``."""
+
+    base: Node
+    index: object
+    value: object
+
+
+@canonicalizer
+def region_write_rule(node: Node) -> Optional[RegionWrite]:
+    from attnfuse.effects import inplace_on_copy
+
+    if node.op != "call_function" or node.target is not inplace_on_copy or len(node.args) != 4 or \
+            node.args[0] != "__setitem__" or node.kwargs or not isinstance(node.args[1], Node):
+        return None
+    return RegionWrite(node.args[1], node.args[2], node.args[3])
+
+
+def full_index(index: object, rank: int) -> Optional[tuple]:
+    """A basic index (ints, slices with constant bounds, one ``...``) spelled out over all ``rank`` axes, or None."""
+    items = index if isinstance(index, tuple) else (index,)
+    if sum(item is Ellipsis for item in items) > 1:
+        return None
+    for item in items:
+        if isinstance(item, slice):
+            if not all(b is None or (isinstance(b, int) and not isinstance(b, bool)) for b in
+                       (item.start, item.stop, item.step)):
+                return None
+        elif not (item is Ellipsis or (isinstance(item, int) and not isinstance(item, bool))):
+            return None
+    if Ellipsis in items:
+        at = items.index(Ellipsis)
+        items = items[:at] + (slice(None),) * (rank - len(items) + 1) + items[at + 1:]
+    items = items + (slice(None),) * (rank - len(items))
+    return items if len(items) == rank else None
+
+
+def pad_region(term: object, index: tuple, sizes: tuple, outside: object,
+               device: Optional[torch.device] = None) -> torch.Tensor:
+    """A tensor of ``sizes`` holding ``term`` in ``index`` and ``outside`` everywhere else; an axis the index
+    spans whole keeps the term's own size there (1 where the term broadcasts), so a bias that is the same for
+    every head stays one head wide. Exact: the scores plus 0 (or kept) outside the region are the scores."""
+    term = term if isinstance(term, torch.Tensor) else torch.tensor(term, device=device)
+    region = torch.empty(sizes, device="meta")[index].shape
+    aligned = term.reshape((1,) * (len(region) - term.dim()) + tuple(term.shape))
+    shape, axis = [], 0
+    for size, item in zip(sizes, index):
+        if isinstance(item, int):
+            shape.append(size)
+            continue
+        whole = item == slice(None)
+        shape.append(1 if whole and aligned.shape[axis] == 1 else size)
+        axis += 1
+    out = torch.full(shape, outside, dtype=term.dtype, device=term.device)
+    out[index] = aligned
+    return out
