@@ -45,7 +45,8 @@ def _largest(bias: torch.Tensor) -> float:
     return float(bias.detach().amax().float())
 
 
-def live_keys(bias: Optional[torch.Tensor], full_keep: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+def live_keys(bias: Optional[torch.Tensor], full_keep: Optional[torch.Tensor],
+              dtype: torch.dtype) -> Optional[torch.Tensor]:
     """True where a key is kept and its bias is above ``absorbing(dtype)``: the keys a row's softmax is over
     when the row has one (None: every key)."""
     live = None if bias is None else bias > absorbing(dtype)

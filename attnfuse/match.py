@@ -29,9 +29,9 @@ from attnfuse.patterns.causal import MaskPattern, classify, classify_additive
 from attnfuse.patterns.causal import _keep_pattern as keep_pattern  # causal.py is edited elsewhere
 from attnfuse.patterns.dropout import Dropout
 from attnfuse.patterns.layouts import Operand, Permute, peel_head_repeat
-from attnfuse.patterns.masks import (Clamp, KeepMask, RegionWrite, Select, full_index, pad_region, binary_mask, clamp_floor, complement_value,
-                                    drops_where_zero, fill_value, keep_mask, mask_reason, same_keep_mask,
-                                    weights_zeroing)
+from attnfuse.patterns.masks import (Clamp, KeepMask, RegionWrite, Select, binary_mask, clamp_floor, complement_value,
+                                    drops_where_zero, fill_value, full_index, keep_mask, mask_reason, pad_region,
+                                    same_keep_mask, weights_zeroing)
 from attnfuse.patterns.products import Product
 from attnfuse.patterns.scales import Multiply, score_factor
 from attnfuse.patterns.score_functions import score_function
@@ -276,7 +276,8 @@ def _region_steps(node: Node, op: RegionWrite) -> list:
     for step in inner:
         if step[0] == "bias":
             term = tensor_meta(step[1])
-            if term is None or term.dtype != meta.dtype or term.dim() > len(torch.empty(sizes, device="meta")[index].shape):
+            region_rank = len(torch.empty(sizes, device="meta")[index].shape)
+            if term is None or term.dtype != meta.dtype or term.dim() > region_rank:
                 raise NotFusable("a bias of another dtype or shape is added into a region of the scores")
             steps.append(("bias", _built(node, pad_region, (step[1], index, sizes, 0)), step[2]))
         else:
@@ -308,10 +309,10 @@ def _region_chain(value: object, base: Node, index: object) -> Optional[list]:
             steps.reverse()
             return steps
         op = canonical(node)
-        if isinstance(op, Add) and _reads(op.a, base):
+        if isinstance(op, Add) and _reads(op.a, base) and not _reads(op.b, base):
             steps.append(("bias", op.b, op.alpha * op.sign))
             scores = op.a
-        elif isinstance(op, Add) and _reads(op.b, base) and op.sign == 1.0 and op.alpha == 1.0:
+        elif isinstance(op, Add) and _reads(op.b, base) and not _reads(op.a, base) and op.sign == op.alpha == 1.0:
             steps.append(("bias", op.a, 1.0))
             scores = op.b
         elif isinstance(op, Select) and _reads(op.if_false, base) and not _reads(op.if_true, base):
@@ -350,7 +351,8 @@ def _built(before: Node, target: object, args: tuple) -> Node:
     graph = before.graph
     with graph.inserting_before(before):
         node = graph.call_function(target, args)
-    node.meta.update({k: v for k, v in before.meta.items() if k in ("stack_trace", "nn_module_stack", "source_fn_stack")})
+    node.meta.update({k: v for k, v in before.meta.items()
+                      if k in ("stack_trace", "nn_module_stack", "source_fn_stack")})
     try:
         node.meta["example_value"] = _fake_result(target, "call_function", args, {})
         if node.meta["example_value"] is None and not any(isinstance(a, Node) for a in args):
@@ -539,7 +541,8 @@ def _walk_to_value_product(softmax: Node) -> tuple[Node, Product, float, Node]:
             return user, spelling(user), dropout_p, node
         if isinstance(op, Dropout) and op.x is node:
             dropout_p = op.p if op.active else 0.0
-        elif not (isinstance(op, Cast) or _zeroes_weights(user, node) or (isinstance(op, Permute) and op.perm == tuple(range(len(op.perm))))):
+        elif not (isinstance(op, Cast) or _zeroes_weights(user, node) or
+                  (isinstance(op, Permute) and op.perm == tuple(range(len(op.perm))))):
             raise NotFusable(f"the attention weights go through {_describe(user)} before the value product")
         node = user
 
@@ -636,7 +639,8 @@ def _apply_masks(terms: ScoreTerms, L: object, S: object, dtype: torch.dtype) ->
     terms.biases = biases
     remaining: list[KeepMask] = []
     for mask in terms.keep_masks:
-        pattern = classify(mask, L, S) if tensor_meta(mask.node).dtype == torch.bool else _product_mask_pattern(mask, L, S)
+        boolean = tensor_meta(mask.node).dtype == torch.bool
+        pattern = classify(mask, L, S) if boolean else _product_mask_pattern(mask, L, S)
         if pattern.kind == "all":
             continue
         if pattern.kind == "causal" and terms.causal is None:

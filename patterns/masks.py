@@ -14,7 +14,8 @@ from typing import Optional, Union
 import torch
 from torch.fx import Node
 
-from attnfuse.canonical import bind, canonical, canonicalizer, has_side_effect, is_call, is_scalar, is_written, tensor_meta
+from attnfuse.canonical import (bind, canonical, canonicalizer, has_side_effect, is_call, is_scalar, is_written,
+                                tensor_meta)
 from attnfuse.constants import constant_value
 
 # A fill at or below this acts as a mask: exp(fill - row_max) is 0 for any sane score.

@@ -356,3 +356,87 @@ def test_zeroing_lookalikes_are_skipped(kind, words):
     other = torch.rand(2, 1, 5, 5, generator=torch.Generator().manual_seed(2)) > 0.3
     keep[0, 0, 0] = True
     assert_skipped(ZeroedLookalike(kind), (*qkv(), keep, other), *words)
+
+
+# ----------------------------------------------------------------------------- family 2: in-place writes into the scores
+
+class RegionWrites(nn.Module):
+    """Relative-position terms added into a slice of the scores (MViTv2 keeps the class token out of
+    them), masks written into a slice, and ``masked_fill_`` on the scores or a slice of them."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, q, k, v, rel, keep):
+        attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+        if self.kind == "add":
+            attn[:, :, 1:, 1:] += rel
+        elif self.kind == "add_twice":
+            attn[:, :, 1:, 1:] += rel
+            attn[:, :, 1:, 1:] -= 0.5 * rel
+        elif self.kind == "assign_sum":
+            attn[:, :, 1:, 1:] = attn[:, :, 1:, 1:] + rel
+        elif self.kind == "row":
+            attn[:, :, 0] += rel[..., 0, :1]
+        elif self.kind == "set_neginf":
+            attn[..., : keep.shape[-1] // 2] = float("-inf")
+        elif self.kind == "set_min":
+            attn[:, :, :, -1:] = torch.finfo(attn.dtype).min
+        elif self.kind == "fill_slice":
+            attn[:, :, :, 1:].masked_fill_(~keep[..., 1:], float("-inf"))
+        elif self.kind == "fill_whole":
+            attn.masked_fill_(~keep, -torch.finfo(attn.dtype).max)
+        elif self.kind == "bool_index":
+            attn[~keep.expand(attn.shape)] = float("-inf")
+        return attn.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("kind", ["add", "add_twice", "assign_sum", "row", "set_neginf", "set_min", "fill_slice",
+                                  "fill_whole", "bool_index"])
+@given(L=st.integers(2, 7), S=st.integers(2, 7), heads=st.sampled_from([1, 2]), seed=st.integers(0, 5))
+def test_region_writes_fuse(kind, L, S, heads, seed):
+    g = torch.Generator().manual_seed(seed)
+    rel = torch.randn(2, heads, L - 1, S - 1, generator=g).requires_grad_(True)
+    keep = torch.rand(2, 1, L, S, generator=g) > 0.3
+    if kind in ("fill_slice", "bool_index", "fill_whole"):
+        keep[0, 0, 0] = kind == "fill_slice"  # a row without keys (NaN / mean) and one with only the first key
+    assert_fused_equal(RegionWrites(kind), (*qkv(L=L, S=S, seed=seed), rel, keep))
+
+
+class RegionLookalike(nn.Module):
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, q, k, v, rel):
+        attn = q @ k.transpose(-2, -1)
+        if self.kind == "scale":
+            attn[:, :, 1:, 1:] *= 2.0
+        elif self.kind == "set_tensor":
+            attn[:, :, 1:, 1:] = rel
+        elif self.kind == "set_weak":
+            attn[..., :1] = -5.0
+        elif self.kind == "region_reused":
+            region = attn[:, :, 1:, 1:]
+            region += rel
+            return attn.softmax(-1) @ v, region.sum()
+        return attn.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("kind,words", [
+    ("scale", ["region of the scores", "`mul`"]),
+    ("set_tensor", ["overwritten with a tensor"]),
+    ("set_weak", ["-5", "does not act as a mask"]),
+])
+def test_region_lookalikes_are_skipped(kind, words):
+    rel = torch.randn(2, 2, 4, 4, requires_grad=True)
+    assert_skipped(RegionLookalike(kind), (*qkv(), rel), *words)
+
+
+def test_a_region_that_is_read_again_is_not_fused():
+    rel = torch.randn(2, 2, 4, 4)
+    torch._dynamo.reset()
+    expected, actual, report, _, _ = run_both(RegionLookalike("region_reused"), (*qkv(grad=False), rel))
+    assert report.fused == 0, str(report)
+    torch.testing.assert_close(actual, expected)
