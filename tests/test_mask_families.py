@@ -49,10 +49,6 @@ def assert_skipped(module: nn.Module, args: tuple, *words: str) -> attnfuse.Fusi
     return report
 
 
-def kernels(report: attnfuse.FusionReport) -> list[str]:
-    return [str(site.backend) for site in report.sites]
-
-
 # ----------------------------------------------------------------------------- family 3: products with 0/1 masks
 
 class GPTProductMask(nn.Module):
