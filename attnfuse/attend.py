@@ -167,7 +167,8 @@ def attend(
         out = restore_fully_masked_rows(out, v, dead, fully_masked_rows)
     if bias is not None:
         whole = full_keep if full_keep is not None else combined_keep(keep, causal, L, S, q.device, window)
-        neginf_rows = rows_of_neginf(bias, whole, fully_masked_rows == "nan")
+        neginf_rows = rows_of_neginf(bias, whole, fully_masked_rows == "nan",
+                                     zeroed=fully_masked_rows == "zero" and keep is not None)
         if neginf_rows is not None:
             out = restore_fully_masked_rows(out, v, neginf_rows, "nan")
     return out

@@ -11,6 +11,7 @@ is memoized). When the check fails the site runs its original ops for that call 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -38,26 +39,77 @@ def _smallest(bias: torch.Tensor) -> float:
     return float(bias.detach().amin().float())
 
 
+def _largest(bias: torch.Tensor) -> float:
+    if bias.numel() == 0:
+        return 0.0
+    return float(bias.detach().amax().float())
+
+
+def live_keys(bias: Optional[torch.Tensor], full_keep: Optional[torch.Tensor],
+              dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """True where a key is kept and its bias is above ``absorbing(dtype)``: the keys a row's softmax is over
+    when the row has one (None: every key)."""
+    live = None if bias is None else bias > absorbing(dtype)
+    if full_keep is not None:
+        live = full_keep if live is None else live & full_keep
+    return live
+
+
+def every_row_has_a_live_key(bias: Optional[torch.Tensor], full_keep: Optional[torch.Tensor],
+                             dtype: torch.dtype) -> bool:
+    """Whether every query row keeps a key whose bias is above the masking floor (one pass over the bias and
+    mask, one host read). In such a row the masked keys, and kept keys with an absorbing bias, have weight
+    exactly 0 whatever value they hold (``fill + bias``, ``-inf`` or ``finfo.min`` after a clamp); in a row
+    without one, the original's weights depend on those values, so the site's own ops run."""
+    live = live_keys(bias, full_keep, dtype)
+    if live is None:
+        return True
+    if is_traced(live):
+        return False
+    return bool(live.any(-1).all())
+
+
 @dataclass(frozen=True)
 class FillDominance:
-    """The per-call check that the site's finite fill still masks (see the module docstring)."""
+    """The per-call check that the site's finite fill still masks (see the module docstring).
+
+    ``after_fill``: positions, in the site's bias list, of biases added after the fill (masked entries then
+    hold ``fill + bias``, so the bias's largest value counts too). ``finite_scores``: the scores were
+    multiplied by a 0/1 mask, so they must be finite as well (``inf * 0`` is NaN).
+    """
 
     fill: float
     softmax_dtype: torch.dtype
     scores_dtype: torch.dtype
+    after_fill: tuple[int, ...] = ()
+    finite_scores: bool = False
 
     def holds(self, q: torch.Tensor, k: torch.Tensor, scale: float, softcap: Optional[float],
-              biases: Sequence[torch.Tensor]) -> bool:
+              biases: Sequence[torch.Tensor], bias: Optional[torch.Tensor] = None,
+              full_keep: Optional[torch.Tensor] = None) -> bool:
+        """``biases``: the site's bias terms (scaled); ``bias``: their sum as the kernel adds it, and
+        ``full_keep`` the call's keep-mask with its causal triangle, read when a bias holds absorbing values."""
         if is_traced(q):
             return False  # no values under a compiler's tracer: the original ops run
-        lowest_bias = sum(_smallest(b) for b in biases)
         floor = absorbing(self.scores_dtype)
-        if self.fill <= floor and lowest_bias > floor:
+        lowest_bias = sum(_smallest(b) for b in biases)
+        masked_top = self.fill + sum(_largest(biases[i]) for i in self.after_fill)
+        absorbed_kept = False  # kept keys whose bias is absorbing: they compete like masked keys
+        if lowest_bias <= floor and bias is not None:
+            if not every_row_has_a_live_key(bias, full_keep, self.scores_dtype):
+                return False
+            lowest_bias, absorbed_kept = _smallest(bias.detach().masked_fill(bias <= floor, math.inf)), True
+        norms = _largest_norm(q) * _largest_norm(k) if self.finite_scores else None
+        if norms is not None and not max(1.0, abs(scale)) * norms < float(torch.finfo(self.scores_dtype).max) / 4:
+            return False  # a score may be infinite, and ``inf * 0`` is NaN in the original
+        if self.fill <= floor and masked_top <= floor and lowest_bias > floor:
             return True
-        bound = abs(scale) * _largest_norm(q) * _largest_norm(k)
+        bound = abs(scale) * (norms if norms is not None else _largest_norm(q) * _largest_norm(k))
         if softcap is not None:
             bound = min(bound, abs(softcap))
-        return -bound + lowest_bias >= self.fill + underflow_gap(self.softmax_dtype)
+        if absorbed_kept:
+            masked_top = max(masked_top, floor + bound)
+        return -bound + lowest_bias >= masked_top + underflow_gap(self.softmax_dtype)
 
 
 def _largest_norm(x: torch.Tensor) -> float:

@@ -183,10 +183,92 @@ def functionalize(graph: Graph) -> int:
     # One pass in program order: replacing a write re-points only the readers after it, so a later write
     # is judged on the graph as it will run.
     for write in [n for n in graph.nodes if written_operand(n) is not None]:
-        if _functional_call(write) is not None and _functionalizable(graph, write):
+        if _assigns_itself(write):
+            graph.erase_node(write)
+            rewritten += 1
+        elif _functional_call(write) is not None and _functionalizable(graph, write):
             _replace_write(graph, write, {node: i for i, node in enumerate(graph.nodes)})
             rewritten += 1
+        elif _functional_call(write) is not None and _view_functionalizable(graph, write):
+            _replace_view_write(graph, write, {node: i for i, node in enumerate(graph.nodes)})
+            rewritten += 1
     return rewritten
+
+
+# ----------------------------------------------------------------------------- writes through a slice
+
+def _is_basic_index(index: Any) -> bool:
+    """An index of slices, ints, ``None`` and ``...`` (what gives a view), with no tensor in it."""
+    items = index if isinstance(index, tuple) else (index,)
+    return all(item is None or item is Ellipsis or isinstance(item, (int, slice, Node)) and not (
+        isinstance(item, Node) and isinstance(example_value(item), torch.Tensor)) for item in items)
+
+
+def _slice_of(node: Any) -> Optional[tuple[Node, Any]]:
+    """``(base, index)`` when ``node`` is ``base[index]`` with a basic index, else None."""
+    if isinstance(node, Node) and node.op == "call_function" and node.target is operator.getitem and \
+            isinstance(node.args[0], Node) and _is_basic_index(node.args[1]):
+        return node.args[0], node.args[1]
+    return None
+
+
+def _assigns_itself(write: Node) -> bool:
+    """``x[i] = x[i]`` with the very view ``x[i]`` (what Python runs after ``x[i] += y``): writes nothing."""
+    if write.target is not operator.setitem or len(write.args) != 3 or write.users:
+        return False
+    base, index, value = write.args
+    found = _slice_of(value)
+    return found is not None and found[0] is base and found[1] == index and _is_basic_index(index)
+
+
+def _view_functionalizable(graph: Graph, write: Node) -> bool:
+    """A write into ``base[index]`` of a tensor created in this graph, after which only ``base`` and that view
+    (and aliases taken later from them) are read: ``base`` then holds ``setitem(base, index, op(view))``."""
+    operand = written_operand(write)
+    found = _slice_of(operand)
+    group = _alias_group(graph, operand) if found is not None else []
+    if not group:
+        return False
+    base = found[0]
+    root = group[0]
+    if root.op not in ("call_function", "call_method") or written_operand(root) is not None or \
+            base not in _same_tensor(root, group):
+        return False
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    rebuilt = _same_tensor(operand, group) | _same_tensor(base, group)
+    for node in sorted(group, key=order.__getitem__):
+        if node in rebuilt or order[node] < order[write]:
+            continue
+        if not all(source in rebuilt for source in node.all_input_nodes if source in group):
+            return False
+        rebuilt.add(node)
+    stale = set(group) - rebuilt
+    after = [node for node in graph.nodes if order[node] > order[write]]
+    return not any(written_operand(node) in stale or any(source in stale for source in node.all_input_nodes)
+                   for node in after)
+
+
+def _replace_view_write(graph: Graph, write: Node, order: dict[Node, int]) -> None:
+    """``op_(base[index])`` becomes ``base' = setitem_on_copy(base, index, op(base[index]))``; later readers of
+    ``base`` read ``base'``, later readers of the view read ``base'[index]``."""
+    operand = written_operand(write)
+    base, index = _slice_of(operand)
+    group = _alias_group(graph, operand)
+    same_view, same_base = _same_tensor(operand, group), _same_tensor(base, group)
+    op, target, args, kwargs, cast = _functional_call(write)
+    value = _insert_after(graph, write, op, target, args, kwargs)
+    if cast is not None:
+        value = _insert_after(graph, value, "call_method", "to", (value, cast), {})
+    new_base = _insert_after(graph, value, "call_function", inplace_on_copy, ("__setitem__", base, index, value), {})
+    new_view = _insert_after(graph, new_base, "call_function", operator.getitem, (new_base, index), {})
+    position = order[write]
+    for members, new in ((same_base, new_base), (same_view, new_view)):
+        for member in members:
+            for user in list(member.users):
+                if user not in (write, value, new_base, new_view) and order.get(user, -1) > position:
+                    user.replace_input_with(member, new)
+    write.replace_all_uses_with(new_view)
+    graph.erase_node(write)
 
 
 def mark_writes(graph: Graph) -> None:

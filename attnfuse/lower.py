@@ -15,9 +15,9 @@ import torch
 
 from attnfuse.attend import attend, differentiable_twice
 from attnfuse.canonical import tensor_meta
-from attnfuse.dominance import FillDominance
+from attnfuse.dominance import FillDominance, every_row_has_a_live_key
 from attnfuse.guards import CausalGuard
-from attnfuse.masking import conjunction
+from attnfuse.masking import combined_keep, conjunction, is_traced
 from attnfuse.site import AttentionSite
 
 
@@ -108,10 +108,12 @@ class SitePlan:
     original: Optional[Callable] = field(default=None, compare=False)  # the site's own ops (``attnfuse.original``)
     original_inputs: int = 0  # extra inputs only ``original`` reads, after the fused call's own
     keys_in_every_row: bool = False  # run ``original`` for calls where a causal row would keep no key
+    mask_binary: tuple[bool, ...] = ()  # per keep-mask: a 0/1 float mask whose values are checked on each call
+    live_rows: bool = False  # run ``original`` for calls where a row keeps no key above the masking floor
 
     @property
     def needs_original(self) -> bool:
-        return self.dominance is not None or self.keys_in_every_row
+        return self.dominance is not None or self.keys_in_every_row or any(self.mask_binary) or self.live_rows
 
 
 def plan_for(site: AttentionSite, kernels: Optional[tuple[str, ...]] = None, autotune: bool = False,
@@ -120,7 +122,7 @@ def plan_for(site: AttentionSite, kernels: Optional[tuple[str, ...]] = None, aut
     terms = site.scores
     canonical_out = site.batch + site.query + site.value_dim
     fill = terms.fill
-    fully_masked = "zero" if fill is None else ("nan" if fill == -math.inf else "mean")
+    fully_masked = "zero" if fill is None or terms.zeroed_rows else ("nan" if fill == -math.inf else "mean")
     return SitePlan(
         q=Layout.between(site.q.axes, site.q_axes()),
         k=Layout.between(site.k.axes, site.kv_axes(site.head_dim)),
@@ -148,8 +150,12 @@ def plan_for(site: AttentionSite, kernels: Optional[tuple[str, ...]] = None, aut
         causal_guard=CausalGuard(terms.causal_guard[0].node, terms.causal_guard[0].negated,
                                  list(terms.causal_guard[1]), terms.causal) if terms.causal_guard else None,
         guard_inputs=len(terms.causal_guard[1]) if terms.causal_guard else 0,
-        dominance=FillDominance(terms.fill, tensor_meta(site.softmax).dtype, terms.scores_dtype) if terms.fill_check else None,
+        dominance=FillDominance(terms.fill, tensor_meta(site.softmax).dtype, terms.scores_dtype,
+                                after_fill=tuple(i for i, (b, _) in enumerate(terms.biases) if b in terms.after_fill),
+                                finite_scores=terms.finite_scores) if terms.fill_check else None,
         keys_in_every_row=terms.keys_in_every_row,
+        mask_binary=tuple(m.node in terms.binary_masks for m in terms.keep_masks),
+        live_rows=terms.live_rows,
     )
 
 
@@ -283,11 +289,11 @@ def compute_site(plan: SitePlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     q = q if q.dtype == dtype else q.to(dtype)
     if plan.keys_in_every_row and not _every_row_keeps_a_key(plan.causal, q.shape[-2], k.shape[-2]):
         return _run_original(plan, everything, "a causal row keeps no key on this call")
-    if plan.dominance is not None and not plan.dominance.holds(
-            q, k, scale, plan.softcap, [b if c == 1.0 else b * c for b, c in zip(biases, plan.bias_coefficients)]):
-        return _run_original(plan, everything, "the fill did not mask on this call")
+    if any(plan.mask_binary) and not _binary_masks_hold(masks, plan):
+        return _run_original(plan, everything, "a mask multiplying the scores is not 0/1 on this call")
     keep = None
     for mask, negated in zip(masks, plan.mask_negated):
+        mask = mask if mask.dtype == torch.bool else mask != 0  # a 0/1 mask that multiplied the scores
         mask = _score_operand(mask.logical_not() if negated else mask, plan, batch_shape)
         keep = mask if keep is None else conjunction(keep, mask)
     bias = _combined_bias(biases, plan, batch_shape, dtype)
@@ -297,6 +303,15 @@ def compute_site(plan: SitePlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         if changed is not None:  # the buffer no longer holds the causal triangle: use it as a mask
             changed = _score_operand(changed, plan, batch_shape)
             keep, causal = (changed if keep is None else keep & changed), None
+    full_keep = None
+    if plan.live_rows or plan.dominance is not None:
+        full_keep = combined_keep(keep, causal, q.shape[-2], k.shape[-2], q.device, plan.window)
+    if plan.live_rows and not every_row_has_a_live_key(bias, full_keep, q.dtype if bias is None else bias.dtype):
+        return _run_original(plan, everything, "a row keeps no key above the masking floor on this call")
+    if plan.dominance is not None and not plan.dominance.holds(
+            q, k, scale, plan.softcap, [b if c == 1.0 else b * c for b, c in zip(biases, plan.bias_coefficients)],
+            bias, full_keep):
+        return _run_original(plan, everything, "the fill did not mask on this call")
     record = plan.record if plan.record.kernel is None and kernels is None else None
     out = attend(q, k, v, mask=keep, bias=bias, causal=causal, window=plan.window, softcap=plan.softcap,
                  bias_fn=plan.bias_program, scale=scale, dropout_p=plan.dropout_p,
@@ -304,6 +319,15 @@ def compute_site(plan: SitePlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                  on_kernel=record)
     out = _from_4d(out, plan, batch_shape).permute(plan.out_perm)
     return out if out.dtype == plan.out_dtype else out.to(plan.out_dtype)
+
+
+def _binary_masks_hold(masks: tuple, plan: SitePlan) -> bool:
+    """Whether each mask that multiplied the scores and is not proven 0/1 holds only 0 and 1 on this call
+    (a pass over each such mask and one host read)."""
+    checks = [((m == 0) | (m == 1)).all() for m, checked in zip(masks, plan.mask_binary) if checked]
+    if any(is_traced(m) for m in masks):
+        return False
+    return bool(torch.stack(checks).all())
 
 
 def run_site(plan: SitePlan, *tensors: torch.Tensor) -> torch.Tensor:

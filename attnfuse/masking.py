@@ -119,9 +119,12 @@ def unread_rows_without_keys(keep: Optional[torch.Tensor], causal: Optional[str]
     return dead, dead.any()
 
 
-def rows_of_neginf(bias: torch.Tensor, full_keep: Optional[torch.Tensor], fill_is_neginf: bool) -> Optional[torch.Tensor]:
+def rows_of_neginf(bias: torch.Tensor, full_keep: Optional[torch.Tensor], fill_is_neginf: bool,
+                   zeroed: bool = False) -> Optional[torch.Tensor]:
     """Rows whose every score is ``-inf`` in the original (so its softmax gives NaN), beyond rows
     without keys: a bias of ``-inf`` at every kept key, and a ``-inf`` fill or no masked key.
+    ``zeroed``: the original zeroed the masked keys' weights after the softmax (rows without keys give 0),
+    so such a row is NaN only where it keeps a key.
 
     Kernels return 0 for such rows. Costs a pass over the bias (and mask) per call and, eagerly, a
     host read; None when no row is affected.
@@ -130,8 +133,10 @@ def rows_of_neginf(bias: torch.Tensor, full_keep: Optional[torch.Tensor], fill_i
         return None
     blocked = torch.isneginf(bias)
     if full_keep is not None:
-        blocked = (blocked | ~full_keep) if fill_is_neginf else (blocked & full_keep)
+        blocked = (blocked | ~full_keep) if fill_is_neginf or zeroed else (blocked & full_keep)
     rows = blocked.all(-1, keepdim=True)
+    if zeroed and full_keep is not None:
+        rows = rows & full_keep.any(-1, keepdim=True)
     return None if host_bool(rows.any()) is False else rows
 
 

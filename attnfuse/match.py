@@ -7,6 +7,8 @@ on both sides are not attention and are not reported at all.
 """
 from __future__ import annotations
 
+import math
+import operator
 import string
 from dataclasses import dataclass
 from typing import Iterator, Optional, Union
@@ -17,15 +19,19 @@ import torch
 
 from attnfuse.canonical import (canonical, is_call, is_written, remove_dead_nodes, spelling, statically_true,
                                 tensor_meta, value_users)
+from attnfuse.constants import constant_value
 from attnfuse.dominance import absorbing, underflow_gap
 from attnfuse.effects import functionalize, mark_writes, written_between
 from attnfuse.original import NoOriginal, original_program
 from attnfuse.patterns.biases import Add, bias_reason
 from attnfuse.patterns.casts import Cast, peel_upcasts
-from attnfuse.patterns.causal import classify, classify_additive
+from attnfuse.patterns.causal import MaskPattern, classify, classify_additive
+from attnfuse.patterns.causal import _keep_pattern as keep_pattern  # causal.py is edited elsewhere
 from attnfuse.patterns.dropout import Dropout
 from attnfuse.patterns.layouts import Operand, Permute, peel_head_repeat
-from attnfuse.patterns.masks import KeepMask, Select, fill_value, keep_mask, mask_reason
+from attnfuse.patterns.masks import (Clamp, KeepMask, RegionWrite, Select, binary_mask, clamp_floor, complement_value,
+                                    drops_where_zero, fill_value, full_index, keep_mask, mask_reason, pad_region,
+                                    same_keep_mask, weights_zeroing)
 from attnfuse.patterns.products import Product
 from attnfuse.patterns.scales import Multiply, score_factor
 from attnfuse.patterns.score_functions import score_function
@@ -97,7 +103,7 @@ _TRANSFORMS = {"vmap": "vmap", "grad": "func.grad", "jvp": "func.jvp", "func": "
 # ----------------------------------------------------------------------------- reachability
 
 def _is_passthrough(op: object) -> bool:
-    return isinstance(op, (Multiply, Add, Select, Cast, Permute, Dropout, Tanh))
+    return isinstance(op, (Multiply, Add, Select, Cast, Permute, Dropout, Tanh, Clamp))
 
 
 def _score_inputs(op: object) -> list:
@@ -164,8 +170,17 @@ def looks_like_attention(node: Node, op: Softmax) -> bool:
 # ----------------------------------------------------------------------------- the walk
 
 def _single_user(node: Node, what: str) -> None:
-    if len(value_users(node)) != 1:
+    if len([user for user in value_users(node) if not _reads_written_region(user, node)]) != 1:
         raise NotFusable(f"{what}: also used outside the attention (returned, stored or reused)")
+
+
+def _reads_written_region(user: Node, node: Node) -> bool:
+    """``user`` is ``node[index]`` and ``node``'s region ``index`` is written with a value computed from it
+    (``attn[:, :, 1:, 1:] += rel``): one use of the scores, checked by ``_region_steps``."""
+    if not (user.op == "call_function" and user.target is operator.getitem and user.args[0] is node):
+        return False
+    return any(isinstance(canonical(other), RegionWrite) and canonical(other).base is node and
+               canonical(other).index == user.args[1] for other in node.users if other is not user)
 
 
 def _describe(node: Node) -> str:
@@ -210,10 +225,19 @@ def walk_to_product(scores_input: Node) -> tuple[Node, Product, list]:
         elif isinstance(op, Tanh):
             scores = op.x
             steps.append(("tanh",))
+        elif isinstance(op, Clamp):
+            scores = op.x
+            if tensor_meta(node) is None or tensor_meta(scores) is None or \
+                    tensor_meta(node).dtype != tensor_meta(scores).dtype:
+                raise NotFusable("the clamp of the scores changes their dtype")
+            steps.append(("clamp", op.low, tensor_meta(node).dtype))
         elif isinstance(op, Cast):
             scores = op.x
         elif isinstance(op, Permute) and op.perm == tuple(range(len(op.perm))):
             scores = op.x
+        elif isinstance(op, RegionWrite):
+            scores = op.base
+            steps.extend(reversed(_region_steps(node, op)))
         elif isinstance(op, Permute):
             raise NotFusable("the scores are transposed between the QK product and the softmax")
         elif _is_reshape(node):
@@ -225,15 +249,145 @@ def walk_to_product(scores_input: Node) -> tuple[Node, Product, list]:
         node = scores
 
 
+def _region_steps(node: Node, op: RegionWrite) -> list:
+    """The steps a write into a region of the scores applies, in forward order, each operand padded to the
+    whole scores (a bias with 0, a mask with "keep" outside the region), which is exact: ``s + 0 == s``.
+    A region set to a value that does not read the scores (``attn[..., :n] = -inf``) is a fill of it."""
+    meta = tensor_meta(op.base)
+    sizes = tuple(meta.shape) if meta is not None else ()
+    if isinstance(op.index, Node):
+        return _mask_index_fill(op)
+    index = full_index(op.index, len(sizes))
+    if index is None:
+        raise NotFusable("the scores are written in place through an index other than slices and integers "
+                         "(`None`, a tensor, a computed bound); write the change as a mask or a bias")
+    if not all(isinstance(size, int) for size in sizes):
+        raise NotFusable("a region of the scores is written in place under dynamic shapes; not supported yet "
+                         "(add a zero-padded bias or a mask instead)")
+    inner = _region_chain(op.value, op.base, op.index)
+    if inner is None:
+        value = tensor_meta(op.value)
+        if value is not None and value.numel() != 1:
+            raise NotFusable("a region of the scores is overwritten with a tensor (`attn[...] = x`); only a constant "
+                             "<= -1e4 written into a region acts as a mask")
+        drop = _built(node, pad_region, (True, index, sizes, False, meta.device))
+        return [("fill", drop, op.value, True)]
+    steps = []
+    for step in inner:
+        if step[0] == "bias":
+            term = tensor_meta(step[1])
+            region_rank = len(torch.empty(sizes, device="meta")[index].shape)
+            if term is None or term.dtype != meta.dtype or term.dim() > region_rank:
+                raise NotFusable("a bias of another dtype or shape is added into a region of the scores")
+            steps.append(("bias", _built(node, pad_region, (step[1], index, sizes, 0)), step[2]))
+        else:
+            mask = keep_mask(step[1], step[3])
+            if tensor_meta(mask.node) is None or tensor_meta(mask.node).dtype != torch.bool:
+                raise NotFusable("a region of the scores is filled through a mask that is not boolean")
+            padded = _built(node, pad_region, (mask.node, index, sizes, not mask.negated))
+            steps.append(("fill", padded, step[2], mask.negated))
+    return steps
+
+
+def _mask_index_fill(op: RegionWrite) -> list:
+    """``attn[mask] = c`` with a boolean ``mask`` of the scores' whole shape: ``masked_fill(mask, c)``."""
+    mask, scores = tensor_meta(op.index), tensor_meta(op.base)
+    if mask is None or mask.dtype != torch.bool or tuple(mask.shape) != tuple(scores.shape):
+        raise NotFusable("the scores are written in place through a tensor index; only a boolean mask of the "
+                         "scores' whole shape (`attn[mask] = value`) is read, as a mask fill")
+    return [("fill", op.index, op.value, True)]
+
+
+def _region_chain(value: object, base: Node, index: object) -> Optional[list]:
+    """The bias and fill steps from ``base[index]`` to ``value`` (forward order), or None when ``value``
+    does not read ``base`` at all (the region is set)."""
+    steps, node = [], value
+    while True:
+        if isinstance(node, Node) and node.op == "call_function" and node.target is operator.getitem and \
+                node.args[0] is base and node.args[1] == index:
+            _single_user(node, "the region of the scores written in place")
+            steps.reverse()
+            return steps
+        op = canonical(node)
+        if isinstance(op, Add) and _reads(op.a, base) and not _reads(op.b, base):
+            steps.append(("bias", op.b, op.alpha * op.sign))
+            scores = op.a
+        elif isinstance(op, Add) and _reads(op.b, base) and not _reads(op.a, base) and op.sign == op.alpha == 1.0:
+            steps.append(("bias", op.a, 1.0))
+            scores = op.b
+        elif isinstance(op, Select) and _reads(op.if_false, base) and not _reads(op.if_true, base):
+            steps.append(("fill", op.cond, op.if_true, True))
+            scores = op.if_false
+        elif isinstance(op, Select) and _reads(op.if_true, base) and not _reads(op.if_false, base):
+            steps.append(("fill", op.cond, op.if_false, False))
+            scores = op.if_true
+        elif not _reads(node, base):
+            if steps:
+                raise NotFusable("a region of the scores is written with a value that does not read it")
+            return None
+        else:
+            raise NotFusable(f"a region of the scores is written in place with {_describe(node)} of it; only "
+                             "additions (`+=`) and mask fills of the region are read")
+        if isinstance(node, Node) and node is not value:
+            _single_user(node, "the region of the scores written in place")
+        node = scores
+
+
+def _reads(value: object, base: Node, depth: int = _SEARCH_DEPTH) -> bool:
+    """Whether ``value`` is computed from ``base``."""
+    if value is base:
+        return True
+    return isinstance(value, Node) and depth > 0 and any(_reads(x, base, depth - 1) for x in value.all_input_nodes)
+
+
+BUILT_FOR = "attnfuse_built_for"  # node.meta key: the softmax whose match built this node
+
+
+def _built(before: Node, target: object, args: tuple) -> Node:
+    """A node computing ``target(*args)`` inserted before ``before`` for the site being matched (a padded
+    bias or mask); erased again if the site is skipped (``match_site``)."""
+    from attnfuse.effects import _fake_result
+
+    graph = before.graph
+    with graph.inserting_before(before):
+        node = graph.call_function(target, args)
+    node.meta.update({k: v for k, v in before.meta.items()
+                      if k in ("stack_trace", "nn_module_stack", "source_fn_stack")})
+    try:
+        node.meta["example_value"] = _fake_result(target, "call_function", args, {})
+        if node.meta["example_value"] is None and not any(isinstance(a, Node) for a in args):
+            node.meta["example_value"] = target(*args)  # a constant region mask: small, computed once
+    except Exception:
+        node.meta["example_value"] = None
+    node.meta[BUILT_FOR] = True
+    return node
+
+
+def _built_nodes(graph: Graph) -> set[Node]:
+    return {node for node in graph.nodes if node.meta.get(BUILT_FOR)}
+
+
+def _erase_built(graph: Graph, kept: set[Node]) -> None:
+    """Erase the nodes built since ``kept`` was taken, for a site that was then skipped (nothing reads them)."""
+    for node in reversed(list(graph.nodes)):
+        if node.meta.get(BUILT_FOR) and node not in kept and not node.users:
+            graph.erase_node(node)
+
+
 def _apply_steps(product: Product, steps: list, rank: int) -> ScoreTerms:
     """Fold the steps into canonical score terms; raises where the order cannot be proven equal."""
     terms = ScoreTerms(scale=product.alpha)
     if product.addend is not None:
         terms.biases.append((product.addend, product.beta))
     post_tanh: Optional[float] = None  # factors applied after a tanh (the softcap)
+    product_mask: Optional[Node] = None  # a 0/1 mask multiplying the scores, completed by the next step
     for step in steps:
         kind = step[0]
-        if terms.keep_masks and terms.fill != float("-inf") and kind != "fill":
+        if product_mask is not None:
+            _complete_product_mask(terms, product_mask, step, rank)
+            product_mask = None
+            continue
+        if terms.keep_masks and terms.fill != float("-inf") and kind not in ("fill", "bias", "clamp"):
             raise NotFusable("the scores change after a finite mask fill (the fill would not stay a mask)")
         if kind == "tanh":
             if post_tanh is not None or terms.biases or terms.keep_masks or terms.tensor_factors:
@@ -249,7 +403,8 @@ def _apply_steps(product: Product, steps: list, rank: int) -> ScoreTerms:
         elif kind == "factor":
             factor = score_factor(step[1], step[2], rank)
             if isinstance(factor, str):
-                raise NotFusable(factor)
+                product_mask = _product_mask(terms, step, factor, rank)
+                continue
             value = factor.as_float()
             if value is None:
                 if terms.biases or terms.keep_masks:
@@ -265,24 +420,93 @@ def _apply_steps(product: Product, steps: list, rank: int) -> ScoreTerms:
             if reason:
                 raise NotFusable(reason)
             terms.biases.append((step[1], step[2]))
+            if terms.keep_masks and terms.fill != float("-inf"):
+                terms.after_fill.append(step[1])  # masked entries hold ``fill + bias``: checked per call
+        elif kind == "clamp":
+            _apply_clamp(terms, step[1], step[2])
         else:
             _, cond, fill, fill_where_true = step
-            value = fill_value(fill)
-            if isinstance(value, str):
-                raise NotFusable(value)
-            if terms.fill is not None and terms.fill != value:
-                raise NotFusable("masks fill different values; a fully masked row would not be uniform")
-            mask = keep_mask(cond, fill_where_true)
-            reason = mask_reason(mask, rank)
-            if reason:
-                raise NotFusable(reason)
-            terms.fill = value
-            terms.keep_masks.append(mask)
+            _add_fill(terms, keep_mask(cond, fill_where_true), fill, rank)
+    if product_mask is not None:
+        raise NotFusable(_UNFINISHED_PRODUCT_MASK)
     if post_tanh is not None:
         if post_tanh == 0:
             raise NotFusable("the softcap is multiplied by zero")
         terms.softcap, terms.scale = post_tanh, terms.scale * post_tanh
     return terms
+
+
+def _add_fill(terms: ScoreTerms, mask: KeepMask, fill: object, rank: int, binary: bool = False) -> None:
+    """Record a fill of ``fill`` outside the keep-mask ``mask`` (``binary``: a 0/1 float mask, not a bool)."""
+    value = fill_value(fill)
+    if isinstance(value, str):
+        raise NotFusable(value)
+    if terms.after_fill:
+        raise NotFusable("a mask fill follows a bias that follows another finite fill; combine the masks into one")
+    if terms.fill is not None and terms.fill != value:
+        raise NotFusable("masks fill different values; a fully masked row would not be uniform")
+    reason = None if binary else mask_reason(mask, rank)
+    if reason:
+        raise NotFusable(reason)
+    terms.fill = value
+    terms.keep_masks.append(mask)
+
+
+_UNFINISHED_PRODUCT_MASK = ("the scores are multiplied by a 0/1 mask (`s * m`) that is not completed into a mask "
+                            "fill: follow it with `+ c * (1 - m)` or `.masked_fill(m == 0, c)` (c <= -1e4)")
+
+
+def _product_mask(terms: ScoreTerms, step: tuple, reason: str, rank: int) -> Node:
+    """A tensor factor that varies along the keys: a 0/1 mask (GPT's ``w * b + -1e4 * (1 - b)``), to be
+    completed by the next step, or the reason it is not a scale."""
+    _, other, inverse = step
+    proof = None if inverse else binary_mask(other)
+    if proof is None or (tensor_meta(other).dim() > rank):
+        raise NotFusable(reason)
+    if terms.biases or terms.keep_masks or terms.tensor_factors or terms.scale <= 0:
+        raise NotFusable("the scores are multiplied by a 0/1 mask after a bias, mask or tensor scale; multiply "
+                         "the raw scores, or write the mask as a `masked_fill`")
+    if not proof:
+        terms.binary_masks.append(other)  # a 0/1 mask read from a buffer or an input: checked on each call
+    return other
+
+
+def _complete_product_mask(terms: ScoreTerms, mask: Node, step: tuple, rank: int) -> None:
+    """``s * m + c * (1 - m)`` is ``where(m, s, c)`` for 0/1 ``m``, finite ``c`` and finite ``s`` (``s * 0`` of an
+    infinite score is NaN: checked per call); ``(s * m).masked_fill(m == 0, c)`` is exact for any ``s``."""
+    kind = step[0]
+    if kind == "bias":
+        value = complement_value(step[1], mask)
+        if value is None:
+            raise NotFusable(_UNFINISHED_PRODUCT_MASK)
+        fill = value * step[2]
+        if not math.isfinite(fill):
+            raise NotFusable("the masked scores are set through `c * (1 - m)` with an infinite c, which is NaN "
+                             "where m is 1; use a finite c or `masked_fill`")
+        terms.finite_scores = True
+        _add_fill(terms, KeepMask(mask, False), fill, rank, binary=True)
+        return
+    if kind == "fill" and drops_where_zero(keep_mask(step[1], step[3]), mask):
+        _add_fill(terms, keep_mask(step[1], step[3]), step[2], rank)
+        return
+    raise NotFusable(_UNFINISHED_PRODUCT_MASK)
+
+
+def _apply_clamp(terms: ScoreTerms, low: object, dtype: torch.dtype) -> None:
+    """``max(s, finfo.min)`` (XGLM) changes only ``-inf`` scores, into the lowest finite value: a ``-inf`` fill
+    becomes that finite fill, and a ``-inf`` bias entry is finite there, which differs from the fused call only
+    in a row with no key above the masking floor (checked on each call)."""
+    value = clamp_floor(low, dtype)
+    if isinstance(value, str):
+        raise NotFusable(value)
+    if value == float("-inf"):
+        return
+    if terms.softcap is not None or terms.functions:
+        raise NotFusable("the scores are clamped after a softcap or a position-computed bias")
+    if terms.fill == float("-inf"):
+        terms.fill = value
+    if terms.biases:
+        terms.live_rows = True
 
 
 def _qk_axes(product: Product, softmax_dim: int) -> tuple[Operand, Operand, str, str, str, str]:
@@ -317,9 +541,49 @@ def _walk_to_value_product(softmax: Node) -> tuple[Node, Product, float, Node]:
             return user, spelling(user), dropout_p, node
         if isinstance(op, Dropout) and op.x is node:
             dropout_p = op.p if op.active else 0.0
-        elif not (isinstance(op, Cast) or (isinstance(op, Permute) and op.perm == tuple(range(len(op.perm))))):
+        elif not (isinstance(op, Cast) or _zeroes_weights(user, node) or
+                  (isinstance(op, Permute) and op.perm == tuple(range(len(op.perm))))):
             raise NotFusable(f"the attention weights go through {_describe(user)} before the value product")
         node = user
+
+
+def _zeroes_weights(user: Node, weights: Node) -> bool:
+    """Whether ``user`` zeroes some of ``weights`` by a mask (``masked_fill(~mask, 0)``, ``* mask``): allowed on the
+    way to the value product, and checked against the site's masks by ``_apply_zeroing``."""
+    found = weights_zeroing(user)
+    return found is not None and found[2] is weights
+
+
+def _apply_zeroing(terms: ScoreTerms, softmax: Node, probs: Node) -> None:
+    """Weights zeroed after the softmax by the site's own mask (CPM-Ant's ``masked_fill(~mask, 0)``).
+
+    The zeroed weights are those of masked keys, which are already 0 in every row that keeps a key; a row
+    that keeps none is 0 in the original after a replacing zeroing (or a product after a finite fill), and
+    the fused call gives 0 there too. A product with a ``-inf`` fill leaves such a row NaN, as the fused
+    call does without the zeroing.
+    """
+    zeroings, node = [], softmax
+    while node is not probs:
+        user = value_users(node)[0]
+        if _zeroes_weights(user, node):
+            zeroings.append(weights_zeroing(user)[:2])
+        node = user
+    if not zeroings:
+        return
+    for mask, kind in zeroings:
+        if not any(same_keep_mask(mask, kept) for kept in terms.keep_masks):
+            raise NotFusable(f"the attention weights are zeroed (`{'* mask' if kind == 'multiply' else 'masked_fill'}`"
+                             f" after the softmax) by a mask that is not one the scores were masked with; zero "
+                             f"them with the same mask (the same tensor or the same expression)")
+    kinds = {kind for _, kind in zeroings}
+    if kinds == {"multiply"} and terms.fill == float("-inf"):
+        return  # a row without keys is NaN in the original either way
+    if len(kinds) > 1:
+        raise NotFusable("the attention weights are zeroed both by `masked_fill` and by a product with the mask")
+    if not all(any(same_keep_mask(kept, mask) for mask, _ in zeroings) for kept in terms.keep_masks):
+        raise NotFusable("the attention weights are zeroed by one of the masks of the scores, not all of them: a row "
+                         "that only another mask empties would not be zero in the original; zero with every mask")
+    terms.zeroed_rows = True
 
 
 def _value_axes(pv: Product, probs: Node, scores_axes: str, key: str) -> tuple[Operand, str, str]:
@@ -375,7 +639,8 @@ def _apply_masks(terms: ScoreTerms, L: object, S: object, dtype: torch.dtype) ->
     terms.biases = biases
     remaining: list[KeepMask] = []
     for mask in terms.keep_masks:
-        pattern = classify(mask, L, S)
+        boolean = tensor_meta(mask.node).dtype == torch.bool
+        pattern = classify(mask, L, S) if boolean else _product_mask_pattern(mask, L, S)
         if pattern.kind == "all":
             continue
         if pattern.kind == "causal" and terms.causal is None:
@@ -387,6 +652,15 @@ def _apply_masks(terms: ScoreTerms, L: object, S: object, dtype: torch.dtype) ->
     terms.keep_masks = remaining
     if not remaining and terms.causal is None:
         terms.fill = None
+
+
+def _product_mask_pattern(mask: KeepMask, L: object, S: object) -> MaskPattern:
+    """What a 0/1 float mask that multiplied the scores keeps: a constant one is read by value."""
+    value = constant_value(mask.node) if isinstance(L, int) and isinstance(S, int) else None
+    if not isinstance(value, torch.Tensor):
+        return MaskPattern("tensor")
+    keep = value != 0
+    return keep_pattern(~keep if mask.negated else keep, L, S)
 
 
 def _every_row_keeps_a_key(alignment: str, L: object, S: object) -> bool:
@@ -408,11 +682,19 @@ def _fill_check(terms: ScoreTerms, dtype: torch.dtype) -> None:
     """Decide how the site's finite fill is known to mask: proven, or checked per call (``attnfuse.dominance``)."""
     finite = terms.fill is not None and terms.fill != float("-inf") and (terms.keep_masks or terms.causal)
     if not finite:
+        terms.after_fill = []
         return
+    if terms.after_fill:
+        kept = [b for b, _ in terms.biases]
+        if terms.functions and any(b not in kept for b in terms.after_fill):
+            raise NotFusable("a position-computed bias is added after a finite mask fill; whether the fill still "
+                             "masks cannot be checked cheaply: add the bias before the fill")
+        terms.after_fill = [b for b in terms.after_fill if b in kept]
+        terms.live_rows = terms.live_rows or bool(terms.after_fill)
     if terms.fill > absorbing(dtype) and terms.functions:
         raise NotFusable(f"masked scores are set to {terms.fill:g} beside a position-computed bias: whether the fill "
                          "still masks cannot be checked cheaply; use -inf or finfo.min as the fill")
-    terms.fill_check = terms.fill > absorbing(dtype) or bool(terms.biases)
+    terms.fill_check = terms.fill > absorbing(dtype) or bool(terms.biases) or terms.finite_scores
 
 
 def _index_functions(terms: ScoreTerms, batch_rank: int) -> None:
@@ -420,7 +702,7 @@ def _index_functions(terms: ScoreTerms, batch_rank: int) -> None:
     kept = []
     for bias, coefficient in terms.biases:
         function = score_function(bias, batch_rank)
-        if function is not None and function.uses_positions:
+        if function is not None and function.uses_positions and bias not in terms.after_fill:  # its values are read
             terms.functions.append((function, coefficient))
         else:
             kept.append((bias, coefficient))
@@ -433,7 +715,7 @@ def _check_no_write_inside(first: Node, last: Node, softmax: Node, operands: lis
         [f.value for f in terms.tensor_factors] + [leaf for f, _ in terms.functions for leaf in f.leaves]
     if terms.causal_guard:
         read += list(terms.causal_guard[1])
-    if terms.fill_check or terms.keys_in_every_row:
+    if terms.fill_check or terms.keys_in_every_row or terms.live_rows or terms.binary_masks:
         try:
             original_program(last, read)
         except NoOriginal as error:
@@ -471,6 +753,15 @@ def _site_dtype(q: Operand, k: Operand, v: Operand, chain: list[Node], pv_node: 
 
 def match_site(softmax: Node, op: Softmax) -> AttentionSite:
     """Match one softmax into an ``AttentionSite``; raises ``NotFusable`` with the reason otherwise."""
+    built = _built_nodes(softmax.graph)
+    try:
+        return _match_site(softmax, op)
+    except NotFusable:
+        _erase_built(softmax.graph, built)  # padded biases built for this site: nothing reads them
+        raise
+
+
+def _match_site(softmax: Node, op: Softmax) -> AttentionSite:
     _single_user(op.x, "the attention scores")
     product_node, product, steps = walk_to_product(op.x)
     _single_user(product_node, "the QK product")
@@ -480,6 +771,7 @@ def match_site(softmax: Node, op: Softmax) -> AttentionSite:
     q, k, batch, query, key, head_dim = _qk_axes(product, op.dim)
     terms = _apply_steps(product, steps, product_meta.dim())
     pv_node, pv, dropout_p, probs = _walk_to_value_product(softmax)
+    _apply_zeroing(terms, softmax, probs)
     v, value_dim, out_axes = _value_axes(pv, probs, product.out_axes, key)
     metas = [tensor_meta(t.node) for t in (q, k, v)]
     if any(m is None or not m.is_floating_point() for m in metas):

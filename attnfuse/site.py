@@ -38,6 +38,11 @@ class ScoreTerms:
     fill_check: bool = False  # the finite fill is checked to mask on each call (``attnfuse.dominance``)
     scores_dtype: Optional[torch.dtype] = None  # of the scores the softmax reads (what a fill is compared in)
     keys_in_every_row: bool = False  # the causal flag holds only while q_len <= k_len (checked per call)
+    after_fill: list[Node] = field(default_factory=list)  # biases added after a finite fill (``fill + bias``)
+    live_rows: bool = False  # every row must keep a key whose bias is above the floor (checked per call)
+    binary_masks: list[Node] = field(default_factory=list)  # 0/1 float masks checked to be 0/1 on each call
+    finite_scores: bool = False  # scores are multiplied by a 0/1 mask: they must be finite (checked per call)
+    zeroed_rows: bool = False  # the weights are zeroed by the site's own mask: a row without keys gives 0
 
 
 @dataclass
