@@ -15,8 +15,8 @@ from torch.fx import Graph, Node
 
 import torch
 
-from attnfuse.canonical import (canonical, is_call, is_written, remove_dead_nodes, spelling, statically_true,
-                                tensor_meta, value_users)
+from attnfuse.canonical import (WRITTEN, canonical, is_call, is_written, remove_dead_nodes, same_size, spelling,
+                                statically_true, tensor_meta, value_users)
 from attnfuse.dominance import absorbing, underflow_gap
 from attnfuse.effects import functionalize, mark_writes, written_between
 from attnfuse.original import NoOriginal, original_program
@@ -24,7 +24,7 @@ from attnfuse.patterns.biases import Add, bias_reason
 from attnfuse.patterns.casts import Cast, peel_upcasts
 from attnfuse.patterns.causal import classify, classify_additive
 from attnfuse.patterns.dropout import Dropout
-from attnfuse.patterns.layouts import Operand, Permute, peel_head_repeat
+from attnfuse.patterns.layouts import Operand, Permute, peel_head_repeat, regroup, regroup_recipe, reshape_blocks
 from attnfuse.patterns.masks import KeepMask, Select, fill_value, keep_mask, mask_reason
 from attnfuse.patterns.products import Product
 from attnfuse.patterns.scales import Multiply, score_factor
@@ -70,6 +70,7 @@ def find_sites(graph: Graph) -> Iterator[Union[AttentionSite, Skip]]:
             try:
                 yield match_site(node, op)
             except NotFusable as reason:
+                _discard_regroups(op.x)
                 yield Skip(node, str(reason))
 
 
@@ -193,7 +194,7 @@ def walk_to_product(scores_input: Node) -> tuple[Node, Product, list]:
         op = canonical(node)
         if isinstance(op, Product):
             steps.reverse()
-            return node, op, steps
+            return node, op, _on_product_shape(node, op, steps, scores_input)
         if isinstance(op, Multiply):
             scores, other, first = _score_side(op.a, op.b)
             if op.inverse and not first:
@@ -217,12 +218,117 @@ def walk_to_product(scores_input: Node) -> tuple[Node, Product, list]:
         elif isinstance(op, Permute):
             raise NotFusable("the scores are transposed between the QK product and the softmax")
         elif _is_reshape(node):
-            raise NotFusable("the scores are reshaped between the QK product and the softmax "
-                             "(heads split from the batch); not supported yet")
+            scores = node.args[0]
+            steps.append(("reshape", node))
         else:
             raise NotFusable(f"unsupported op {_describe(node)} between the QK product and the softmax")
         _single_user(scores, "the attention scores")
         node = scores
+
+
+def _shape(node: object) -> Optional[tuple]:
+    meta = tensor_meta(node)
+    return tuple(meta.shape) if meta is not None else None
+
+
+def _same_shape(a: Optional[tuple], b: Optional[tuple]) -> bool:
+    return a is not None and b is not None and len(a) == len(b) and \
+        all(statically_true(lambda: x == y) for x, y in zip(a, b))
+
+
+def _shape_text(shape: tuple) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ")"
+
+
+_BROADCAST = "a bias or mask broadcasts the scores to a different shape"
+
+
+def _on_product_shape(product_node: Node, product: Product, steps: list, scores_input: Node) -> list:
+    """The steps with each tensor that was read on a reshaped view of the scores re-read on the QK product's
+    own shape (a ``regroup`` node: the bias, mask or factor expanded and reshaped as the scores were).
+
+    A reshape only relabels where each element of the flat scores sits, so an elementwise step on the
+    view is the same step on the product with its tensor reshaped alike; the softmax rows stay the rows
+    of the product when the view keeps the key axis last. Raises where that cannot be proven."""
+    scores = _shape(product_node)
+    if scores is None:
+        raise NotFusable(_BROADCAST)
+    view, blocks, kept = scores, None, []
+    for step in steps:
+        if step[0] == "reshape":
+            view, blocks = _reshaped(step[1], view, scores)
+        elif blocks is None:
+            kept.append(step)
+        else:
+            kept.append(_regrouped_step(step, view, blocks, product_node, product, scores_input))
+    if not _same_shape(_shape(scores_input), view):
+        raise NotFusable(_BROADCAST)
+    if not statically_true(lambda: view[-1] == scores[-1]):
+        raise NotFusable(f"the softmax runs over the last axis of the scores reshaped to {_shape_text(view)}, "
+                         f"not over the {scores[-1]} keys of the QK product {_shape_text(scores)}")
+    return kept
+
+
+def _reshaped(node: Node, before: tuple, scores: tuple) -> tuple[tuple, Optional[list]]:
+    """The shape a reshape of the scores gives, and how it regroups the product's axes (None: not at all)."""
+    source, meta = tensor_meta(node.args[0]), tensor_meta(node)
+    if source is None or meta is None or source.dtype != meta.dtype:
+        raise NotFusable(f"the scores are reinterpreted by {_describe(node)} (a view as another dtype)")
+    if not _same_shape(tuple(source.shape), before):
+        raise NotFusable(_BROADCAST)
+    view = tuple(meta.shape)
+    if _same_shape(view, scores):
+        return view, None
+    blocks = reshape_blocks(scores, view)
+    if blocks is None:
+        raise NotFusable(f"the scores {_shape_text(scores)} are reshaped to {_shape_text(view)} before the softmax, "
+                         "which does not only split or merge whole axes")
+    return view, blocks
+
+
+REGROUP_FOR = "attnfuse_regroup_for"  # meta of a regroup node: the scores node whose match made it
+
+
+def _regrouped_step(step: tuple, view: tuple, blocks: list, product_node: Node, product: Product,
+                    scores_input: Node) -> tuple:
+    """``step`` with its tensor (bias, factor or mask) re-read on the product's shape."""
+    kind, *rest = step
+    if kind in ("bias", "factor", "fill") and isinstance(rest[0], Node) and tensor_meta(rest[0]) is not None:
+        rest[0] = _regroup_node(rest[0], view, blocks, product_node, product, scores_input)
+    return (kind, *rest)
+
+
+def _regroup_node(tensor: Node, view: tuple, blocks: list, product_node: Node, product: Product,
+                  scores_input: Node) -> Node:
+    """A new graph node (before ``scores_input``) computing ``tensor`` read on the product's shape."""
+    scores, meta = _shape(product_node), tensor_meta(tensor)
+    operands = product.operands()
+
+    def size_source(axis: int) -> Optional[tuple]:
+        letter = product.out_axes[axis]
+        return next(((i, o.axes.index(letter)) for i, o in enumerate(operands) if letter in o.axes
+                     and same_size(tensor_meta(o.node).shape[o.axes.index(letter)], scores[axis])), None)
+
+    recipe = regroup_recipe(meta, view, scores, blocks, size_source)
+    if isinstance(recipe, str):
+        raise NotFusable(recipe)
+    sources = [o.node for o in operands] if any(isinstance(s, tuple) for s in recipe.shape) else []
+    graph = scores_input.graph
+    with graph.inserting_before(scores_input):
+        node = graph.call_function(regroup, (tensor, recipe.rank, recipe.expand, recipe.shape, recipe.blocks,
+                                             *sources))
+    shape = [scores[a] if isinstance(s, tuple) else s for a, s in enumerate(recipe.shape)]
+    node.meta["example_value"] = tensor_meta(product_node).new_empty(shape, dtype=meta.dtype, device=meta.device)
+    node.meta[REGROUP_FOR] = scores_input
+    if WRITTEN in tensor.meta:  # the node may be a view of ``tensor``: it sees the same writes
+        node.meta[WRITTEN] = tensor.meta[WRITTEN]
+    return node
+
+
+def _discard_regroups(scores_input: Node) -> None:
+    """Remove the regroup nodes a failed match made (nothing reads them)."""
+    for node in [n for n in scores_input.graph.nodes if n.meta.get(REGROUP_FOR) is scores_input and not n.users]:
+        scores_input.graph.erase_node(node)
 
 
 def _apply_steps(product: Product, steps: list, rank: int) -> ScoreTerms:
@@ -306,20 +412,49 @@ def _qk_axes(product: Product, softmax_dim: int) -> tuple[Operand, Operand, str,
     return q, k, batch, query, key, contracted[0]
 
 
-def _walk_to_value_product(softmax: Node) -> tuple[Node, Product, float, Node]:
-    """The value product after the softmax, the dropout on the way, and the probabilities node it reads."""
+def _walk_to_value_product(softmax: Node, scores: tuple) -> tuple[Node, Product, float, Node]:
+    """The value product after the softmax, the dropout on the way, and the probabilities node it reads.
+
+    The weights may be reshaped on the way (back to the QK product's shape ``scores``), and transposed
+    right before the product, which then reads them through the transpose (``v @ attn.transpose(-2, -1)``)."""
     node, dropout_p = softmax, 0.0
     while True:
         _single_user(node, "the attention weights")
         user = value_users(node)[0]
         op = canonical(user)
         if isinstance(spelling(user), Product):  # writes to its result come after it: not part of the site
-            return user, spelling(user), dropout_p, node
+            return user, spelling(user), dropout_p, _weights_read(node, scores)
+        if isinstance(op, Permute) and op.perm != tuple(range(len(op.perm))) and op.x is node:
+            product_node = _product_through_permutes(user, node)
+            if product_node is not None:
+                return product_node, spelling(product_node), dropout_p, _weights_read(node, scores)
         if isinstance(op, Dropout) and op.x is node:
             dropout_p = op.p if op.active else 0.0
-        elif not (isinstance(op, Cast) or (isinstance(op, Permute) and op.perm == tuple(range(len(op.perm))))):
+        elif not (isinstance(op, Cast) or (isinstance(op, Permute) and op.perm == tuple(range(len(op.perm))))
+                  or _is_reshape(user)):
             raise NotFusable(f"the attention weights go through {_describe(user)} before the value product")
         node = user
+
+
+def _product_through_permutes(node: Node, probs: Node) -> Optional[Node]:
+    """The product that reads ``probs`` through the permutes starting at ``node`` (its operand peeled back to
+    ``probs``, the axes carried along), or None."""
+    while isinstance(canonical(node), Permute) and not is_written(node):
+        _single_user(node, "the attention weights")
+        user = value_users(node)[0]
+        if isinstance(spelling(user), Product):
+            return user if any(o.node is probs for o in spelling(user).operands()) else None
+        node = user
+    return None
+
+
+def _weights_read(probs: Node, scores: tuple) -> Node:
+    """``probs``, checked to hold the weights on the QK product's shape (reshaped back where they were reshaped)."""
+    shape = _shape(probs)
+    if not _same_shape(shape, scores):
+        raise NotFusable(f"the attention weights reach the value product reshaped to {_shape_text(shape or ())}, "
+                         f"not on the QK product's shape {_shape_text(scores)}")
+    return probs
 
 
 def _value_axes(pv: Product, probs: Node, scores_axes: str, key: str) -> tuple[Operand, str, str]:
@@ -475,11 +610,9 @@ def match_site(softmax: Node, op: Softmax) -> AttentionSite:
     product_node, product, steps = walk_to_product(op.x)
     _single_user(product_node, "the QK product")
     scores_meta, product_meta = tensor_meta(op.x), tensor_meta(product_node)
-    if scores_meta is None or product_meta is None or tuple(scores_meta.shape) != tuple(product_meta.shape):
-        raise NotFusable("a bias or mask broadcasts the scores to a different shape")
-    q, k, batch, query, key, head_dim = _qk_axes(product, op.dim)
+    q, k, batch, query, key, head_dim = _qk_axes(product, op.dim % scores_meta.dim() - scores_meta.dim())
     terms = _apply_steps(product, steps, product_meta.dim())
-    pv_node, pv, dropout_p, probs = _walk_to_value_product(softmax)
+    pv_node, pv, dropout_p, probs = _walk_to_value_product(softmax, tuple(product_meta.shape))
     v, value_dim, out_axes = _value_axes(pv, probs, product.out_axes, key)
     metas = [tensor_meta(t.node) for t in (q, k, v)]
     if any(m is None or not m.is_floating_point() for m in metas):
