@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 
 from attnfuse.attend import attend, differentiable_twice
-from attnfuse.canonical import tensor_meta
+from attnfuse.canonical import statically_true, tensor_meta
 from attnfuse.dominance import FillDominance
 from attnfuse.guards import CausalGuard
 from attnfuse.masking import conjunction
@@ -108,6 +108,7 @@ class SitePlan:
     original: Optional[Callable] = field(default=None, compare=False)  # the site's own ops (``attnfuse.original``)
     original_inputs: int = 0  # extra inputs only ``original`` reads, after the fused call's own
     keys_in_every_row: bool = False  # run ``original`` for calls where a causal row would keep no key
+    contiguous_out: bool = False  # the original's output is contiguous while ``out_perm`` permutes the kernel's
 
     @property
     def needs_original(self) -> bool:
@@ -119,6 +120,7 @@ def plan_for(site: AttentionSite, kernels: Optional[tuple[str, ...]] = None, aut
     """The static plan of ``site``; ``output_written``: the site's output may be written in place."""
     terms = site.scores
     canonical_out = site.batch + site.query + site.value_dim
+    out_perm = tuple(canonical_out.index(c) for c in site.out_axes)
     fill = terms.fill
     fully_masked = "zero" if fill is None else ("nan" if fill == -math.inf else "mean")
     return SitePlan(
@@ -126,7 +128,7 @@ def plan_for(site: AttentionSite, kernels: Optional[tuple[str, ...]] = None, aut
         k=Layout.between(site.k.axes, site.kv_axes(site.head_dim)),
         v=Layout.between(site.v.axes, site.kv_axes(site.value_dim)),
         batch_rank=len(site.batch),
-        out_perm=tuple(canonical_out.index(c) for c in site.out_axes),
+        out_perm=out_perm,
         mask_negated=tuple(m.negated for m in terms.keep_masks),
         bias_coefficients=tuple(c for _, c in terms.biases),
         factor_inverse=tuple(f.inverse for f in terms.tensor_factors),
@@ -150,7 +152,19 @@ def plan_for(site: AttentionSite, kernels: Optional[tuple[str, ...]] = None, aut
         guard_inputs=len(terms.causal_guard[1]) if terms.causal_guard else 0,
         dominance=FillDominance(terms.fill, tensor_meta(site.softmax).dtype, terms.scores_dtype) if terms.fill_check else None,
         keys_in_every_row=terms.keys_in_every_row,
+        contiguous_out=out_perm != tuple(range(len(out_perm))) and _is_contiguous(tensor_meta(site.output)),
     )
+
+
+def _is_contiguous(meta: torch.Tensor) -> bool:
+    """Whether the recorded tensor ``meta`` is laid out contiguously (for every shape the graph serves):
+    a later ``.view`` of the original output may rely on it."""
+    expected = 1
+    for size, stride in reversed(list(zip(meta.shape, meta.stride()))):
+        if not (statically_true(lambda: size == 1) or statically_true(lambda: stride == expected)):
+            return False
+        expected = expected * size
+    return True
 
 
 def site_inputs(site: AttentionSite) -> tuple:
@@ -303,6 +317,7 @@ def compute_site(plan: SitePlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                  fully_masked_rows=plan.fully_masked_rows, kernels=kernels or plan.kernels, autotune=plan.autotune,
                  on_kernel=record)
     out = _from_4d(out, plan, batch_shape).permute(plan.out_perm)
+    out = out.contiguous() if plan.contiguous_out else out
     return out if out.dtype == plan.out_dtype else out.to(plan.out_dtype)
 
 

@@ -15,8 +15,8 @@ from torch.fx import Graph, Node
 
 import torch
 
-from attnfuse.canonical import (WRITTEN, canonical, is_call, is_written, remove_dead_nodes, same_size, spelling,
-                                statically_true, tensor_meta, value_users)
+from attnfuse.canonical import (WRITTEN, canonical, has_side_effect, is_call, is_written, remove_dead_nodes,
+                                same_size, spelling, statically_true, tensor_meta, value_users)
 from attnfuse.dominance import absorbing, underflow_gap
 from attnfuse.effects import functionalize, mark_writes, written_between
 from attnfuse.original import NoOriginal, original_program
@@ -110,7 +110,14 @@ def _score_inputs(op: object) -> list:
 
 
 def _is_reshape(node: object) -> bool:
-    return isinstance(node, Node) and is_call(node, (torch.reshape,), ("view", "reshape"))
+    return isinstance(node, Node) and is_call(node, (torch.reshape, torch.flatten, torch.unflatten),
+                                              ("view", "reshape", "flatten", "unflatten"))
+
+
+def _keeps_dtype(node: Node) -> bool:
+    """Whether a reshape keeps its input's dtype (``x.view(torch.int32)`` reinterprets the bits instead)."""
+    source, out = tensor_meta(node.args[0]), tensor_meta(node)
+    return source is not None and out is not None and source.dtype == out.dtype
 
 
 def _is_unknown_step(node: Node, source: object) -> bool:
@@ -272,7 +279,7 @@ def _on_product_shape(product_node: Node, product: Product, steps: list, scores_
 def _reshaped(node: Node, before: tuple, scores: tuple) -> tuple[tuple, Optional[list]]:
     """The shape a reshape of the scores gives, and how it regroups the product's axes (None: not at all)."""
     source, meta = tensor_meta(node.args[0]), tensor_meta(node)
-    if source is None or meta is None or source.dtype != meta.dtype:
+    if not _keeps_dtype(node):
         raise NotFusable(f"the scores are reinterpreted by {_describe(node)} (a view as another dtype)")
     if not _same_shape(tuple(source.shape), before):
         raise NotFusable(_BROADCAST)
@@ -419,8 +426,7 @@ def _walk_to_value_product(softmax: Node, scores: tuple) -> tuple[Node, Product,
     right before the product, which then reads them through the transpose (``v @ attn.transpose(-2, -1)``)."""
     node, dropout_p = softmax, 0.0
     while True:
-        _single_user(node, "the attention weights")
-        user = value_users(node)[0]
+        user = _weights_user(node)
         op = canonical(user)
         if isinstance(spelling(user), Product):  # writes to its result come after it: not part of the site
             return user, spelling(user), dropout_p, _weights_read(node, scores)
@@ -431,17 +437,26 @@ def _walk_to_value_product(softmax: Node, scores: tuple) -> tuple[Node, Product,
         if isinstance(op, Dropout) and op.x is node:
             dropout_p = op.p if op.active else 0.0
         elif not (isinstance(op, Cast) or (isinstance(op, Permute) and op.perm == tuple(range(len(op.perm))))
-                  or _is_reshape(user)):
+                  or (_is_reshape(user) and _keeps_dtype(user))):
             raise NotFusable(f"the attention weights go through {_describe(user)} before the value product")
         node = user
+
+
+def _weights_user(node: Node) -> Node:
+    """The one op that reads the attention weights ``node`` on their way to the value product. A use whose
+    result is only read for its dtype or shape (fair-esm's ``w = attn.type_as(w); attn.type_as(w)``) does
+    not count: it goes away with the weights."""
+    users = [user for user in value_users(node) if has_side_effect(user) or value_users(user)]
+    if len(users) != 1:
+        raise NotFusable("the attention weights: also used outside the attention (returned, stored or reused)")
+    return users[0]
 
 
 def _product_through_permutes(node: Node, probs: Node) -> Optional[Node]:
     """The product that reads ``probs`` through the permutes starting at ``node`` (its operand peeled back to
     ``probs``, the axes carried along), or None."""
     while isinstance(canonical(node), Permute) and not is_written(node):
-        _single_user(node, "the attention weights")
-        user = value_users(node)[0]
+        user = _weights_user(node)
         if isinstance(spelling(user), Product):
             return user if any(o.node is probs for o in spelling(user).operands()) else None
         node = user
@@ -582,7 +597,7 @@ def _check_no_write_inside(first: Node, last: Node, softmax: Node, operands: lis
     while probs is not last:
         if is_written(probs):
             raise NotFusable("the attention weights are written in place before the value product")
-        probs = value_users(probs)[0]
+        probs = _weights_user(probs)
 def _chain(product_node: Node, pv_node: Node) -> list[Node]:
     """The nodes from the QK product up to (not including) the value product: one value user each."""
     nodes, node = [], product_node
