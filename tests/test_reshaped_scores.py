@@ -418,3 +418,14 @@ def test_real_models_fuse_every_site(name):
     torch.testing.assert_close(actual, expected, atol=5e-5, rtol=1e-4)
     report = attnfuse.report(optimized)
     assert report.fused == 2 and report.skipped == 0, str(report)
+
+
+def test_fill_tied_with_the_kept_scores_stays_exact():
+    """A Bloom ALiBi row at ``finfo.min`` makes the ``finfo.min`` fill tie with the kept scores (the original
+    spreads that row over the padded keys too): the per-call fill check reads the regrouped mask and bias."""
+    alibi = torch.randn(6, 1, 5, generator=torch.Generator().manual_seed(3))
+    alibi[1] = MIN
+    args = (randn(2, 3, 4, 8), randn(2, 3, 5, 8, seed=1), randn(2, 3, 5, 8, seed=2), alibi.requires_grad_(),
+            padding(2, 5, seed=1))
+    assert args[-1][0].any()
+    assert_fused_equal(BloomAlibi(3).eval(), args)
