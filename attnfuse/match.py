@@ -300,7 +300,8 @@ def _regrouped_step(step: tuple, view: tuple, blocks: list, product_node: Node, 
                     scores_input: Node) -> tuple:
     """``step`` with its tensor (bias, factor or mask) re-read on the product's shape."""
     kind, *rest = step
-    if kind in ("bias", "factor", "fill") and isinstance(rest[0], Node) and tensor_meta(rest[0]) is not None:
+    meta = tensor_meta(rest[0]) if kind in ("bias", "factor", "fill") else None
+    if meta is not None and meta.dim() > 0:  # a 0-d tensor reads the same on any shape (and promotes no dtype)
         rest[0] = _regroup_node(rest[0], view, blocks, product_node, product, scores_input)
     return (kind, *rest)
 

@@ -168,10 +168,8 @@ def peel_head_repeat(operand: Operand, head_axis: str) -> tuple[Operand, int]:
 
 # ----------------------------------------------------------------------------- scores seen through a reshape
 
-Size = object  # an int or a SymInt
-
-
-def _product(sizes: tuple) -> Size:
+def _product(sizes: tuple) -> object:
+    """The product of sizes (ints or SymInts)."""
     total = 1
     for size in sizes:
         total = total * size
@@ -239,7 +237,8 @@ def regroup_recipe(meta: torch.Tensor, view: tuple, scores: tuple, blocks: list,
     shape ``scores`` (``blocks`` from ``reshape_blocks``), or why there is none. ``size_source(axis)`` names a
     tensor axis that holds the size of scores axis ``axis`` at run time, for sizes that are not numbers."""
     shape = (1,) * (len(view) - meta.dim()) + tuple(meta.shape)
-    if meta.dim() > len(view) or not all(statically_true(lambda: s == 1 or s == v) for s, v in zip(shape, view)):
+    if meta.dim() > len(view) or not all(statically_true(lambda: s == 1) or statically_true(lambda: s == v)
+                                         for s, v in zip(shape, view)):
         return f"a tensor of shape {tuple(meta.shape)} broadcasts the reshaped scores {tuple(view)} to a larger shape"
     expand, sizes, inferring = [], [], []
     for outer_start, outer_end, inner_start, inner_end in blocks:
