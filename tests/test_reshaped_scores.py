@@ -443,3 +443,30 @@ def test_fill_tied_with_the_kept_scores_stays_exact():
             padding(2, 5, seed=1))
     assert args[-1][0].any()
     assert_fused_equal(BloomAlibi(3).eval(), args)
+
+
+class WeightsReturned(nn.Module):
+    """XGLM-like, the weights also returned: skipped after its mask was regrouped."""
+
+    def forward(self, q, k, v, mask):
+        w = torch.bmm(q, k.transpose(1, 2))
+        w = (w.view(2, 3, q.shape[1], k.shape[1]) + mask).view(6, q.shape[1], k.shape[1]).softmax(-1)
+        return torch.bmm(w, v), w
+
+
+def test_a_skipped_site_leaves_no_regroup_node():
+    from attnfuse.match import Skip, find_sites
+    from attnfuse.patterns.layouts import regroup
+
+    seen = {}
+
+    def backend(gm, example_inputs):
+        seen["results"] = list(find_sites(gm.graph))
+        seen["regroups"] = [n for n in gm.graph.nodes if n.target is regroup]
+        return gm.forward
+
+    args = randn(6, 4, 8), randn(6, 5, 8, seed=1), randn(6, 5, 8, seed=2), randn(2, 1, 4, 5, seed=3)
+    torch.compile(WeightsReturned(), backend=backend)(*args)
+    assert [type(r) for r in seen["results"]] == [Skip], seen["results"]
+    assert "also used outside" in seen["results"][0].reason
+    assert seen["regroups"] == []
