@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 
 from attnfuse.attend import attend, differentiable_twice
-from attnfuse.canonical import tensor_meta
+from attnfuse.canonical import statically_true, tensor_meta
 from attnfuse.dominance import FillDominance, every_row_has_a_live_key
 from attnfuse.guards import CausalGuard
 from attnfuse.masking import combined_keep, conjunction, is_traced
@@ -110,6 +110,7 @@ class SitePlan:
     keys_in_every_row: bool = False  # run ``original`` for calls where a causal row would keep no key
     mask_binary: tuple[bool, ...] = ()  # per keep-mask: a 0/1 float mask whose values are checked on each call
     live_rows: bool = False  # run ``original`` for calls where a row keeps no key above the masking floor
+    contiguous_out: bool = False  # the original's output is contiguous while ``out_perm`` permutes the kernel's
 
     @property
     def needs_original(self) -> bool:
@@ -121,6 +122,7 @@ def plan_for(site: AttentionSite, kernels: Optional[tuple[str, ...]] = None, aut
     """The static plan of ``site``; ``output_written``: the site's output may be written in place."""
     terms = site.scores
     canonical_out = site.batch + site.query + site.value_dim
+    out_perm = tuple(canonical_out.index(c) for c in site.out_axes)
     fill = terms.fill
     fully_masked = "zero" if fill is None or terms.zeroed_rows else ("nan" if fill == -math.inf else "mean")
     return SitePlan(
@@ -128,7 +130,7 @@ def plan_for(site: AttentionSite, kernels: Optional[tuple[str, ...]] = None, aut
         k=Layout.between(site.k.axes, site.kv_axes(site.head_dim)),
         v=Layout.between(site.v.axes, site.kv_axes(site.value_dim)),
         batch_rank=len(site.batch),
-        out_perm=tuple(canonical_out.index(c) for c in site.out_axes),
+        out_perm=out_perm,
         mask_negated=tuple(m.negated for m in terms.keep_masks),
         bias_coefficients=tuple(c for _, c in terms.biases),
         factor_inverse=tuple(f.inverse for f in terms.tensor_factors),
@@ -156,7 +158,19 @@ def plan_for(site: AttentionSite, kernels: Optional[tuple[str, ...]] = None, aut
         keys_in_every_row=terms.keys_in_every_row,
         mask_binary=tuple(m.node in terms.binary_masks for m in terms.keep_masks),
         live_rows=terms.live_rows,
+        contiguous_out=out_perm != tuple(range(len(out_perm))) and _is_contiguous(tensor_meta(site.output)),
     )
+
+
+def _is_contiguous(meta: torch.Tensor) -> bool:
+    """Whether the recorded tensor ``meta`` is laid out contiguously (for every shape the graph serves):
+    a later ``.view`` of the original output may rely on it."""
+    expected = 1
+    for size, stride in reversed(list(zip(meta.shape, meta.stride()))):
+        if not (statically_true(lambda: size == 1) or statically_true(lambda: stride == expected)):
+            return False
+        expected = expected * size
+    return True
 
 
 def site_inputs(site: AttentionSite) -> tuple:
@@ -318,6 +332,7 @@ def compute_site(plan: SitePlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                  fully_masked_rows=plan.fully_masked_rows, kernels=kernels or plan.kernels, autotune=plan.autotune,
                  on_kernel=record)
     out = _from_4d(out, plan, batch_shape).permute(plan.out_perm)
+    out = out.contiguous() if plan.contiguous_out else out
     return out if out.dtype == plan.out_dtype else out.to(plan.out_dtype)
 
 

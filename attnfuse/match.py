@@ -17,8 +17,8 @@ from torch.fx import Graph, Node
 
 import torch
 
-from attnfuse.canonical import (canonical, is_call, is_written, remove_dead_nodes, spelling, statically_true,
-                                tensor_meta, value_users)
+from attnfuse.canonical import (WRITTEN, canonical, has_side_effect, is_call, is_written, remove_dead_nodes,
+                                same_size, spelling, statically_true, tensor_meta, value_users)
 from attnfuse.constants import constant_value
 from attnfuse.dominance import absorbing, underflow_gap
 from attnfuse.effects import functionalize, mark_writes, written_between
@@ -28,7 +28,7 @@ from attnfuse.patterns.casts import Cast, peel_upcasts
 from attnfuse.patterns.causal import MaskPattern, classify, classify_additive
 from attnfuse.patterns.causal import _keep_pattern as keep_pattern  # causal.py is edited elsewhere
 from attnfuse.patterns.dropout import Dropout
-from attnfuse.patterns.layouts import Operand, Permute, peel_head_repeat
+from attnfuse.patterns.layouts import Operand, Permute, peel_head_repeat, regroup, regroup_recipe, reshape_blocks
 from attnfuse.patterns.masks import (Clamp, KeepMask, RegionWrite, Select, binary_mask, clamp_floor, complement_value,
                                     drops_where_zero, fill_value, full_index, keep_mask, mask_reason, pad_region,
                                     same_keep_mask, weights_zeroing)
@@ -41,6 +41,7 @@ from attnfuse.precision import site_dtype
 from attnfuse.site import AttentionSite, ScoreTerms
 
 _SEARCH_DEPTH = 8
+BUILT_FOR = "attnfuse_built_for"  # node.meta key: a node built while matching a site (erased if it is skipped)
 
 
 @dataclass
@@ -115,7 +116,14 @@ def _score_inputs(op: object) -> list:
 
 
 def _is_reshape(node: object) -> bool:
-    return isinstance(node, Node) and is_call(node, (torch.reshape,), ("view", "reshape"))
+    return isinstance(node, Node) and is_call(node, (torch.reshape, torch.flatten, torch.unflatten),
+                                              ("view", "reshape", "flatten", "unflatten"))
+
+
+def _keeps_dtype(node: Node) -> bool:
+    """Whether a reshape keeps its input's dtype (``x.view(torch.int32)`` reinterprets the bits instead)."""
+    source, out = tensor_meta(node.args[0]), tensor_meta(node)
+    return source is not None and out is not None and source.dtype == out.dtype
 
 
 def _is_unknown_step(node: Node, source: object) -> bool:
@@ -208,7 +216,7 @@ def walk_to_product(scores_input: Node) -> tuple[Node, Product, list]:
         op = canonical(node)
         if isinstance(op, Product):
             steps.reverse()
-            return node, op, steps
+            return node, op, _on_product_shape(node, op, steps, scores_input)
         if isinstance(op, Multiply):
             scores, other, first = _score_side(op.a, op.b)
             if op.inverse and not first:
@@ -241,12 +249,109 @@ def walk_to_product(scores_input: Node) -> tuple[Node, Product, list]:
         elif isinstance(op, Permute):
             raise NotFusable("the scores are transposed between the QK product and the softmax")
         elif _is_reshape(node):
-            raise NotFusable("the scores are reshaped between the QK product and the softmax "
-                             "(heads split from the batch); not supported yet")
+            scores = node.args[0]
+            steps.append(("reshape", node))
         else:
             raise NotFusable(f"unsupported op {_describe(node)} between the QK product and the softmax")
         _single_user(scores, "the attention scores")
         node = scores
+
+
+def _shape(node: object) -> Optional[tuple]:
+    meta = tensor_meta(node)
+    return tuple(meta.shape) if meta is not None else None
+
+
+def _same_shape(a: Optional[tuple], b: Optional[tuple]) -> bool:
+    return a is not None and b is not None and len(a) == len(b) and \
+        all(statically_true(lambda: x == y) for x, y in zip(a, b))
+
+
+def _shape_text(shape: tuple) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ")"
+
+
+_BROADCAST = "a bias or mask broadcasts the scores to a different shape"
+
+
+def _on_product_shape(product_node: Node, product: Product, steps: list, scores_input: Node) -> list:
+    """The steps with each tensor that was read on a reshaped view of the scores re-read on the QK product's
+    own shape (a ``regroup`` node: the bias, mask or factor expanded and reshaped as the scores were).
+
+    A reshape only relabels where each element of the flat scores sits, so an elementwise step on the
+    view is the same step on the product with its tensor reshaped alike; the softmax rows stay the rows
+    of the product when the view keeps the key axis last. Raises where that cannot be proven."""
+    scores = _shape(product_node)
+    if scores is None:
+        raise NotFusable(_BROADCAST)
+    view, blocks, kept = scores, None, []
+    for step in steps:
+        if step[0] == "reshape":
+            view, blocks = _reshaped(step[1], view, scores)
+        elif blocks is None:
+            kept.append(step)
+        else:
+            kept.append(_regrouped_step(step, view, blocks, product_node, product, scores_input))
+    if not _same_shape(_shape(scores_input), view):
+        raise NotFusable(_BROADCAST)
+    if not statically_true(lambda: view[-1] == scores[-1]):
+        raise NotFusable(f"the softmax runs over the last axis of the scores reshaped to {_shape_text(view)}, "
+                         f"not over the {scores[-1]} keys of the QK product {_shape_text(scores)}")
+    return kept
+
+
+def _reshaped(node: Node, before: tuple, scores: tuple) -> tuple[tuple, Optional[list]]:
+    """The shape a reshape of the scores gives, and how it regroups the product's axes (None: not at all)."""
+    source, meta = tensor_meta(node.args[0]), tensor_meta(node)
+    if not _keeps_dtype(node):
+        raise NotFusable(f"the scores are reinterpreted by {_describe(node)} (a view as another dtype)")
+    if not _same_shape(tuple(source.shape), before):
+        raise NotFusable(_BROADCAST)
+    view = tuple(meta.shape)
+    if _same_shape(view, scores):
+        return view, None
+    blocks = reshape_blocks(scores, view)
+    if blocks is None:
+        raise NotFusable(f"the scores {_shape_text(scores)} are reshaped to {_shape_text(view)} before the softmax, "
+                         "which does not only split or merge whole axes")
+    return view, blocks
+
+
+def _regrouped_step(step: tuple, view: tuple, blocks: list, product_node: Node, product: Product,
+                    scores_input: Node) -> tuple:
+    """``step`` with its tensor (bias, factor or mask) re-read on the product's shape."""
+    kind, *rest = step
+    meta = tensor_meta(rest[0]) if kind in ("bias", "factor", "fill") else None
+    if meta is not None and meta.dim() > 0:  # a 0-d tensor reads the same on any shape (and promotes no dtype)
+        rest[0] = _regroup_node(rest[0], view, blocks, product_node, product, scores_input)
+    return (kind, *rest)
+
+
+def _regroup_node(tensor: Node, view: tuple, blocks: list, product_node: Node, product: Product,
+                  scores_input: Node) -> Node:
+    """A new graph node (before ``scores_input``) computing ``tensor`` read on the product's shape."""
+    scores, meta = _shape(product_node), tensor_meta(tensor)
+    operands = product.operands()
+
+    def size_source(axis: int) -> Optional[tuple]:
+        letter = product.out_axes[axis]
+        return next(((i, o.axes.index(letter)) for i, o in enumerate(operands) if letter in o.axes
+                     and same_size(tensor_meta(o.node).shape[o.axes.index(letter)], scores[axis])), None)
+
+    recipe = regroup_recipe(meta, view, scores, blocks, size_source)
+    if isinstance(recipe, str):
+        raise NotFusable(recipe)
+    sources = [o.node for o in operands] if any(isinstance(s, tuple) for s in recipe.shape) else []
+    graph = scores_input.graph
+    with graph.inserting_before(scores_input):
+        node = graph.call_function(regroup, (tensor, recipe.rank, recipe.expand, recipe.shape, recipe.blocks,
+                                             *sources))
+    shape = [scores[a] if isinstance(s, tuple) else s for a, s in enumerate(recipe.shape)]
+    node.meta["example_value"] = tensor_meta(product_node).new_empty(shape, dtype=meta.dtype, device=meta.device)
+    node.meta[BUILT_FOR] = True  # erased again if the site is skipped
+    if WRITTEN in tensor.meta:  # the node may be a view of ``tensor``: it sees the same writes
+        node.meta[WRITTEN] = tensor.meta[WRITTEN]
+    return node
 
 
 def _region_steps(node: Node, op: RegionWrite) -> list:
@@ -338,9 +443,6 @@ def _reads(value: object, base: Node, depth: int = _SEARCH_DEPTH) -> bool:
     if value is base:
         return True
     return isinstance(value, Node) and depth > 0 and any(_reads(x, base, depth - 1) for x in value.all_input_nodes)
-
-
-BUILT_FOR = "attnfuse_built_for"  # node.meta key: the softmax whose match built this node
 
 
 def _built(before: Node, target: object, args: tuple) -> Node:
@@ -530,21 +632,58 @@ def _qk_axes(product: Product, softmax_dim: int) -> tuple[Operand, Operand, str,
     return q, k, batch, query, key, contracted[0]
 
 
-def _walk_to_value_product(softmax: Node) -> tuple[Node, Product, float, Node]:
-    """The value product after the softmax, the dropout on the way, and the probabilities node it reads."""
+def _walk_to_value_product(softmax: Node, scores: tuple) -> tuple[Node, Product, float, Node]:
+    """The value product after the softmax, the dropout on the way, and the probabilities node it reads.
+
+    The weights may be reshaped on the way (back to the QK product's shape ``scores``), and transposed
+    right before the product, which then reads them through the transpose (``v @ attn.transpose(-2, -1)``)."""
     node, dropout_p = softmax, 0.0
     while True:
-        _single_user(node, "the attention weights")
-        user = value_users(node)[0]
+        user = _weights_user(node)
         op = canonical(user)
         if isinstance(spelling(user), Product):  # writes to its result come after it: not part of the site
-            return user, spelling(user), dropout_p, node
+            return user, spelling(user), dropout_p, _weights_read(node, scores)
+        if isinstance(op, Permute) and op.perm != tuple(range(len(op.perm))) and op.x is node:
+            product_node = _product_through_permutes(user, node)
+            if product_node is not None:
+                return product_node, spelling(product_node), dropout_p, _weights_read(node, scores)
         if isinstance(op, Dropout) and op.x is node:
             dropout_p = op.p if op.active else 0.0
-        elif not (isinstance(op, Cast) or _zeroes_weights(user, node) or
-                  (isinstance(op, Permute) and op.perm == tuple(range(len(op.perm))))):
+        elif not (isinstance(op, Cast) or _zeroes_weights(user, node)
+                  or (isinstance(op, Permute) and op.perm == tuple(range(len(op.perm))))
+                  or (_is_reshape(user) and _keeps_dtype(user))):
             raise NotFusable(f"the attention weights go through {_describe(user)} before the value product")
         node = user
+
+
+def _weights_user(node: Node) -> Node:
+    """The one op that reads the attention weights ``node`` on their way to the value product. A use whose
+    result is only read for its dtype or shape (fair-esm's ``w = attn.type_as(w); attn.type_as(w)``) does
+    not count: it goes away with the weights."""
+    users = [user for user in value_users(node) if has_side_effect(user) or value_users(user)]
+    if len(users) != 1:
+        raise NotFusable("the attention weights: also used outside the attention (returned, stored or reused)")
+    return users[0]
+
+
+def _product_through_permutes(node: Node, probs: Node) -> Optional[Node]:
+    """The product that reads ``probs`` through the permutes starting at ``node`` (its operand peeled back to
+    ``probs``, the axes carried along), or None."""
+    while isinstance(canonical(node), Permute) and not is_written(node):
+        user = _weights_user(node)
+        if isinstance(spelling(user), Product):
+            return user if any(o.node is probs for o in spelling(user).operands()) else None
+        node = user
+    return None
+
+
+def _weights_read(probs: Node, scores: tuple) -> Node:
+    """``probs``, checked to hold the weights on the QK product's shape (reshaped back where they were reshaped)."""
+    shape = _shape(probs)
+    if not _same_shape(shape, scores):
+        raise NotFusable(f"the attention weights reach the value product reshaped to {_shape_text(shape or ())}, "
+                         f"not on the QK product's shape {_shape_text(scores)}")
+    return probs
 
 
 def _zeroes_weights(user: Node, weights: Node) -> bool:
@@ -564,7 +703,7 @@ def _apply_zeroing(terms: ScoreTerms, softmax: Node, probs: Node) -> None:
     """
     zeroings, node = [], softmax
     while node is not probs:
-        user = value_users(node)[0]
+        user = _weights_user(node)
         if _zeroes_weights(user, node):
             zeroings.append(weights_zeroing(user)[:2])
         node = user
@@ -729,7 +868,9 @@ def _check_no_write_inside(first: Node, last: Node, softmax: Node, operands: lis
     while probs is not last:
         if is_written(probs):
             raise NotFusable("the attention weights are written in place before the value product")
-        probs = value_users(probs)[0]
+        probs = _weights_user(probs)
+
+
 def _chain(product_node: Node, pv_node: Node) -> list[Node]:
     """The nodes from the QK product up to (not including) the value product: one value user each."""
     nodes, node = [], product_node
@@ -766,11 +907,9 @@ def _match_site(softmax: Node, op: Softmax) -> AttentionSite:
     product_node, product, steps = walk_to_product(op.x)
     _single_user(product_node, "the QK product")
     scores_meta, product_meta = tensor_meta(op.x), tensor_meta(product_node)
-    if scores_meta is None or product_meta is None or tuple(scores_meta.shape) != tuple(product_meta.shape):
-        raise NotFusable("a bias or mask broadcasts the scores to a different shape")
-    q, k, batch, query, key, head_dim = _qk_axes(product, op.dim)
+    q, k, batch, query, key, head_dim = _qk_axes(product, op.dim % scores_meta.dim() - scores_meta.dim())
     terms = _apply_steps(product, steps, product_meta.dim())
-    pv_node, pv, dropout_p, probs = _walk_to_value_product(softmax)
+    pv_node, pv, dropout_p, probs = _walk_to_value_product(softmax, tuple(product_meta.shape))
     _apply_zeroing(terms, softmax, probs)
     v, value_dim, out_axes = _value_axes(pv, probs, product.out_axes, key)
     metas = [tensor_meta(t.node) for t in (q, k, v)]

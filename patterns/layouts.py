@@ -7,14 +7,15 @@ a transpose only when its permutation, computed from its arguments and the tenso
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch.fx import Node
 
 import operator
 
-from attnfuse.canonical import bind, canonical, canonicalizer, is_call, rank_of, same_size, tensor_meta
+from attnfuse.canonical import (bind, canonical, canonicalizer, is_call, rank_of, same_size, statically_true,
+                                tensor_meta)
 
 
 @dataclass(frozen=True)
@@ -163,3 +164,102 @@ def peel_head_repeat(operand: Operand, head_axis: str) -> tuple[Operand, int]:
     if isinstance(op, RepeatHeads) and operand.axes.find(head_axis) == op.dim:
         return peel_layout(Operand(op.x, operand.axes)), op.repeats
     return operand, 1
+
+
+# ----------------------------------------------------------------------------- scores seen through a reshape
+
+def _product(sizes: tuple) -> object:
+    """The product of sizes (ints or SymInts)."""
+    total = 1
+    for size in sizes:
+        total = total * size
+    return total
+
+
+def reshape_blocks(outer: tuple, inner: tuple) -> Optional[list[tuple[int, int, int, int]]]:
+    """How a reshape from shape ``outer`` to shape ``inner`` regroups axes: consecutive blocks
+    ``(outer_start, outer_end, inner_start, inner_end)`` of equal size, each one axis on one side split
+    into (or merged from) consecutive axes on the other. None where some block mixes axes, e.g. ``(6, 4)``
+    read as ``(4, 6)``, or a size cannot be proven equal for every shape."""
+    blocks, i, j = [], 0, 0
+    while i < len(outer) and j < len(inner):
+        block = None
+        for width in range(1, max(len(outer) - i, len(inner) - j) + 1):
+            if j + width <= len(inner) and statically_true(lambda: outer[i] == _product(inner[j:j + width])):
+                block = (i, i + 1, j, j + width)
+            elif i + width <= len(outer) and statically_true(lambda: inner[j] == _product(outer[i:i + width])):
+                block = (i, i + width, j, j + 1)
+            if block:
+                break
+        if block is None:
+            return None
+        blocks.append(block)
+        i, j = block[1], block[3]
+    if not all(statically_true(lambda: s == 1) for s in (*outer[i:], *inner[j:])):
+        return None
+    if blocks and (i < len(outer) or j < len(inner)):
+        start_i, _, start_j, _ = blocks.pop()
+        blocks.append((start_i, len(outer), start_j, len(inner)))
+    return blocks
+
+
+@dataclass(frozen=True)
+class Regroup:
+    """How to read a tensor broadcast against a reshaped view of the scores on the scores' own shape:
+    right-align it to ``rank`` axes, ``expand`` it (-1 keeps an axis, None is the one axis of its block
+    inferred from the block's size) and reshape it to ``shape`` (an int, or ``(source, axis)``: the size
+    of that axis of a tensor passed beside it). ``blocks`` lists the blocks that infer an axis."""
+
+    rank: int
+    expand: tuple
+    shape: tuple
+    blocks: tuple
+
+
+def regroup(x: torch.Tensor, rank: int, expand: tuple, shape: tuple, blocks: tuple,
+            *sources: torch.Tensor) -> torch.Tensor:
+    """``x`` read on the scores' shape (``Regroup``): a view where the reshape only splits axes ``x`` is
+    constant along, an expanded copy where it must repeat values (the graph node the rewrite reads)."""
+    x = x.reshape((1,) * (rank - x.dim()) + tuple(x.shape))
+    sizes = [s if isinstance(s, int) else sources[s[0]].shape[s[1]] for s in shape]
+    target = list(expand)
+    for outer_start, outer_end, inner_start, inner_end in blocks:
+        free = next(d for d in range(inner_start, inner_end) if target[d] is None)
+        known = _product(tuple(x.shape[d] if target[d] == -1 else target[d]
+                               for d in range(inner_start, inner_end) if d != free))
+        target[free] = _product(tuple(sizes[outer_start:outer_end])) // known
+    return x.expand(target).reshape(sizes)
+
+
+def regroup_recipe(meta: torch.Tensor, view: tuple, scores: tuple, blocks: list,
+                   size_source: Callable[[int], Optional[tuple]]) -> Union[Regroup, str]:
+    """The ``Regroup`` of a tensor with shape ``meta.shape`` broadcast against the view ``view`` of scores of
+    shape ``scores`` (``blocks`` from ``reshape_blocks``), or why there is none. ``size_source(axis)`` names a
+    tensor axis that holds the size of scores axis ``axis`` at run time, for sizes that are not numbers."""
+    shape = (1,) * (len(view) - meta.dim()) + tuple(meta.shape)
+    if meta.dim() > len(view) or not all(statically_true(lambda: s == 1) or statically_true(lambda: s == v)
+                                         for s, v in zip(shape, view)):
+        return f"a tensor of shape {tuple(meta.shape)} broadcasts the reshaped scores {tuple(view)} to a larger shape"
+    expand, sizes, inferring = [], [], []
+    for outer_start, outer_end, inner_start, inner_end in blocks:
+        inner = range(inner_start, inner_end)
+        if all(statically_true(lambda: shape[d] == 1) for d in inner):
+            expand += [-1] * len(inner)
+            sizes += [1] * (outer_end - outer_start)
+            continue
+        free = [d for d in inner if not statically_true(lambda: shape[d] == view[d])
+                and not statically_true(lambda: view[d] == 1) and not isinstance(view[d], int)]
+        if len(free) > 1:
+            return (f"a tensor of shape {tuple(meta.shape)} is repeated over {len(free)} axes of sizes only known at "
+                    f"run time when the reshaped scores {tuple(view)} are read back as {tuple(scores)}")
+        for d in inner:
+            kept = statically_true(lambda: shape[d] == view[d])
+            expand.append(-1 if kept else None if d in free else view[d])
+        if free:
+            inferring.append((outer_start, outer_end, inner_start, inner_end))
+        for axis in range(outer_start, outer_end):
+            source = scores[axis] if isinstance(scores[axis], int) else size_source(axis)
+            if source is None:
+                return f"the size of axis {axis} of the scores is not the size of an axis of q, k or v"
+            sizes.append(source)
+    return Regroup(len(view), tuple(expand), tuple(sizes), tuple(inferring))
