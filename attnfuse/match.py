@@ -7,6 +7,7 @@ on both sides are not attention and are not reported at all.
 """
 from __future__ import annotations
 
+import math
 import string
 from dataclasses import dataclass
 from typing import Iterator, Optional, Union
@@ -24,10 +25,10 @@ from attnfuse.patterns.biases import Add, bias_reason
 from attnfuse.patterns.casts import Cast, peel_upcasts
 from attnfuse.patterns.causal import classify, classify_additive
 from attnfuse.patterns.dropout import Dropout
-from attnfuse.patterns.layouts import Operand, Permute, peel_head_repeat
+from attnfuse.patterns.layouts import Operand, Permute, peel_scaled_head_repeat
 from attnfuse.patterns.masks import KeepMask, Select, fill_value, keep_mask, mask_reason
 from attnfuse.patterns.products import Product
-from attnfuse.patterns.scales import Multiply, score_factor
+from attnfuse.patterns.scales import Factor, Multiply, score_factor
 from attnfuse.patterns.score_functions import score_function
 from attnfuse.patterns.score_mods import Tanh
 from attnfuse.patterns.softmax import Softmax
@@ -469,6 +470,32 @@ def _site_dtype(q: Operand, k: Operand, v: Operand, chain: list[Node], pv_node: 
     return site_dtype([tensor_meta(t.node).dtype for t in (q, k, v)], output.dtype, scores)
 
 
+def _shared_head_repeat(k: Operand, v: Operand, head_axis: str, terms: ScoreTerms) -> tuple[Operand, Operand, int]:
+    """k and v before a head repeat they share (grouped-query attention), and the group size.
+
+    A number multiplying k after its repeat (``repeat(k) * s``) scales every score of the product, so it
+    moves into the scale. Where k and v do not repeat alike (only one is repeated, or k is multiplied by a
+    tensor after its repeat), the repeated tensors are read as they are.
+    """
+    k_repeat, v_repeat = peel_scaled_head_repeat(k, head_axis), peel_scaled_head_repeat(v, head_axis)
+    if k_repeat.group != v_repeat.group or v_repeat.factors or not all(
+            _foldable_factor(value, terms) for value, _ in k_repeat.factors):
+        return k, v, 1
+    for value, inverse in k_repeat.factors:
+        if isinstance(value, Node):
+            terms.tensor_factors.append(Factor(value, inverse))
+        else:
+            terms.scale = terms.scale / value if inverse else terms.scale * value
+    return peel_upcasts(k_repeat.source), peel_upcasts(v_repeat.source), k_repeat.group
+
+
+def _foldable_factor(value: object, terms: ScoreTerms) -> bool:
+    """A finite nonzero number, or a run-time number where no softcap follows (as for run-time scales)."""
+    if isinstance(value, Node):
+        return terms.softcap is None
+    return math.isfinite(value) and value != 0
+
+
 def match_site(softmax: Node, op: Softmax) -> AttentionSite:
     """Match one softmax into an ``AttentionSite``; raises ``NotFusable`` with the reason otherwise."""
     _single_user(op.x, "the attention scores")
@@ -487,12 +514,7 @@ def match_site(softmax: Node, op: Softmax) -> AttentionSite:
     q, k, v = peel_upcasts(q), peel_upcasts(k), peel_upcasts(v)
     kv_group = 1
     if len(batch) >= 2:
-        k, k_group = peel_head_repeat(k, batch[-1])
-        v, v_group = peel_head_repeat(v, batch[-1])
-        if k_group != v_group:
-            raise NotFusable("k and v repeat their heads differently")
-        kv_group = k_group
-        k, v = peel_upcasts(k), peel_upcasts(v)
+        k, v, kv_group = _shared_head_repeat(k, v, batch[-1], terms)
     _apply_masks(terms, _size_along(q, query), _size_along(k, key), scores_meta.dtype)
     _index_functions(terms, len(batch))
     terms.scores_dtype = scores_meta.dtype
