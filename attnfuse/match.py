@@ -307,7 +307,7 @@ def _qk_axes(product: Product, softmax_dim: int) -> tuple[Operand, Operand, str,
     return q, k, batch, query, key, contracted[0]
 
 
-def _walk_to_value_product(softmax: Node) -> tuple[Node, Product, float, Node]:
+def _walk_to_value_product(softmax: Node) -> tuple[Node, Product, Union[float, Node], Node]:
     """The value product after the softmax, the dropout on the way, and the probabilities node it reads."""
     node, dropout_p = softmax, 0.0
     while True:
@@ -316,8 +316,10 @@ def _walk_to_value_product(softmax: Node) -> tuple[Node, Product, float, Node]:
         op = canonical(user)
         if isinstance(spelling(user), Product):  # writes to its result come after it: not part of the site
             return user, spelling(user), dropout_p, node
+        if isinstance(op, Dropout) and op.x is node and op.active and (isinstance(dropout_p, Node) or dropout_p > 0):
+            raise NotFusable("the attention weights go through two active dropouts; the fused call applies one")
         if isinstance(op, Dropout) and op.x is node:
-            dropout_p = op.p if op.active else 0.0
+            dropout_p = op.p if op.active else dropout_p
         elif not (isinstance(op, Cast) or (isinstance(op, Permute) and op.perm == tuple(range(len(op.perm))))):
             raise NotFusable(f"the attention weights go through {_describe(user)} before the value product")
         node = user

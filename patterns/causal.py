@@ -114,6 +114,10 @@ def _from_inequalities(found: Optional[list], L: Size, S: Size) -> Optional[Mask
     """The pattern of a keep-mask given as ``a*i + b*j + c <= 0`` terms: causal, with a window, or not."""
     if found is None:
         return None
+    constant = [c for a, b, c in found if a == 0 and b == 0]  # a term over no index: ``c <= 0`` everywhere or nowhere
+    if not all(statically_true(lambda c=c: c <= 0) for c in constant):
+        return TENSOR
+    found = [t for t in found if t[:2] != (0, 0)]
     if not found:
         return MaskPattern("all")
     causal = [t for t in found if t[:2] == (-1, 1)]
@@ -156,7 +160,7 @@ def _elementwise_input(node: Node) -> Optional[Node]:
 
 def _buffer_slice(node: Node) -> Optional[tuple[Node, object, object]]:
     """``(buffer, row_start, column_start)`` for ``buffer[:, ..., :, a:, b:]``-style slices of a module buffer
-    (the stops may be symbolic), starts known to be >= 0."""
+    (starts and stops may be symbolic; a start that wraps around is caught by the per-call buffer guard)."""
     if not (node.op == "call_function" and node.target is operator.getitem) or is_written(node):
         return None
     buffer, index = node.args
@@ -171,7 +175,7 @@ def _buffer_slice(node: Node) -> Optional[tuple[Node, object, object]]:
         if not isinstance(item, slice) or item.step not in (None, 1):
             return None
         start = example_value(item.start) if item.start is not None else 0
-        if not isinstance(start, (int, torch.SymInt)) or not statically_true(lambda: start >= 0):
+        if not isinstance(start, (int, torch.SymInt)):
             return None
         starts.append(start)
     return buffer, starts[0], starts[1]
