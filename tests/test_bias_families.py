@@ -161,3 +161,84 @@ def test_a_tensor_or_v_factor_after_repeat_is_not_folded(what, i, j):
             m(*leaf_copies(args)).square().sum().backward()
         for a, e in zip(optimized.parameters(), reference.parameters()):
             torch.testing.assert_close(a.grad, e.grad, atol=1e-4, rtol=1e-3)
+
+
+# ----------------------------------------------------------------------------- family 7: disentangled biases
+
+class Disentangled(nn.Module):
+    """DeBERTa's disentangled attention on ``(b, h, n, d)`` tensors: content-to-position
+    ``gather(q @ pos_k^T, -1, c2p)`` and position-to-content ``gather(k @ pos_q^T, -1, p2c)^T`` added to
+    the scores, then a padding fill with ``finfo.min``. The terms read q and k: a bias, not a score_mod."""
+
+    def __init__(self, heads: int, d: int, span: int = 4, terms: tuple = ("c2p", "p2c"), where: str = "after"):
+        super().__init__()
+        self.heads, self.d, self.span, self.terms, self.where = heads, d, span, terms, where
+        self.rel = nn.Parameter(torch.randn(2 * span, heads * d) * 0.5)
+        self.pos_key, self.pos_query = nn.Linear(heads * d, heads * d), nn.Linear(heads * d, heads * d)
+
+    def _table(self, proj: nn.Linear) -> torch.Tensor:
+        return proj(self.rel).view(2 * self.span, self.heads, self.d).transpose(0, 1)  # (h, 2 span, d)
+
+    def forward(self, q, k, v, keep):
+        factor = 1 + len(self.terms)
+        q = q / math.sqrt(self.d * factor)
+        L, S = q.shape[-2], k.shape[-2]
+        relative = torch.arange(L)[:, None] - torch.arange(S)[None, :]
+        bias = 0
+        if "c2p" in self.terms:
+            index = torch.clamp(relative + self.span, 0, 2 * self.span - 1)
+            c2p = q @ self._table(self.pos_key).transpose(-1, -2)
+            bias = bias + torch.gather(c2p, -1, index.expand(q.shape[0], self.heads, L, S))
+        if "p2c" in self.terms:
+            index = torch.clamp(-relative + self.span, 0, 2 * self.span - 1).transpose(0, 1)  # (S, L)
+            p2c = k @ (self._table(self.pos_query) / math.sqrt(self.d * factor)).transpose(-1, -2)
+            bias = bias + torch.gather(p2c, -1, index.expand(k.shape[0], self.heads, S, L)).transpose(-1, -2)
+        if self.where == "before":  # the bias first, the QK product added to it
+            scores = bias + q @ k.transpose(-1, -2)
+        else:
+            scores = q @ k.transpose(-1, -2) + bias
+        scores = scores.masked_fill(~keep[:, None, None, :], torch.finfo(scores.dtype).min)
+        return scores.softmax(-1) @ v
+
+
+def _keep(b: int, j: int, data: st.DataObject) -> torch.Tensor:
+    """A ``(b, j)`` key-padding keep-mask; some draws mask every key of a batch row."""
+    return torch.tensor(data.draw(st.lists(st.lists(st.booleans(), min_size=j, max_size=j), min_size=b, max_size=b)))
+
+
+@pytest.mark.parametrize("terms", [("c2p", "p2c"), ("c2p",), ("p2c",)])
+@pytest.mark.parametrize("where", ["after", "before"])
+@given(b=st.integers(1, 2), h=st.integers(1, 3), i=st.integers(1, 8), j=st.integers(1, 8), d=st.integers(1, 8),
+       data=st.data())
+def test_disentangled_bias_fuses_with_gradients_to_q_k_and_the_tables(terms, where, b, h, i, j, d, data):
+    torch.manual_seed(0)
+    model = Disentangled(h, d, terms=terms, where=where).eval()
+    q, k, v = _randn(b, h, i, d, seed=0), _randn(b, h, j, d, seed=1), _randn(b, h, j, d, seed=2)
+    keep = _keep(b, j, data)
+    report = assert_fused_equal(model, (q, k, v, keep))  # outputs and the gradients of q, k, v
+    assert report.sites[0].features["bias"] is not None, str(report)
+    torch._dynamo.reset()  # the position tables' and projections' gradients flow through the bias
+    reference, optimized = copy.deepcopy(model), attnfuse.optimize(copy.deepcopy(model))
+    for m in (reference, optimized):
+        out = m(*leaf_copies((q, k, v)), keep)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    for (name, a), e in zip(optimized.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(a.grad, e.grad, atol=1e-4, rtol=1e-3, msg=lambda m, name=name: f"{name}: {m}")
+
+
+class BiasFromScores(nn.Module):
+    """A look-alike: the 'bias' reads the QK product itself (``s + s.detach().relu()``): not a bias, as the
+    product is the scores the fused call computes; must be left alone."""
+
+    def forward(self, q, k, v):
+        scores = q @ k.transpose(-1, -2)
+        return (scores + scores.detach().relu()).softmax(-1) @ v
+
+
+def test_a_bias_computed_from_the_scores_themselves_is_skipped():
+    q, k, v = _randn(1, 2, 4, 8, seed=0), _randn(1, 2, 5, 8, seed=1), _randn(1, 2, 5, 8, seed=2)
+    torch._dynamo.reset()
+    model = attnfuse.optimize(BiasFromScores())
+    torch.testing.assert_close(model(q, k, v), BiasFromScores()(q, k, v))
+    report = attnfuse.report(model)
+    assert report.fused == 0 and "attention scores" in report.sites[0].reason, str(report)
