@@ -12,6 +12,7 @@ from functools import partial
 from typing import Callable, Optional
 
 import torch
+from torch.fx import Node
 
 from attnfuse.attend import attend, differentiable_twice
 from attnfuse.canonical import statically_true, tensor_meta
@@ -91,7 +92,7 @@ class SitePlan:
     scale: float
     causal: Optional[str]
     fully_masked_rows: str
-    dropout_p: float
+    dropout_p: float  # the constant p, or 0.0 where ``dropout_from_input`` (p is read on each call)
     out_dtype: torch.dtype
     kernels: Optional[tuple[str, ...]] = None
     autotune: bool = False
@@ -111,6 +112,7 @@ class SitePlan:
     mask_binary: tuple[bool, ...] = ()  # per keep-mask: a 0/1 float mask whose values are checked on each call
     live_rows: bool = False  # run ``original`` for calls where a row keeps no key above the masking floor
     contiguous_out: bool = False  # the original's output is contiguous while ``out_perm`` permutes the kernel's
+    dropout_from_input: bool = False  # p is a run-time number: the last of the fused call's own inputs
 
     @property
     def needs_original(self) -> bool:
@@ -138,7 +140,8 @@ def plan_for(site: AttentionSite, kernels: Optional[tuple[str, ...]] = None, aut
         scale=terms.scale,
         causal=terms.causal,
         fully_masked_rows=fully_masked,
-        dropout_p=site.dropout_p,
+        dropout_p=0.0 if isinstance(site.dropout_p, Node) else site.dropout_p,
+        dropout_from_input=isinstance(site.dropout_p, Node),
         out_dtype=tensor_meta(site.output).dtype,
         dtype=site.dtype,
         kv_group=site.kv_group,
@@ -178,7 +181,8 @@ def site_inputs(site: AttentionSite) -> tuple:
     return (site.q.node, site.k.node, site.v.node, *[m.node for m in site.scores.keep_masks],
             *[b for b, _ in site.scores.biases], *[f.value for f in site.scores.tensor_factors],
             *[leaf for f, _ in site.scores.functions for leaf in f.leaves],
-            *(site.scores.causal_guard[1] if site.scores.causal_guard else ()))
+            *(site.scores.causal_guard[1] if site.scores.causal_guard else ()),
+            *((site.dropout_p,) if isinstance(site.dropout_p, Node) else ()))
 
 
 def _to_4d(x: torch.Tensor, plan: SitePlan, batch_shape: tuple[int, ...]) -> torch.Tensor:
@@ -285,11 +289,23 @@ def _split_inputs(plan: SitePlan, extra: tuple) -> tuple[tuple, tuple, tuple, tu
     return masks, biases, factors, leaves, guarded
 
 
+def _own_inputs(plan: SitePlan, extra: tuple) -> tuple[tuple, float]:
+    """The fused call's own extra inputs (without those only ``original`` reads) and this call's dropout p."""
+    own = extra[:len(extra) - plan.original_inputs]
+    if not plan.dropout_from_input:
+        return own, plan.dropout_p
+    p = float(own[-1])
+    if not 0.0 <= p <= 1.0:  # as F.dropout does
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    return own[:-1], p
+
+
 def compute_site(plan: SitePlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *extra: torch.Tensor,
                  kernels: Optional[tuple[str, ...]] = None) -> torch.Tensor:
     """Compute one rewritten site: layouts to 4-d, masks and biases combined, one ``attend`` call."""
     everything = (q, k, v, *extra)
-    masks, biases, factors, leaves, guarded = _split_inputs(plan, extra[:len(extra) - plan.original_inputs])
+    own, dropout_p = _own_inputs(plan, extra)
+    masks, biases, factors, leaves, guarded = _split_inputs(plan, own)
     if plan.bias_program is not None:
         plan.bias_program.leaf_values = leaves
     q, k, v = plan.q.apply(q), plan.k.apply(k), plan.v.apply(v)
@@ -328,7 +344,7 @@ def compute_site(plan: SitePlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         return _run_original(plan, everything, "the fill did not mask on this call")
     record = plan.record if plan.record.kernel is None and kernels is None else None
     out = attend(q, k, v, mask=keep, bias=bias, causal=causal, window=plan.window, softcap=plan.softcap,
-                 bias_fn=plan.bias_program, scale=scale, dropout_p=plan.dropout_p,
+                 bias_fn=plan.bias_program, scale=scale, dropout_p=dropout_p,
                  fully_masked_rows=plan.fully_masked_rows, kernels=kernels or plan.kernels, autotune=plan.autotune,
                  on_kernel=record)
     out = _from_4d(out, plan, batch_shape).permute(plan.out_perm)
@@ -347,8 +363,9 @@ def _binary_masks_hold(masks: tuple, plan: SitePlan) -> bool:
 
 def run_site(plan: SitePlan, *tensors: torch.Tensor) -> torch.Tensor:
     """One rewritten site, with a backward that is itself differentiable (``create_graph=True``)."""
+    random = _own_inputs(plan, tensors[3:])[1] > 0
     return differentiable_twice(partial(compute_site, plan), partial(compute_site, plan, kernels=("math",)),
-                                tensors, fresh_output=plan.output_written, random=plan.dropout_p > 0)
+                                tensors, fresh_output=plan.output_written, random=random)
 
 
 def site_function(plan: SitePlan, name: str) -> Callable[..., torch.Tensor]:

@@ -28,12 +28,12 @@ from attnfuse.patterns.casts import Cast, peel_upcasts
 from attnfuse.patterns.causal import MaskPattern, classify, classify_additive
 from attnfuse.patterns.causal import _keep_pattern as keep_pattern  # causal.py is edited elsewhere
 from attnfuse.patterns.dropout import Dropout
-from attnfuse.patterns.layouts import Operand, Permute, peel_head_repeat, regroup, regroup_recipe, reshape_blocks
+from attnfuse.patterns.layouts import Operand, Permute, peel_scaled_head_repeat, regroup, regroup_recipe, reshape_blocks
 from attnfuse.patterns.masks import (Clamp, KeepMask, RegionWrite, Select, binary_mask, clamp_floor, complement_value,
                                     drops_where_zero, fill_value, full_index, keep_mask, mask_reason, pad_region,
                                     same_keep_mask, weights_zeroing)
 from attnfuse.patterns.products import Product
-from attnfuse.patterns.scales import Multiply, score_factor
+from attnfuse.patterns.scales import Factor, Multiply, score_factor
 from attnfuse.patterns.score_functions import score_function
 from attnfuse.patterns.score_mods import Tanh
 from attnfuse.patterns.softmax import Softmax
@@ -632,8 +632,9 @@ def _qk_axes(product: Product, softmax_dim: int) -> tuple[Operand, Operand, str,
     return q, k, batch, query, key, contracted[0]
 
 
-def _walk_to_value_product(softmax: Node, scores: tuple) -> tuple[Node, Product, float, Node]:
-    """The value product after the softmax, the dropout on the way, and the probabilities node it reads.
+def _walk_to_value_product(softmax: Node, scores: tuple) -> tuple[Node, Product, Union[float, Node], Node]:
+    """The value product after the softmax, the dropout on the way (p a number or a run-time value), and
+    the probabilities node it reads.
 
     The weights may be reshaped on the way (back to the QK product's shape ``scores``), and transposed
     right before the product, which then reads them through the transpose (``v @ attn.transpose(-2, -1)``)."""
@@ -647,8 +648,10 @@ def _walk_to_value_product(softmax: Node, scores: tuple) -> tuple[Node, Product,
             product_node = _product_through_permutes(user, node)
             if product_node is not None:
                 return product_node, spelling(product_node), dropout_p, _weights_read(node, scores)
+        if isinstance(op, Dropout) and op.x is node and op.active and (isinstance(dropout_p, Node) or dropout_p > 0):
+            raise NotFusable("the attention weights go through two active dropouts; the fused call applies one")
         if isinstance(op, Dropout) and op.x is node:
-            dropout_p = op.p if op.active else 0.0
+            dropout_p = op.p if op.active else dropout_p
         elif not (isinstance(op, Cast) or _zeroes_weights(user, node)
                   or (isinstance(op, Permute) and op.perm == tuple(range(len(op.perm))))
                   or (_is_reshape(user) and _keeps_dtype(user))):
@@ -892,6 +895,32 @@ def _site_dtype(q: Operand, k: Operand, v: Operand, chain: list[Node], pv_node: 
     return site_dtype([tensor_meta(t.node).dtype for t in (q, k, v)], output.dtype, scores)
 
 
+def _shared_head_repeat(k: Operand, v: Operand, head_axis: str, terms: ScoreTerms) -> tuple[Operand, Operand, int]:
+    """k and v before a head repeat they share (grouped-query attention), and the group size.
+
+    A number multiplying k after its repeat (``repeat(k) * s``) scales every score of the product, so it
+    moves into the scale. Where k and v do not repeat alike (only one is repeated, or k is multiplied by a
+    tensor after its repeat), the repeated tensors are read as they are.
+    """
+    k_repeat, v_repeat = peel_scaled_head_repeat(k, head_axis), peel_scaled_head_repeat(v, head_axis)
+    if k_repeat.group != v_repeat.group or v_repeat.factors or not all(
+            _foldable_factor(value, terms) for value, _ in k_repeat.factors):
+        return k, v, 1
+    for value, inverse in k_repeat.factors:
+        if isinstance(value, Node):
+            terms.tensor_factors.append(Factor(value, inverse))
+        else:
+            terms.scale = terms.scale / value if inverse else terms.scale * value
+    return peel_upcasts(k_repeat.source), peel_upcasts(v_repeat.source), k_repeat.group
+
+
+def _foldable_factor(value: object, terms: ScoreTerms) -> bool:
+    """A finite nonzero number, or a run-time number where no softcap follows (as for run-time scales)."""
+    if isinstance(value, Node):
+        return terms.softcap is None
+    return math.isfinite(value) and value != 0
+
+
 def match_site(softmax: Node, op: Softmax) -> AttentionSite:
     """Match one softmax into an ``AttentionSite``; raises ``NotFusable`` with the reason otherwise."""
     built = _built_nodes(softmax.graph)
@@ -918,12 +947,7 @@ def _match_site(softmax: Node, op: Softmax) -> AttentionSite:
     q, k, v = peel_upcasts(q), peel_upcasts(k), peel_upcasts(v)
     kv_group = 1
     if len(batch) >= 2:
-        k, k_group = peel_head_repeat(k, batch[-1])
-        v, v_group = peel_head_repeat(v, batch[-1])
-        if k_group != v_group:
-            raise NotFusable("k and v repeat their heads differently")
-        kv_group = k_group
-        k, v = peel_upcasts(k), peel_upcasts(v)
+        k, v, kv_group = _shared_head_repeat(k, v, batch[-1], terms)
     _apply_masks(terms, _size_along(q, query), _size_along(k, key), scores_meta.dtype)
     _index_functions(terms, len(batch))
     terms.scores_dtype = scores_meta.dtype

@@ -143,7 +143,8 @@ def _feature_summary(features: dict) -> str:
         q, kv = features["q_heads"], features["kv_heads"]
         parts.append(f"heads {q}" if q == kv else f"heads {q}/kv {kv}")
     if features.get("dropout"):
-        parts.append(f"dropout {features['dropout']:g}")
+        dropout = features["dropout"]
+        parts.append(f"dropout {dropout:g}" if isinstance(dropout, float) else f"dropout {dropout}")
     if features.get("q_len") is not None and features.get("q_len") != features.get("k_len"):
         parts.append(f"q_len {features['q_len']} != k_len {features['k_len']}")
     return ", ".join(parts)

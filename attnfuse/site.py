@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch.fx import Node
@@ -61,7 +61,7 @@ class AttentionSite:
     value_dim: str
     out_axes: str
     scores: ScoreTerms
-    dropout_p: float = 0.0
+    dropout_p: Union[float, Node] = 0.0  # a node where p is a run-time number (a SymFloat)
     kv_group: int = 1
     nodes: list[Node] = field(default_factory=list)
     dtype: Optional[torch.dtype] = None  # the dtype the fused call computes in (attnfuse.precision)
@@ -96,7 +96,7 @@ class AttentionSite:
                                                      else "run-time number"),
             "q_heads": int(q_heads),
             "kv_heads": int(kv_heads),
-            "dropout": self.dropout_p,
+            "dropout": "run-time p" if isinstance(self.dropout_p, Node) else self.dropout_p,
             "masked_fill": self.scores.fill,
             "q_len": size(q_len),
             "k_len": size(k_len),

@@ -9,6 +9,7 @@ Top-left (SDPA's ``is_causal=True``) keeps ``j <= i``; bottom-right keeps ``j <=
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -16,9 +17,9 @@ import torch
 from torch.fx import Node
 
 from attnfuse.canonical import (bind, canonical, example_value, is_call, is_scalar, is_written, same_size,
-                                statically_true)
-from attnfuse.constants import buffers_read, constant_value
-from attnfuse.patterns.index import keep_inequalities
+                                statically_true, tensor_meta)
+from attnfuse.constants import BUFFER_VALUE, buffers_read, constant_value
+from attnfuse.patterns.index import keep_inequalities, query_key_inequalities, triangle_arguments, triangle_kept
 from attnfuse.patterns.masks import MASKING_THRESHOLD, KeepMask, Select
 
 Size = Union[int, torch.SymInt]
@@ -60,17 +61,8 @@ def _all_true_of_shape(node: object, L: Size, S: Size) -> bool:
     return len(shape) == 2 and same_size(shape[0], L) and same_size(shape[1], S)
 
 
-def _triangle(node: Node) -> Optional[tuple[str, object, Node]]:
-    """``("triu" | "tril", diagonal, source)`` for any spelling of a triangle op."""
-    for name in ("triu", "tril"):
-        if is_call(node, (getattr(torch, name),), (name, name + "_")):
-            args = bind(node, ("x", "diagonal"), diagonal=0)
-            return name, args["diagonal"], args["x"]
-    return None
-
-
 def _structural(mask: KeepMask, L: Size, S: Size) -> Optional[MaskPattern]:
-    triangle = _triangle(mask.node) if not is_written(mask.node) else None
+    triangle = triangle_arguments(mask.node) if not is_written(mask.node) else None
     if triangle is None or not _all_true_of_shape(triangle[2], L, S):
         return None
     name, diagonal, _ = triangle
@@ -115,9 +107,17 @@ def _keep_pattern(keep: torch.Tensor, L: int, S: int) -> MaskPattern:
 
 def _by_index(node: Node, negated: bool, L: Size, S: Size) -> Optional[MaskPattern]:
     """A single inequality ``j - i <= offset`` over ``arange`` positions (see ``patterns.index``)."""
-    found = keep_inequalities(node, negated)
+    return _from_inequalities(keep_inequalities(node, negated), L, S)
+
+
+def _from_inequalities(found: Optional[list], L: Size, S: Size) -> Optional[MaskPattern]:
+    """The pattern of a keep-mask given as ``a*i + b*j + c <= 0`` terms: causal, with a window, or not."""
     if found is None:
         return None
+    constant = [c for a, b, c in found if a == 0 and b == 0]  # a term over no index: ``c <= 0`` everywhere or nowhere
+    if not all(statically_true(lambda c=c: c <= 0) for c in constant):
+        return TENSOR
+    found = [t for t in found if t[:2] != (0, 0)]
     if not found:
         return MaskPattern("all")
     causal = [t for t in found if t[:2] == (-1, 1)]
@@ -140,7 +140,110 @@ def _by_index(node: Node, negated: bool, L: Size, S: Size) -> Optional[MaskPatte
 def classify(mask: KeepMask, L: Size, S: Size) -> MaskPattern:
     """Classify a keep-mask of scores with ``L`` queries and ``S`` keys."""
     return (_structural(mask, L, S) or _by_index(mask.node, mask.negated, L, S) or _by_value(mask, L, S)
-            or TENSOR)
+            or _by_sliced_buffer(mask, L, S) or TENSOR)
+
+
+_ELEMENTWISE_FUNCTIONS = (operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge, operator.invert,
+                          torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge, torch.logical_not)
+_ELEMENTWISE_METHODS = ("eq", "ne", "lt", "le", "gt", "ge", "logical_not", "bool", "float", "int", "long", "to")
+
+
+def _elementwise_input(node: Node) -> Optional[Node]:
+    """The one tensor an elementwise op of ``node`` reads (``b == 0``, ``~b``, ``b.bool()``), others being numbers."""
+    if not is_call(node, _ELEMENTWISE_FUNCTIONS, _ELEMENTWISE_METHODS) or is_written(node):
+        return None
+    nodes = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, Node)]
+    if len(nodes) != 1 or node.args[:1] != (nodes[0],) or tensor_meta(nodes[0]) is None:
+        return None
+    return nodes[0]
+
+
+def _buffer_slice(node: Node) -> Optional[tuple[Node, object, object]]:
+    """``(buffer, row_start, column_start)`` for ``buffer[:, ..., :, a:, b:]``-style slices of a module buffer
+    (starts and stops may be symbolic; a start that wraps around is caught by the per-call buffer guard)."""
+    if not (node.op == "call_function" and node.target is operator.getitem) or is_written(node):
+        return None
+    buffer, index = node.args
+    meta = tensor_meta(buffer)
+    if not (isinstance(buffer, Node) and BUFFER_VALUE in buffer.meta and isinstance(index, tuple) and meta is not None):
+        return None
+    full = slice(None, None, None)
+    if len(index) != meta.dim() or len(index) < 2 or any(item != full for item in index[:-2]):
+        return None
+    starts = []
+    for item in index[-2:]:
+        if not isinstance(item, slice) or item.step not in (None, 1):
+            return None
+        start = example_value(item.start) if item.start is not None else 0
+        if not isinstance(start, (int, torch.SymInt)):
+            return None
+        starts.append(start)
+    return buffer, starts[0], starts[1]
+
+
+def _triangle_offset(keep: torch.Tensor) -> Optional[int]:
+    """``c`` if the ``(H, W)`` boolean ``keep`` is ``ones(H, W).tril(c)`` with some row neither empty nor full."""
+    H, W = keep.shape
+    counts = keep.sum(-1)
+    rows = ((counts > 0) & (counts < W)).nonzero()
+    if not len(rows):
+        return None
+    row = int(rows[0])
+    offset = int(counts[row]) - 1 - row
+    return offset if torch.equal(keep, torch.ones(H, W, dtype=torch.bool, device=keep.device).tril(offset)) else None
+
+
+def _by_sliced_buffer(mask: KeepMask, L: Size, S: Size) -> Optional[MaskPattern]:
+    """nanoGPT's ``bias[:, :, :T, :T] == 0`` at symbolic sizes: elementwise ops of a slice of a module buffer
+    holding a triangle. Evaluated on the whole buffer, the ops give ``j' - i' <= c``; rows from ``a`` and
+    columns from ``b`` then keep ``j - i <= c + a - b``. The buffer is guarded on each call (``attnfuse.guards``)."""
+    path, node = [], mask.node
+    while (inner := _elementwise_input(node)) is not None:
+        path.append(node)
+        node = inner
+    found = _buffer_slice(node)
+    meta, sliced = tensor_meta(mask.node), tensor_meta(node)
+    if found is None or meta is None or sliced is None or meta.dim() < 2 or tuple(meta.shape) != tuple(sliced.shape):
+        return None
+    if not (same_size(meta.shape[-2], L) and same_size(meta.shape[-1], S)):
+        return None
+    buffer, a, b = found
+    value = _apply_elementwise(reversed(path), buffer.meta[BUFFER_VALUE])
+    if not isinstance(value, torch.Tensor) or value.dtype != torch.bool or value.dim() < 2:
+        return None
+    keep = ~value if mask.negated else value
+    planes = keep.reshape(-1, *keep.shape[-2:])
+    offset = _triangle_offset(planes[0]) if bool((planes == planes[:1]).all()) else None
+    alignment = _alignment(offset + a - b, L, S) if offset is not None else None
+    if alignment is None:
+        return TENSOR
+    return MaskPattern("causal", alignment, guarded_by=tuple(_placeholders_read(mask.node)))
+
+
+def _apply_elementwise(path, value: torch.Tensor) -> Optional[torch.Tensor]:
+    """The ops of ``path`` (first to last) applied to ``value`` in place of their tensor input."""
+    for node in path:
+        args = (value, *node.args[1:])
+        try:
+            value = getattr(value, node.target)(*args[1:], **node.kwargs) if node.op == "call_method" \
+                else node.target(*args, **node.kwargs)
+        except Exception:
+            return None
+    return value
+
+
+def _placeholders_read(node: Node) -> list[Node]:
+    """The graph inputs ``node`` depends on (module buffers and symbolic sizes), in graph order."""
+    found, pending, seen = set(), [node], set()
+    while pending:
+        current = pending.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current.op == "placeholder":
+            found.add(current)
+        pending.extend(current.all_input_nodes)
+    return [n for n in node.graph.nodes if n in found]
 
 
 def classify_additive(bias: Node, L: Size, S: Size) -> Optional[tuple[MaskPattern, Optional[float]]]:
@@ -149,7 +252,7 @@ def classify_additive(bias: Node, L: Size, S: Size) -> Optional[tuple[MaskPatter
     This is how transformers' eager models pass a causal mask (``0`` / ``finfo.min``). Only biases
     that read no graph input are evaluated, so the answer is exact for the graph it was found in.
     """
-    structural = _additive_by_index(bias, L, S)
+    structural = _additive_by_index(bias, L, S) or _additive_triangle(bias, L, S)
     if structural is not None:
         return structural
     if not (isinstance(L, int) and isinstance(S, int)):
@@ -178,6 +281,34 @@ def _additive_by_index(bias: Node, L: Size, S: Size) -> Optional[tuple[MaskPatte
             if pattern is not None and pattern.kind != "tensor":
                 return pattern, fill_value
     return None
+
+
+def _additive_triangle(bias: Node, L: Size, S: Size) -> Optional[tuple[MaskPattern, float]]:
+    """``full(shape, fill).triu(d)`` (or ``tril``): ``fill`` inside the triangle, 0 outside, at any size."""
+    triangle = triangle_arguments(bias) if not is_written(bias) else None
+    meta = tensor_meta(bias)
+    if triangle is None or meta is None:
+        return None
+    name, diagonal, source = triangle
+    fill = _full_value(source)
+    kept = triangle_kept(name, diagonal, meta.dim())
+    if fill is None or not fill <= MASKING_THRESHOLD or kept is None:
+        return None
+    pattern = _from_inequalities(query_key_inequalities(kept.negate(), tuple(meta.shape)), L, S)
+    return (pattern, fill) if pattern is not None and pattern.kind != "tensor" else None
+
+
+def _full_value(node: object) -> Optional[float]:
+    """The value of ``torch.full(shape, value)`` (or ``x.new_full``) with a number, unwritten."""
+    if not isinstance(node, Node) or is_written(node):
+        return None
+    if is_call(node, (torch.full,)):
+        value = bind(node, ("size", "fill_value")).get("fill_value")
+    elif is_call(node, (), ("new_full",)):
+        value = bind(node, ("x", "size", "fill_value")).get("fill_value")
+    else:
+        return None
+    return float(value) if is_scalar(value) and not isinstance(value, (torch.SymInt, torch.SymFloat)) else None
 
 
 def _scalar(value: object) -> Optional[float]:

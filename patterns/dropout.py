@@ -1,14 +1,18 @@
-"""Dropout rules: ``F.dropout`` / ``torch.dropout`` / inlined ``nn.Dropout`` on the probabilities."""
+"""Dropout rules: ``F.dropout`` / ``torch.dropout`` / inlined ``nn.Dropout`` on the probabilities.
+
+``p`` is a number, or a graph node giving one at run time (Dynamo makes a float attribute dynamic
+under ``dynamic=True`` or when a second instance has another ``p``); ``training`` is always baked in.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch.fx import Node
 
-from attnfuse.canonical import bind, canonicalizer, is_call
+from attnfuse.canonical import bind, canonicalizer, example_value, is_call, is_scalar
 
 
 @dataclass(frozen=True)
@@ -16,12 +20,22 @@ class Dropout:
     """Dropout with probability ``p``; a no-op unless ``training`` (Dynamo bakes ``self.training`` in)."""
 
     x: Node
-    p: float
+    p: Union[float, Node]
     training: bool
 
     @property
     def active(self) -> bool:
-        return self.training and self.p > 0
+        """Whether it may drop anything: in training, with a run-time ``p`` or a constant one above 0."""
+        return self.training and (isinstance(self.p, Node) or self.p > 0)
+
+
+def _probability(p: object) -> Union[float, Node, None]:
+    """``p`` as a float, or the node computing it when it is a run-time number (a ``SymFloat``)."""
+    if is_scalar(p) and not isinstance(p, (torch.SymInt, torch.SymFloat)):
+        return float(p)
+    if isinstance(p, Node) and is_scalar(example_value(p)):
+        return p
+    return None
 
 
 @canonicalizer
@@ -33,6 +47,7 @@ def dropout_rule(node: Node) -> Optional[Dropout]:
         args["training"] = args.get("train")
     else:
         return None
-    if not isinstance(args.get("p"), (int, float)) or not isinstance(args.get("training"), bool):
+    p = _probability(args.get("p"))
+    if p is None or not isinstance(args.get("training"), bool):
         return None
-    return Dropout(args["x"], float(args["p"]), args["training"])
+    return Dropout(args["x"], p, args["training"])

@@ -180,12 +180,47 @@ def _interpret(node: Node, depth: int) -> Optional[object]:
         return inner
     if _is_all_true(node):
         return TRUE
+    triangle = _triangle_of_predicate(node, sub)
+    if triangle is not None:
+        return triangle
     if is_call(node, (), ("expand",)):
         return _expanded(sub(node.args[0]), tensor_meta(node.args[0]))
     if is_call(node, (), ("contiguous", "to", "bool", "long", "int")):
         inner = sub(node.args[0])
         return inner if _cast_keeps(inner, node) else None
     return None
+
+
+def triangle_arguments(node: Node) -> Optional[tuple[str, object, object]]:
+    """``("tril" | "triu", diagonal, source)`` for any spelling of a triangle op (``torch.tril``, ``x.triu_``)."""
+    for name in ("triu", "tril"):
+        if is_call(node, (getattr(torch, name),), (name, name + "_")):
+            args = bind(node, ("x", "diagonal"), diagonal=0)
+            return name, example_value(args["diagonal"]), args["x"]
+    return None
+
+
+def triangle_kept(name: str, diagonal: object, rank: int) -> Optional[Inequality]:
+    """Where ``tril(x, diagonal)`` (or ``triu``) keeps ``x``'s values, over the last two of ``rank`` axes:
+    ``j - i <= diagonal`` for ``tril``, ``j - i >= diagonal`` for ``triu``."""
+    if rank < 2 or not isinstance(diagonal, (int, torch.SymInt)) or isinstance(diagonal, bool):
+        return None
+    if name == "tril":
+        return Inequality(_pad((-1, 1), rank), -diagonal)
+    return Inequality(_pad((1, -1), rank), diagonal)
+
+
+def _triangle_of_predicate(node: Node, sub) -> Optional[Predicate]:
+    """``tril`` / ``triu`` of a boolean predicate: the predicate and the triangle's inequality."""
+    triangle = triangle_arguments(node)
+    meta = tensor_meta(node)
+    if triangle is None or meta is None or meta.dtype != torch.bool:
+        return None
+    name, diagonal, source = triangle
+    inner, kept = sub(source), triangle_kept(name, diagonal, meta.dim())
+    if not isinstance(inner, (Inequality, Logic)) or kept is None:
+        return None
+    return kept if inner == TRUE else Logic("and", (inner, kept))
 
 
 def arange_arguments(node: Node) -> dict:
@@ -262,9 +297,13 @@ def keep_inequalities(node: Node, negated: bool) -> Optional[list[tuple[int, int
     meta = tensor_meta(node)
     if not isinstance(predicate, (Inequality, Logic)) or meta is None or meta.dim() < 1:
         return None
-    if negated:
-        predicate = predicate.negate()
-    predicate = _relevant(predicate, tuple(meta.shape))
+    return query_key_inequalities(predicate.negate() if negated else predicate, tuple(meta.shape))
+
+
+def query_key_inequalities(predicate: Predicate, shape: tuple) -> Optional[list[tuple[int, int, object]]]:
+    """``predicate`` over a tensor of ``shape`` (broadcast against the scores) as a conjunction of
+    ``a*i + b*j + c <= 0`` over its last two axes, or None if it is not one or varies along another axis."""
+    predicate = _relevant(predicate, shape)
     terms = [predicate] if isinstance(predicate, Inequality) else list(predicate.terms)
     if isinstance(predicate, Logic) and predicate.op != "and":
         return None

@@ -14,8 +14,10 @@ from torch.fx import Node
 
 import operator
 
-from attnfuse.canonical import (bind, canonical, canonicalizer, is_call, rank_of, same_size, statically_true,
-                                tensor_meta)
+from attnfuse.canonical import (bind, canonical, canonicalizer, example_value, is_call, is_scalar, rank_of, same_size,
+                                statically_true, tensor_meta)
+from attnfuse.constants import constant_value
+from attnfuse.patterns.scales import Multiply
 
 
 @dataclass(frozen=True)
@@ -263,3 +265,59 @@ def regroup_recipe(meta: torch.Tensor, view: tuple, scores: tuple, blocks: list,
                 return f"the size of axis {axis} of the scores is not the size of an axis of q, k or v"
             sizes.append(source)
     return Regroup(len(view), tuple(expand), tuple(sizes), tuple(inferring))
+
+
+@dataclass(frozen=True)
+class HeadRepeat:
+    """A k (or v) operand read as ``repeat(source, group) * factors``: what ``peel_scaled_head_repeat`` found."""
+
+    source: Operand
+    group: int
+    factors: tuple  # numbers or run-time number nodes, each with its ``inverse`` flag: ``((value, inverse), ...)``
+
+
+def number_factor(node: Node) -> Optional[tuple[Node, object, bool]]:
+    """``(x, value, inverse)`` if ``node`` is ``x * value`` or ``x / value`` with ``value`` a number: a Python
+    number, a run-time number node (a ``SymFloat``), or a one-element tensor computed from constants.
+    A tensor that may vary is never read as a number."""
+    op = canonical(node)
+    if not isinstance(op, Multiply):
+        return None
+    sides = ((op.a, op.b),) if op.inverse else ((op.a, op.b), (op.b, op.a))
+    for x, other in sides:
+        value = _number(other)
+        if isinstance(x, Node) and tensor_meta(x) is not None and value is not None:
+            return x, value, op.inverse
+    return None
+
+
+def _number(value: object) -> object:
+    """``value`` as a float, the node itself for a run-time number, or None for anything that may be a tensor."""
+    if is_scalar(value) and not isinstance(value, (torch.SymInt, torch.SymFloat)):
+        return float(value)
+    if isinstance(value, Node) and is_scalar(example_value(value)):
+        return value
+    meta = tensor_meta(value)
+    if meta is not None and meta.numel() == 1 and meta.dim() == 0 and meta.is_floating_point():
+        folded = constant_value(value)
+        if isinstance(folded, torch.Tensor) and folded.numel() == 1:
+            return float(folded.item())
+    return None
+
+
+def peel_scaled_head_repeat(operand: Operand, head_axis: str) -> HeadRepeat:
+    """The head repeat under any number of scalar multiplies and relabelings: ``repeat(k) * s`` reads as
+    ``k`` repeated with the factor ``s`` on the scores (a number on k scales every score of its product).
+    Without a repeat underneath, ``operand`` itself with group 1 and no factors."""
+    factors, current = [], operand
+    while True:
+        current = peel_layout(current)
+        found = number_factor(current.node)
+        if found is None:
+            break
+        current = Operand(found[0], current.axes)
+        factors.append((found[1], found[2]))
+    source, group = peel_head_repeat(current, head_axis)
+    if group == 1:
+        return HeadRepeat(operand, 1, ())
+    return HeadRepeat(source, group, tuple(factors))
