@@ -55,7 +55,7 @@ def test_audit_shape_and_no_side_effect():
     report = attnfuse.audit(model, torch.randn(1, 4, 16))
     assert model._compiled_call_impl is None
     d = report.to_dict()
-    assert set(d) == {"fused", "skipped", "sites", "notes"} and d["fused"] == 1 and d["skipped"] == 0
+    assert set(d) == {"fused", "skipped", "already_fused", "sites", "notes"} and d["fused"] == 1 and d["skipped"] == 0
     assert set(d["sites"][0]) == {"name", "source", "status", "reason", "features", "backend"}
     assert d["sites"][0]["status"] == "fused" and d["sites"][0]["backend"] in ("cpu-flash", "cpu-math")
     text = str(report)
