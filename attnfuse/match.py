@@ -178,8 +178,19 @@ def looks_like_attention(node: Node, op: Softmax) -> bool:
 # ----------------------------------------------------------------------------- the walk
 
 def _single_user(node: Node, what: str) -> None:
-    if len([user for user in value_users(node) if not _reads_written_region(user, node)]) != 1:
-        raise NotFusable(f"{what}: also used outside the attention (returned, stored or reused)")
+    users = [user for user in value_users(node) if not _reads_written_region(user, node)]
+    if len(users) != 1:
+        raise _used_elsewhere(what, users)
+
+
+def _used_elsewhere(what: str, users: list[Node]) -> NotFusable:
+    """Why a value of the site cannot be fused away: what else reads it, in words a user can act on."""
+    if any(user.op == "output" for user in users):
+        return NotFusable(f"{what}: returned by the graph (output_attentions=True, need_weights, a cache of them, or a Dynamo "
+                          "graph break right after the attention keeps them alive); return only the output to fuse it")
+    others = sorted({_describe(user) for user in users})
+    return NotFusable(f"{what}: also read by {', '.join(others)} besides the attention (stored or reused); "
+                      "the fused kernel never materializes them")
 
 
 def _reads_written_region(user: Node, node: Node) -> bool:
@@ -196,13 +207,36 @@ def _describe(node: Node) -> str:
     return f"`{target}`"
 
 
-def _score_side(a: object, b: object) -> tuple[object, object, bool]:
-    """(scores, other, scores_are_first) for a binary op with the scores on one side."""
-    if isinstance(a, Node) and reaches_product(a):
+def _score_side(a: object, b: object, node: Node) -> tuple[object, object, bool]:
+    """(scores, other, scores_are_first) for the binary op ``node`` with the scores on one side."""
+    a_scores, b_scores = (isinstance(x, Node) and reaches_product(x) for x in (a, b))
+    if a_scores and b_scores:
+        raise NotFusable(f"both operands of {_describe(node)} are computed from the scores (the scores minus their "
+                         "own row maximum, or two products combined); only a tensor that does not read the scores "
+                         "can be added, multiplied or selected")
+    if a_scores:
         return a, b, True
-    if isinstance(b, Node) and reaches_product(b):
+    if b_scores:
         return b, a, False
-    raise NotFusable("cannot tell which operand is the attention scores")
+    raise NotFusable(f"{_describe(node)} is between the QK product and the softmax, but neither of its operands is "
+                     "read back to the product through ops attnfuse knows")
+
+
+# What an op no rule reads usually is, when it sits between the QK product and the softmax.
+_UNSUPPORTED_HINTS = {
+    "cat": "the scores are concatenated with another tensor (an attention-sink column, or global and local keys); "
+           "not supported yet",
+    "logsumexp": "the scores' logsumexp is taken (an attention sink applied as a rescaling); not supported yet",
+    "sigmoid": "the scores go through a sigmoid, not a softmax",
+    "relu": "the scores go through a relu (attention without softmax normalisation is not fused)",
+}
+
+
+def _unsupported(node: Node) -> NotFusable:
+    name = _describe(node).strip("`")
+    hint = _UNSUPPORTED_HINTS.get(name)
+    return NotFusable(f"unsupported op {_describe(node)} between the QK product and the softmax" +
+                      (f": {hint}" if hint else ""))
 
 
 def walk_to_product(scores_input: Node) -> tuple[Node, Product, list]:
@@ -218,17 +252,17 @@ def walk_to_product(scores_input: Node) -> tuple[Node, Product, list]:
             steps.reverse()
             return node, op, _on_product_shape(node, op, steps, scores_input)
         if isinstance(op, Multiply):
-            scores, other, first = _score_side(op.a, op.b)
+            scores, other, first = _score_side(op.a, op.b, node)
             if op.inverse and not first:
                 raise NotFusable("the scores are the divisor of a division")
             steps.append(("factor", other, op.inverse))
         elif isinstance(op, Add):
-            scores, other, first = _score_side(op.a, op.b)
+            scores, other, first = _score_side(op.a, op.b, node)
             if not first and op.alpha * op.sign != 1.0:
                 raise NotFusable("the scores are negated or scaled inside an addition")
             steps.append(("bias", other, op.alpha * op.sign if first else 1.0))
         elif isinstance(op, Select):
-            scores, other, _ = _score_side(op.if_false, op.if_true)
+            scores, other, _ = _score_side(op.if_false, op.if_true, node)
             steps.append(("fill", op.cond, other, other is op.if_true))
         elif isinstance(op, Tanh):
             scores = op.x
@@ -252,7 +286,7 @@ def walk_to_product(scores_input: Node) -> tuple[Node, Product, list]:
             scores = node.args[0]
             steps.append(("reshape", node))
         else:
-            raise NotFusable(f"unsupported op {_describe(node)} between the QK product and the softmax")
+            raise _unsupported(node)
         _single_user(scores, "the attention scores")
         node = scores
 
@@ -665,7 +699,7 @@ def _weights_user(node: Node) -> Node:
     not count: it goes away with the weights."""
     users = [user for user in value_users(node) if has_side_effect(user) or value_users(user)]
     if len(users) != 1:
-        raise NotFusable("the attention weights: also used outside the attention (returned, stored or reused)")
+        raise _used_elsewhere("the attention weights", users)
     return users[0]
 
 

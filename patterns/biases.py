@@ -38,7 +38,8 @@ def add_rule(node: Node) -> Optional[Add]:
 def bias_reason(other: object, scores_rank: int) -> Optional[str]:
     """Why ``other`` cannot be an additive bias on the scores, or None when it can."""
     if is_scalar(other):
-        return "a constant is added to the scores"
+        return (f"the number {other} is added to every score: the softmax ignores it only up to rounding, which the "
+                "fused kernel would not reproduce; remove it (it does not change the attention)")
     meta = tensor_meta(other)
     if meta is None:
         return f"the scores are added to {type(other).__name__}"

@@ -75,7 +75,7 @@ def test_model_without_attention_runs_unchanged_and_says_so():
     model = LinearSoftmax()
     x = torch.randn(3, 4)
     report = attnfuse.audit(model, x)
-    assert report.to_dict() == {"fused": 0, "skipped": 0, "sites": [], "notes": []}
+    assert report.to_dict() == {"fused": 0, "skipped": 0, "already_fused": 0, "sites": [], "notes": []}
     assert "no attention found" in str(report)
     expected = model(x)
     torch.testing.assert_close(attnfuse.optimize(model)(x), expected)

@@ -467,5 +467,5 @@ def test_a_skipped_site_leaves_no_regroup_node():
     args = randn(6, 4, 8), randn(6, 5, 8, seed=1), randn(6, 5, 8, seed=2), randn(2, 1, 4, 5, seed=3)
     torch.compile(WeightsReturned(), backend=backend)(*args)
     assert [type(r) for r in seen["results"]] == [Skip], seen["results"]
-    assert "also used outside" in seen["results"][0].reason
+    assert "the attention weights: returned by the graph" in seen["results"][0].reason
     assert seen["regroups"] == []
