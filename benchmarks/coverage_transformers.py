@@ -207,9 +207,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="", help="comma-separated model types")
     parser.add_argument("--json", default="", help="write the rows to this file")
+    parser.add_argument("--shard", default="0/1", help="i/n: every n-th architecture from the i-th (parallel runs)")
     args = parser.parse_args()
     import transformers
-    names = [n for n in args.only.split(",") if n] or architectures()
+    index, count = (int(x) for x in args.shard.split("/"))
+    names = ([n for n in args.only.split(",") if n] or architectures())[index::count]
     print(f"# transformers {transformers.__version__}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
     rows = []
     for name in names:
