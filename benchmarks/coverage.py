@@ -163,6 +163,65 @@ def _family_entries() -> list[Entry]:
     ]
 
 
+def _round_two_entries() -> list[Entry]:
+    """The spelling families of the second coverage round (the modules their tests use)."""
+    import test_bias_families as bf
+    import test_mask_families as mf
+    import test_reshaped_scores as rs
+
+    def swin():
+        mask = torch.where(randn(3, 9, 9, seed=5) > 1.0, -100.0, 0.0)
+        return rs.SwinWindows().eval(), (*[randn(2 * 3, 4, 9, 16, seed=i) for i in range(3)], randn(4, 9, 9, seed=4),
+                                         mask), {}
+
+    def bloom():
+        return rs.BloomAlibi(4).eval(), (*bhnd(), randn(2 * 4, 1, 9, seed=3), ~keep_mask()), {}
+
+    def sam():
+        return seeded(lambda: rs.SamRelPos((3, 3), 16)).eval(), tuple(randn(8, 9, 16, seed=i) for i in range(3)), {}
+
+    def area():
+        return rs.AreaAttention().eval(), tuple(randn(2, 4, 16, 9, seed=i) for i in range(3)), {}
+
+    def gpt_neo():
+        keep = keep_mask()
+        mask = torch.where(keep[:, None, None, :] & torch.ones(9, 9, dtype=torch.bool).tril(), 0.0,
+                           torch.finfo(torch.float32).min)
+        return mf.FillThenBias().eval(), (*bhnd(), mask), {}
+
+    def region():
+        keep = torch.ones(2, 1, 9, 9, dtype=torch.bool)
+        return mf.RegionWrites("add").eval(), (*bhnd(), randn(2, 4, 8, 8, seed=3), keep), {}
+
+    def zeroed():
+        mask = keep_mask()[:, None, None, :].expand(2, 1, 9, 9)
+        return mf.ZeroedWeights().eval(), (*bhnd(), mask, torch.zeros(9, 9)), {}
+
+    def gqa_scale():
+        q, k, v = randn(2, 4, 9, 16), randn(2, 2, 9, 16, seed=1), randn(2, 2, 9, 16, seed=2)
+        return bf.ScaledAfterRepeat(2, "einops", "mul").eval(), (q, k, v), {}
+
+    def disentangled():
+        return seeded(lambda: bf.Disentangled(4, 16)).eval(), (*bhnd(), keep_mask()), {}
+
+    return [
+        Entry("swin_windows", "family: Swin windows folded into the batch, (nw, N, N) mask via a 5-d view", swin),
+        Entry("bloom_baddbmm", "family: Bloom baddbmm over batch*heads, ALiBi, 4-d view for the mask", bloom),
+        Entry("sam_rel_pos", "family: SAM decomposed rel-pos (query/key axes split)", sam),
+        Entry("area_transposed", "family: v @ attn.transpose(-2, -1) (YOLO area attention)", area),
+        Entry("gpt1_product_mask", "family: scores * tril + -1e4 * (1 - tril) (OpenAI GPT)",
+              lambda: (mf.GPTProductMask().eval(), bhnd(), {})),
+        Entry("clamp_min", "family: torch.max(scores, finfo.min) after a mask",
+              lambda: (mf.ClampedScores().eval(), (*bhnd(), torch.zeros(2, 1, 9, 9),
+                                                   keep_mask()[:, None, None, :]), {})),
+        Entry("fill_then_bias", "family: where(causal, s, min) + padding mask (GPT-Neo)", gpt_neo),
+        Entry("region_add", "family: attn[:, :, 1:, 1:] += rel (in-place region bias)", region),
+        Entry("zeroed_weights", "family: softmax then masked_fill(~mask, 0) (CPM-Ant)", zeroed),
+        Entry("gqa_scale", "family: k repeated per group, then scaled", gqa_scale),
+        Entry("disentangled", "family: DeBERTa-style c2p + p2c biases", disentangled),
+    ]
+
+
 def _score_entries() -> list[Entry]:
     import score_modules as sm
 
@@ -260,7 +319,7 @@ def _model_entries() -> list[Entry]:
         Entry("mistral", "transformers Mistral (sliding_window 4)", mistral),
         Entry("gemma2", "transformers Gemma 2 (softcap, window 4)", gemma2),
         Entry("mpt", "transformers MPT (ALiBi)", mpt),
-        Entry("bloom", "transformers Bloom (ALiBi, baddbmm)", bloom, note="expected skipped: scores reshaped"),
+        Entry("bloom", "transformers Bloom (ALiBi, baddbmm)", bloom),
         Entry("x_decoder", "x-transformers Decoder", x_decoder),
         Entry("x_encoder", "x-transformers Encoder (padding mask)", x_encoder),
         Entry("megabyte", "MEGABYTE-pytorch", megabyte),
@@ -342,7 +401,8 @@ def _package_entries() -> list[Entry]:
 
 
 def all_entries() -> list[Entry]:
-    return _seed_entries() + _family_entries() + _score_entries() + _model_entries() + _package_entries()
+    return (_seed_entries() + _family_entries() + _round_two_entries() + _score_entries() + _model_entries()
+            + _package_entries())
 
 
 # ----------------------------------------------------------------------------- one entry
