@@ -270,21 +270,27 @@ def recompile_limit() -> int:
 
 
 def compile_model_call(fn: Callable[..., Any], backend: Callable, dynamic: Optional[bool]) -> Callable[..., Any]:
-    """``torch.compile(fn, backend=backend)`` with the recompile limit raised for ``fn`` alone: through
-    ``torch.compile(recompile_limit=)`` where torch has it, else by setting Dynamo's config around each call."""
+    """``torch.compile(fn, backend=backend)`` with Dynamo's config set for ``fn`` alone around each call: the
+    recompile limit raised (through ``torch.compile(recompile_limit=)`` where torch has it), and Python
+    floats specialized. Unspecialized (under ``dynamic=True``, or for a second instance with another
+    value), a module's float attributes (a scale, a softcap, a fill, a dropout p, an ALiBi factor) become
+    run-time inputs, and the attention they configure could no longer be read."""
     limit = recompile_limit()
     if _COMPILE_TAKES_A_LIMIT:
-        return torch.compile(fn, backend=backend, dynamic=dynamic, recompile_limit=limit)
-    compiled = torch.compile(fn, backend=backend, dynamic=dynamic)
+        compiled = torch.compile(fn, backend=backend, dynamic=dynamic, recompile_limit=limit)
+    else:
+        compiled = torch.compile(fn, backend=backend, dynamic=dynamic)
     config = torch._dynamo.config
 
     def call(*args: Any, **kwargs: Any) -> Any:
-        previous = config.recompile_limit
-        config.recompile_limit = max(limit, previous)
+        previous = config.recompile_limit, config.specialize_float
+        if not _COMPILE_TAKES_A_LIMIT:
+            config.recompile_limit = max(limit, previous[0])
+        config.specialize_float = True
         try:
             return compiled(*args, **kwargs)
         finally:
-            config.recompile_limit = previous
+            config.recompile_limit, config.specialize_float = previous
 
     return call
 

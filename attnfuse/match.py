@@ -526,7 +526,8 @@ def _apply_steps(product: Product, steps: list, rank: int) -> ScoreTerms:
         if terms.keep_masks and terms.fill != float("-inf") and kind not in ("fill", "bias", "clamp"):
             raise NotFusable("the scores change after a finite mask fill (the fill would not stay a mask)")
         if kind == "tanh":
-            if post_tanh is not None or terms.biases or terms.keep_masks or terms.tensor_factors:
+            # a tensor factor before the tanh is folded into q: it scales the scores the tanh reads, as written
+            if post_tanh is not None or terms.biases or terms.keep_masks:
                 raise NotFusable("tanh is applied after a bias, mask or another tanh (not a softcap)")
             post_tanh = 1.0
         elif kind == "factor" and post_tanh is not None and not terms.biases and not terms.keep_masks:
@@ -551,6 +552,8 @@ def _apply_steps(product: Product, steps: list, rank: int) -> ScoreTerms:
                     raise NotFusable("masked scores are multiplied by a non-positive number")
                 terms.scale *= value
                 terms.biases = [(b, c * value) for b, c in terms.biases]
+        elif kind == "bias" and isinstance(step[1], (int, float)) and step[1] == 0:
+            continue  # ``scores + 0`` (DeBERTa without relative attention): the same scores
         elif kind == "bias":
             reason = bias_reason(step[1], rank)
             if reason:

@@ -260,10 +260,35 @@ def test_a_second_instance_with_another_p_fuses_too():
 
 
 @pytest.mark.parametrize("p", [0.0, 0.2, 0.6, 1.0])
-def test_train_dropout_with_a_run_time_p_draws_the_original_mask(p):
-    """The fused call applies p read on each call; on the CPU under one seed it equals the original."""
+def test_train_dropout_under_dynamic_shapes_draws_the_original_mask(p):
+    """``optimize`` specializes Python floats, so p stays a number under ``dynamic=True``; on the CPU under
+    one seed the fused call equals the original."""
     report = run_sizes(ViTAttention(p).train(), [(5, 7), (9, 4), (6, 6)])
-    assert report.fused == 1 and report.sites[0].features["dropout"] == "run-time p", str(report)
+    assert report.fused == 1 and report.sites[0].features["dropout"] == p, str(report)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2, 1.0])
+def test_train_dropout_with_a_run_time_p_draws_the_original_mask(p):
+    """Through ``torch.compile(backend=...)`` Dynamo may make p a run-time input (a SymFloat): the fused call
+    reads it on each call; on the CPU under one seed it equals the original."""
+    from attnfuse.capture import backend_for
+    from attnfuse.options import Options
+
+    torch._dynamo.reset()
+    module, reference = ViTAttention(p).train(), ViTAttention(p).train()
+    seen = {}
+    backend = backend_for(Options())
+
+    def spy(gm, example_inputs):
+        compiled = backend(gm, example_inputs)
+        seen["sites"] = compiled.sites.sites
+        return compiled
+
+    compiled = torch.compile(module, backend=spy, dynamic=True)
+    for n, (i, j) in enumerate([(5, 7), (9, 4)]):
+        _compare(compiled, reference, _qkv(2, 3, i, j, 8, seed=n), seed=n)
+    features = seen["sites"][0].features
+    assert seen["sites"][0].status == "fused" and features["dropout"] == "run-time p", features
 
 
 def test_train_dropout_p_out_of_range_raises_like_the_original():
@@ -308,3 +333,24 @@ def test_dropouts_the_fused_call_cannot_apply_are_skipped_with_the_op(module, re
     assert report.fused == 0 and reason in report.sites[0].reason, str(report)
     if module is TwoDropouts:  # in eval both are no-ops: fused
         assert run_sizes(module(0.3).eval(), [(4, 5), (6, 3)]).fused == 1
+
+
+class FloatAttributes(nn.Module):
+    """A scale, a softcap and a fill kept as float attributes (Gemma 2, Bloom's ``inv_norm_factor``)."""
+
+    def __init__(self, scale: float, cap: float, fill: float) -> None:
+        super().__init__()
+        self.scale, self.cap, self.fill = scale, cap, fill
+
+    def forward(self, q, k, v):
+        s = torch.tanh(q @ k.transpose(-1, -2) * self.scale / self.cap) * self.cap
+        L, S = s.shape[-2:]
+        s = s.masked_fill(torch.ones(L, S, dtype=torch.bool).tril().logical_not(), self.fill)
+        return s.softmax(-1) @ v
+
+
+def test_float_attributes_stay_numbers_under_dynamic_shapes():
+    """Unspecialized, Dynamo would pass the floats as run-time inputs and the softcap could not be read."""
+    report = run_sizes(FloatAttributes(0.3, 20.0, float("-inf")), [(5, 5), (7, 7), (4, 4)], square=True)
+    features = report.sites[0].features
+    assert features["softcap"] == 20.0 and features["causal"] == "top_left", features
