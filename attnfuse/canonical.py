@@ -11,7 +11,7 @@ import operator
 from typing import Any, Callable, Iterable, Optional
 
 import torch
-from torch.fx import Node
+from torch.fx import Graph, Node
 
 Canonicalizer = Callable[[Node], Optional[Any]]
 WRITTEN = "attnfuse_written"  # node.meta key set by ``attnfuse.effects``: positions of writes to its storage
@@ -207,3 +207,23 @@ def reads_only_metadata(user: Node, node: Node) -> bool:
 def value_users(node: Node) -> list[Node]:
     """The users of ``node`` that read its values."""
     return [user for user in node.users if not reads_only_metadata(user, node)]
+
+
+_DUNDER = {f"__{name.rstrip('_')}__": getattr(operator, name) for name in (
+    "eq", "ne", "lt", "le", "gt", "ge", "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul",
+    "and_", "or_", "xor", "neg", "pos", "invert", "getitem")}
+_REFLECTED = {f"__r{name.rstrip('_')}__": getattr(operator, name) for name in (
+    "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and_", "or_", "xor")}
+
+
+def normalize_dunder_methods(graph: Graph) -> None:
+    """Write ``x.__eq__(0)`` (how some torch versions record ``x == 0``) as ``operator.eq(x, 0)`` and
+    ``x.__radd__(y)`` as ``operator.add(y, x)``, so every rule sees one spelling of an operator."""
+    for node in graph.nodes:
+        if node.op != "call_method" or node.kwargs:
+            continue
+        if node.target in _DUNDER:
+            node.op, node.target = "call_function", _DUNDER[node.target]
+        elif node.target in _REFLECTED and len(node.args) == 2:
+            node.op, node.target = "call_function", _REFLECTED[node.target]
+            node.args = (node.args[1], node.args[0])

@@ -17,8 +17,8 @@ from torch.fx import Graph, Node
 
 import torch
 
-from attnfuse.canonical import (WRITTEN, canonical, has_side_effect, is_call, is_written, remove_dead_nodes,
-                                same_size, spelling, statically_true, tensor_meta, value_users)
+from attnfuse.canonical import (WRITTEN, canonical, has_side_effect, is_call, is_written, normalize_dunder_methods,
+                                remove_dead_nodes, same_size, spelling, statically_true, tensor_meta, value_users)
 from attnfuse.constants import constant_value
 from attnfuse.dominance import absorbing, underflow_gap
 from attnfuse.effects import functionalize, mark_writes, written_between
@@ -63,6 +63,7 @@ def find_sites(graph: Graph) -> Iterator[Union[AttentionSite, Skip]]:
     (``attnfuse.effects``); dead values (debug copies such as ``sim.clone()`` kept for inspection and
     never returned) are removed, so they do not count as uses of the scores.
     """
+    normalize_dunder_methods(graph)
     functionalize(graph)
     remove_dead_nodes(reversed(list(graph.nodes)))
     mark_writes(graph)

@@ -6,6 +6,7 @@ a transpose only when its permutation, computed from its arguments and the tenso
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
@@ -123,6 +124,29 @@ def _unsqueezed(node: object) -> Optional[tuple[Node, int]]:
         if len(nones) == 1 and all(item == full for i, item in enumerate(index) if i != nones[0]):
             return node.args[0], nones[0]
     return None
+
+
+_EINOPS_GROUP = re.compile(r"\(\s*(\w+)\s+(\w+)\s*\)")
+
+
+@canonicalizer
+def einops_repeat_rule(node: Node) -> Optional[RepeatHeads]:
+    """``einops.repeat(x, 'b g n d -> b (g r) n d', r=n)``, where torch keeps the einops call in the graph
+    (torch 2.11): each head repeated ``n`` times in place, as ``repeat_interleave``. ``(r g)`` tiles instead."""
+    target = node.target if node.op == "call_function" else None
+    if getattr(target, "__name__", "") != "repeat" or not getattr(target, "__module__", "").startswith("einops"):
+        return None
+    if len(node.args) != 2 or not isinstance(node.args[1], str) or len(node.kwargs) != 1:
+        return None
+    left, _, right = node.args[1].partition("->")
+    groups = _EINOPS_GROUP.findall(right)
+    if len(groups) != 1 or not all(re.fullmatch(r"\w+", axis) for axis in left.split()):
+        return None
+    source, new = groups[0]
+    repeats = node.kwargs.get(new)
+    if _EINOPS_GROUP.sub(source, right).split() != left.split() or not isinstance(repeats, int):
+        return None
+    return RepeatHeads(node.args[0], left.split().index(source), repeats)
 
 
 @canonicalizer

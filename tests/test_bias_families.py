@@ -242,3 +242,26 @@ def test_a_bias_computed_from_the_scores_themselves_is_skipped():
     torch.testing.assert_close(model(q, k, v), BiasFromScores()(q, k, v))
     report = attnfuse.report(model)
     assert report.fused == 0 and "attention scores" in report.sites[0].reason, str(report)
+
+
+def test_einops_repeat_kept_in_the_graph_is_a_head_repeat():
+    """torch 2.11 keeps ``einops.repeat`` as one call in the graph (einops marks it allowed there): it is
+    read as the head repeat it is, with the scale after it; ``(r g)`` tiles the heads and is not."""
+    import einops
+
+    torch._dynamo.allow_in_graph(einops.repeat)
+    try:
+        s = {"b": 2, "g": 2, "r": 3, "i": 5, "j": 4, "d": 8}
+        report = assert_fused_equal(ScaledAfterRepeat(s["r"], "einops", "mul"), gqa_inputs(s))
+        assert report.sites[0].features["kv_heads"] == 2, str(report)
+
+        class Tiled(nn.Module):
+            def forward(self, q, k, v):
+                k, v = (einops.repeat(t, "b g n d -> b (r g) n d", r=3) for t in (k, v))
+                return (q @ k.transpose(-1, -2)).softmax(-1) @ v
+
+        report = assert_fused_equal(Tiled(), gqa_inputs(s))
+        assert report.sites[0].features["kv_heads"] == 6, str(report)
+    finally:
+        torch._dynamo.disallow_in_graph(einops.repeat)
+        torch._dynamo.reset()
