@@ -205,8 +205,8 @@ def summary(rows: list[Row]) -> str:
 
 def markdown(rows: list[Row], version: str) -> str:
     """The sweep as a markdown table (architectures with attention sites), with its summary and provenance."""
-    lines = [f"# transformers architectures with eager attention, through attnfuse\n",
-             f"`python benchmarks/coverage_transformers.py --markdown {{file}}`: transformers {version}, torch "
+    lines = ["# transformers architectures with eager attention, through attnfuse\n",
+             f"`python benchmarks/coverage_transformers.py --markdown docs/coverage_transformers.md`: transformers {version}, torch "
              f"{torch.__version__}, CPU, fp32, {time.strftime('%Y-%m-%d')}. Tiny configs (2 layers, width 64), a batch "
              "of two with the second row left-padded; outputs and parameter gradients compared with the unoptimized "
              "model (`verify=False`, so a wrong rewrite would show).\n", summary(rows) + ".\n",
