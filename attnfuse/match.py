@@ -219,8 +219,24 @@ def _score_side(a: object, b: object, node: Node) -> tuple[object, object, bool]
         return a, b, True
     if b_scores:
         return b, a, False
+    unread = next((found for found in map(_unread_step, (a, b)) if found is not None), None)
+    if unread is not None:
+        raise _unsupported(unread)
     raise NotFusable(f"{_describe(node)} is between the QK product and the softmax, but neither of its operands is "
                      "read back to the product through ops attnfuse knows")
+
+
+def _unread_step(node: object, depth: int = _SEARCH_DEPTH) -> Optional[Node]:
+    """The first op no rule reads on the way from ``node`` back to the QK product (a sink ``cat``), if any."""
+    if not isinstance(node, Node) or not depth or isinstance(spelling(node), Product):
+        return None
+    op = spelling(node)
+    if _is_reshape(node) or _is_passthrough(op):
+        inputs = [node.args[0]] if _is_reshape(node) else _score_inputs(op)
+        return next((found for found in (_unread_step(x, depth - 1) for x in inputs) if found is not None), None)
+    if any(reaches_product(x, depth - 1, _UNKNOWN_STEPS) for x in node.all_input_nodes if _is_unknown_step(node, x)):
+        return node
+    return None
 
 
 # What an op no rule reads usually is, when it sits between the QK product and the softmax.
