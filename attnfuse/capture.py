@@ -29,7 +29,7 @@ from torch.fx import GraphModule
 
 import attnfuse.patterns  # noqa: F401  (registers the rule families)
 from attnfuse.constants import BUFFER_VALUE
-from attnfuse.match import Skip, find_sites
+from attnfuse.match import Skip, discard_unused_built, find_sites
 from attnfuse.native import native_sites, use_fused_path
 from attnfuse.options import Options
 from attnfuse.report import FusionReport, GraphSites, SiteReport, compiled_frame, relative_module_path, source_line
@@ -144,7 +144,7 @@ class AttnfuseBackend:
             plan = rewrite_site(gm, result, next(_site_counter), self.options.kernels, self.options.autotune)
             reports.append(SiteReport(name, source, "fused", features=features, record=plan.record,
                                       predicted_backend="sdpa", frame=frame))
-        if any(r.status == "fused" for r in reports):
+        if discard_unused_built(gm.graph) or any(r.status == "fused" for r in reports):
             gm.graph.lint()
             gm.recompile()
         return reports

@@ -520,11 +520,20 @@ def _built_nodes(graph: Graph) -> set[Node]:
     return {node for node in graph.nodes if node.meta.get(BUILT_FOR)}
 
 
-def _erase_built(graph: Graph, kept: set[Node]) -> None:
+def discard_unused_built(graph: Graph) -> bool:
+    """Erase the nodes built while matching sites that were then not rewritten (rolled back by verify);
+    whether there were any."""
+    return _erase_built(graph, set())
+
+
+def _erase_built(graph: Graph, kept: set[Node]) -> bool:
     """Erase the nodes built since ``kept`` was taken, for a site that was then skipped (nothing reads them)."""
+    erased = False
     for node in reversed(list(graph.nodes)):
         if node.meta.get(BUILT_FOR) and node not in kept and not node.users:
             graph.erase_node(node)
+            erased = True
+    return erased
 
 
 def _apply_steps(product: Product, steps: list, rank: int) -> ScoreTerms:

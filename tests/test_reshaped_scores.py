@@ -469,3 +469,23 @@ def test_a_skipped_site_leaves_no_regroup_node():
     assert [type(r) for r in seen["results"]] == [Skip], seen["results"]
     assert "the attention weights: returned by the graph" in seen["results"][0].reason
     assert seen["regroups"] == []
+
+
+def test_a_rolled_back_site_leaves_no_built_node():
+    """verify rolls a site back by rewriting the graph without it: the nodes built to match it go too."""
+    from attnfuse.capture import backend_for
+    from attnfuse.match import BUILT_FOR
+    from attnfuse.options import Options
+
+    seen = {}
+
+    def backend(gm, example_inputs):
+        seen["reports"] = backend_for(Options()).rewrite(gm, only=set())
+        seen["built"] = [n for n in gm.graph.nodes if n.meta.get(BUILT_FOR)]
+        return gm.forward
+
+    torch._dynamo.reset()
+    args = (randn(2, 3, 4, 8), randn(2, 3, 5, 8, seed=1), randn(2, 3, 5, 8, seed=2), randn(6, 1, 5, seed=3),
+            padding(2, 5))
+    torch.compile(BloomAlibi(3).eval(), backend=backend)(*args)
+    assert [r.reason for r in seen["reports"]] == ["rolled back"] and seen["built"] == []
