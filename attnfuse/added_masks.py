@@ -13,11 +13,15 @@ the kernels' causal path instead of adding a materialized bias. Where that is ex
   and its backward reaches the scores (the softmax's derivative at uniform weights is not 0), so q and k get
   gradients from such a row that a written-back mean does not give.
 
-So each call reads whether some row keeps no key (a pass over the mask, one host read); where one does, the call
-uses the fast path only without gradients to q and k and with the scores bounded below the rounding limit
-(``|scale| * max|q_i| * max|k_j|``, or the softcap: one pass over q and k, one host read). Every other call, and
-every call under a compiler's tracer (no value can be read there), adds the mask rebuilt from the same keep-mask,
-bit for bit the original's bias, as the site did before this reading existed.
+So each call reads whether some row keeps no key (a pass over the mask, one host read). Where one does, the
+scores are bounded (``|scale| * max|q_i| * max|k_j|``, or the softcap: one pass over q and k, one host read) and
+the call takes one of three paths (``AddedMask.path``): ``"mask"`` (the fast path) without gradients to q and k
+and with the bound under the rounding limit; ``"bias"`` (the original's mask rebuilt bit for bit from the same
+keep-mask and added by the kernel, as the site ran before this reading existed) with gradients, where the bound
+is also under the limit of the kernel's own addition (in fp32 or the bias's dtype); ``"original"`` (the site's
+own ops) otherwise, fp16's dead rows being the usual case. Under a compiler's tracer no value can be read: the
+bias path runs where its limit is at least 1e30 (the magnitude of scores the project already takes as given for
+a fill of -1e30 to mask, ``dominance.PROVEN_FILL``), the original ops elsewhere.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from attnfuse.dominance import _largest_norm
+from attnfuse.dominance import PROVEN_FILL, _largest_norm
 from attnfuse.masking import is_traced
 from attnfuse.memo import host_bool
 
@@ -37,28 +41,32 @@ _ROUNDING_MARGIN = 1.01
 
 @dataclass(frozen=True)
 class AddedMask:
-    """What a call needs to decide between the keep-mask reading and the original's bias, and to rebuild it.
+    """What a call needs to choose its path (see the module docstring), and to rebuild the original's bias.
 
     ``fill``: the masked value; ``dtype``: the bias's dtype; ``absorbed_below``: ``|s|`` under which ``s + fill``
-    rounds to ``fill`` in the addition's dtype (0: never proven, rows without keys always take the bias)."""
+    rounds to ``fill`` in the original's addition; ``kernel_absorbed_below``: the same for that and the kernel's
+    addition of the rebuilt bias (0: never proven)."""
 
     fill: float
     dtype: torch.dtype
     absorbed_below: float
+    kernel_absorbed_below: float
 
-    def reads_as_mask(self, full_keep: torch.Tensor, q: torch.Tensor, k: torch.Tensor, scale: float,
-                      softcap: Optional[float]) -> bool:
-        """Whether this call may run as the causal flag and keep-masks (``full_keep``: the call's whole keep-mask)."""
+    def path(self, full_keep: torch.Tensor, q: torch.Tensor, k: torch.Tensor, scale: float,
+             softcap: Optional[float]) -> str:
+        """``"mask"``, ``"bias"`` or ``"original"`` for this call (``full_keep``: its whole keep-mask)."""
         if is_traced(q) or is_traced(full_keep):
-            return False
+            return "bias" if self.kernel_absorbed_below >= -PROVEN_FILL else "original"
         if full_keep.shape[-1] == 0 or host_bool(full_keep.any(-1).all()):
-            return True  # every row keeps a key
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-            return False
+            return "mask"  # every row keeps a key
+        needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+        limit = self.kernel_absorbed_below if needs_grad else self.absorbed_below
         bound = abs(softcap) if softcap is not None else math.inf
-        if bound * _ROUNDING_MARGIN >= self.absorbed_below:
+        if bound * _ROUNDING_MARGIN >= limit:
             bound = min(bound, abs(scale) * _largest_norm(q) * _largest_norm(k))
-        return bound * _ROUNDING_MARGIN < self.absorbed_below
+        if bound * _ROUNDING_MARGIN >= limit:
+            return "original"
+        return "bias" if needs_grad else "mask"
 
     def bias(self, full_keep: torch.Tensor) -> torch.Tensor:
         """The original's additive mask: 0 where ``full_keep`` keeps, ``fill`` elsewhere, in the bias's dtype."""

@@ -118,7 +118,8 @@ class SitePlan:
 
     @property
     def needs_original(self) -> bool:
-        return self.dominance is not None or self.keys_in_every_row or any(self.mask_binary) or self.live_rows
+        return self.dominance is not None or self.keys_in_every_row or any(self.mask_binary) or self.live_rows or \
+            self.added_mask is not None
 
 
 def plan_for(site: AttentionSite, kernels: Optional[tuple[str, ...]] = None, autotune: bool = False,
@@ -339,8 +340,10 @@ def compute_site(plan: SitePlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     full_keep, window = None, plan.window
     if plan.live_rows or plan.dominance is not None or plan.added_mask is not None:
         full_keep = combined_keep(keep, causal, q.shape[-2], k.shape[-2], q.device, plan.window)
-    if plan.added_mask is not None and not plan.added_mask.reads_as_mask(full_keep, q, k, scale, plan.softcap):
-        # a row without keys that the mean does not reproduce: add the original's mask (``attnfuse.added_masks``)
+    added = plan.added_mask.path(full_keep, q, k, scale, plan.softcap) if plan.added_mask is not None else "mask"
+    if added == "original":
+        return _run_original(plan, everything, "a row keeps no key and its scores may not absorb the mask's fill")
+    if added == "bias":  # a row without keys gives score gradients: the kernel adds the original's mask
         bias, keep, causal, window, full_keep = plan.added_mask.bias(full_keep), None, None, None, None
     if plan.live_rows and not every_row_has_a_live_key(bias, full_keep, q.dtype if bias is None else bias.dtype):
         return _run_original(plan, everything, "a row keeps no key above the masking floor on this call")

@@ -45,6 +45,7 @@ class ScoreTerms:
     finite_scores: bool = False  # scores are multiplied by a 0/1 mask: they must be finite (checked per call)
     zeroed_rows: bool = False  # the weights are zeroed by the site's own mask: a row without keys gives 0
     added_mask: Optional[AddedMask] = None  # causal flag and keep-masks read from an added 0 / fill bias
+    added_mask_bias: Optional[Node] = None  # that bias (restored where the site's own ops cannot be kept)
 
 
 @dataclass
