@@ -771,12 +771,12 @@ def _apply_masks(terms: ScoreTerms, L: object, S: object, dtype: torch.dtype,
             biases.append((bias, coefficient))
             continue
         pattern, fill = found
-        if pattern.kind == "all":
-            continue
         alone = len(terms.biases) == 1 and not terms.keep_masks and terms.fill is None
         if pattern.key_masks:
             if not (alone and _read_added_key_masks(terms, bias, coefficient, pattern, fill, dtype, site_dtype)):
                 biases.append((bias, coefficient))
+            continue
+        if pattern.kind == "all":
             continue
         if pattern.kind == "causal" and alone and _absorbs(fill * coefficient, dtype, terms.softcap) and \
                 not _some_row_loses_every_key(pattern.alignment, L, S):
@@ -791,6 +791,7 @@ def _apply_masks(terms: ScoreTerms, L: object, S: object, dtype: torch.dtype,
         boolean = tensor_meta(mask.node).dtype == torch.bool
         pattern = classify(mask, L, S) if boolean else _product_mask_pattern(mask, L, S)
         if pattern.kind == "all":
+            remaining.extend(pattern.key_masks)
             continue
         if pattern.kind == "causal" and terms.causal is None:
             terms.causal, terms.window = pattern.alignment, pattern.window

@@ -19,7 +19,7 @@ from torch.fx import Node
 from attnfuse.canonical import (bind, canonical, example_value, is_call, is_scalar, is_written, same_size,
                                 statically_true, tensor_meta)
 from attnfuse.constants import BUFFER_VALUE, buffers_read, constant_value
-from attnfuse.patterns.index import (keep_inequalities, keep_terms, query_key_inequalities, triangle_arguments,
+from attnfuse.patterns.index import (TRUE, keep_inequalities, keep_terms, query_key_inequalities, triangle_arguments,
                                      triangle_kept)
 from attnfuse.patterns.masks import MASKING_THRESHOLD, KeepMask, Select
 
@@ -125,6 +125,8 @@ def _from_inequalities(found: Optional[list], L: Size, S: Size) -> Optional[Mask
     found = [t for t in found if t[:2] != (0, 0)]
     if not found:
         return MaskPattern("all")
+    if same_size(L, 1):  # one query row (i = 0, a decoding step): a bound on the keys alone is a bound on j - i
+        found = [(-b, b, c) if a == 0 and b in (1, -1) else (a, b, c) for a, b, c in found]
     causal = [t for t in found if t[:2] == (-1, 1)]
     window = [t for t in found if t[:2] == (1, -1)]
     if len(causal) != 1 or len(window) > 1 or len(causal) + len(window) != len(found):
@@ -144,17 +146,20 @@ def _from_inequalities(found: Optional[list], L: Size, S: Size) -> Optional[Mask
 
 def _with_key_masks(node: Node, negated: bool, L: Size, S: Size) -> Optional[MaskPattern]:
     """A causal (or windowed) index comparison ANDed with boolean tensors that do not vary along the queries
-    (transformers' ``(kv <= q) & padding[b, kv]``): the triangle, with those tensors as ``key_masks``."""
+    (transformers' ``(kv <= q) & padding[b, kv]``): the triangle, with those tensors as ``key_masks``. A comparison
+    that keeps everything (one query and one key, ``q >= 0``) gives ``all`` with the key masks."""
     found = keep_terms(node, negated)
     meta = tensor_meta(node)
     if found is None or not found[1] or meta is None:
         return None
     predicate, tensors = found
+    if predicate == TRUE:
+        return None  # no comparison of positions: a plain mask, read as one
     masks = tuple(KeepMask(tensor, polarity) for tensor, polarity in tensors)
     if not all(_constant_along_queries(mask.node) for mask in masks):
         return None
     pattern = _from_inequalities(query_key_inequalities(predicate, tuple(meta.shape)), L, S)
-    return replace(pattern, key_masks=masks) if pattern is not None and pattern.kind == "causal" else None
+    return replace(pattern, key_masks=masks) if pattern is not None and pattern.kind != "tensor" else None
 
 
 def _constant_along_queries(node: Node) -> bool:
