@@ -246,22 +246,27 @@ def test_a_bias_computed_from_the_scores_themselves_is_skipped():
 
 def test_einops_repeat_kept_in_the_graph_is_a_head_repeat():
     """torch 2.11 keeps ``einops.repeat`` as one call in the graph (einops marks it allowed there): it is
-    read as the head repeat it is, with the scale after it; ``(r g)`` tiles the heads and is not."""
+    read as the head repeat it is, with the scale after it; ``(r g)`` tiles the heads and is not. Here a
+    stand-in named like einops' function is allowed in the graph, leaving einops itself as it was."""
     import einops
 
-    torch._dynamo.allow_in_graph(einops.repeat)
-    try:
-        s = {"b": 2, "g": 2, "r": 3, "i": 5, "j": 4, "d": 8}
-        report = assert_fused_equal(ScaledAfterRepeat(s["r"], "einops", "mul"), gqa_inputs(s))
-        assert report.sites[0].features["kv_heads"] == 2, str(report)
+    def repeat(tensor, pattern, **lengths):
+        return einops.repeat(tensor, pattern, **lengths)
 
-        class Tiled(nn.Module):
-            def forward(self, q, k, v):
-                k, v = (einops.repeat(t, "b g n d -> b (r g) n d", r=3) for t in (k, v))
-                return (q @ k.transpose(-1, -2)).softmax(-1) @ v
+    repeat.__module__ = "einops.einops"
+    torch._dynamo.allow_in_graph(repeat)
 
-        report = assert_fused_equal(Tiled(), gqa_inputs(s))
-        assert report.sites[0].features["kv_heads"] == 6, str(report)
-    finally:
-        torch._dynamo.disallow_in_graph(einops.repeat)
-        torch._dynamo.reset()
+    class KeptRepeat(nn.Module):
+        def __init__(self, pattern: str) -> None:
+            super().__init__()
+            self.pattern = pattern
+
+        def forward(self, q, k, v):
+            k, v = (repeat(t, self.pattern, r=3) for t in (k, v))
+            return (q @ (k * 0.3).transpose(-1, -2)).softmax(-1) @ v
+
+    s = {"b": 2, "g": 2, "r": 3, "i": 5, "j": 4, "d": 8}
+    report = assert_fused_equal(KeptRepeat("b g n d -> b (g r) n d"), gqa_inputs(s))
+    assert report.sites[0].features["kv_heads"] == 2 and report.sites[0].features["scale"] == 0.3, str(report)
+    report = assert_fused_equal(KeptRepeat("b g n d -> b (r g) n d"), gqa_inputs(s))
+    assert report.sites[0].features["kv_heads"] == 6, str(report)
