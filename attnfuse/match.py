@@ -17,7 +17,6 @@ from torch.fx import Graph, Node
 
 import torch
 
-from attnfuse.added_masks import AddedMask, absorbed_below
 from attnfuse.canonical import (WRITTEN, canonical, has_side_effect, is_call, is_written, normalize_dunder_methods,
                                 remove_dead_nodes, same_size, spelling, statically_true, tensor_meta, value_users)
 from attnfuse.constants import constant_value
@@ -820,12 +819,10 @@ def _size_along(operand: Operand, axis: str) -> object:
     return tensor_meta(operand.node).shape[operand.axes.index(axis)]
 
 
-def _apply_masks(terms: ScoreTerms, L: object, S: object, dtype: torch.dtype,
-                 site_dtype: Optional[torch.dtype] = None) -> None:
+def _apply_masks(terms: ScoreTerms, L: object, S: object, dtype: torch.dtype) -> None:
     """Turn masks that are causal triangles into the causal flag; drop masks that keep everything.
 
-    Boolean keep-masks and constant additive ``0 / finfo.min`` biases are both read this way; a triangle ANDed
-    with a key-padding tensor (``(kv <= q) & padding[b, kv]``) gives the flag and keeps the padding as a keep-mask.
+    Boolean keep-masks and constant additive ``0 / finfo.min`` biases are both read this way.
     """
     biases = []
     for bias, coefficient in terms.biases:
@@ -834,13 +831,9 @@ def _apply_masks(terms: ScoreTerms, L: object, S: object, dtype: torch.dtype,
             biases.append((bias, coefficient))
             continue
         pattern, fill = found
-        alone = len(terms.biases) == 1 and not terms.keep_masks and terms.fill is None
-        if pattern.key_masks:
-            if not (alone and _read_added_key_masks(terms, bias, coefficient, pattern, fill, dtype, site_dtype)):
-                biases.append((bias, coefficient))
-            continue
         if pattern.kind == "all":
             continue
+        alone = len(terms.biases) == 1 and not terms.keep_masks and terms.fill is None
         if pattern.kind == "causal" and alone and _absorbs(fill * coefficient, dtype, terms.softcap) and \
                 not _some_row_loses_every_key(pattern.alignment, L, S):
             terms.causal, terms.window = pattern.alignment, pattern.window
@@ -854,66 +847,16 @@ def _apply_masks(terms: ScoreTerms, L: object, S: object, dtype: torch.dtype,
         boolean = tensor_meta(mask.node).dtype == torch.bool
         pattern = classify(mask, L, S) if boolean else _product_mask_pattern(mask, L, S)
         if pattern.kind == "all":
-            remaining.extend(pattern.key_masks)
             continue
         if pattern.kind == "causal" and terms.causal is None:
             terms.causal, terms.window = pattern.alignment, pattern.window
             if pattern.guarded_by:
                 terms.causal_guard = (mask, pattern.guarded_by)
-            remaining.extend(pattern.key_masks)  # ``causal & padding``: the padding stays a keep-mask
             continue
         remaining.append(mask)
     terms.keep_masks = remaining
     if not remaining and terms.causal is None:
         terms.fill = None
-
-
-def _read_added_key_masks(terms: ScoreTerms, bias: Node, coefficient: float, pattern: MaskPattern, fill: float,
-                          dtype: torch.dtype, site_dtype: Optional[torch.dtype]) -> bool:
-    """transformers' ``where(causal & padding[b, kv], 0, finfo.min)`` added to the scores, the site's only mask: read
-    as the causal (windowed) flag and the padding keep-masks with ``fill``. Rows without keys are settled per call
-    (``attnfuse.added_masks``); a fill that does not absorb the scores, or one scaled after the addition, stays a bias."""
-    if coefficient != 1.0 or not math.isfinite(fill) or not _absorbs(fill, dtype, terms.softcap):
-        return False
-    terms.causal, terms.window = pattern.alignment, pattern.window
-    terms.keep_masks, terms.fill = list(pattern.key_masks), fill
-    terms.added_mask = _added_mask(bias, fill, site_dtype)
-    terms.added_mask_bias = bias
-    return True
-
-
-def _added_mask(bias: Node, fill: float, site_dtype: Optional[torch.dtype]) -> AddedMask:
-    """The per-call record of an added mask read as keep-masks. The rebuilt bias is added by the kernel in fp32 or
-    in its own dtype when it has q's dtype (``attend`` converts it otherwise: no limit is proven then)."""
-    dtype = tensor_meta(bias).dtype
-    limit = absorbed_below(fill, _addition_dtypes(bias))
-    kernel = absorbed_below(fill, (dtype, torch.float32)) if dtype == site_dtype else 0.0
-    return AddedMask(fill, dtype, limit, min(limit, kernel))
-
-
-def _keep_added_mask_original(last: Node, operands: list[Node], terms: ScoreTerms) -> None:
-    """An added mask read as keep-masks runs the site's own ops on some calls (``attnfuse.added_masks``); where
-    they cannot be kept beside the fused call, the mask stays the bias it was (the site fuses as before)."""
-    if terms.added_mask is None:
-        return
-    read = operands + [m.node for m in terms.keep_masks] + [f.value for f in terms.tensor_factors]
-    try:
-        original_program(last, read)
-    except NoOriginal:
-        terms.biases, terms.keep_masks = [(terms.added_mask_bias, 1.0)], []
-        terms.causal = terms.window = terms.fill = terms.added_mask = terms.added_mask_bias = None
-
-
-def _addition_dtypes(bias: Node) -> list[torch.dtype]:
-    """The dtypes of the additions that read ``bias`` (the one of this site among them); none where it is read
-    otherwise (then no row without keys is proven uniform)."""
-    dtypes = []
-    for user in bias.users:
-        op = canonical(user)
-        if not (isinstance(op, Add) and bias in (op.a, op.b) and tensor_meta(user) is not None):
-            return []
-        dtypes.append(tensor_meta(user).dtype)
-    return dtypes
 
 
 def _product_mask_pattern(mask: KeepMask, L: object, S: object) -> MaskPattern:
@@ -1068,13 +1011,12 @@ def _match_site(softmax: Node, op: Softmax) -> AttentionSite:
     kv_group = 1
     if len(batch) >= 2:
         k, v, kv_group = _shared_head_repeat(k, v, batch[-1], terms)
-    dtype = _site_dtype(q, k, v, _chain(product_node, pv_node), pv_node)
-    _apply_masks(terms, _size_along(q, query), _size_along(k, key), scores_meta.dtype, dtype)
+    _apply_masks(terms, _size_along(q, query), _size_along(k, key), scores_meta.dtype)
     _index_functions(terms, len(batch))
     terms.scores_dtype = scores_meta.dtype
     _fill_check(terms, scores_meta.dtype)
-    _keep_added_mask_original(pv_node, [q.node, k.node, v.node], terms)
     _check_no_write_inside(product_node, pv_node, softmax, [q.node, k.node, v.node], terms)
     return AttentionSite(softmax=softmax, output=pv_node, q=q, k=k, v=v, batch=batch, query=query, key=key,
                          head_dim=head_dim, value_dim=value_dim, out_axes=out_axes, scores=terms,
-                         dropout_p=dropout_p, kv_group=kv_group, dtype=dtype)
+                         dropout_p=dropout_p, kv_group=kv_group,
+                         dtype=_site_dtype(q, k, v, _chain(product_node, pv_node), pv_node))
