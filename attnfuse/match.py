@@ -902,6 +902,14 @@ def _fill_check(terms: ScoreTerms, dtype: torch.dtype) -> None:
     terms.fill_check = terms.fill > absorbing(dtype) or bool(terms.biases) or terms.finite_scores
 
 
+def _half_bias_rows(terms: ScoreTerms, dtype: torch.dtype) -> None:
+    """fp16 scores with a bias: a row whose every key is at fp16's lowest value (a left-padded query
+    under transformers' 0 / finfo.min mask) is uniform in the original, where ``s + min`` rounds to min,
+    but not in a kernel that adds the bias in fp32; such calls run the site's own ops (checked per call)."""
+    if dtype == torch.float16 and terms.biases:
+        terms.live_rows = True
+
+
 def _index_functions(terms: ScoreTerms, batch_rank: int) -> None:
     """Biases computed from positions (ALiBi, relative-position tables) become score functions."""
     kept = []
@@ -1015,6 +1023,7 @@ def _match_site(softmax: Node, op: Softmax) -> AttentionSite:
     _index_functions(terms, len(batch))
     terms.scores_dtype = scores_meta.dtype
     _fill_check(terms, scores_meta.dtype)
+    _half_bias_rows(terms, scores_meta.dtype)
     _check_no_write_inside(product_node, pv_node, softmax, [q.node, k.node, v.node], terms)
     return AttentionSite(softmax=softmax, output=pv_node, q=q, k=k, v=v, batch=batch, query=query, key=key,
                          head_dim=head_dim, value_dim=value_dim, out_axes=out_axes, scores=terms,

@@ -16,6 +16,7 @@ from torch import nn
 
 import attnfuse
 from attnfuse.precision import bias_dtype, site_dtype
+from helpers import assert_fused_equal
 
 bf16, fp16, fp32, fp64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
 
@@ -427,3 +428,21 @@ def test_cast_grammar(model, qk_cast, factor, bias, softmax_dtype, probs_cast, v
     fused_error, original_error, report = _errors(module, (q, k, v), truth)
     assert report.fused == 1, str(report)
     _assert_no_worse(fused_error, original_error, module(q, k, v).dtype)
+
+
+class AdditiveMask(torch.nn.Module):
+    def forward(self, q, k, v, bias):
+        return torch.softmax(q @ k.transpose(-1, -2) * 0.25 + bias, dim=-1) @ v
+
+
+@given(L=st.integers(1, 7), pad=st.integers(0, 7), grad=st.booleans(), seed=st.integers(0, 3))
+def test_fp16_rows_at_the_fp16_floor_match_the_original(L, pad, grad, seed):
+    """transformers' 0 / finfo(fp16).min mask on a left-padded row: every key of the first rows is at
+    -65504, where fp16's ``s + min`` rounds to min (a uniform row) but a kernel's fp32 sum does not."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(2, 2, L, 8, generator=g, dtype=torch.float16).requires_grad_(grad) for _ in range(3))
+    keep = torch.ones(2, L, dtype=torch.bool)
+    keep[1, :min(pad, L)] = False
+    bias = torch.where(keep[:, None, None, :] & torch.ones(L, L, dtype=torch.bool).tril(), 0.0,
+                       torch.finfo(torch.float16).min).to(torch.float16)
+    assert_fused_equal(AdditiveMask(), (q, k, v, bias), atol=2e-3, rtol=2e-3)
