@@ -56,7 +56,7 @@ def inplace_on_copy(method: str, x: torch.Tensor, *args: Any, **kwargs: Any) -> 
     return y
 
 
-def _fake_result(target: Any, op: str, args: tuple, kwargs: dict) -> Any:
+def fake_result(target: Any, op: str, args: tuple, kwargs: dict) -> Any:
     """Run ``target`` on the example (fake) values of ``args`` to get the new node's example value."""
     from torch.fx.node import map_arg
 
@@ -91,7 +91,7 @@ def _functional_call(write: Node) -> Optional[tuple[str, Any, tuple, dict, Optio
         functional = ("call_function", getattr(torch.Tensor, name[:-1]))
     if functional is not None:
         try:
-            result = _fake_result(functional[1], functional[0], write.args, dict(write.kwargs))
+            result = fake_result(functional[1], functional[0], write.args, dict(write.kwargs))
         except Exception:
             result = None
         before = example_value(operand)
@@ -155,7 +155,7 @@ def _insert_after(graph: Graph, before: Node, op: str, target: Any, args: tuple,
         new = graph.create_node(op, target, args, kwargs)
     new.meta.update({k: v for k, v in before.meta.items() if k in ("stack_trace", "nn_module_stack", "source_fn_stack")})
     try:
-        new.meta["example_value"] = _fake_result(target, op, args, kwargs)
+        new.meta["example_value"] = fake_result(target, op, args, kwargs)
     except Exception:
         new.meta["example_value"] = None
     return new

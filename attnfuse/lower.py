@@ -355,9 +355,9 @@ def compute_site(plan: SitePlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 def _binary_masks_hold(masks: tuple, plan: SitePlan) -> bool:
     """Whether each mask that multiplied the scores and is not proven 0/1 holds only 0 and 1 on this call
     (a pass over each such mask and one host read)."""
-    checks = [((m == 0) | (m == 1)).all() for m, checked in zip(masks, plan.mask_binary) if checked]
     if any(is_traced(m) for m in masks):
         return False
+    checks = [((m == 0) | (m == 1)).all() for m, checked in zip(masks, plan.mask_binary) if checked]
     return bool(torch.stack(checks).all())
 
 

@@ -21,12 +21,11 @@ from attnfuse.canonical import (WRITTEN, canonical, has_side_effect, is_call, is
                                 remove_dead_nodes, same_size, spelling, statically_true, tensor_meta, value_users)
 from attnfuse.constants import constant_value
 from attnfuse.dominance import absorbing, underflow_gap
-from attnfuse.effects import functionalize, mark_writes, written_between
+from attnfuse.effects import fake_result, functionalize, mark_writes, written_between
 from attnfuse.original import NoOriginal, original_program
 from attnfuse.patterns.biases import Add, bias_reason
 from attnfuse.patterns.casts import Cast, peel_upcasts
-from attnfuse.patterns.causal import MaskPattern, classify, classify_additive
-from attnfuse.patterns.causal import _keep_pattern as keep_pattern  # causal.py is edited elsewhere
+from attnfuse.patterns.causal import MaskPattern, classify, classify_additive, keep_pattern
 from attnfuse.patterns.dropout import Dropout
 from attnfuse.patterns.layouts import Operand, Permute, peel_scaled_head_repeat, regroup, regroup_recipe, reshape_blocks
 from attnfuse.patterns.masks import (Clamp, KeepMask, RegionWrite, Select, binary_mask, clamp_floor, complement_value,
@@ -393,13 +392,10 @@ def _regroup_node(tensor: Node, view: tuple, blocks: list, product_node: Node, p
     if isinstance(recipe, str):
         raise NotFusable(recipe)
     sources = [o.node for o in operands] if any(isinstance(s, tuple) for s in recipe.shape) else []
-    graph = scores_input.graph
-    with graph.inserting_before(scores_input):
-        node = graph.call_function(regroup, (tensor, recipe.rank, recipe.expand, recipe.shape, recipe.blocks,
-                                             *sources))
     shape = [scores[a] if isinstance(s, tuple) else s for a, s in enumerate(recipe.shape)]
-    node.meta["example_value"] = tensor_meta(product_node).new_empty(shape, dtype=meta.dtype, device=meta.device)
-    node.meta[BUILT_FOR] = True  # erased again if the site is skipped
+    example = tensor_meta(product_node).new_empty(shape, dtype=meta.dtype, device=meta.device)
+    node = _built(scores_input, regroup, (tensor, recipe.rank, recipe.expand, recipe.shape, recipe.blocks, *sources),
+                  example)
     if WRITTEN in tensor.meta:  # the node may be a view of ``tensor``: it sees the same writes
         node.meta[WRITTEN] = tensor.meta[WRITTEN]
     return node
@@ -496,18 +492,18 @@ def _reads(value: object, base: Node, depth: int = _SEARCH_DEPTH) -> bool:
     return isinstance(value, Node) and depth > 0 and any(_reads(x, base, depth - 1) for x in value.all_input_nodes)
 
 
-def _built(before: Node, target: object, args: tuple) -> Node:
+def _built(before: Node, target: object, args: tuple, example: Optional[torch.Tensor] = None) -> Node:
     """A node computing ``target(*args)`` inserted before ``before`` for the site being matched (a padded
-    bias or mask); erased again if the site is skipped (``match_site``)."""
-    from attnfuse.effects import _fake_result
-
+    bias or mask, a regrouped tensor); erased again if the site is skipped (``match_site``). Its example
+    value is ``example``, else computed on the fake values of ``args``."""
     graph = before.graph
     with graph.inserting_before(before):
         node = graph.call_function(target, args)
     node.meta.update({k: v for k, v in before.meta.items()
                       if k in ("stack_trace", "nn_module_stack", "source_fn_stack")})
     try:
-        node.meta["example_value"] = _fake_result(target, "call_function", args, {})
+        node.meta["example_value"] = example if example is not None else \
+            fake_result(target, "call_function", args, {})
         if node.meta["example_value"] is None and not any(isinstance(a, Node) for a in args):
             node.meta["example_value"] = target(*args)  # a constant region mask: small, computed once
     except Exception:

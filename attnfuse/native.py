@@ -8,6 +8,7 @@ reads that instead of "no attention found". ``nn.MultiheadAttention`` reaches th
 """
 from __future__ import annotations
 
+import inspect
 import operator
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -53,10 +54,7 @@ def _argument(node: Node, name: str, default: object = None) -> object:
     return node.args[index] if index < len(node.args) else default
 
 
-_MHA_PARAMETERS = ["query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight", "in_proj_bias",
-                   "bias_k", "bias_v", "add_zero_attn", "dropout_p", "out_proj_weight", "out_proj_bias", "training",
-                   "key_padding_mask", "need_weights", "attn_mask", "use_separate_proj_weight", "q_proj_weight",
-                   "k_proj_weight", "v_proj_weight", "static_k", "static_v", "average_attn_weights", "is_causal"]
+_MHA_PARAMETERS = list(inspect.signature(F.multi_head_attention_forward).parameters)
 
 
 def _weights_used(node: Node) -> bool:

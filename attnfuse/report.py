@@ -182,7 +182,7 @@ class FusionReport:
 
     def _full_path(self, site: SiteReport) -> str:
         """The site's module below the model: its path below the compiled frame, after the frame's module."""
-        owners = [name for name in self.modules.owners(site.frame)] if self.modules else []
+        owners = self.modules.owners(site.frame) if self.modules else []
         frame = name_pattern(owners) if owners else ""
         return ".".join(part for part in (frame, site.name) if part)
 

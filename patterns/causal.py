@@ -81,14 +81,14 @@ def _by_value(mask: KeepMask, L: Size, S: Size) -> Optional[MaskPattern]:
     value = constant_value(mask.node, with_buffers=True)
     if not isinstance(value, torch.Tensor) or value.dtype != torch.bool:
         return None
-    pattern = _keep_pattern(~value if mask.negated else value, L, S)
+    pattern = keep_pattern(~value if mask.negated else value, L, S)
     buffers = tuple(buffers_read(mask.node))
     if buffers:  # read from a module buffer: only a causal triangle is used, and only under a guard
         return MaskPattern("causal", pattern.alignment, guarded_by=buffers) if pattern.kind == "causal" else TENSOR
     return pattern
 
 
-def _keep_pattern(keep: torch.Tensor, L: int, S: int) -> MaskPattern:
+def keep_pattern(keep: torch.Tensor, L: int, S: int) -> MaskPattern:
     """Classify a concrete boolean keep-mask broadcast against ``(..., L, S)`` scores."""
     if bool(keep.all()):
         return MaskPattern("all")
@@ -266,7 +266,7 @@ def classify_additive(bias: Node, L: Size, S: Size) -> Optional[tuple[MaskPatter
     fills = value[masked].unique()
     if fills.numel() != 1 or not float(fills[0]) <= MASKING_THRESHOLD:
         return None
-    return _keep_pattern(~masked, L, S), float(fills[0])
+    return keep_pattern(~masked, L, S), float(fills[0])
 
 
 def _additive_by_index(bias: Node, L: Size, S: Size) -> Optional[tuple[MaskPattern, float]]:
