@@ -14,6 +14,7 @@ from typing import Callable, Optional
 import torch
 from torch.fx import Node
 
+from attnfuse.added_masks import AddedMask
 from attnfuse.attend import attend, differentiable_twice
 from attnfuse.canonical import statically_true, tensor_meta
 from attnfuse.dominance import FillDominance, every_row_has_a_live_key
@@ -113,6 +114,7 @@ class SitePlan:
     live_rows: bool = False  # run ``original`` for calls where a row keeps no key above the masking floor
     contiguous_out: bool = False  # the original's output is contiguous while ``out_perm`` permutes the kernel's
     dropout_from_input: bool = False  # p is a run-time number: the last of the fused call's own inputs
+    added_mask: Optional[AddedMask] = field(default=None, compare=False)  # masks read from an added 0 / fill bias
 
     @property
     def needs_original(self) -> bool:
@@ -162,6 +164,7 @@ def plan_for(site: AttentionSite, kernels: Optional[tuple[str, ...]] = None, aut
         mask_binary=tuple(m.node in terms.binary_masks for m in terms.keep_masks),
         live_rows=terms.live_rows,
         contiguous_out=out_perm != tuple(range(len(out_perm))) and _is_contiguous(tensor_meta(site.output)),
+        added_mask=terms.added_mask,
     )
 
 
@@ -333,9 +336,14 @@ def compute_site(plan: SitePlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         if changed is not None:  # the buffer no longer holds the causal triangle: use it as a mask
             changed = _score_operand(changed, plan, batch_shape)
             keep, causal = (changed if keep is None else keep & changed), None
+    window = plan.window
+    if plan.added_mask is not None and plan.added_mask.needs_bias(q, k):
+        # a row without keys gives q and k gradients: the kernel adds the original's mask, rebuilt
+        whole = combined_keep(keep, causal, q.shape[-2], k.shape[-2], q.device, window)
+        bias, keep, causal, window = plan.added_mask.bias(whole), None, None, None
     full_keep = None
     if plan.live_rows or plan.dominance is not None:
-        full_keep = combined_keep(keep, causal, q.shape[-2], k.shape[-2], q.device, plan.window)
+        full_keep = combined_keep(keep, causal, q.shape[-2], k.shape[-2], q.device, window)
     if plan.live_rows and not every_row_has_a_live_key(bias, full_keep, q.dtype if bias is None else bias.dtype):
         return _run_original(plan, everything, "a row keeps no key above the masking floor on this call")
     if plan.dominance is not None and not plan.dominance.holds(
@@ -343,7 +351,7 @@ def compute_site(plan: SitePlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
             bias, full_keep):
         return _run_original(plan, everything, "the fill did not mask on this call")
     record = plan.record if plan.record.kernel is None and kernels is None else None
-    out = attend(q, k, v, mask=keep, bias=bias, causal=causal, window=plan.window, softcap=plan.softcap,
+    out = attend(q, k, v, mask=keep, bias=bias, causal=causal, window=window, softcap=plan.softcap,
                  bias_fn=plan.bias_program, scale=scale, dropout_p=dropout_p,
                  fully_masked_rows=plan.fully_masked_rows, kernels=kernels or plan.kernels, autotune=plan.autotune,
                  on_kernel=record)

@@ -114,9 +114,30 @@ def unread_rows_without_keys(keep: Optional[torch.Tensor], causal: Optional[str]
                              full_keep: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(rows, any_row)`` of a keep-mask, not yet read on the host, so the caller can read the flag
     together with another one (one synchronization instead of two)."""
-    full = full_keep if full_keep is not None else combined_keep(keep, causal, L, S, device, window)
-    dead = ~full.any(-1, keepdim=True)
+    if full_keep is None and causal is not None and keep is not None and keep.dim() == 4 and keep.shape[-2] == 1:
+        dead = _key_mask_rows_without_keys(keep, causal, L, S, window)
+    else:
+        full = full_keep if full_keep is not None else combined_keep(keep, causal, L, S, device, window)
+        dead = ~full.any(-1, keepdim=True)
     return dead, dead.any()
+
+
+def _key_mask_rows_without_keys(keep: torch.Tensor, causal: str, L: int, S: int,
+                                window: Optional[int]) -> torch.Tensor:
+    """Rows without keys of a key-padding mask ``(B, H, 1, S)`` under a causal (windowed) triangle, counted from a
+    running sum of the kept keys: a pass over the key mask, never over the ``L x S`` triangle."""
+    device = keep.device
+    kept_before = torch.nn.functional.pad(keep.to(torch.int32).cumsum(-1), (1, 0))  # kept keys before j, j <= S
+    last = torch.arange(L, device=device) + causal_offset(causal, L, S)  # the diagonal key of each row
+    first = last - window + 1 if window is not None else torch.zeros_like(last)
+    upper, lower = (last + 1).clamp(0, S), first.clamp(0, S)
+    count = kept_before[..., upper] - kept_before[..., lower]  # (B, H, 1, L)
+    return (count <= 0).transpose(-1, -2)
+
+
+def causal_offset(causal: str, L: int, S: int) -> int:
+    """How far the diagonal of a causal triangle sits right of the main one: 0 top-left, ``S - L`` bottom-right."""
+    return 0 if causal == "top_left" else S - L
 
 
 def rows_of_neginf(bias: torch.Tensor, full_keep: Optional[torch.Tensor], fill_is_neginf: bool,

@@ -17,6 +17,7 @@ from torch.fx import Graph, Node
 
 import torch
 
+from attnfuse.added_masks import AddedMask, absorbs_every_score
 from attnfuse.canonical import (WRITTEN, canonical, has_side_effect, is_call, is_written, normalize_dunder_methods,
                                 remove_dead_nodes, same_size, spelling, statically_true, tensor_meta, value_users)
 from attnfuse.constants import constant_value
@@ -818,7 +819,9 @@ def _size_along(operand: Operand, axis: str) -> object:
 def _apply_masks(terms: ScoreTerms, L: object, S: object, dtype: torch.dtype) -> None:
     """Turn masks that are causal triangles into the causal flag; drop masks that keep everything.
 
-    Boolean keep-masks and constant additive ``0 / finfo.min`` biases are both read this way.
+    Boolean keep-masks and constant additive ``0 / finfo.min`` biases are both read this way; a sliding window
+    ANDed with a key-padding tensor (``(kv <= q) & (kv > q - w) & padding[b, kv]``) gives the window and keeps the
+    padding as a keep-mask.
     """
     biases = []
     for bias, coefficient in terms.biases:
@@ -827,9 +830,13 @@ def _apply_masks(terms: ScoreTerms, L: object, S: object, dtype: torch.dtype) ->
             biases.append((bias, coefficient))
             continue
         pattern, fill = found
+        alone = len(terms.biases) == 1 and not terms.keep_masks and terms.fill is None
+        if pattern.key_masks:
+            if not (alone and _read_added_key_masks(terms, bias, coefficient, pattern, fill)):
+                biases.append((bias, coefficient))
+            continue
         if pattern.kind == "all":
             continue
-        alone = len(terms.biases) == 1 and not terms.keep_masks and terms.fill is None
         if pattern.kind == "causal" and alone and _absorbs(fill * coefficient, dtype, terms.softcap) and \
                 not _some_row_loses_every_key(pattern.alignment, L, S):
             terms.causal, terms.window = pattern.alignment, pattern.window
@@ -848,11 +855,37 @@ def _apply_masks(terms: ScoreTerms, L: object, S: object, dtype: torch.dtype) ->
             terms.causal, terms.window = pattern.alignment, pattern.window
             if pattern.guarded_by:
                 terms.causal_guard = (mask, pattern.guarded_by)
+            remaining.extend(pattern.key_masks)  # ``window & padding``: the padding stays a keep-mask
             continue
         remaining.append(mask)
     terms.keep_masks = remaining
     if not remaining and terms.causal is None:
         terms.fill = None
+
+
+def _read_added_key_masks(terms: ScoreTerms, bias: Node, coefficient: float, pattern: MaskPattern,
+                          fill: float) -> bool:
+    """transformers' ``where(causal & window & padding[b, kv], 0, finfo.min)`` added to the scores, the site's only
+    mask: read as the causal window and the padding keep-masks with ``fill`` (``attnfuse.added_masks`` says when
+    that is exact). A fill that does not absorb every score, or one scaled after the addition, stays a bias."""
+    if coefficient != 1.0 or not math.isfinite(fill) or not absorbs_every_score(fill, _addition_dtypes(bias)):
+        return False
+    terms.causal, terms.window = pattern.alignment, pattern.window
+    terms.keep_masks, terms.fill = list(pattern.key_masks), fill
+    terms.added_mask = AddedMask(fill, tensor_meta(bias).dtype)
+    return True
+
+
+def _addition_dtypes(bias: Node) -> list[torch.dtype]:
+    """The dtypes of the additions that read ``bias`` (the one of this site among them); none where it is read
+    otherwise (then no row without keys is proven uniform)."""
+    dtypes = []
+    for user in bias.users:
+        op = canonical(user)
+        if not (isinstance(op, Add) and bias in (op.a, op.b) and tensor_meta(user) is not None):
+            return []
+        dtypes.append(tensor_meta(user).dtype)
+    return dtypes
 
 
 def _product_mask_pattern(mask: KeepMask, L: object, S: object) -> MaskPattern:

@@ -14,6 +14,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch.fx import Node
 
+from attnfuse.added_masks import AddedMask
 from attnfuse.canonical import tensor_meta
 from attnfuse.patterns.layouts import Operand
 from attnfuse.patterns.masks import KeepMask
@@ -43,6 +44,7 @@ class ScoreTerms:
     binary_masks: list[Node] = field(default_factory=list)  # 0/1 float masks checked to be 0/1 on each call
     finite_scores: bool = False  # scores are multiplied by a 0/1 mask: they must be finite (checked per call)
     zeroed_rows: bool = False  # the weights are zeroed by the site's own mask: a row without keys gives 0
+    added_mask: Optional[AddedMask] = None  # causal window and keep-masks read from an added 0 / fill bias
 
 
 @dataclass

@@ -37,6 +37,9 @@ TRANSFORMERS_MODELS = {
     "gemma2": ("gemma2-8L-1024-gqa16/4-softcap50-window1024", "Gemma2Config", "Gemma2ForCausalLM",
                dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
                     num_key_value_heads=4, head_dim=64, sliding_window=1024, max_position_embeddings=8192)),
+    "mistral": ("mistral-8L-1024-gqa16/4-window1024", "MistralConfig", "MistralForCausalLM",
+                dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+                     num_key_value_heads=4, sliding_window=1024, max_position_embeddings=8192)),
     "mpt": ("mpt-8L-1024-16h-alibi", "MptConfig", "MptForCausalLM",
             dict(d_model=1024, n_layers=8, n_heads=16, max_seq_len=8192)),
 }

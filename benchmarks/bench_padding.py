@@ -3,8 +3,9 @@
     python benchmarks/bench_padding.py --model llama --shape 2048x8 --pad 512 --rounds 3
 
 Half the batch is left-padded by ``--pad`` tokens (generation-style), so the mask is transformers'
-4-d additive ``(B, 1, L, S)`` mask with rows that keep no key. attnfuse reads it as causal (or a
-window) plus a key-padding mask. Variants are timed in turn for ``--rounds`` rounds with the same
+4-d additive ``(B, 1, L, S)`` mask with rows that keep no key. attnfuse keeps a causal mask as
+that bias and reads a sliding-window mask (``--model mistral`` or ``gemma2``) as the window plus a key-padding
+mask. Variants are timed in turn for ``--rounds`` rounds with the same
 weights and inputs; each keeps its fastest round (host time varies on a shared machine). Inference is
 a no-grad forward, a train step forward + backward of the LM loss over the unpadded tokens. Prints a
 table with ratios against the eager model and writes JSON.
@@ -49,11 +50,14 @@ def main() -> None:
     parser.add_argument("--shape", default="2048x8", help="seq x batch")
     parser.add_argument("--pad", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--flex", action="store_true", help="also time transformers' own flex_attention path")
     parser.add_argument("--out", default="docs/bench_padding.json")
     args = parser.parse_args()
     seq, batch = map(int, args.shape.split("x"))
     ids, mask, labels = padded_inputs(seq, batch, args.pad)
     models = {"eager": build(args.model, "eager", seq), "sdpa": build(args.model, "sdpa", seq)}
+    if args.flex:
+        models["flex_attention"] = build(args.model, "flex_attention", seq)
     models["attnfuse"] = attnfuse.optimize(build(args.model, "eager", seq))
     rows = []
     print(environment())

@@ -10,7 +10,7 @@ Top-left (SDPA's ``is_causal=True``) keeps ``j <= i``; bottom-right keeps ``j <=
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Union
 
 import torch
@@ -19,7 +19,8 @@ from torch.fx import Node
 from attnfuse.canonical import (bind, canonical, example_value, is_call, is_scalar, is_written, same_size,
                                 statically_true, tensor_meta)
 from attnfuse.constants import BUFFER_VALUE, buffers_read, constant_value
-from attnfuse.patterns.index import keep_inequalities, query_key_inequalities, triangle_arguments, triangle_kept
+from attnfuse.patterns.index import (TRUE, keep_inequalities, keep_terms, query_key_inequalities, triangle_arguments,
+                                     triangle_kept)
 from attnfuse.patterns.masks import MASKING_THRESHOLD, KeepMask, Select
 
 Size = Union[int, torch.SymInt]
@@ -27,12 +28,16 @@ Size = Union[int, torch.SymInt]
 
 @dataclass(frozen=True)
 class MaskPattern:
-    """What a keep-mask is: ``causal`` (with ``alignment``), ``all`` (keeps everything) or ``tensor``."""
+    """What a keep-mask is: ``causal`` (with ``alignment``), ``all`` (keeps everything) or ``tensor``.
+
+    ``key_masks``: keep-masks the causal triangle is ANDed with (a key-padding mask, constant along the
+    queries); the mask keeps what the triangle and every one of them keep."""
 
     kind: str
     alignment: Optional[str] = None
     window: Optional[object] = None
     guarded_by: tuple = ()
+    key_masks: tuple[KeepMask, ...] = ()
 
 
 TENSOR = MaskPattern("tensor")
@@ -120,6 +125,8 @@ def _from_inequalities(found: Optional[list], L: Size, S: Size) -> Optional[Mask
     found = [t for t in found if t[:2] != (0, 0)]
     if not found:
         return MaskPattern("all")
+    if same_size(L, 1):  # one query row (i = 0, a decoding step): a bound on the keys alone is a bound on j - i
+        found = [(-b, b, c) if a == 0 and b in (1, -1) else (a, b, c) for a, b, c in found]
     causal = [t for t in found if t[:2] == (-1, 1)]
     window = [t for t in found if t[:2] == (1, -1)]
     if len(causal) != 1 or len(window) > 1 or len(causal) + len(window) != len(found):
@@ -137,9 +144,37 @@ def _from_inequalities(found: Optional[list], L: Size, S: Size) -> Optional[Mask
 
 
 
+def _with_key_masks(node: Node, negated: bool, L: Size, S: Size) -> Optional[MaskPattern]:
+    """A sliding-window index comparison ANDed with boolean tensors that do not vary along the queries
+    (transformers' ``(kv <= q) & (kv > q - w) & padding[b, kv]``): the window, with those tensors as
+    ``key_masks``. A plain causal triangle with key masks stays a tensor mask: SDPA needs it whole anyway,
+    and rebuilding it per call was slower than reading the model's own (bench_padding, H100, 2026-11-26)."""
+    found = keep_terms(node, negated)
+    meta = tensor_meta(node)
+    if found is None or not found[1] or meta is None:
+        return None
+    predicate, tensors = found
+    if predicate == TRUE:
+        return None  # no comparison of positions: a plain mask, read as one
+    masks = tuple(KeepMask(tensor, polarity) for tensor, polarity in tensors)
+    if not all(_constant_along_queries(mask.node) for mask in masks):
+        return None
+    pattern = _from_inequalities(query_key_inequalities(predicate, tuple(meta.shape)), L, S)
+    if pattern is None or pattern.kind != "causal" or pattern.window is None:
+        return None
+    return replace(pattern, key_masks=masks)
+
+
+def _constant_along_queries(node: Node) -> bool:
+    """Whether a tensor broadcast against the scores has one value per key (its query axis is 1 or absent)."""
+    meta = tensor_meta(node)
+    return meta is not None and (meta.dim() < 2 or (isinstance(meta.shape[-2], int) and meta.shape[-2] == 1))
+
+
 def classify(mask: KeepMask, L: Size, S: Size) -> MaskPattern:
     """Classify a keep-mask of scores with ``L`` queries and ``S`` keys."""
-    return (_structural(mask, L, S) or _by_index(mask.node, mask.negated, L, S) or _by_value(mask, L, S)
+    return (_structural(mask, L, S) or _by_index(mask.node, mask.negated, L, S)
+            or _with_key_masks(mask.node, mask.negated, L, S) or _by_value(mask, L, S)
             or _by_sliced_buffer(mask, L, S) or TENSOR)
 
 
@@ -277,7 +312,7 @@ def _additive_by_index(bias: Node, L: Size, S: Size) -> Optional[tuple[MaskPatte
     for zero, fill, negated in ((select.if_true, select.if_false, False), (select.if_false, select.if_true, True)):
         zero_value, fill_value = _scalar(zero), _scalar(fill)
         if zero_value == 0 and fill_value is not None and fill_value <= MASKING_THRESHOLD:
-            pattern = _by_index(select.cond, negated, L, S)
+            pattern = _by_index(select.cond, negated, L, S) or _with_key_masks(select.cond, negated, L, S)
             if pattern is not None and pattern.kind != "tensor":
                 return pattern, fill_value
     return None

@@ -320,3 +320,40 @@ def query_key_inequalities(predicate: Predicate, shape: tuple) -> Optional[list[
             return None
         result.append((coef[-2], coef[-1], term.const))
     return result
+
+
+_AND = ((operator.and_, torch.logical_and, torch.bitwise_and), ("logical_and", "bitwise_and", "__and__"))
+_OR = ((operator.or_, torch.logical_or, torch.bitwise_or), ("logical_or", "bitwise_or", "__or__"))
+_NOT = ((operator.invert, torch.logical_not, torch.bitwise_not), ("logical_not", "bitwise_not", "__invert__"))
+
+
+def keep_terms(node: object, negated: bool, depth: int = 24) -> Optional[tuple[Predicate, tuple[tuple[Node, bool], ...]]]:
+    """The keep-mask at ``node`` (negated if asked) as an index predicate ANDed with boolean tensors it does not
+    read as positions: ``(kv <= q) & (kv > q - w) & padding[b, kv]`` is ``(j <= i and j > i - w, ((gathered, False),))``.
+
+    Each tensor comes with its polarity (True: it keeps where it is False). ``&`` of keep-masks and ``|`` of drop
+    masks are split, ``~``, boolean casts and ``expand`` (which only broadcasts) looked through. None where a
+    part is not boolean or is written in place.
+    """
+    predicate = interpret(node)
+    if isinstance(predicate, (Inequality, Logic)):
+        return (predicate.negate() if negated else predicate), ()
+    meta = tensor_meta(node)
+    if not isinstance(node, Node) or depth == 0 or is_written(node) or meta is None or meta.dtype != torch.bool:
+        return None
+    if is_call(node, *(_OR if negated else _AND)) and len(node.args) == 2 and not node.kwargs:
+        parts = [keep_terms(a, negated, depth - 1) for a in node.args]
+        if any(p is None for p in parts):
+            return None
+        return Logic("and", (parts[0][0], parts[1][0])), parts[0][1] + parts[1][1]
+    source = node.args[0] if node.args else None
+    source_meta = tensor_meta(source)
+    if source_meta is not None and source_meta.dtype == torch.bool:
+        if is_call(node, *_NOT):
+            return keep_terms(source, not negated, depth - 1)
+        if is_call(node, (), ("to", "bool", "contiguous")):
+            return keep_terms(source, negated, depth - 1)
+        if is_call(node, (), ("expand",)):
+            found = keep_terms(source, negated, depth - 1)
+            return None if found is None else (_expanded(found[0], source_meta), found[1])
+    return TRUE, ((node, negated),)
