@@ -9,8 +9,9 @@ from attnfuse import dispatch
 from attnfuse.fallback import index_grid, math_attention
 from attnfuse.autotune import autotune_order
 from attnfuse.flex import flex_attend
-from attnfuse.masking import (combined_keep, dead_key_columns, is_traced, restore_fully_masked_rows, rows_of_neginf,
-                              rows_without_keys, sdpa_mask, uniform_rows_for_dropout, unread_rows_without_keys)
+from attnfuse.masking import (combined_keep, dead_key_columns, is_traced, restore_fully_masked_rows,
+                              rows_beyond_kernel_range, rows_of_neginf, rows_without_keys, sdpa_mask,
+                              uniform_rows_for_dropout, unread_rows_without_keys)
 from attnfuse.memo import host_bool, host_bools, host_readable
 from attnfuse.precision import bias_dtype, internal_dtype
 
@@ -155,11 +156,19 @@ def attend(
         dead_known = True
         if leaked:  # a masked key's NaN or inf reached the kernel's output: compute as the original did
             path, math_reason = "math", "unfused math (NaN/inf in masked keys)"
+    far = None
+    if path != "math" and bias is not None:
+        whole = full_keep if full_keep is not None else combined_keep(keep, causal, L, S, q.device, window)
+        far, exact = rows_beyond_kernel_range(bias, whole, dropout_p)
+        if not exact:  # a row of distinct values beyond the kernels' range: only the unfused softmax has it
+            path, math_reason, far = "math", "unfused math (a bias row beyond the kernels' range)", None
     if path == "math":
         if on_kernel is not None:
             on_kernel(math_reason)
         out = math_attention(q, k, v, keep=keep, bias=bias, bias_fn=bias_fn, causal=causal, window=window,
                              softcap=softcap, scale=scale_value, dropout_p=dropout_p)
+    if far is not None:
+        out = restore_fully_masked_rows(out, v, far, "mean")
     if not dead_known:
         dead = rows_without_keys(keep, causal, L, S, q.device, window, full_keep)
     if dead is not None and not (dropout_p > 0 and fully_masked_rows == "mean"):

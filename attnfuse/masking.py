@@ -29,7 +29,10 @@ from typing import Optional
 import torch
 from torch.nn.attention.bias import causal_lower_right
 
-from attnfuse.memo import host_bool
+from attnfuse.memo import host_bool, host_bools
+
+# Fused kernels multiply the scores by log2(e) before exp2: a score below this overflows to -inf in fp32.
+KERNEL_SCORE_FLOOR = -torch.finfo(torch.float32).max / 1.4426950408889634
 
 
 def conjunction(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
@@ -138,6 +141,33 @@ def _key_mask_rows_without_keys(keep: torch.Tensor, causal: str, L: int, S: int,
 def causal_offset(causal: str, L: int, S: int) -> int:
     """How far the diagonal of a causal triangle sits right of the main one: 0 top-left, ``S - L`` bottom-right."""
     return 0 if causal == "top_left" else S - L
+
+
+def rows_beyond_kernel_range(bias: torch.Tensor, full_keep: Optional[torch.Tensor],
+                             dropout_p: float) -> tuple[Optional[torch.Tensor], bool]:
+    """``(rows, exact)``: rows whose every bias entry is below ``KERNEL_SCORE_FLOOR`` (a row of ``finfo.min``,
+    transformers' mask over a left-padded query), where a fused kernel's row overflows to ``-inf`` and it gives
+    0, while the original gives ``softmax(s + bias)``. ``exact``: each such row keeps every key and holds one
+    value, so the original's answer is the mean of v (``s + bias`` rounds to ``bias`` for ``|s| < 1e30``) and
+    ``rows`` may be written back; otherwise the call is computed unfused. Rows without keys are left to
+    ``rows_without_keys``. A pass over the bias and, eagerly, a host read; under a tracer the rows are written
+    back unconditionally (rows of distinct values that low are not reproduced there).
+    """
+    if not bias.is_floating_point() or bias.shape[-1] == 0:
+        return None, True
+    values = bias.detach()
+    top = values.amax(-1, keepdim=True)
+    rows, uniform = top < KERNEL_SCORE_FLOOR, values.amin(-1, keepdim=True) == top
+    if full_keep is not None:
+        rows = rows & full_keep.any(-1, keepdim=True)
+        uniform = uniform & full_keep.all(-1, keepdim=True)
+    inexact = rows & ~uniform if dropout_p == 0 else rows
+    flags = host_bools(rows.any(), inexact.any())
+    if flags is None:
+        return rows, True
+    if not flags[0]:
+        return None, True
+    return rows, not flags[1]
 
 
 def rows_of_neginf(bias: torch.Tensor, full_keep: Optional[torch.Tensor], fill_is_neginf: bool,

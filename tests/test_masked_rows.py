@@ -179,3 +179,44 @@ class ScaledCausal(nn.Module):
 def test_nonpositive_scale_with_a_causal_fill(scale, on_q, L, S):
     q, k, v = _qkv(L, S, grad=True)
     assert_fused_equal(ScaledCausal(scale, on_q), (q, k, v))
+
+
+# ----------------------------------------------------------------------------- bias rows beyond the kernels' range
+
+def _low_rows_bias(dtype: torch.dtype, distinct: bool = False) -> torch.Tensor:
+    """transformers' additive mask for a left-padded batch: the first query rows of batch row 1 are ``finfo.min``
+    throughout (or, with ``distinct``, two values that low)."""
+    bias = torch.zeros(2, 1, 6, 6, dtype=dtype)
+    low = torch.finfo(dtype).min
+    bias[1, :, :2] = low
+    if distinct:
+        bias[1, :, 0, :3] = low * 0.9
+    return bias
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_beyond_the_kernels_range_are_found(dtype):
+    """Rows of ``finfo.min`` (fp32's or bf16's) overflow a fused kernel's ``exp2`` scaling: found and exact."""
+    from attnfuse.masking import rows_beyond_kernel_range
+
+    rows, exact = rows_beyond_kernel_range(_low_rows_bias(dtype), None, 0.0)
+    assert exact and rows is not None
+    assert rows[1, 0, :2].all() and not rows[1, 0, 2:].any() and not rows[0].any()
+    assert rows_beyond_kernel_range(_low_rows_bias(dtype, distinct=True), None, 0.0)[1] is False
+    assert rows_beyond_kernel_range(_low_rows_bias(dtype), None, 0.1)[1] is False  # dropout(uniform) is random
+    assert rows_beyond_kernel_range(torch.full((1, 1, 2, 3), -65504.0, dtype=torch.float16), None, 0.0) == (None, True)
+
+
+@pytest.mark.parametrize("distinct", [False, True])
+def test_low_bias_rows_give_the_original(distinct):
+    """A row of one value below the range is the mean of v (as the original's absorbed softmax); a row of distinct
+    values that low runs unfused and says so."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 6, 8) for _ in range(3))
+    bias = _low_rows_bias(torch.float32, distinct)
+    kernels = []
+    with torch.no_grad():
+        out = attnfuse.attend(q, k, v, bias=bias, scale=0.3, on_kernel=kernels.append)
+    expected = ((q @ k.transpose(-1, -2)) * 0.3 + bias).softmax(-1) @ v
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert (kernels[-1] == "unfused math (a bias row beyond the kernels' range)") == distinct, kernels
