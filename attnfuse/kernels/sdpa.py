@@ -1,4 +1,5 @@
-"""Dispatch: the SDPA kernels to try, fastest first, for one call's device, dtype, mask and shapes.
+"""SDPA: PyTorch's fused kernels (cuDNN, flash, memory-efficient, math), fastest valid first, with the
+mask, the rows and the checks that make every kernel give the original's result.
 
 The order comes from figures measured on an H100 with torch 2.11 (``benchmarks/bench_ops.py`` and
 ``benchmarks/bench_kernels.py``; JSON in ``docs/``): in half precision cuDNN was the fastest valid
@@ -7,21 +8,26 @@ forward and forward+backward) and at lengths off the tile grid (129, 257, 513, 1
 memory-efficient attention wins for short keys at small head dims (``preferred_order``). Flash first
 on Ampere, memory-efficient for fp32. SDPA itself skips a listed kernel that cannot take the call
 (``kernel_scope`` sets the priority), so the list is a fallback chain; the rules below only remove
-kernels whose *result* would differ from the original (the known traps).
+kernels whose *result* would differ from the original (the known traps). ``SdpaKernel`` refuses what
+no SDPA kernel computes exactly (a softcap; on CUDA a bias wider than q that narrowing would change).
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from dataclasses import replace
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
-from torch.nn.attention.bias import CausalBias
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
-from attnfuse.kernel_scope import kernel_scope
-from attnfuse.masking import is_traced
-from attnfuse.memo import host_bool
-from attnfuse.patterns.masks import MASKING_THRESHOLD
+from attnfuse.kernels.autotune import autotune_order
+from attnfuse.kernels.call import AttentionCall, Inexact, Kernel, KernelFailed, index_grid, refused_by_fused_kernels
+from attnfuse.kernels.kernel_scope import kernel_scope
+from attnfuse.kernels.rows import rows_without_keys, unread_rows_without_keys
+from attnfuse.masking import combined_keep, is_traced
+from attnfuse.memo import host_bool, host_bools, host_readable
+from attnfuse.precision import bias_dtype
 
 KERNELS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -30,84 +36,6 @@ KERNELS = {
     "math": SDPBackend.MATH,
 }
 KERNEL_NAMES = {backend: name for name, backend in KERNELS.items()}
-KERNEL_CHOICES = (*KERNELS, "flex")
-
-
-def validate_kernels(kernels: Optional[Iterable[str]]) -> Optional[tuple[str, ...]]:
-    """Check a user's kernel restriction; raises ``ValueError`` naming the valid choices."""
-    if kernels is None:
-        return None
-    if isinstance(kernels, str):
-        kernels = (kernels,)
-    kernels = tuple(kernels)
-    unknown = [k for k in kernels if k not in KERNEL_CHOICES]
-    if unknown or not kernels:
-        raise ValueError(f"unknown kernel(s) {unknown or kernels}; choose from {sorted(KERNEL_CHOICES)}")
-    return kernels
-
-
-def bias_masks_a_whole_row(bias: torch.Tensor) -> bool:
-    """Whether an additive bias masks every key of some query row (a reduction over the bias at every
-    call and, eagerly, a host read; see ``attnfuse.memo``).
-
-    Fused kernels recompute the probabilities in the backward pass from a log-sum-exp; for a row of
-    ``finfo.min`` entries, ``min + log(S)`` rounds back to ``min`` and the gradients come out ``S``
-    times too large (found by the fuzzer, CPU flash; the same recomputation is in the GPU kernels).
-    Such calls run unfused, as the original did. Under a compiler the value is unknown: unfused too.
-    """
-    if not bias.is_floating_point() or bias.shape[-1] == 0:
-        return False
-    return host_bool((bias.amax(dim=-1) <= MASKING_THRESHOLD).any()) is not False
-
-
-_FLEX_FAILURES: dict[tuple, str] = {}
-
-
-def _flex_signature(q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor], bias_fn: Optional[object],
-                    softcap: Optional[float], window: Optional[object]) -> tuple:
-    """What a Flex kernel is compiled for: the shapes' head dims and counts, dtypes, and which score
-    modifications it carries (a failure for one site's ``score_mod`` says nothing about another's)."""
-    return (q.device.type, q.dtype, q.shape[-1], k.shape[-1], q.shape[1], k.shape[1],
-            None if bias is None else bias.dtype, None if bias_fn is None else id(bias_fn),
-            softcap is not None, window is not None)
-
-
-def flex_failed(q: torch.Tensor, k: torch.Tensor, error: Exception, bias: Optional[torch.Tensor] = None,
-                bias_fn: Optional[object] = None, softcap: Optional[float] = None,
-                window: Optional[object] = None) -> None:
-    """Remember that FlexAttention could not compile for this kind of call; SDPA takes such calls."""
-    _FLEX_FAILURES[_flex_signature(q, k, bias, bias_fn, softcap, window)] = f"{type(error).__name__}: {error}"[:300]
-
-
-def choose_path(q: torch.Tensor, k: torch.Tensor, *, softcap: Optional[float], window: Optional[int], bias: Optional[torch.Tensor],
-                bias_fn: Optional[object], dropout_p: float, needs_grad: bool,
-                allowed: Optional[tuple[str, ...]]) -> str:
-    """``"sdpa"``, ``"flex"`` or ``"math"`` (unfused) for one call.
-
-    FlexAttention is used on the GPU for what SDPA has no kernel for or runs slower (measured on an
-    H100, b=8 h=16 n=4096 d=64 causal: ALiBi 1.04 ms on Flex vs 3.31 ms on cuDNN with the bias
-    materialized, a learned (h, n, n) bias 1.39 vs 3.34 ms, a tanh softcap 3.07 ms vs no kernel).
-    Flex has no dropout and no CPU backward; there SDPA takes what it can and the rest runs unfused.
-    """
-    flex_possible = dropout_p == 0 and not (q.device.type == "cpu" and needs_grad)
-    flex_only = allowed is not None and set(allowed) == {"flex"}
-    if flex_only:
-        if not flex_possible:
-            raise RuntimeError("attnfuse: the forced kernel 'flex' cannot run this call (FlexAttention has no "
-                               "dropout and no backward on the CPU); allow an SDPA kernel too")
-        return "flex"
-    flex_allowed = flex_possible and (allowed is None or "flex" in allowed) and \
-        _flex_signature(q, k, bias, bias_fn, softcap, window) not in _FLEX_FAILURES
-    # A plain per-head bias tensor runs faster on Flex too, but only eagerly: under an outer compile a
-    # Flex kernel that does not fit the GPU cannot fall back, and SDPA can take the tensor as it is.
-    plain_bias_on_flex = bias is not None and bias.dim() >= 3 and bias.shape[-3] > 1 and not is_traced(q)
-    # A bias wider than q (fp32 on bf16) must be added in fp32: Flex does; the SDPA kernels on CUDA do not.
-    wide_bias_on_flex = bias is not None and bias.dtype != q.dtype and not is_traced(q)
-    wants_flex = softcap is not None or bias_fn is not None or window is not None or plain_bias_on_flex or \
-        wide_bias_on_flex
-    if flex_allowed and wants_flex and q.device.type == "cuda":
-        return "flex"
-    return "math" if softcap is not None else "sdpa"
 
 
 def known_traps(q: torch.Tensor, k: torch.Tensor, attn_mask: Optional[torch.Tensor],
@@ -245,3 +173,242 @@ def _gradient_in_layout_of(out: torch.Tensor):
         return torch.empty_strided(shape, stride, dtype=grad.dtype, device=grad.device).copy_(grad)
 
     return hook
+
+
+
+
+def sdpa_mask(full_keep: Optional[torch.Tensor], bias: Optional[torch.Tensor], causal: Optional[str], L: int,
+              S: int, q: torch.Tensor, window: Optional[int] = None) -> tuple[Optional[torch.Tensor], bool]:
+    """``(attn_mask, is_causal)`` for SDPA, building an ``L x S`` tensor only when the inputs force it.
+
+    ``full_keep`` is the call's keep-mask already combined with its causal triangle (``combined_keep``),
+    or None when the call has no keep-mask.
+    """
+    device = q.device
+    if full_keep is None and bias is None and window is None:
+        if causal is None:
+            return None, False
+        if causal == "top_left" or L == S:
+            return None, True
+        if L < S and not is_traced(q):
+            return causal_lower_right(L, S), False
+    keep = full_keep if full_keep is not None else combined_keep(None, causal, L, S, device, window)
+    if bias is None:
+        return keep, False
+    if keep is None:  # the bias keeps its dtype: attend decided it (an fp32 bias on bf16 q is added in fp32)
+        return bias, False
+    return bias.masked_fill(~keep, torch.finfo(bias.dtype).min), False
+
+
+def dead_key_columns(full_keep: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """``(B|1, Hk|1, S)``: True for a key that every query row (of every query head sharing its kv
+    head) masks, so its k row is never read by the original and may be zeroed."""
+    full = full_keep.reshape((1,) * (4 - full_keep.dim()) + tuple(full_keep.shape))
+    dead = ~full.any(-2)
+    if dead.shape[1] > kv_heads:
+        dead = dead.unflatten(1, (kv_heads, -1)).all(2)
+    return dead
+
+
+def uniform_rows_for_dropout(q: torch.Tensor, full_keep: torch.Tensor, bias: Optional[torch.Tensor],
+                             dead: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """``(q, keep, bias)`` under which the kernel itself gives a row without keys uniform weights.
+
+    With a finite fill the original computes ``dropout(uniform) @ v`` for such a row (a random
+    result), which no write-back can reproduce: the row's q is zeroed, every key is kept and its
+    bias set to 0, so its scores are all 0 and the kernel's own dropout applies (on the CPU, where
+    SDPA's math kernel draws the same dropout mask as the original, even under the same seed).
+    Costs a pass over q and over the mask; gradients reach neither q nor k from such a row, as in
+    the original.
+    """
+    keep = full_keep | dead
+    bias = None if bias is None else torch.where(dead, torch.zeros((), dtype=bias.dtype, device=bias.device), bias)
+    return q.masked_fill(dead, 0), keep, bias
+
+
+class SdpaKernel(Kernel):
+    """``F.scaled_dot_product_attention`` on the fastest valid of its kernels; the audit names the one
+    SDPA picks (``cpu-flash``, ``cudnn``, ...)."""
+
+    name = "sdpa"
+    choices = tuple(KERNELS)
+
+    def refuses(self, call: AttentionCall) -> Optional[str]:
+        if call.allowed is not None and not any(name in KERNELS for name in call.allowed):
+            return "not among the forced kernels"
+        if call.softcap is not None:
+            return "SDPA has no softcap"
+        reason = refused_by_fused_kernels(call)
+        if reason is not None:
+            return reason
+        bias, q = _prepared_bias(call), call.q
+        if bias is not None and bias.dtype != q.dtype and q.is_cuda:
+            # fused CUDA kernels round a wider bias to q's dtype, or give NaN (cuDNN): add it unfused
+            if call.allowed is not None and "math" not in call.allowed:
+                raise RuntimeError(f"attnfuse: the forced kernels {list(call.allowed)} cannot add this {bias.dtype} "
+                                   f"bias to {q.dtype} scores exactly; allow 'math' (or 'flex')")
+            return Inexact("fp32 bias on half-precision q")
+        return None
+
+    def handed_on(self, call: AttentionCall) -> AttentionCall:
+        prepared = call.facts.prepared_bias
+        return call if prepared is None else replace(call, bias=prepared[0], bias_fn=None)
+
+    def run(self, call: AttentionCall) -> torch.Tensor:
+        return _run(self.handed_on(call).with_positive_scale())
+
+
+def _prepared_bias(call: AttentionCall) -> Optional[torch.Tensor]:
+    """The bias SDPA adds, computed once per call: a score function evaluated on the score grid and
+    added (SDPA takes no function), a bias wider than q narrowed where that is exact (``_bias_for_sdpa``)."""
+    facts = call.facts
+    if facts.prepared_bias is None:
+        q, bias = call.q, call.bias
+        if call.bias_fn is not None:
+            B, H, L, _ = q.shape
+            grid_bias = call.bias_fn(index_grid(B, H, L, call.k.shape[-2], q.device))
+            bias = grid_bias if bias is None else bias + grid_bias
+            bias = bias.to(bias_dtype(q.dtype, bias.dtype))
+        facts.prepared_bias = (_bias_for_sdpa(bias, q),)
+    return facts.prepared_bias[0]
+
+
+def _run(call: AttentionCall) -> torch.Tensor:
+    """SDPA on the call, with its rows without keys recorded in ``call.facts`` for the write-back;
+    ``KernelFailed`` when a masked key's NaN or inf reached the output (the original never read it)."""
+    q, keep, causal, window = call.q, call.keep, call.causal, call.window
+    L, S = q.shape[-2], call.k.shape[-2]
+    full_keep = None if keep is None else combined_keep(keep, causal, L, S, q.device, window)
+    # A key-padding mask without gradients reads nothing on the host: masked k rows are zeroed (a NaN
+    # there cannot leak) and rows without keys, whole batch rows at most, are written back with one
+    # `where`. With gradients the original's backward reads the masked keys too (0 * NaN), so those
+    # calls keep the check and the rerun.
+    padding_only = keep is not None and keep.shape[-2] == 1 and causal is None and window is None and \
+        not call.needs_grad
+    dead, any_dead = _rows_without_keys_unread(call, full_keep)
+    q_run, keep_run, bias_run = q, full_keep, call.bias
+    if padding_only and call.dropout_p == 0:
+        any_dead = None
+        if call.fully_masked_rows == "mean" and call.bias is None and dead is not None:
+            # such a row keeps all its (zeroed) keys: its scores are 0, and the kernel itself gives the
+            # uniform average, the mean of v, so nothing is written back
+            keep_run, dead = full_keep | dead, None
+    uniform_rows = dead is not None and any_dead is None and call.dropout_p > 0 and call.fully_masked_rows == "mean"
+    if uniform_rows:
+        whole = full_keep if full_keep is not None else combined_keep(None, causal, L, S, q.device, window)
+        q_run, keep_run, bias_run = uniform_rows_for_dropout(q, whole, call.bias, dead)
+    out, leaked = _launch(call, q_run, keep_run, bias_run, zero_keys_masked_by=full_keep if padding_only else None)
+    dead, leaked = _read_flags(dead, any_dead, leaked)
+    call.facts.full_keep, call.facts.dead, call.facts.dead_known = full_keep, dead, True
+    if leaked:  # a masked key's NaN or inf reached the kernel's output: compute as the original did
+        raise KernelFailed(Inexact("NaN/inf in masked keys"))
+    return out
+
+
+def _rows_without_keys_unread(call: AttentionCall, full_keep: Optional[torch.Tensor]
+                              ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """``(rows, flag)``: rows without keys and, for a keep-mask, the unread flag saying whether there are
+    any (None when known without reading). Under dropout the rows decide how the kernel is called, so
+    the flag is read at once."""
+    q, S = call.q, call.k.shape[-2]
+    if call.keep is None or call.dropout_p > 0:
+        return rows_without_keys(call.keep, call.causal, q.shape[-2], S, q.device, call.window, full_keep), None
+    return unread_rows_without_keys(call.keep, call.causal, q.shape[-2], S, q.device, call.window, full_keep)
+
+
+def _read_flags(dead, any_dead, leaked):
+    """Read the rows-without-keys flag and the leak flag with one host synchronization.
+
+    Returns ``(dead or None, leaked)``; where nothing can be read (a tracer, graph capture) the rows
+    are kept (restored unconditionally) and no leak is reported (masked keys were zeroed instead).
+    """
+    flags = [f for f in (any_dead, leaked) if f is not None]
+    values = host_bools(*flags) if flags else []
+    if values is None:
+        return dead, False
+    read = iter(values)
+    if any_dead is not None and not next(read):
+        dead = None
+    return dead, leaked is not None and next(read)
+
+
+def _launch(call: AttentionCall, q: torch.Tensor, full_keep: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+            zero_keys_masked_by: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """SDPA on the fastest valid kernel, and an unread flag: whether the kernel may have added its mask
+    to a masked key's NaN or inf score (any non-finite value in the output, read by the caller; a
+    rerun unfused decides). Where every masked key is masked for every query (``zero_keys_masked_by``: a
+    key-padding mask), or under a compiler where the output cannot be read, the k rows that every query
+    row masks are zeroed instead (a pass over k, no read) and no flag is returned. ``q``, ``full_keep``
+    and ``bias`` are the call's as the kernel takes them (rows without keys made uniform under dropout).
+    """
+    k, v, causal, window, scale = call.k, call.v, call.causal, call.window, call.scale
+    dropout_p, needs_grad, allowed = call.dropout_p, call.needs_grad, call.allowed
+    L, S, H, Hk = q.shape[-2], k.shape[-2], q.shape[1], k.shape[1]
+    attn_mask, is_causal = sdpa_mask(full_keep, bias, causal, L, S, q, window)
+    enable_gqa = Hk != H
+    if enable_gqa and q.is_cuda and attn_mask is not None:
+        # Only flash and cuDNN share kv heads natively, and flash takes no mask: repeat for the others.
+        k, v = k.repeat_interleave(H // Hk, dim=1), v.repeat_interleave(H // Hk, dim=1)
+        enable_gqa = False
+    sdpa_allowed = None if allowed is None else tuple(name for name in allowed if name in KERNELS)
+    order = kernel_order(q, k, v, attn_mask, needs_grad, sdpa_allowed)
+    masked = full_keep is not None or causal is not None or window is not None
+    adds_mask = masked and kernel_adds_mask(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, order)
+    checkable = host_readable(q) and zero_keys_masked_by is None
+    zeroing = zero_keys_masked_by if zero_keys_masked_by is not None else full_keep
+    if adds_mask and not checkable and zeroing is not None:
+        k = k.masked_fill(dead_key_columns(zeroing, k.shape[1]).unsqueeze(-1), 0)
+    if call.autotune and not is_traced(q):
+        order = autotune_order(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, needs_grad, order)
+    if call.on_kernel is not None:
+        call.announce(chosen_kernel(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, order))
+    rng = _rng_state(q) if adds_mask and checkable and dropout_p > 0 else None
+    out = run_sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, order, strict=allowed is not None)
+    if not (adds_mask and checkable):
+        return out, None
+    # one reduction: a NaN or inf anywhere makes the sum non-finite (a huge finite output too: a rerun, not an error)
+    total = out.sum(dtype=torch.float32) if out.dtype in (torch.float16, torch.bfloat16) else out.sum()
+    leaked = ~torch.isfinite(total)
+    if rng is not None:  # an unfused rerun must draw the dropout mask the original would have drawn
+        if host_bool(leaked):
+            _set_rng_state(q, rng)
+            return out, torch.ones((), dtype=torch.bool, device=q.device)
+        return out, torch.zeros((), dtype=torch.bool, device=q.device)
+    return out, leaked
+
+
+def _rng_state(q: torch.Tensor) -> torch.Tensor:
+    return torch.cuda.get_rng_state(q.device) if q.is_cuda else torch.get_rng_state()
+
+
+def _set_rng_state(q: torch.Tensor, state: torch.Tensor) -> None:
+    if q.is_cuda:
+        torch.cuda.set_rng_state(state, q.device)
+    else:
+        torch.set_rng_state(state)
+
+
+def _bias_for_sdpa(bias: Optional[torch.Tensor], q: torch.Tensor) -> Optional[torch.Tensor]:
+    """The bias for SDPA: in q's dtype where that loses nothing, else as it is (fp32 on half q).
+
+    The CPU kernels add an fp32 mask to half-precision scores in fp32; the CUDA kernels do not, so there
+    a wider bias is narrowed when ``narrowed_exactly`` allows (checked at every call: a pass over the bias
+    and a host read, ``attnfuse.memo``); otherwise ``SdpaKernel`` refuses the call.
+    """
+    if bias is None or bias.dtype == q.dtype or not q.is_cuda or is_traced(q):
+        return bias
+    narrow = narrowed_exactly(bias, q.dtype)
+    return bias if narrow is None else narrow
+
+
+def narrowed_exactly(bias: torch.Tensor, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """``bias`` in ``dtype`` if that changes no sum with a score, else None (one host read per call).
+
+    ``finfo(bias.dtype).min`` (the usual mask fill) becomes ``dtype``'s lowest value: both absorb any score
+    in fp32, so the softmax is the same; every other value must survive the cast exactly.
+    """
+    lowest = torch.finfo(dtype).min
+    absorbing = bias == torch.finfo(bias.dtype).min
+    narrow = bias.masked_fill(absorbing, lowest).to(dtype)
+
+    return narrow if host_bool(((narrow.to(bias.dtype) == bias) | absorbing).all()) else None
