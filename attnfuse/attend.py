@@ -10,7 +10,7 @@ from typing import Callable, Iterable, Literal, Optional
 
 import torch
 
-from attnfuse.kernels import AttentionCall, KernelFailed, kernels as registered_kernels
+from attnfuse.kernels import AttentionCall, CallFacts, KernelFailed, kernels as registered_kernels
 from attnfuse.kernels.registry import validate_kernels
 from attnfuse.kernels.rows import restore_fully_masked_rows, rows_of_neginf, rows_without_keys
 from attnfuse.masking import combined_keep, is_traced
@@ -101,7 +101,7 @@ def attend(
         bias = bias.to(bias_dtype(q.dtype, bias.dtype))
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     call = AttentionCall(q, k, v, keep, bias, causal, window, softcap, bias_fn, scale, dropout_p, fully_masked_rows,
-                         needs_grad, allowed, autotune, on_kernel)
+                         needs_grad, allowed, autotune, on_kernel, CallFacts())
     out, call = _run_first_kernel(call)
     return _restore_rows(out, call)
 

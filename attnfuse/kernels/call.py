@@ -33,8 +33,6 @@ class CallFacts:
     kernels refused so far, whether a bias masks a whole row, and the rows without keys (with the
     combined keep-mask) where the SDPA kernel computed them."""
 
-    __slots__ = ("refusals", "bias_masks_a_row", "full_keep", "dead", "dead_known", "prepared_bias")
-
     def __init__(self) -> None:
         self.refusals: list[tuple[str, str]] = []
         self.bias_masks_a_row: Optional[bool] = None
@@ -68,8 +66,8 @@ class AttentionCall:
     needs_grad: bool
     allowed: Optional[tuple[str, ...]]
     autotune: bool
-    on_kernel: Optional[Callable[[str], None]] = field(default=None, compare=False)
-    facts: CallFacts = field(default_factory=CallFacts, compare=False, repr=False)
+    on_kernel: Optional[Callable[[str], None]] = field(compare=False)
+    facts: CallFacts = field(compare=False, repr=False)  # a fresh ``CallFacts()`` per call (Dynamo traces no factory)
 
     @property
     def scale_value(self) -> float:
