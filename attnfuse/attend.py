@@ -100,24 +100,26 @@ def attend(
     if bias is not None and bias.dtype != bias_dtype(q.dtype, bias.dtype):
         bias = bias.to(bias_dtype(q.dtype, bias.dtype))
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    call = AttentionCall(q, k, v, keep, bias, causal, window, softcap, bias_fn, scale, dropout_p, fully_masked_rows,
-                         needs_grad, allowed, autotune, on_kernel, CallFacts())
+    scale_value = q.shape[-1] ** -0.5 if scale is None else scale
+    call = AttentionCall(q, k, v, keep, bias, causal, window, softcap, bias_fn, scale, scale_value, dropout_p,
+                         fully_masked_rows, needs_grad, allowed, autotune, on_kernel, CallFacts())
     out, call = _run_first_kernel(call)
     return _restore_rows(out, call)
 
 
 def _run_first_kernel(call: AttentionCall) -> tuple[torch.Tensor, AttentionCall]:
-    """The output of the first registered kernel that does not refuse ``call`` (nor fails on it), and
-    the call as that kernel handed it on; each refusal is recorded in ``call.facts.refusals``."""
+    """The output of the first registered kernel that does not refuse ``call`` (nor fail on it), and the
+    call in the form it ran (``CallFacts.folded``); each refusal is recorded in ``call.facts.refusals``."""
     for kernel in registered_kernels():
         reason = kernel.refuses(call)
         if reason is None:
             try:
-                return kernel.run(call), kernel.handed_on(call)
+                out = kernel.run(call)
+                return out, call if call.facts.folded is None else call.facts.folded
             except KernelFailed as failure:
                 reason = failure.reason
-        call.facts.refusals.append((kernel.name, reason))
-        call = kernel.handed_on(call)
+        call.facts.refusals += ((kernel.name, reason),)
+        call = call if call.facts.folded is None else call.facts.folded
     refusals = "; ".join(f"{name}: {reason}" for name, reason in call.facts.refusals)
     raise RuntimeError(f"attnfuse: every registered kernel refused this call ({refusals})")
 

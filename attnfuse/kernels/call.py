@@ -28,18 +28,20 @@ class KernelFailed(Exception):
         self.reason = reason
 
 
+@dataclass
 class CallFacts:
-    """What is learned about one call's values while it runs, each fact computed at most once: the
-    kernels refused so far, whether a bias masks a whole row, and the rows without keys (with the
-    combined keep-mask) where the SDPA kernel computed them."""
+    """What is learned about one call while it runs, each fact computed at most once: the kernels that
+    refused it so far (``(kernel, reason)`` pairs), whether its bias masks a whole row, the call with
+    its score function folded into the bias (SDPA's form, which the kernels after SDPA and the rows'
+    write-back then read, so that they add the same sum), and the rows without keys (with the combined
+    keep-mask) where the SDPA kernel computed them."""
 
-    def __init__(self) -> None:
-        self.refusals: list[tuple[str, str]] = []
-        self.bias_masks_a_row: Optional[bool] = None
-        self.full_keep: Optional[torch.Tensor] = None
-        self.dead: Optional[torch.Tensor] = None
-        self.dead_known = False
-        self.prepared_bias: Optional[tuple[Optional[torch.Tensor]]] = None
+    refusals: tuple[tuple[str, str], ...] = ()
+    bias_masks_a_row: Optional[bool] = None
+    folded: Optional["AttentionCall"] = None
+    full_keep: Optional[torch.Tensor] = None
+    dead: Optional[torch.Tensor] = None
+    dead_known: bool = False
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,8 @@ class AttentionCall:
 
     ``q`` is ``(B, H, L, E)``; ``k`` and ``v`` are 4-d with q's batch and ``Hk`` heads dividing ``H``.
     ``keep`` is boolean; ``bias`` is already in the dtype it is added in (``precision.bias_dtype``);
-    ``scale`` is the user's (None: ``1 / sqrt(E)``). ``allowed`` is the user's kernel restriction.
+    ``scale`` is the user's (None: ``1 / sqrt(E)``, which SDPA computes itself), ``scale_value`` the
+    number. ``allowed`` is the user's kernel restriction.
     """
 
     q: torch.Tensor
@@ -61,24 +64,20 @@ class AttentionCall:
     softcap: Optional[float]
     bias_fn: Optional[Callable[[tuple], torch.Tensor]]
     scale: Optional[float]
+    scale_value: float
     dropout_p: float
     fully_masked_rows: str
     needs_grad: bool
     allowed: Optional[tuple[str, ...]]
     autotune: bool
     on_kernel: Optional[Callable[[str], None]] = field(compare=False)
-    facts: CallFacts = field(compare=False, repr=False)  # a fresh ``CallFacts()`` per call (Dynamo traces no factory)
-
-    @property
-    def scale_value(self) -> float:
-        """The scale as a number."""
-        return self.q.shape[-1] ** -0.5 if self.scale is None else self.scale
+    facts: CallFacts = field(compare=False, repr=False)  # a fresh ``CallFacts()`` per call
 
     def with_positive_scale(self) -> "AttentionCall":
         """The same call with a negative scale folded into q (``-q``, a pass over q): fused kernels track
         the running maximum of the unscaled scores, and ``-q`` with ``|scale|`` is exact."""
         value = self.scale_value
-        return self if value >= 0 else replace(self, q=-self.q, scale=-value)
+        return self if value >= 0 else replace(self, q=-self.q, scale=-value, scale_value=-value)
 
     def whole_row_masked_by_bias(self) -> bool:
         """``rows.bias_masks_a_whole_row`` of the call's bias, computed once per call (a host read)."""
@@ -93,7 +92,7 @@ class AttentionCall:
             return
         refused = getattr(self.on_kernel, "refused", None)
         if refused is not None:
-            refused(tuple(self.facts.refusals))
+            refused(self.facts.refusals)
         self.on_kernel(kernel)
 
 
@@ -126,10 +125,6 @@ class Kernel:
 
     def run(self, call: AttentionCall) -> torch.Tensor:
         """The output ``(B, H, L, Ev)`` of a call ``refuses`` let through; announces the kernel that
-        runs (``call.announce``); raises ``KernelFailed`` for a call found, on running, not to be its."""
+        runs (``call.announce``); raises ``KernelFailed`` for a call found, on running, not to be its.
+        A kernel that rewrites the call for the kernels after it leaves the new form in ``call.facts.folded``."""
         raise NotImplementedError
-
-    def handed_on(self, call: AttentionCall) -> AttentionCall:
-        """The call as the kernels after this one, and the rows' write-back, read it once this kernel
-        has looked at it (SDPA hands on a score function already added to the bias)."""
-        return call

@@ -241,7 +241,7 @@ class SdpaKernel(Kernel):
         reason = refused_by_fused_kernels(call)
         if reason is not None:
             return reason
-        bias, q = _prepared_bias(call), call.q
+        bias, q = _folded(call).bias, call.q
         if bias is not None and bias.dtype != q.dtype and q.is_cuda:
             # fused CUDA kernels round a wider bias to q's dtype, or give NaN (cuDNN): add it unfused
             if call.allowed is not None and "math" not in call.allowed:
@@ -250,27 +250,23 @@ class SdpaKernel(Kernel):
             return Inexact("fp32 bias on half-precision q")
         return None
 
-    def handed_on(self, call: AttentionCall) -> AttentionCall:
-        prepared = call.facts.prepared_bias
-        return call if prepared is None else replace(call, bias=prepared[0], bias_fn=None)
-
     def run(self, call: AttentionCall) -> torch.Tensor:
-        return _run(self.handed_on(call).with_positive_scale())
+        return _run(_folded(call).with_positive_scale())
 
 
-def _prepared_bias(call: AttentionCall) -> Optional[torch.Tensor]:
-    """The bias SDPA adds, computed once per call: a score function evaluated on the score grid and
-    added (SDPA takes no function), a bias wider than q narrowed where that is exact (``_bias_for_sdpa``)."""
-    facts = call.facts
-    if facts.prepared_bias is None:
+def _folded(call: AttentionCall) -> AttentionCall:
+    """The call as SDPA adds its bias, computed once (``call.facts.folded``): a score function evaluated
+    on the score grid and added (SDPA takes no function), a bias wider than q narrowed where that is
+    exact (``_bias_for_sdpa``)."""
+    if call.facts.folded is None:
         q, bias = call.q, call.bias
         if call.bias_fn is not None:
             B, H, L, _ = q.shape
             grid_bias = call.bias_fn(index_grid(B, H, L, call.k.shape[-2], q.device))
             bias = grid_bias if bias is None else bias + grid_bias
             bias = bias.to(bias_dtype(q.dtype, bias.dtype))
-        facts.prepared_bias = (_bias_for_sdpa(bias, q),)
-    return facts.prepared_bias[0]
+        call.facts.folded = replace(call, bias=_bias_for_sdpa(bias, q), bias_fn=None)
+    return call.facts.folded
 
 
 def _run(call: AttentionCall) -> torch.Tensor:

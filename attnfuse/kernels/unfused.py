@@ -51,5 +51,5 @@ class UnfusedKernel(Kernel):
         return math_attention(call)
 
 
-def _last_inexact(refusals: list[tuple[str, str]]) -> Optional[str]:
+def _last_inexact(refusals: tuple[tuple[str, str], ...]) -> Optional[str]:
     return next((reason for _, reason in reversed(refusals) if isinstance(reason, Inexact)), None)
