@@ -12,8 +12,8 @@ import torch
 
 from attnfuse.kernels import AttentionCall, CallFacts, KernelFailed, kernels as registered_kernels
 from attnfuse.kernels.registry import validate_kernels
-from attnfuse.kernels.rows import restore_fully_masked_rows, rows_of_neginf, rows_without_keys
-from attnfuse.masking import combined_keep, is_traced
+from attnfuse.kernels.rows import restore_rows
+from attnfuse.masking import is_traced
 from attnfuse.precision import bias_dtype
 
 Causal = Optional[Literal["top_left", "bottom_right"]]
@@ -104,7 +104,7 @@ def attend(
     call = AttentionCall(q, k, v, keep, bias, causal, window, softcap, bias_fn, scale, scale_value, dropout_p,
                          fully_masked_rows, needs_grad, allowed, autotune, on_kernel, CallFacts())
     out, call = _run_first_kernel(call)
-    return _restore_rows(out, call)
+    return restore_rows(out, call)
 
 
 def _run_first_kernel(call: AttentionCall) -> tuple[torch.Tensor, AttentionCall]:
@@ -122,22 +122,6 @@ def _run_first_kernel(call: AttentionCall) -> tuple[torch.Tensor, AttentionCall]
         call = call if call.facts.folded is None else call.facts.folded
     refusals = "; ".join(f"{name}: {reason}" for name, reason in call.facts.refusals)
     raise RuntimeError(f"attnfuse: every registered kernel refused this call ({refusals})")
-
-
-def _restore_rows(out: torch.Tensor, call: AttentionCall) -> torch.Tensor:
-    """``out`` with the original's answer in rows whose every key is masked, by a mask or a bias."""
-    facts, keep, causal, window, mode = call.facts, call.keep, call.causal, call.window, call.fully_masked_rows
-    L, S, device = call.q.shape[-2], call.k.shape[-2], call.q.device
-    dead = facts.dead if facts.dead_known else rows_without_keys(keep, causal, L, S, device, window, facts.full_keep)
-    if dead is not None and not (call.dropout_p > 0 and mode == "mean"):
-        # with dropout a finite fill's row is dropout(uniform) @ v, computed by the kernel or the math path
-        out = restore_fully_masked_rows(out, call.v, dead, mode)
-    if call.bias is not None:
-        whole = facts.full_keep if facts.full_keep is not None else combined_keep(keep, causal, L, S, device, window)
-        neginf_rows = rows_of_neginf(call.bias, whole, mode == "nan", zeroed=mode == "zero" and keep is not None)
-        if neginf_rows is not None:
-            out = restore_fully_masked_rows(out, call.v, neginf_rows, "nan")
-    return out
 
 
 # ----------------------------------------------------------------------------- autograd

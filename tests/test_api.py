@@ -139,7 +139,7 @@ def test_verify_catches_a_rewrite_wrong_only_on_fully_masked_rows(monkeypatch):
     """The real inputs mask no whole row; verify's derived input (first row all masked) exposes it."""
     import sys
 
-    monkeypatch.setattr(sys.modules["attnfuse.attend"], "restore_fully_masked_rows", lambda out, v, dead, mode: out)
+    monkeypatch.setattr(sys.modules["attnfuse.kernels.rows"], "restore_fully_masked_rows", lambda out, v, dead, mode: out)
     monkeypatch.setattr(sys.modules["attnfuse.kernels.sdpa"], "unread_rows_without_keys", lambda *args: (None, None))
     model = PaddingStyle().eval()
     q, k, v = (torch.randn(2, 2, 4, 8) for _ in range(3))

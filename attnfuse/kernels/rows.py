@@ -22,13 +22,33 @@ finding it needs a pass over k at every call.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from attnfuse.masking import combined_keep, is_traced
 from attnfuse.memo import host_bool
 from attnfuse.patterns.masks import MASKING_THRESHOLD
+
+if TYPE_CHECKING:
+    from attnfuse.kernels.call import AttentionCall
+
+
+def restore_rows(out: torch.Tensor, call: "AttentionCall") -> torch.Tensor:
+    """``out`` with the original's answer in the call's rows whose every key is masked, by a mask or a
+    bias; rows the kernel already computed (``call.facts``) are not computed again."""
+    facts, keep, causal, window, mode = call.facts, call.keep, call.causal, call.window, call.fully_masked_rows
+    L, S, device = call.q.shape[-2], call.k.shape[-2], call.q.device
+    dead = facts.dead if facts.dead_known else rows_without_keys(keep, causal, L, S, device, window, facts.full_keep)
+    if dead is not None and not (call.dropout_p > 0 and mode == "mean"):
+        # with dropout a finite fill's row is dropout(uniform) @ v, computed by the kernel or the math path
+        out = restore_fully_masked_rows(out, call.v, dead, mode)
+    if call.bias is not None:
+        whole = facts.full_keep if facts.full_keep is not None else combined_keep(keep, causal, L, S, device, window)
+        neginf_rows = rows_of_neginf(call.bias, whole, mode == "nan", zeroed=mode == "zero" and keep is not None)
+        if neginf_rows is not None:
+            out = restore_fully_masked_rows(out, call.v, neginf_rows, "nan")
+    return out
 
 
 def rows_without_keys(keep: Optional[torch.Tensor], causal: Optional[str], L: int, S: int,

@@ -45,6 +45,9 @@ class UnfusedKernel(Kernel):
 
     name = "unfused"
 
+    def refuses(self, call: AttentionCall) -> Optional[str]:
+        return None
+
     def run(self, call: AttentionCall) -> torch.Tensor:
         inexact = _last_inexact(call.facts.refusals)
         call.announce("unfused math" if inexact is None else f"unfused math ({inexact})")
