@@ -36,6 +36,9 @@ KERNELS = {
     "math": SDPBackend.MATH,
 }
 KERNEL_NAMES = {backend: name for name, backend in KERNELS.items()}
+# built once, not under a tracer: the unfused fallback names these in the audit (``Inexact``)
+WIDE_BIAS = Inexact("fp32 bias on half-precision q")
+LEAKED = Inexact("NaN/inf in masked keys")
 
 
 def known_traps(q: torch.Tensor, k: torch.Tensor, attn_mask: Optional[torch.Tensor],
@@ -247,7 +250,7 @@ class SdpaKernel(Kernel):
             if call.allowed is not None and "math" not in call.allowed:
                 raise RuntimeError(f"attnfuse: the forced kernels {list(call.allowed)} cannot add this {bias.dtype} "
                                    f"bias to {q.dtype} scores exactly; allow 'math' (or 'flex')")
-            return Inexact("fp32 bias on half-precision q")
+            return WIDE_BIAS
         return None
 
     def run(self, call: AttentionCall) -> torch.Tensor:
@@ -297,7 +300,7 @@ def _run(call: AttentionCall) -> torch.Tensor:
     dead, leaked = _read_flags(dead, any_dead, leaked)
     call.facts.full_keep, call.facts.dead, call.facts.dead_known = full_keep, dead, True
     if leaked:  # a masked key's NaN or inf reached the kernel's output: compute as the original did
-        raise KernelFailed(Inexact("NaN/inf in masked keys"))
+        raise KernelFailed(LEAKED)
     return out
 
 
