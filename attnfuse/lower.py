@@ -47,12 +47,17 @@ class Layout:
 
 @dataclass
 class KernelRecord:
-    """What ran at a site, filled in on its first call (the audit reads it)."""
+    """What ran at a site, filled in on its first call (the audit reads it), and why the kernels tried
+    before it refused the call: ``(kernel, reason)`` pairs (``attend`` calls ``refused`` first)."""
 
     kernel: Optional[str] = None
+    refusals: tuple[tuple[str, str], ...] = ()
 
     def __call__(self, name: str) -> None:
         self.kernel = name
+
+    def refused(self, refusals: tuple[tuple[str, str], ...]) -> None:
+        self.refusals = refusals
 
 
 class BiasProgram:

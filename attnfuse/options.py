@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Optional
 
-from attnfuse.dispatch import validate_kernels
+from attnfuse.kernels.registry import validate_kernels
 
 COMPILERS = ("eager", "inductor")
 

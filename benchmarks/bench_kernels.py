@@ -7,7 +7,7 @@ inputs for lengths that are and are not multiples of the kernels' tiles, two bat
 (32k tokens per call, and a fixed batch of 8, like MEGABYTE's global model at 129 patches), q/k/v
 contiguous ``(b, h, n, d)``, the transposed views a model's ``(b, n, h, d)`` projection gives, or
 k/v split from one packed projection,
-forward and forward+backward. ``attnfuse.dispatch`` orders the kernels from these figures.
+forward and forward+backward. ``attnfuse.kernels.sdpa`` orders the kernels from these figures.
 """
 from __future__ import annotations
 

@@ -139,9 +139,8 @@ def test_verify_catches_a_rewrite_wrong_only_on_fully_masked_rows(monkeypatch):
     """The real inputs mask no whole row; verify's derived input (first row all masked) exposes it."""
     import sys
 
-    attend_module = sys.modules["attnfuse.attend"]
-    monkeypatch.setattr(attend_module, "restore_fully_masked_rows", lambda out, v, dead, mode: out)
-    monkeypatch.setattr(attend_module, "unread_rows_without_keys", lambda *args: (None, None))
+    monkeypatch.setattr(sys.modules["attnfuse.kernels.rows"], "restore_fully_masked_rows", lambda out, v, dead, mode: out)
+    monkeypatch.setattr(sys.modules["attnfuse.kernels.sdpa"], "unread_rows_without_keys", lambda *args: (None, None))
     model = PaddingStyle().eval()
     q, k, v = (torch.randn(2, 2, 4, 8) for _ in range(3))
     mask = torch.ones(2, 4, dtype=torch.bool)
@@ -167,7 +166,7 @@ def test_string_backend_is_registered_by_entry_point():
 
 
 def test_autotune_times_kernels_once_per_signature_and_stays_exact():
-    from attnfuse.autotune import winners
+    from attnfuse.kernels.autotune import winners
 
     before = len(winners())
     report = assert_fused_equal(PaddingStyle().eval(), (*(torch.randn(2, 2, 6, 8, requires_grad=True) for _ in range(3)),

@@ -321,7 +321,7 @@ def test_gpu_mixed_dtype_spellings(cls):
 
 def test_a_wide_bias_is_narrowed_only_when_nothing_changes():
     """The rule that lets the CUDA kernels take an fp32 bias in bf16 (CPU kernels take fp32 as it is)."""
-    from attnfuse.attend import narrowed_exactly
+    from attnfuse.kernels.sdpa import narrowed_exactly
 
     padding = torch.zeros(2, 1, 1, 8)
     padding[0, ..., 5:] = float("-inf")

@@ -262,7 +262,7 @@ def test_autocast_on_gpu_matches_unrewritten_under_autocast(dtype):
 
 @pytest.mark.parametrize("case", ["plain", "padding", "gqa"])
 def test_autotune_on_gpu_picks_a_valid_kernel_and_stays_exact(case):
-    from attnfuse.autotune import winners
+    from attnfuse.kernels.autotune import winners
 
     low, high, options = make_case(CASES[case], torch.bfloat16)
     chosen: list[str] = []

@@ -13,8 +13,8 @@ import torch
 from torch.nn.attention import SDPBackend
 
 import attnfuse
-from attnfuse import masking
-from attnfuse.kernel_scope import kernel_scope
+from attnfuse.kernels import rows as masking
+from attnfuse.kernels.kernel_scope import kernel_scope
 from attnfuse.memo import host_bool, host_bools
 from seed_modules import PaddingStyle
 

@@ -1,6 +1,6 @@
 """Autotune (opt-in): time the valid SDPA kernels once per call signature and keep the fastest.
 
-The default order in ``dispatch.kernel_order`` comes from figures measured on an H100; other GPUs,
+The default order in ``kernels.sdpa.kernel_order`` comes from figures measured on an H100; other GPUs,
 head dims or mask shapes can rank kernels differently. With ``optimize(model, autotune=True)`` the
 first call of each signature (device, dtype, shapes, mask kind, dropout, gradients) runs each valid
 kernel a few times, forward (and backward when gradients are needed), and later calls put the winner first.

@@ -1,0 +1,143 @@
+"""One attention call as every kernel reads it, and the small interface a kernel implements.
+
+A kernel has a ``name``, says why it ``refuses`` a call (a sentence a person can read, or None) and
+``run``s the calls it does not refuse. ``attend`` builds one ``AttentionCall`` and runs it on the first
+registered kernel (``attnfuse.kernels.registry``) that does not refuse it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Callable, Optional
+
+import torch
+
+from attnfuse.kernels.rows import bias_masks_a_whole_row, rows_beyond_kernel_range
+from attnfuse.masking import combined_keep
+
+
+class Inexact(str):
+    """A refusal or failure because the kernel's result would differ from the original's (a rounded
+    bias, a masked key's NaN leaking in); the unfused fallback names it in the audit."""
+
+
+class KernelFailed(Exception):
+    """Raised by ``Kernel.run`` when the call turned out, on running, not to be this kernel's (a compile
+    failure, a leaked NaN): ``attend`` then runs the next kernel that does not refuse it."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class CallFacts:
+    """What is learned about one call while it runs, each fact computed at most once: the kernels that
+    refused it so far (``(kernel, reason)`` pairs), whether its bias masks a whole row, the call with
+    its score function folded into the bias (SDPA's form, which the kernels after SDPA and the rows'
+    write-back then read, so that they add the same sum), and the rows without keys (with the combined
+    keep-mask) where the SDPA kernel computed them."""
+
+    refusals: tuple[tuple[str, str], ...] = ()
+    bias_masks_a_row: Optional[bool] = None
+    folded: Optional["AttentionCall"] = None
+    full_keep: Optional[torch.Tensor] = None
+    dead: Optional[torch.Tensor] = None
+    dead_known: bool = False
+    far_rows: Optional[tuple[Optional[torch.Tensor], bool]] = None
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """``softmax(mods(scale * q k^T) + bias, masked) @ v`` for one call of ``attend``.
+
+    ``q`` is ``(B, H, L, E)``; ``k`` and ``v`` are 4-d with q's batch and ``Hk`` heads dividing ``H``.
+    ``keep`` is boolean; ``bias`` is already in the dtype it is added in (``precision.bias_dtype``);
+    ``scale`` is the user's (None: ``1 / sqrt(E)``, which SDPA computes itself), ``scale_value`` the
+    number. ``allowed`` is the user's kernel restriction.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    keep: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+    causal: Optional[str]
+    window: Optional[int]
+    softcap: Optional[float]
+    bias_fn: Optional[Callable[[tuple], torch.Tensor]]
+    scale: Optional[float]
+    scale_value: float
+    dropout_p: float
+    fully_masked_rows: str
+    needs_grad: bool
+    allowed: Optional[tuple[str, ...]]
+    autotune: bool
+    on_kernel: Optional[Callable[[str], None]] = field(compare=False)
+    facts: CallFacts = field(compare=False, repr=False)  # a fresh ``CallFacts()`` per call
+
+    def with_positive_scale(self) -> "AttentionCall":
+        """The same call with a negative scale folded into q (``-q``, a pass over q): fused kernels track
+        the running maximum of the unscaled scores, and ``-q`` with ``|scale|`` is exact."""
+        value = self.scale_value
+        return self if value >= 0 else replace(self, q=-self.q, scale=-value, scale_value=-value)
+
+    def whole_row_masked_by_bias(self) -> bool:
+        """``rows.bias_masks_a_whole_row`` of the call's bias, computed once per call (a host read)."""
+        if self.facts.bias_masks_a_row is None:
+            self.facts.bias_masks_a_row = bias_masks_a_whole_row(self.bias)
+        return self.facts.bias_masks_a_row
+
+    def bias_rows_beyond_kernel_range(self) -> tuple[Optional[torch.Tensor], bool]:
+        """``rows.rows_beyond_kernel_range`` of the call's bias, computed once per call (a host read)."""
+        if self.facts.far_rows is None:
+            L, S = self.q.shape[-2], self.k.shape[-2]
+            whole = self.facts.full_keep if self.facts.full_keep is not None else \
+                combined_keep(self.keep, self.causal, L, S, self.q.device, self.window)
+            self.facts.far_rows = rows_beyond_kernel_range(self.bias, whole, self.dropout_p)
+        return self.facts.far_rows
+
+    def announce(self, kernel: str) -> None:
+        """Tell ``on_kernel`` the kernel that runs; an ``on_kernel`` with a ``refused`` method first gets
+        the ``(kernel, reason)`` pairs of the kernels that refused or failed this call."""
+        if self.on_kernel is None:
+            return
+        refused = getattr(self.on_kernel, "refused", None)
+        if refused is not None:
+            refused(self.facts.refusals)
+        self.on_kernel(kernel)
+
+
+def refused_by_fused_kernels(call: AttentionCall) -> Optional[str]:
+    """Why no fused kernel computes ``call`` as the original did, or None."""
+    if call.needs_grad and call.bias is not None and call.whole_row_masked_by_bias():
+        return "a bias masks every key of a row: a fused backward gives that row's gradients S times too large"
+    if call.k.shape[-2] == 0:
+        return "no key: the original sums over none and gives 0"
+    if call.scale_value == 0:
+        return "scale 0: every score is 0, nothing to fuse"
+    if call.bias is not None and not call.bias_rows_beyond_kernel_range()[1]:
+        return Inexact("a bias row beyond the kernels' range")
+    return None
+
+
+def index_grid(B: int, H: int, L: int, S: int, device: torch.device) -> tuple:
+    """Broadcastable ``(b, h, i, j)`` index tensors over the scores ``(B, H, L, S)``."""
+    return tuple(torch.arange(n, device=device).view([-1 if d == axis else 1 for d in range(4)])
+                 for axis, n in enumerate((B, H, L, S)))
+
+
+class Kernel:
+    """A kernel family ``attend`` can run a call on: register an instance (``registry.register``)."""
+
+    name: str = ""
+    choices: tuple[str, ...] = ()  # the names a user may force it by (``attend(kernels=...)``)
+
+    def refuses(self, call: AttentionCall) -> Optional[str]:
+        """Why this kernel cannot compute ``call`` as the original did, or None if it can."""
+        return None
+
+    def run(self, call: AttentionCall) -> torch.Tensor:
+        """The output ``(B, H, L, Ev)`` of a call ``refuses`` let through; announces the kernel that
+        runs (``call.announce``); raises ``KernelFailed`` for a call found, on running, not to be its.
+        A kernel that rewrites the call for the kernels after it leaves the new form in ``call.facts.folded``."""
+        raise NotImplementedError

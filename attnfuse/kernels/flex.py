@@ -1,0 +1,179 @@
+"""Lower to FlexAttention: score modifications SDPA has no kernel for (softcaps, index-function
+biases such as ALiBi, learned bias tables) and sliding windows.
+
+The ``score_mod`` of a site is built once and reads its tensors from a holder, so the compiled
+kernel is reused across calls; the ``BlockMask`` of a causal or windowed mask is built once per
+shape and cached. In eager mode the flex call is compiled (FlexAttention only runs fused when
+compiled); under an outer ``torch.compile`` the plain op is traced into the graph.
+
+``FlexKernel`` takes, on CUDA, the calls SDPA has no kernel for or runs slower (measured on an H100,
+b=8 h=16 n=4096 d=64 causal: ALiBi 1.04 ms on Flex vs 3.31 ms on cuDNN with the bias materialized, a
+learned (h, n, n) bias 1.39 vs 3.34 ms, a tanh softcap 3.07 ms vs no kernel). Flex has no dropout and
+no CPU backward; there SDPA takes what it can and the rest runs unfused.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable, Optional
+
+import torch
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+from attnfuse.kernels.call import AttentionCall, Kernel, KernelFailed, refused_by_fused_kernels
+from attnfuse.kernels.registry import failure, remember_failure
+from attnfuse.masking import is_traced
+from attnfuse.precision import internal_dtype
+
+_compiled_flex: list[Callable] = []
+_block_masks: "OrderedDict[tuple, object]" = OrderedDict()
+_score_mods: dict[tuple, tuple[Callable, "_Holder"]] = {}
+_CACHE_SIZE = 64
+
+
+class _Holder:
+    """The tensors a cached ``score_mod`` reads on this call."""
+
+    bias: Optional[torch.Tensor] = None
+    keep: Optional[torch.Tensor] = None
+    leaves: tuple = ()
+
+
+def _flex() -> Callable:
+    if not _compiled_flex:
+        _compiled_flex.append(torch.compile(flex_attention, dynamic=False))
+    return _compiled_flex[0]
+
+
+def _at(t: torch.Tensor, b, h, i, j):
+    """``t[b, h, i, j]`` for a 4-d tensor broadcast against the scores (size-1 dims read index 0)."""
+    zero = torch.zeros_like(b)
+    return t[tuple(zero if size == 1 else x for size, x in zip(t.shape, (b, h, i, j)))]
+
+
+def _mask_mod(causal: Optional[str], window: Optional[int], L: int, S: int) -> Callable:
+    offset = 0 if causal == "top_left" else S - L
+
+    def keep(b, h, i, j):
+        kept = j <= i + offset
+        if window is not None:
+            kept = kept & (j > i + offset - window)
+        return kept
+
+    return keep
+
+
+def block_mask(causal: Optional[str], window: Optional[int], L: int, S: int, device: torch.device) -> object:
+    """The cached ``BlockMask`` of a causal (optionally windowed) mask for ``L`` queries and ``S`` keys."""
+    key = (causal, window, L, S, str(device))
+    if key not in _block_masks:
+        _block_masks[key] = create_block_mask(_mask_mod(causal, window, L, S), None, None, L, S, device=device)
+        if len(_block_masks) > _CACHE_SIZE:
+            _block_masks.popitem(last=False)
+    _block_masks.move_to_end(key)
+    return _block_masks[key]
+
+
+def _score_mod(softcap: Optional[float], has_bias: bool, bias_fn: Optional[Callable], has_keep: bool
+               ) -> tuple[Optional[Callable], _Holder]:
+    key = (softcap, has_bias, id(bias_fn), has_keep)
+    if key in _score_mods:
+        return _score_mods[key]
+    holder = _Holder()
+    if softcap is None and not has_bias and bias_fn is None and not has_keep:
+        _score_mods[key] = (None, holder)
+        return _score_mods[key]
+
+    def score_mod(score, b, h, i, j):
+        if softcap is not None:
+            score = softcap * torch.tanh(score / softcap)
+        if has_bias:
+            score = score + _at(holder.bias, b, h, i, j)
+        if bias_fn is not None:
+            score = score + bias_fn((b, h, i, j))
+        if has_keep:
+            score = torch.where(_at(holder.keep, b, h, i, j) > 0, score, -float("inf"))
+        return score
+
+    _score_mods[key] = (score_mod, holder)
+    return _score_mods[key]
+
+
+def flex_attend(call: AttentionCall) -> torch.Tensor:
+    """FlexAttention on the call's 4-d q/k/v; masks, biases and softcap as score_mod / BlockMask.
+
+    A bias is gathered in fp32: the original added an fp32 bias in fp32, and Flex gathers fp32 27x
+    faster than bf16.
+    """
+    q, k = call.q, call.k
+    L, S = q.shape[-2], k.shape[-2]
+    score_mod, holder = _score_mod(call.softcap, call.bias is not None, call.bias_fn, call.keep is not None)
+    holder.bias = None if call.bias is None else call.bias.to(internal_dtype(q.dtype))
+    # the keep-mask is read as fp32 ones and zeros: a one-byte gather in a score_mod runs many times slower
+    holder.keep = None if call.keep is None else call.keep.to(torch.float32)
+    blocks = block_mask(call.causal, call.window, L, S, q.device) if call.causal is not None else None
+    run = flex_attention if is_traced(q) else _flex()
+    return run(q, k, call.v, score_mod=score_mod, block_mask=blocks, scale=call.scale_value,
+               enable_gqa=k.shape[1] != q.shape[1])
+
+
+def _signature(call: AttentionCall) -> tuple:
+    """What a Flex kernel is compiled for: the shapes' head dims and counts, dtypes, and which score
+    modifications it carries (a failure for one site's ``score_mod`` says nothing about another's)."""
+    q, k = call.q, call.k
+    return (q.device.type, q.dtype, q.shape[-1], k.shape[-1], q.shape[1], k.shape[1],
+            None if call.bias is None else call.bias.dtype, None if call.bias_fn is None else id(call.bias_fn),
+            call.softcap is not None, call.window is not None)
+
+
+class FlexKernel(Kernel):
+    """FlexAttention: on CUDA for softcaps, score functions, windows and biases SDPA runs slower or
+    rounds; anywhere when forced (``kernels=["flex"]``)."""
+
+    name = "flex"
+    choices = ("flex",)
+
+    def refuses(self, call: AttentionCall) -> Optional[str]:
+        q = call.q
+        if call.allowed is not None and set(call.allowed) == {"flex"}:
+            if call.dropout_p != 0 or (q.device.type == "cpu" and call.needs_grad):
+                raise RuntimeError("attnfuse: the forced kernel 'flex' cannot run this call (FlexAttention has no "
+                                   "dropout and no backward on the CPU); allow an SDPA kernel too")
+            return refused_by_fused_kernels(call)
+        if call.dropout_p != 0:
+            return "FlexAttention has no dropout"
+        if q.device.type == "cpu" and call.needs_grad:
+            return "FlexAttention has no backward on the CPU"
+        if call.allowed is not None and "flex" not in call.allowed:
+            return "not among the forced kernels"
+        failed = failure(self.name, _signature(call))
+        if failed is not None:
+            return f"failed before on this kind of call ({failed})"
+        if not _wanted(call):
+            return "SDPA runs this call (no softcap, score function, window, per-head or wider bias)"
+        if q.device.type != "cuda":
+            return "chosen on CUDA only, where it was measured faster than SDPA"
+        return refused_by_fused_kernels(call)
+
+    def run(self, call: AttentionCall) -> torch.Tensor:
+        call = call.with_positive_scale()
+        try:
+            out = flex_attend(call)
+        except Exception as error:  # e.g. Triton finds no kernel configuration that fits this GPU
+            if is_traced(call.q) or (call.allowed is not None and set(call.allowed) == {"flex"}):
+                raise
+            remember_failure(self.name, _signature(call), error)
+            raise KernelFailed(f"could not compile ({type(error).__name__})") from error
+        call.announce(self.name)
+        return out
+
+
+def _wanted(call: AttentionCall) -> bool:
+    """Whether the call has what SDPA lacks or runs slower: a softcap, a score function, a window, a
+    per-head bias tensor (faster on Flex, but only eagerly: under an outer compile a Flex kernel that
+    does not fit the GPU cannot fall back, and SDPA can take the tensor as it is), or a bias wider
+    than q (fp32 on bf16), which Flex adds in fp32 and the SDPA kernels on CUDA do not."""
+    bias = call.bias
+    plain_bias_on_flex = bias is not None and bias.dim() >= 3 and bias.shape[-3] > 1 and not is_traced(call.q)
+    wide_bias_on_flex = bias is not None and bias.dtype != call.q.dtype and not is_traced(call.q)
+    return call.softcap is not None or call.bias_fn is not None or call.window is not None or plain_bias_on_flex or \
+        wide_bias_on_flex

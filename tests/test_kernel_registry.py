@@ -1,0 +1,193 @@
+"""The kernel registry: a new kernel is one class and one ``register`` line; the default order and the
+reasons each kernel refuses a call are what the dispatch chose before the registry (CPU)."""
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import attnfuse
+from attnfuse.kernels import AttentionCall, Kernel, KernelFailed, kernels, register, unregister
+from seed_modules import PaddingStyle
+
+
+class EinsumKernel(Kernel):
+    """An example kernel: unmasked fp64 calls only, computed with two einsums."""
+
+    name = "einsum"
+    choices = ("einsum",)
+
+    def refuses(self, call: AttentionCall) -> Optional[str]:
+        if call.q.dtype != torch.float64:
+            return "fp64 only"
+        if any(x is not None for x in (call.keep, call.bias, call.causal, call.softcap, call.bias_fn)) or \
+                call.dropout_p or call.k.shape[1] != call.q.shape[1]:
+            return "takes only unmasked calls without score modifications"
+        return None
+
+    def run(self, call: AttentionCall) -> torch.Tensor:
+        call.announce(self.name)
+        scores = torch.einsum("bhid,bhjd->bhij", call.q, call.k) * call.scale_value
+        return torch.einsum("bhij,bhjd->bhid", scores.softmax(-1), call.v)
+
+
+class FailingKernel(Kernel):
+    """Takes every call, then finds on running that it cannot (as a Flex compile failure does)."""
+
+    name = "failing"
+
+    def run(self, call: AttentionCall) -> torch.Tensor:
+        raise KernelFailed("found on running that it cannot")
+
+
+class Audit:
+    """An ``on_kernel`` callback that also receives the refusals, like ``lower.KernelRecord``."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.refusals: tuple = ()
+
+    def __call__(self, name: str) -> None:
+        self.names.append(name)
+
+    def refused(self, refusals: tuple) -> None:
+        self.refusals = refusals
+
+
+def _registered(kernel: Kernel, before: str):
+    register(kernel, before=before)
+    return kernel
+
+
+@pytest.fixture
+def einsum_kernel():
+    kernel = _registered(EinsumKernel(), before="flex")
+    yield kernel
+    unregister(kernel.name)
+
+
+def _reference(q, k, v, scale=None):
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return ((q @ k.transpose(-2, -1)) * scale).softmax(-1) @ v
+
+
+def test_the_default_order_is_flex_then_sdpa_then_unfused():
+    assert [kernel.name for kernel in kernels()] == ["flex", "sdpa", "unfused"]
+
+
+@settings(max_examples=25, deadline=None)
+@given(b=st.integers(1, 2), h=st.integers(1, 3), l=st.integers(1, 9), s=st.integers(1, 9), e=st.integers(1, 8),
+       scale=st.sampled_from([None, 0.5, -0.3]))
+def test_a_registered_kernel_runs_the_calls_it_does_not_refuse(b, h, l, s, e, scale):
+    kernel = _registered(EinsumKernel(), before="flex")
+    try:
+        q, k, v = (torch.randn(b, h, n, e, dtype=torch.float64) for n in (l, s, s))
+        audit = Audit()
+        out = attnfuse.attend(q, k, v, scale=scale, on_kernel=audit)
+        assert audit.names == ["einsum"] and audit.refusals == ()
+        torch.testing.assert_close(out, _reference(q, k, v, scale))
+        assert attnfuse.attend(q, k, v, scale=scale, kernels=["einsum"]).dtype == torch.float64
+    finally:
+        unregister(kernel.name)
+    assert [kernel.name for kernel in kernels()] == ["flex", "sdpa", "unfused"]
+
+
+def test_a_registered_kernel_refuses_with_its_reason(einsum_kernel):
+    q, k, v = (torch.randn(2, 2, 5, 8, dtype=torch.float64) for _ in range(3))
+    audit = Audit()
+    attnfuse.attend(q, k, v, causal="top_left", on_kernel=audit)
+    assert audit.names == ["cpu-flash"]
+    assert audit.refusals[0] == ("einsum", "takes only unmasked calls without score modifications")
+    audit = Audit()
+    attnfuse.attend(q.float(), k.float(), v.float(), on_kernel=audit)
+    assert audit.names == ["cpu-flash"] and audit.refusals[0] == ("einsum", "fp64 only")
+
+
+def test_a_kernel_that_fails_on_running_hands_the_call_to_the_next():
+    kernel = _registered(FailingKernel(), before="flex")
+    try:
+        q, k, v = (torch.randn(2, 2, 5, 8) for _ in range(3))
+        audit = Audit()
+        out = attnfuse.attend(q, k, v, on_kernel=audit)
+    finally:
+        unregister(kernel.name)
+    assert audit.names == ["cpu-flash"] and audit.refusals[0] == ("failing", "found on running that it cannot")
+    torch.testing.assert_close(out, _reference(q, k, v))
+
+
+def test_registering_twice_or_before_an_unknown_kernel_raises():
+    with pytest.raises(ValueError, match="already registered"):
+        register(kernels()[0])
+    with pytest.raises(ValueError, match="no kernel named 'nope'"):
+        register(EinsumKernel(), before="nope")
+    with pytest.raises(ValueError, match="no kernel named 'nope'"):
+        unregister("nope")
+
+
+def _bias_row_masked():
+    bias = torch.randn(2, 2, 5, 6)
+    bias[0, 1, 2] = torch.finfo(torch.float32).min
+    return bias
+
+
+_NOT_ON_CPU = ("flex", "chosen on CUDA only, where it was measured faster than SDPA")
+_FLEX_WANTS_NOTHING = ("flex", "SDPA runs this call (no softcap, score function, window, per-head or wider bias)")
+_CASES = {  # name: (attend options, gradients, the kernels announced, the refusals of the last)
+    "no mask": ({}, False, ["cpu-flash"], [_FLEX_WANTS_NOTHING]),
+    "causal top-left": (dict(causal="top_left"), False, ["cpu-flash"], [_FLEX_WANTS_NOTHING]),
+    "causal bottom-right": (dict(causal="bottom_right"), False, ["cpu-math (lower-right causal)"],
+                            [_FLEX_WANTS_NOTHING]),
+    "keep-mask": (dict(mask=torch.rand(2, 1, 1, 6) > 0.3), False, ["cpu-flash"], [_FLEX_WANTS_NOTHING]),
+    "bias": (dict(bias=torch.randn(2, 2, 5, 6)), False, ["cpu-flash"], [_NOT_ON_CPU]),
+    "fp32 bias on bf16 q": (dict(bias=torch.randn(1, 1, 5, 6), dtype=torch.bfloat16), False, ["cpu-flash"],
+                            [_NOT_ON_CPU]),
+    "softcap": (dict(softcap=5.0), False, ["unfused math"], [_NOT_ON_CPU, ("sdpa", "SDPA has no softcap")]),
+    "window": (dict(causal="bottom_right", window=2), False, ["cpu-flash"], [_NOT_ON_CPU]),
+    "score function": (dict(bias_fn=lambda idx: (idx[3] - idx[2]).float()), False, ["cpu-flash"], [_NOT_ON_CPU]),
+    "dropout": (dict(dropout_p=0.2), False, ["cpu-math"], [("flex", "FlexAttention has no dropout")]),
+    "gradients": ({}, True, ["cpu-flash"], [("flex", "FlexAttention has no backward on the CPU")]),
+    "fully masked rows": (dict(mask=torch.zeros(2, 1, 1, 6, dtype=torch.bool), fully_masked_rows="nan"), False,
+                          ["cpu-flash"], [_FLEX_WANTS_NOTHING]),
+    "bias masking a row, gradients": (dict(bias=_bias_row_masked()), True, ["unfused math"], [
+        ("flex", "FlexAttention has no backward on the CPU"),
+        ("sdpa", "a bias masks every key of a row: a fused backward gives that row's gradients S times too large")]),
+    "no key": (dict(keys=0), False, ["unfused math"],
+               [_FLEX_WANTS_NOTHING, ("sdpa", "no key: the original sums over none and gives 0")]),
+    "scale 0": (dict(scale=0.0), False, ["unfused math"],
+                [_FLEX_WANTS_NOTHING, ("sdpa", "scale 0: every score is 0, nothing to fuse")]),
+    "NaN in a masked key": (dict(mask=torch.arange(6).view(1, 1, 1, 6) < 5, nan_key=True), True,
+                            ["cpu-flash", "unfused math (NaN/inf in masked keys)"],
+                            [("flex", "FlexAttention has no backward on the CPU"), ("sdpa", "NaN/inf in masked keys")]),
+    "forced math": (dict(kernels=["math"]), False, ["cpu-math"], [("flex", "not among the forced kernels")]),
+}
+
+
+@pytest.mark.parametrize("case", list(_CASES))
+def test_cpu_kernels_and_refusals_are_those_dispatch_chose(case):
+    options, grad, announced, refusals = _CASES[case]
+    options = dict(options)
+    dtype, keys, nan_key = options.pop("dtype", torch.float32), options.pop("keys", 6), options.pop("nan_key", False)
+    q, k, v = (torch.randn(2, 2, n, 8, dtype=dtype) for n in (5, keys, keys))
+    if nan_key:
+        k[:, :, -1] = float("nan")
+    q, k, v = (t.requires_grad_(grad) for t in (q, k, v))
+    audit = Audit()
+    out = attnfuse.attend(q, k, v, on_kernel=audit, **options)
+    assert audit.names == announced
+    assert list(audit.refusals) == refusals
+    if case == "NaN in a masked key":
+        assert torch.isfinite(out).all()  # the unfused rerun never read the masked key, as the original
+
+
+def test_the_audit_record_keeps_the_refusals_and_the_report_text():
+    module = PaddingStyle().eval()
+    q, k, v = (torch.randn(2, 2, 4, 8) for _ in range(3))
+    mask = torch.rand(2, 4) > 0.3
+    optimized = attnfuse.optimize(copy.deepcopy(module))
+    optimized(q, k, v, mask)
+    site = attnfuse.report(optimized).sites[0]
+    assert site.record.kernel == "cpu-flash" and site.record.refusals == (_FLEX_WANTS_NOTHING,)
+    assert "cpu-flash" in str(attnfuse.report(optimized)) and "SDPA runs this call" not in str(attnfuse.report(optimized))
