@@ -21,7 +21,7 @@ import inspect
 import itertools
 import time
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from types import CodeType
 from typing import Any, Callable, Optional, Sequence
 
@@ -52,7 +52,7 @@ class Capture:
     graph_calls: int = 0
     code: Optional[CodeType] = None  # the model's ``forward``, to say why Dynamo ran no graph of it
     excludes: Optional[Callable[[str, Optional[tuple[str, int]]], bool]] = None  # (name, frame): filter_fn said no
-    timings: logs.Timings = field(default_factory=logs.Timings)  # compile work done for this model so far
+    timings: Optional[logs.Timings] = None  # compile work done during the current call, if any
     mark: float = 0.0  # when the current call started, or its last graph was compiled (Dynamo's capture time)
     slow_noted: bool = False
 
@@ -101,10 +101,13 @@ class CompiledGraph:
         if result is not None:
             self.graph_module, self.sites.sites[:] = result
             self.run = self.backend.lower(self.graph_module, self.example_inputs)
-        spent = logs.Timings(verification=time.perf_counter() - started)
+        finished = time.perf_counter()
+        spent = logs.Timings(verification=finished - started)
         self.timings.add(spent)
         if capture is not None:
+            capture.timings = capture.timings or logs.Timings()
             capture.timings.add(spent)
+            capture.mark = finished  # the next graph's capture starts no earlier
 
 
 class AttnfuseBackend:
@@ -128,6 +131,7 @@ class AttnfuseBackend:
         compiled.timings = logs.Timings(capture=None if capture is None else started - capture.mark,
                                         matching=matched - started, lowering=lowered - matched)
         if capture is not None:
+            capture.timings = capture.timings or logs.Timings()
             capture.timings.add(compiled.timings)
             capture.mark = lowered
         return compiled
@@ -335,16 +339,16 @@ def captured(compiled: Callable[..., Any], capture: Capture) -> Callable[..., An
 
     def call(*args: Any, **kwargs: Any) -> Any:
         graphs_before, attempts = capture.graph_calls, _SIGNALS.start()
-        compiled_before = replace(capture.timings)
-        capture.mark = started = time.perf_counter()
+        capture.timings, capture.mark = None, time.perf_counter()
+        started = capture.mark
         token = _ACTIVE.set(capture)
         try:
             return compiled(*args, **kwargs)
         finally:
             _ACTIVE.reset(token)
-            if not capture.slow_noted and capture.timings != compiled_before:
+            if capture.timings is not None and not capture.slow_noted:
                 capture.slow_noted = logs.note_slow_compile(capture.report.root, time.perf_counter() - started,
-                                                            capture.timings.since(compiled_before))
+                                                            capture.timings)
             _SIGNALS.finish(capture.report, attempts)
             if capture.graph_calls == graphs_before:
                 capture.report.note(NO_GRAPH_RAN)
@@ -397,11 +401,18 @@ class CompileBackend:
 
 
 class _Route:
-    """The reports of the string backend ``"attnfuse"`` (one for the process) and of the last route used."""
+    """The report of the string backend ``"attnfuse"`` (the graphs it compiled since ``torch._dynamo.reset()``)
+    and the report the last graph of either route went into."""
 
     def __init__(self) -> None:
         self.strings = FusionReport(root="model")
         self.last: Optional[FusionReport] = None
+
+    def reset(self) -> None:
+        """Dynamo's caches were cleared: the string backend's graphs are gone, so is their report."""
+        if self.last is self.strings:
+            self.last = None
+        self.strings = FusionReport(root="model")
 
 
 _ROUTE = _Route()
@@ -409,7 +420,8 @@ _ROUTE = _Route()
 
 def last_report() -> Optional[FusionReport]:
     """The report that the most recent graph compiled through the ``torch.compile`` route went into: an
-    ``attnfuse.backend(...)`` object's, or the one report of every ``backend="attnfuse"`` graph of the process."""
+    ``attnfuse.backend(...)`` object's, or that of every ``backend="attnfuse"`` graph compiled since
+    ``torch._dynamo.reset()``; None before any."""
     return _ROUTE.last
 
 
@@ -423,6 +435,10 @@ def attnfuse_backend(gm: GraphModule, example_inputs: Sequence[Any], **options: 
     return compiled
 
 
+# torch._dynamo.reset() calls reset() on the backends it cached (torch.compile's wrapper passes it on)
+attnfuse_backend.reset = _ROUTE.reset  # type: ignore[attr-defined]
+
+
 def register_string_backend() -> None:
     """Make ``backend="attnfuse"`` work without the installed entry point (a source checkout): registered
     with Dynamo unless the entry point is known to Dynamo already (it loads this same function)."""
@@ -430,6 +446,7 @@ def register_string_backend() -> None:
         from torch._dynamo.backends import registry
     except ImportError:  # a torch without Dynamo's registry: only the entry point can register it
         return
-    if "attnfuse" in registry._COMPILER_FNS or registry._BACKENDS.get("attnfuse") is not None:
+    loaded, known = getattr(registry, "_COMPILER_FNS", {}), getattr(registry, "_BACKENDS", {})
+    if "attnfuse" in loaded or known.get("attnfuse") is not None:
         return
     registry.register_backend(compiler_fn=attnfuse_backend, name="attnfuse")

@@ -45,14 +45,6 @@ class Timings:
             mine, theirs = getattr(self, f.name), getattr(other, f.name)
             setattr(self, f.name, None if mine is None and theirs is None else (mine or 0.0) + (theirs or 0.0))
 
-    def since(self, before: "Timings") -> "Timings":
-        return Timings(**{f.name: None if getattr(self, f.name) is None
-                          else getattr(self, f.name) - (getattr(before, f.name) or 0.0) for f in fields(self)})
-
-    @property
-    def total(self) -> float:
-        return sum(getattr(self, f.name) or 0.0 for f in fields(self))
-
     def __str__(self) -> str:
         names = {"capture": "Dynamo capture"}
         return ", ".join(f"{names.get(f.name, f.name)} {getattr(self, f.name):.2f} s" for f in fields(self)

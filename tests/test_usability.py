@@ -68,8 +68,12 @@ def test_compile_route_takes_optimize_options_and_reports_through_last_report():
     compiled = torch.compile(model, backend="attnfuse", options={"compiler": "eager", "verify": True})
     torch.testing.assert_close(compiled(_x()), expected)
     report = attnfuse.last_report()
-    assert report is not None and report.fused >= 1
-    assert any(site.name.endswith(".attend") and site.status == "fused" for site in report.sites), str(report)
+    assert [(s.name, s.status) for s in report.sites] == [("model.attend", "fused")], str(report)
+    torch.compile(PaddingStyle().eval(), backend="attnfuse", options={"compiler": "eager"})(
+        *(torch.randn(1, 2, 4, 8) for _ in range(3)))
+    assert report is attnfuse.last_report() and report.fused == 2  # every string-route graph since the reset
+    torch._dynamo.reset()  # the compiled graphs are gone, and so is their report
+    assert attnfuse.last_report() is None
 
 
 def test_compile_route_refuses_unknown_options_listing_the_valid_ones():
