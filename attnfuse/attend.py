@@ -6,28 +6,43 @@ masked.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Literal, Optional
+from typing import Callable, Iterable, Literal, Optional, Union
 
 import torch
 
 from attnfuse.kernels import AttentionCall, CallFacts, KernelFailed, kernels as registered_kernels
-from attnfuse.kernels.registry import validate_kernels
+from attnfuse.kernels.registry import kernel_choices, validate_kernels
 from attnfuse.kernels.rows import restore_rows
 from attnfuse.masking import is_traced
 from attnfuse.precision import bias_dtype
 
-Causal = Optional[Literal["top_left", "bottom_right"]]
+Causal = Optional[Union[bool, Literal["top_left", "bottom_right"]]]
 FullyMaskedRows = Literal["zero", "mean", "nan"]
 
 
+def _sdpa_conventions(mask: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                      causal: Causal) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Causal]:
+    """``(keep, bias, causal)`` read as an SDPA user means them: a bool ``mask`` keeps where True, a float
+    one is added to the scores (with ``bias``); ``causal=True`` is SDPA's ``is_causal`` (top-left)."""
+    causal = "top_left" if causal is True else None if causal is False else causal
+    if mask is None or mask.dtype == torch.bool:
+        return mask, bias, causal
+    if not mask.is_floating_point():
+        raise TypeError(f"attend: mask must be bool (True = attend) or floating point (added to the scores, as "
+                        f"SDPA's attn_mask), got {mask.dtype}")
+    return None, (mask if bias is None else bias + mask), causal
+
+
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: Causal, fully_masked: str,
-           window: Optional[int]) -> None:
+           window: Optional[int], kernels: Optional[Iterable[str]] = None) -> None:
     if q.dim() != 4:
         raise ValueError(f"attend: q must be (batch, heads, q_len, head_dim), got shape {tuple(q.shape)}")
     if k.dim() not in (3, 4) or v.dim() != k.dim():
         raise ValueError("attend: k and v must both be (batch, kv_heads, k_len, dim) or single-head (batch, k_len, dim)")
     if causal not in (None, "top_left", "bottom_right"):
-        raise ValueError(f"attend: causal must be None, 'top_left' or 'bottom_right', got {causal!r}")
+        raise ValueError(f"attend: causal must be None, True ('top_left'), 'top_left' or 'bottom_right', got {causal!r}")
+    if kernels is not None and not isinstance(kernels, str) and not kernels:
+        raise ValueError(f"attend: kernels=[] allows no kernel; pass None or some of {sorted(kernel_choices())}")
     if fully_masked not in ("zero", "mean", "nan"):
         raise ValueError(f"attend: fully_masked_rows must be 'zero', 'mean' or 'nan', got {fully_masked!r}")
     if window is not None and causal is None:
@@ -57,11 +72,12 @@ def attend(
     Args:
         q: ``(B, H, L, E)``. k, v: ``(B, Hk, S, E)`` / ``(B, Hk, S, Ev)`` with ``H % Hk == 0`` (grouped
             or multi-query heads are shared without copying), or single-head ``(B, S, E)``.
-        mask: boolean keep-mask (True = attend) broadcastable to ``(B, H, L, S)``, e.g. ``(B, 1, 1, S)``.
+        mask: broadcastable to ``(B, H, L, S)``, e.g. ``(B, 1, 1, S)``, as SDPA's ``attn_mask``: boolean
+            keep-mask (True = attend), or floating point, added to the scores (``-inf`` masks).
         bias: additive float bias broadcastable to ``(B, H, L, S)``. A bias wider than q (fp32 on bf16 q)
             is added in its own precision, as PyTorch's type promotion adds it (at most the kernels'
             internal fp32 for half-precision q): the call then runs on a kernel that can do so exactly.
-        causal: ``"top_left"`` keeps ``j <= i`` (SDPA's ``is_causal``); ``"bottom_right"`` keeps
+        causal: ``"top_left"`` (or ``True``) keeps ``j <= i`` (SDPA's ``is_causal``); ``"bottom_right"`` keeps
             ``j <= i + S - L`` (the ``triu(j - i + 1)`` convention, right for KV caches).
         window: with ``causal``, keep only the last ``window`` keys up to the diagonal (sliding window).
         softcap: scores become ``softcap * tanh(scores / softcap)`` before biases and masks (Gemma 2).
@@ -87,7 +103,8 @@ def attend(
     host read), which the original gives as NaN. On the CPU a host read costs nothing; on CUDA it is
     a synchronization. A negative scale is folded into q (``-q``, a pass over q).
     """
-    _check(q, k, v, causal, fully_masked_rows, window)
+    keep, bias, causal = _sdpa_conventions(mask, bias, causal)
+    _check(q, k, v, causal, fully_masked_rows, window, kernels)
     allowed = validate_kernels(kernels)
     if k.dim() == 3:
         k, v = k.unsqueeze(1), v.unsqueeze(1)
@@ -96,7 +113,6 @@ def attend(
         raise ValueError(f"attend: {H} query heads cannot share {k.shape[1]} kv heads evenly")
     if k.shape[0] != B:
         k, v = k.expand(B, *k.shape[1:]), v.expand(B, *v.shape[1:])
-    keep = mask if mask is None or mask.dtype == torch.bool else mask.bool()
     if bias is not None and bias.dtype != bias_dtype(q.dtype, bias.dtype):
         bias = bias.to(bias_dtype(q.dtype, bias.dtype))
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))

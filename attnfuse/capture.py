@@ -19,6 +19,7 @@ import contextvars
 import copy
 import inspect
 import itertools
+import time
 from collections import Counter
 from dataclasses import dataclass, replace
 from types import CodeType
@@ -28,11 +29,13 @@ import torch
 from torch.fx import GraphModule
 
 import attnfuse.patterns  # noqa: F401  (registers the rule families)
+from attnfuse import logs
 from attnfuse.constants import BUFFER_VALUE
 from attnfuse.match import Skip, discard_unused_built, find_sites
 from attnfuse.native import native_sites, use_fused_path
 from attnfuse.options import Options
-from attnfuse.report import FusionReport, GraphSites, SiteReport, compiled_frame, relative_module_path, source_line
+from attnfuse.report import (EXCLUDED_BY_FILTER, FusionReport, GraphSites, SiteReport, compiled_frame,
+                             relative_module_path, source_line)
 from attnfuse.rewrite import rewrite_site
 from attnfuse.verify import check_rewrite
 
@@ -48,6 +51,10 @@ class Capture:
     verify: bool = False
     graph_calls: int = 0
     code: Optional[CodeType] = None  # the model's ``forward``, to say why Dynamo ran no graph of it
+    excludes: Optional[Callable[[str, Optional[tuple[str, int]]], bool]] = None  # (name, frame): filter_fn said no
+    timings: Optional[logs.Timings] = None  # compile work done during the current call, if any
+    mark: float = 0.0  # when the current call started, or its last graph was compiled (Dynamo's capture time)
+    slow_noted: bool = False
 
 
 _ACTIVE: contextvars.ContextVar[Optional[Capture]] = contextvars.ContextVar("attnfuse_capture", default=None)
@@ -67,6 +74,8 @@ class CompiledGraph:
         self.backend, self.example_inputs = backend, list(example_inputs)
         self.run: Callable[..., Any] = backend.lower(rewritten, self.example_inputs)
         self.checked_without_capture = False
+        self.timings = logs.Timings()
+        self.logged = False
 
     def __call__(self, *args: Any) -> Any:
         capture = _ACTIVE.get()
@@ -78,16 +87,27 @@ class CompiledGraph:
             capture.graph_calls += 1
             if not capture.report.has_graph(self.sites):
                 if capture.verify:
-                    self.verify(args)
+                    self.verify(args, capture)
                 capture.report.add_graph(self.sites)
+        if not self.logged:
+            self.logged = True
+            logs.graph_ready(self.sites.sites, self.timings, None if capture is None else capture.report)
         return self.run(*args)
 
-    def verify(self, args: tuple) -> None:
+    def verify(self, args: tuple, capture: Optional[Capture] = None) -> None:
         """Check the current rewrite on ``args``; roll back (for every model sharing the graph) what differs."""
+        started = time.perf_counter()
         result = check_rewrite(self.original, self.graph_module, self.sites.sites, self.backend.rewrite_only, args)
         if result is not None:
             self.graph_module, self.sites.sites[:] = result
             self.run = self.backend.lower(self.graph_module, self.example_inputs)
+        finished = time.perf_counter()
+        spent = logs.Timings(verification=finished - started)
+        self.timings.add(spent)
+        if capture is not None:
+            capture.timings = capture.timings or logs.Timings()
+            capture.timings.add(spent)
+            capture.mark = finished  # the next graph's capture starts no earlier
 
 
 class AttnfuseBackend:
@@ -101,10 +121,20 @@ class AttnfuseBackend:
         self.options = options
 
     def __call__(self, gm: GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        started, capture = time.perf_counter(), _ACTIVE.get()
         _record_buffer_values(gm, example_inputs)
         original = copy.deepcopy(gm)  # before the matcher caches anything in the nodes' meta
         sites = self.rewrite(gm)
-        return CompiledGraph(original, gm, sites, self, example_inputs)
+        matched = time.perf_counter()
+        compiled = CompiledGraph(original, gm, sites, self, example_inputs)
+        lowered = time.perf_counter()
+        compiled.timings = logs.Timings(capture=None if capture is None else started - capture.mark,
+                                        matching=matched - started, lowering=lowered - matched)
+        if capture is not None:
+            capture.timings = capture.timings or logs.Timings()
+            capture.timings.add(compiled.timings)
+            capture.mark = lowered
+        return compiled
 
     def lower(self, gm: GraphModule, example_inputs: list[Any]) -> Callable:
         """What runs ``gm``: itself (eager), or Inductor's compilation of it."""
@@ -118,9 +148,13 @@ class AttnfuseBackend:
         """Match and rewrite every site of ``gm`` in place (only the ``(name, source)`` keys in ``only``);
         site names are relative to the compiled model."""
         reports, seen = [], Counter()
+        capture = _ACTIVE.get()
+        excludes = capture.excludes if capture is not None else None
         for found in native_sites(gm.graph):
             name, source, status = relative_module_path(found.node), source_line(found.node), found.status
-            if status == "fused" and only is not None and (name, source) not in only:
+            if status == "fused" and excludes is not None and excludes(name, compiled_frame(found.node)):
+                status, found.reason = "skipped", EXCLUDED_BY_FILTER
+            elif status == "fused" and only is not None and (name, source) not in only:
                 status, found.reason = "skipped", "rolled back"
             elif status == "fused":
                 use_fused_path(found)
@@ -137,6 +171,10 @@ class AttnfuseBackend:
                 reports.append(SiteReport(name, source, "skipped", reason=result.reason, frame=frame))
                 continue
             features = result.features()
+            if excludes is not None and excludes(name, frame):
+                reports.append(SiteReport(name, source, "skipped", reason=EXCLUDED_BY_FILTER, features=features,
+                                          frame=frame))
+                continue
             if only is not None and (name, source) not in only:
                 reports.append(SiteReport(name, source, "skipped", reason="rolled back", features=features,
                                           frame=frame))
@@ -301,11 +339,16 @@ def captured(compiled: Callable[..., Any], capture: Capture) -> Callable[..., An
 
     def call(*args: Any, **kwargs: Any) -> Any:
         graphs_before, attempts = capture.graph_calls, _SIGNALS.start()
+        capture.timings, capture.mark = None, time.perf_counter()
+        started = capture.mark
         token = _ACTIVE.set(capture)
         try:
             return compiled(*args, **kwargs)
         finally:
             _ACTIVE.reset(token)
+            if capture.timings is not None and not capture.slow_noted:
+                capture.slow_noted = logs.note_slow_compile(capture.report.root, time.perf_counter() - started,
+                                                            capture.timings)
             _SIGNALS.finish(capture.report, attempts)
             if capture.graph_calls == graphs_before:
                 capture.report.note(NO_GRAPH_RAN)
@@ -326,9 +369,84 @@ def _record_buffer_values(gm: GraphModule, example_inputs: Sequence[Any]) -> Non
             node.meta[BUFFER_VALUE] = value
 
 
+# ----------------------------------------------------------------------------- the torch.compile route
+
+ROUTE_OPTIONS = {"dynamic": "pass dynamic= to torch.compile itself",
+                 "filter_fn": "use attnfuse.optimize(model, filter_fn=...), which knows the model's module names"}
+
+
+def route_options(options: dict[str, Any]) -> Options:
+    """The options of a ``torch.compile`` route backend: ``optimize``'s names, Inductor by default."""
+    for name, instead in ROUTE_OPTIONS.items():
+        if name in options:
+            raise TypeError(f"attnfuse: the torch.compile backend takes no {name}= option; {instead}")
+    return Options.from_kwargs(**{"compiler": "inductor", **options})
+
+
+class CompileBackend:
+    """A backend for ``torch.compile(model, backend=attnfuse.backend(...))`` that keeps the report of
+    every graph it compiled (``.report``): what ``attnfuse.report`` is to ``optimize``."""
+
+    def __init__(self, options: Options, report: FusionReport) -> None:
+        self.options, self.report = options, report
+
+    def __call__(self, gm: GraphModule, example_inputs: Sequence[Any], **options: Any) -> Callable:
+        if options:
+            raise TypeError(f"attnfuse: pass the options to attnfuse.backend(...), not to torch.compile; got "
+                            f"{sorted(options)}")
+        compiled = AttnfuseBackend(self.options)(gm, example_inputs)
+        self.report.add_graph(compiled.sites)
+        _ROUTE.last = self.report
+        return compiled
+
+
+class _Route:
+    """The report of the string backend ``"attnfuse"`` (the graphs it compiled since ``torch._dynamo.reset()``)
+    and the report the last graph of either route went into."""
+
+    def __init__(self) -> None:
+        self.strings = FusionReport(root="model")
+        self.last: Optional[FusionReport] = None
+
+    def reset(self) -> None:
+        """Dynamo's caches were cleared: the string backend's graphs are gone, so is their report."""
+        if self.last is self.strings:
+            self.last = None
+        self.strings = FusionReport(root="model")
+
+
+_ROUTE = _Route()
+
+
+def last_report() -> Optional[FusionReport]:
+    """The report that the most recent graph compiled through the ``torch.compile`` route went into: an
+    ``attnfuse.backend(...)`` object's, or that of every ``backend="attnfuse"`` graph compiled since
+    ``torch._dynamo.reset()``; None before any."""
+    return _ROUTE.last
+
+
 def attnfuse_backend(gm: GraphModule, example_inputs: Sequence[Any], **options: Any) -> Callable:
     """The ``torch.compile(model, backend="attnfuse")`` entry point: rewrite, then Inductor by default.
-    Options come as keywords or as ``torch.compile(..., options={...})``."""
-    options = {**(options.pop("options", None) or {}), **options}
-    options.setdefault("compiler", "inductor")
-    return AttnfuseBackend(Options.from_kwargs(**options))(gm, example_inputs)
+    Options come as keywords or as ``torch.compile(..., options={...})``, with ``optimize``'s names."""
+    settings = route_options({**(options.pop("options", None) or {}), **options})
+    compiled = AttnfuseBackend(settings)(gm, example_inputs)
+    _ROUTE.strings.add_graph(compiled.sites)
+    _ROUTE.last = _ROUTE.strings
+    return compiled
+
+
+# torch._dynamo.reset() calls reset() on the backends it cached (torch.compile's wrapper passes it on)
+attnfuse_backend.reset = _ROUTE.reset  # type: ignore[attr-defined]
+
+
+def register_string_backend() -> None:
+    """Make ``backend="attnfuse"`` work without the installed entry point (a source checkout): registered
+    with Dynamo unless the entry point is known to Dynamo already (it loads this same function)."""
+    try:
+        from torch._dynamo.backends import registry
+    except ImportError:  # a torch without Dynamo's registry: only the entry point can register it
+        return
+    loaded, known = getattr(registry, "_COMPILER_FNS", {}), getattr(registry, "_BACKENDS", {})
+    if "attnfuse" in loaded or known.get("attnfuse") is not None:
+        return
+    registry.register_backend(compiler_fn=attnfuse_backend, name="attnfuse")

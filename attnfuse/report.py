@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import os
 import re
@@ -13,6 +14,7 @@ from torch.fx import Node
 from attnfuse.lower import KernelRecord
 
 ALREADY_FUSED = "native"  # the status of a site the model already runs on a fused kernel
+EXCLUDED_BY_FILTER = "excluded by filter_fn"  # the reason of a site whose module the user's filter rejected
 _FILE_LINE = re.compile(r'File "([^"]+)", line (\d+)')
 # The frame's module: its first local (``L['self']``), or ``L['args'][0]`` when a decorator's
 # ``wrapper(*args, **kwargs)`` received it.
@@ -50,6 +52,11 @@ class ModuleIndex:
             if code is not None:
                 lines = [line for _, _, line in code.co_lines() if line is not None] or [code.co_firstlineno]
                 self._ranges.append((code.co_filename, code.co_firstlineno, max(lines), name))
+
+    def module_names(self, relative: str, frame: Optional[tuple[str, int]]) -> list[str]:
+        """The ``named_modules()`` names a site at ``relative`` below ``frame`` may belong to (several
+        where modules share the compiled graph)."""
+        return [".".join(part for part in (owner, relative) if part) for owner in self.owners(frame) or [""]]
 
     def owners(self, frame: Optional[tuple[str, int]]) -> list[str]:
         """The modules whose ``forward`` holds ``frame`` (the innermost function when they nest)."""
@@ -112,12 +119,21 @@ class SiteReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "source": self.source, "status": self.status, "reason": self.reason,
-                "features": {k: _json_number(v) for k, v in self.features.items()}, "backend": self.backend}
+                "features": {str(k): _json_value(v) for k, v in self.features.items()}, "backend": self.backend}
 
 
-def _json_number(value: Any) -> Any:
-    """``value``, with a non-finite float as a string (``"-inf"``): JSON has no infinities."""
-    return str(value) if isinstance(value, float) and not math.isfinite(value) else value
+def _json_value(value: Any) -> Any:
+    """``value`` as strict JSON holds it: a non-finite float as a string (``"-inf"``), a tuple as a list,
+    anything JSON has no type for (a dtype, a symbolic size) as its string."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _json_value(v) for k, v in value.items()}
+    return str(value)
 
 
 def _feature_summary(features: dict) -> str:
@@ -167,6 +183,7 @@ class FusionReport:
     graphs: list[GraphSites] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     modules: Optional[ModuleIndex] = field(default=None, repr=False, compare=False)
+    not_optimized: Optional[str] = None  # why the model this report was asked for does not run the rewrite
     _graph_ids: set[int] = field(default_factory=set, init=False, repr=False, compare=False)
 
     @property
@@ -175,10 +192,13 @@ class FusionReport:
         recompile for new shapes, a rollback) replaces the earlier one."""
         merged: dict[tuple[str, str], SiteReport] = {}
         for graph in self.graphs:
-            for site in graph.sites:
-                named = replace(site, name=rooted(self.root, self._full_path(site)))
+            for named in self.named(graph.sites):
                 merged[(named.name, named.source)] = named
         return list(merged.values())
+
+    def named(self, sites: list[SiteReport]) -> list[SiteReport]:
+        """``sites`` (of one compiled graph) named from ``root``."""
+        return [replace(site, name=rooted(self.root, self._full_path(site))) for site in sites]
 
     def _full_path(self, site: SiteReport) -> str:
         """The site's module below the model: its path below the compiled frame, after the frame's module."""
@@ -214,12 +234,20 @@ class FusionReport:
             self.notes.append(text)
 
     def to_dict(self) -> dict[str, Any]:
+        """The report as plain data that strict JSON can hold (see ``to_json``)."""
         sites = self.sites
+        notes = ([self.not_optimized] if self.not_optimized else []) + list(self.notes)
         return {"fused": sum(s.status == "fused" for s in sites), "skipped": sum(s.status == "skipped" for s in sites),
                 "already_fused": sum(s.status == ALREADY_FUSED for s in sites),
-                "sites": [s.to_dict() for s in sites], "notes": list(self.notes)}
+                "sites": [s.to_dict() for s in sites], "notes": notes}
+
+    def to_json(self, **dumps_options: Any) -> str:
+        """``to_dict()`` as strict JSON (no NaN or Infinity); ``dumps_options`` go to ``json.dumps``."""
+        return json.dumps(self.to_dict(), allow_nan=False, **dumps_options)
 
     def __str__(self) -> str:
+        if self.not_optimized:
+            return f"attnfuse: not optimized: {self.not_optimized}"
         sites = self.sites
         notes = [f"note: {text}" for text in self.notes]
         if not sites and notes:
@@ -246,5 +274,9 @@ class FusionReport:
 
 
 def _short_source(source: str) -> str:
+    """``<folder>/<file>:<line>``: the file and the folder (package) it is in, for a table a person reads."""
     path, _, line = source.rpartition(":")
-    return f"{os.path.basename(path)}:{line}" if path else source
+    if not path:
+        return source
+    folder = os.path.basename(os.path.dirname(path))
+    return f"{folder}/{os.path.basename(path)}:{line}" if folder else f"{os.path.basename(path)}:{line}"
