@@ -9,10 +9,11 @@ from attnfuse import dispatch
 from attnfuse.fallback import index_grid, math_attention
 from attnfuse.autotune import autotune_order
 from attnfuse.flex import flex_attend
-from attnfuse.masking import (combined_keep, dead_key_columns, is_traced, restore_fully_masked_rows, rows_of_neginf,
+from attnfuse.masking import (combined_keep, dead_key_columns, restore_fully_masked_rows, rows_of_neginf,
                               rows_without_keys, sdpa_mask, uniform_rows_for_dropout, unread_rows_without_keys)
 from attnfuse.memo import host_bool, host_bools, host_readable
 from attnfuse.precision import bias_dtype, internal_dtype
+from attnfuse.tracing import is_traced
 
 Causal = Optional[Literal["top_left", "bottom_right"]]
 FullyMaskedRows = Literal["zero", "mean", "nan"]

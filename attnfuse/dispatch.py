@@ -19,9 +19,9 @@ from torch.nn.attention import SDPBackend
 from torch.nn.attention.bias import CausalBias
 
 from attnfuse.kernel_scope import kernel_scope
-from attnfuse.masking import is_traced
 from attnfuse.memo import host_bool
 from attnfuse.patterns.masks import MASKING_THRESHOLD
+from attnfuse.tracing import is_traced
 
 KERNELS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from attnfuse.masking import is_traced
+from attnfuse.tracing import is_traced
 
 _compiled_flex: list[Callable] = []
 _block_masks: "OrderedDict[tuple, object]" = OrderedDict()

@@ -18,8 +18,9 @@ from attnfuse.attend import attend, differentiable_twice
 from attnfuse.canonical import statically_true, tensor_meta
 from attnfuse.dominance import FillDominance, every_row_has_a_live_key
 from attnfuse.guards import CausalGuard
-from attnfuse.masking import combined_keep, conjunction, is_traced
+from attnfuse.masking import combined_keep, conjunction
 from attnfuse.site import AttentionSite
+from attnfuse.tracing import is_traced
 
 
 

@@ -30,6 +30,7 @@ import torch
 from torch.nn.attention.bias import causal_lower_right
 
 from attnfuse.memo import host_bool
+from attnfuse.tracing import is_traced
 
 
 def conjunction(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
@@ -52,14 +53,6 @@ def combined_keep(keep: Optional[torch.Tensor], causal: Optional[str], L: int, S
         return keep
     triangle = causal_keep(L, S, causal, device, window)
     return triangle if keep is None else keep & triangle
-
-
-def is_traced(q: torch.Tensor) -> bool:
-    """Whether we run under a compiler's tracer, where SDPA's ``CausalBias`` subclass cannot be created."""
-    from torch._subclasses.functional_tensor import FunctionalTensor
-
-    return torch.compiler.is_compiling() or isinstance(q, (torch._subclasses.FakeTensor, FunctionalTensor)) or \
-        torch._is_functional_tensor(q)
 
 
 def sdpa_mask(full_keep: Optional[torch.Tensor], bias: Optional[torch.Tensor], causal: Optional[str], L: int,
