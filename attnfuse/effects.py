@@ -20,7 +20,7 @@ from typing import Any, Iterable, Optional
 import torch
 from torch.fx import Graph, Node
 
-from attnfuse.canonical import INPLACE_OPERATORS, WRITTEN, example_value, is_written, target_name, writes_in_place
+from attnfuse.fx_utils import INPLACE_OPERATORS, WRITTEN, example_value, is_written, target_name, writes_in_place
 
 def written_operand(node: Node) -> Optional[Node]:
     """The tensor node that ``node`` writes in place (in-place method or operator, ``setitem``,

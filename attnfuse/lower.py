@@ -15,8 +15,8 @@ import torch
 from torch.fx import Node
 
 from attnfuse.attend import attend, differentiable_twice
-from attnfuse.canonical import statically_true, tensor_meta
 from attnfuse.dominance import FillDominance, every_row_has_a_live_key
+from attnfuse.fx_utils import statically_true, tensor_meta
 from attnfuse.guards import CausalGuard
 from attnfuse.masking import combined_keep, conjunction
 from attnfuse.site import AttentionSite

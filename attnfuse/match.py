@@ -17,11 +17,12 @@ from torch.fx import Graph, Node
 
 import torch
 
-from attnfuse.canonical import (WRITTEN, canonical, has_side_effect, is_call, is_written, normalize_dunder_methods,
-                                remove_dead_nodes, same_size, spelling, statically_true, tensor_meta, value_users)
+from attnfuse.canonical import canonical, normalize_dunder_methods, spelling
 from attnfuse.constants import constant_value
 from attnfuse.dominance import absorbing, underflow_gap
 from attnfuse.effects import fake_result, functionalize, mark_writes, written_between
+from attnfuse.fx_utils import (WRITTEN, has_side_effect, is_call, is_written, remove_dead_nodes, same_size,
+                               statically_true, tensor_meta, value_users)
 from attnfuse.original import NoOriginal, original_program
 from attnfuse.patterns.biases import Add, bias_reason
 from attnfuse.patterns.casts import Cast, peel_upcasts
@@ -29,8 +30,8 @@ from attnfuse.patterns.causal import MaskPattern, classify, classify_additive, k
 from attnfuse.patterns.dropout import Dropout
 from attnfuse.patterns.layouts import Operand, Permute, peel_scaled_head_repeat, regroup, regroup_recipe, reshape_blocks
 from attnfuse.patterns.masks import (Clamp, KeepMask, RegionWrite, Select, binary_mask, clamp_floor, complement_value,
-                                    drops_where_zero, fill_value, full_index, keep_mask, mask_reason, pad_region,
-                                    same_keep_mask, weights_zeroing)
+                                     drops_where_zero, fill_value, full_index, keep_mask, mask_reason, pad_region,
+                                     same_keep_mask, weights_zeroing)
 from attnfuse.patterns.products import Product
 from attnfuse.patterns.scales import Factor, Multiply, score_factor
 from attnfuse.patterns.score_functions import score_function

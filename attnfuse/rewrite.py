@@ -11,8 +11,8 @@ from typing import Optional
 
 from torch.fx import GraphModule, Node
 
-from attnfuse.canonical import remove_dead_nodes
 from attnfuse.effects import written_or_returned
+from attnfuse.fx_utils import remove_dead_nodes
 from attnfuse.lower import SitePlan, plan_for, site_function, site_inputs
 from attnfuse.original import original_program
 from attnfuse.site import AttentionSite

@@ -14,7 +14,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch.fx import Node
 
-from attnfuse.canonical import tensor_meta
+from attnfuse.fx_utils import tensor_meta
 from attnfuse.patterns.layouts import Operand
 from attnfuse.patterns.masks import KeepMask
 from attnfuse.patterns.scales import Factor

@@ -11,7 +11,8 @@ from typing import Optional
 
 from torch.fx import Node
 
-from attnfuse.canonical import arithmetic_kind, bind, canonicalizer, is_scalar, tensor_meta
+from attnfuse.canonical import arithmetic_kind, canonicalizer
+from attnfuse.fx_utils import bind, is_scalar, tensor_meta
 
 
 @dataclass(frozen=True)

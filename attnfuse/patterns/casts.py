@@ -7,7 +7,8 @@ from typing import Optional
 import torch
 from torch.fx import Node
 
-from attnfuse.canonical import canonical, canonicalizer, is_call, tensor_meta
+from attnfuse.canonical import canonical, canonicalizer
+from attnfuse.fx_utils import is_call, tensor_meta
 from attnfuse.patterns.layouts import Operand, peel_layout
 
 _DTYPE_METHODS = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16,

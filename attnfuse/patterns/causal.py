@@ -16,9 +16,10 @@ from typing import Optional, Union
 import torch
 from torch.fx import Node
 
-from attnfuse.canonical import (bind, canonical, example_value, is_call, is_scalar, is_written, same_size,
-                                statically_true, tensor_meta)
+from attnfuse.canonical import canonical
 from attnfuse.constants import BUFFER_VALUE, buffers_read, constant_value
+from attnfuse.fx_utils import (bind, example_value, is_call, is_scalar, is_written, same_size, statically_true,
+                               tensor_meta)
 from attnfuse.patterns.index import keep_inequalities, query_key_inequalities, triangle_arguments, triangle_kept
 from attnfuse.patterns.masks import MASKING_THRESHOLD, KeepMask, Select
 

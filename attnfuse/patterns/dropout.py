@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch.fx import Node
 
-from attnfuse.canonical import bind, canonicalizer, example_value, is_call, is_scalar
+from attnfuse.canonical import canonicalizer
+from attnfuse.fx_utils import bind, example_value, is_call, is_scalar
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Optional, Union
 import torch
 from torch.fx import Node
 
-from attnfuse.canonical import bind, example_value, is_call, is_scalar, is_written, tensor_meta
+from attnfuse.fx_utils import bind, example_value, is_call, is_scalar, is_written, tensor_meta
 
 Number = Union[int, torch.SymInt]
 

@@ -14,9 +14,9 @@ from typing import Optional, Union
 import torch
 from torch.fx import Node
 
-from attnfuse.canonical import (bind, canonical, canonicalizer, has_side_effect, is_call, is_scalar, is_written,
-                                tensor_meta)
+from attnfuse.canonical import canonical, canonicalizer
 from attnfuse.constants import constant_value
+from attnfuse.fx_utils import bind, has_side_effect, is_call, is_scalar, is_written, tensor_meta
 
 # A fill at or below this acts as a mask: exp(fill - row_max) is 0 for any sane score.
 MASKING_THRESHOLD = -1e4

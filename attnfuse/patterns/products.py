@@ -14,7 +14,8 @@ from typing import Optional
 import torch
 from torch.fx import Node
 
-from attnfuse.canonical import bind, canonicalizer, is_call, is_scalar, rank_of
+from attnfuse.canonical import canonicalizer
+from attnfuse.fx_utils import bind, is_call, is_scalar, rank_of
 from attnfuse.patterns.layouts import Operand, peel_layout
 
 

@@ -13,8 +13,9 @@ from typing import Optional, Union
 import torch
 from torch.fx import Node
 
-from attnfuse.canonical import arithmetic_kind, canonicalizer, example_value, is_scalar, tensor_meta
+from attnfuse.canonical import arithmetic_kind, canonicalizer
 from attnfuse.constants import constant_value
+from attnfuse.fx_utils import example_value, is_scalar, tensor_meta
 
 
 @dataclass(frozen=True)

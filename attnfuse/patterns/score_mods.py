@@ -11,7 +11,8 @@ from typing import Optional
 import torch
 from torch.fx import Node
 
-from attnfuse.canonical import canonicalizer, is_call
+from attnfuse.canonical import canonicalizer
+from attnfuse.fx_utils import is_call
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch.fx import Node
 
-from attnfuse.canonical import bind, canonicalizer, is_call
+from attnfuse.canonical import canonicalizer
+from attnfuse.fx_utils import bind, is_call
 
 
 @dataclass(frozen=True)
