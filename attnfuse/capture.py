@@ -28,7 +28,7 @@ import torch
 from torch.fx import GraphModule
 
 import attnfuse.patterns  # noqa: F401  (registers the rule families)
-from attnfuse.constants import BUFFER_VALUE
+from attnfuse.folding import BUFFER_VALUE
 from attnfuse.match import Skip, discard_unused_built, find_sites
 from attnfuse.native import native_sites, use_fused_path
 from attnfuse.options import Options

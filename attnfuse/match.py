@@ -18,9 +18,9 @@ from torch.fx import Graph, Node
 import torch
 
 from attnfuse.canonical import canonical, normalize_dunder_methods, spelling
-from attnfuse.constants import constant_value
 from attnfuse.dominance import absorbing, underflow_gap
 from attnfuse.effects import fake_result, functionalize, mark_writes, written_between
+from attnfuse.folding import constant_value
 from attnfuse.fx_utils import (WRITTEN, has_side_effect, is_call, is_written, remove_dead_nodes, same_size,
                                statically_true, tensor_meta, value_users)
 from attnfuse.original import NoOriginal, original_program

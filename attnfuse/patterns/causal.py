@@ -3,7 +3,7 @@
 Two rules, tried in order:
 * structural: ``triu``/``tril`` of an all-true ``(L, S)`` tensor with a diagonal offset; works with
   symbolic sizes, because the offset is compared symbolically (``j - i + 1`` is bottom-right);
-* by value: a mask that reads no graph input is evaluated (see ``attnfuse.constants``) and compared
+* by value: a mask that reads no graph input is evaluated (see ``attnfuse.folding``) and compared
   with both triangles; this covers ``arange`` comparisons and any other construction.
 Top-left (SDPA's ``is_causal=True``) keeps ``j <= i``; bottom-right keeps ``j <= i + S - L``.
 """
@@ -17,7 +17,7 @@ import torch
 from torch.fx import Node
 
 from attnfuse.canonical import canonical
-from attnfuse.constants import BUFFER_VALUE, buffers_read, constant_value
+from attnfuse.folding import BUFFER_VALUE, buffers_read, constant_value
 from attnfuse.fx_utils import (bind, example_value, is_call, is_scalar, is_written, same_size, statically_true,
                                tensor_meta)
 from attnfuse.patterns.index import keep_inequalities, query_key_inequalities, triangle_arguments, triangle_kept

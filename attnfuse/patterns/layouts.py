@@ -16,7 +16,7 @@ from torch.fx import Node
 import operator
 
 from attnfuse.canonical import canonical, canonicalizer
-from attnfuse.constants import constant_value
+from attnfuse.folding import constant_value
 from attnfuse.fx_utils import bind, example_value, is_call, is_scalar, rank_of, same_size, statically_true, tensor_meta
 from attnfuse.patterns.scales import Multiply
 

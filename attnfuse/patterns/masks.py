@@ -15,7 +15,7 @@ import torch
 from torch.fx import Node
 
 from attnfuse.canonical import canonical, canonicalizer
-from attnfuse.constants import constant_value
+from attnfuse.folding import constant_value
 from attnfuse.fx_utils import bind, has_side_effect, is_call, is_scalar, is_written, tensor_meta
 
 # A fill at or below this acts as a mask: exp(fill - row_max) is 0 for any sane score.

@@ -14,7 +14,7 @@ import torch
 from torch.fx import Node
 
 from attnfuse.canonical import arithmetic_kind, canonicalizer
-from attnfuse.constants import constant_value
+from attnfuse.folding import constant_value
 from attnfuse.fx_utils import example_value, is_scalar, tensor_meta
 
 

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import torch
 from torch.fx import Node
 
-from attnfuse.constants import constant_value
+from attnfuse.folding import constant_value
 from attnfuse.fx_utils import bind, example_value, is_call, is_scalar, is_written, tensor_meta
 from attnfuse.patterns.index import exact_positions, arange_arguments
 
