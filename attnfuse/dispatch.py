@@ -20,8 +20,8 @@ from torch.nn.attention.bias import CausalBias
 
 from attnfuse.kernel_scope import kernel_scope
 from attnfuse.memo import host_bool
-from attnfuse.patterns.masks import MASKING_THRESHOLD
 from attnfuse.tracing import is_traced
+from attnfuse.vocabulary import MASKING_THRESHOLD
 
 KERNELS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,

@@ -24,21 +24,18 @@ from attnfuse.folding import constant_value
 from attnfuse.fx_utils import (WRITTEN, has_side_effect, is_call, is_written, remove_dead_nodes, same_size,
                                statically_true, tensor_meta, value_users)
 from attnfuse.original import NoOriginal, original_program
-from attnfuse.patterns.biases import Add, bias_reason
-from attnfuse.patterns.casts import Cast, peel_upcasts
-from attnfuse.patterns.causal import MaskPattern, classify, classify_additive, keep_pattern
-from attnfuse.patterns.dropout import Dropout
-from attnfuse.patterns.layouts import Operand, Permute, peel_scaled_head_repeat, regroup, regroup_recipe, reshape_blocks
-from attnfuse.patterns.masks import (Clamp, KeepMask, RegionWrite, Select, binary_mask, clamp_floor, complement_value,
-                                     drops_where_zero, fill_value, full_index, keep_mask, mask_reason, pad_region,
-                                     same_keep_mask, weights_zeroing)
-from attnfuse.patterns.products import Product
-from attnfuse.patterns.scales import Factor, Multiply, score_factor
+from attnfuse.patterns.biases import bias_reason
+from attnfuse.patterns.casts import peel_upcasts
+from attnfuse.patterns.causal import classify, classify_additive, keep_pattern
+from attnfuse.patterns.layouts import peel_scaled_head_repeat, regroup, regroup_recipe, reshape_blocks
+from attnfuse.patterns.masks import (binary_mask, clamp_floor, complement_value, drops_where_zero, fill_value, full_index,
+                                     keep_mask, mask_reason, pad_region, same_keep_mask, weights_zeroing)
+from attnfuse.patterns.scales import score_factor
 from attnfuse.patterns.score_functions import score_function
-from attnfuse.patterns.score_mods import Tanh
-from attnfuse.patterns.softmax import Softmax
 from attnfuse.precision import site_dtype
 from attnfuse.site import AttentionSite, ScoreTerms
+from attnfuse.vocabulary import (Add, Cast, Clamp, Dropout, Factor, KeepMask, MaskPattern, Multiply, Operand, Permute,
+                                 Product, RegionWrite, Select, Softmax, Tanh)
 
 _SEARCH_DEPTH = 8
 BUILT_FOR = "attnfuse_built_for"  # node.meta key: a node built while matching a site (erased if it is skipped)

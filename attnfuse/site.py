@@ -15,10 +15,7 @@ import torch
 from torch.fx import Node
 
 from attnfuse.fx_utils import tensor_meta
-from attnfuse.patterns.layouts import Operand
-from attnfuse.patterns.masks import KeepMask
-from attnfuse.patterns.scales import Factor
-from attnfuse.patterns.score_functions import ScoreFunction
+from attnfuse.vocabulary import Factor, KeepMask, Operand, ScoreFunction
 
 
 @dataclass

@@ -10,7 +10,6 @@ Top-left (SDPA's ``is_causal=True``) keeps ``j <= i``; bottom-right keeps ``j <=
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
@@ -21,21 +20,9 @@ from attnfuse.folding import BUFFER_VALUE, buffers_read, constant_value
 from attnfuse.fx_utils import (bind, example_value, is_call, is_scalar, is_written, same_size, statically_true,
                                tensor_meta)
 from attnfuse.patterns.index import keep_inequalities, query_key_inequalities, triangle_arguments, triangle_kept
-from attnfuse.patterns.masks import MASKING_THRESHOLD, KeepMask, Select
+from attnfuse.vocabulary import MASKING_THRESHOLD, KeepMask, MaskPattern, Select
 
 Size = Union[int, torch.SymInt]
-
-
-@dataclass(frozen=True)
-class MaskPattern:
-    """What a keep-mask is: ``causal`` (with ``alignment``), ``all`` (keeps everything) or ``tensor``."""
-
-    kind: str
-    alignment: Optional[str] = None
-    window: Optional[object] = None
-    guarded_by: tuple = ()
-
-
 TENSOR = MaskPattern("tensor")
 
 
@@ -135,7 +122,6 @@ def _from_inequalities(found: Optional[list], L: Size, S: Size) -> Optional[Mask
     if not statically_true(lambda: size >= 1):
         return TENSOR  # a window of no key masks every row: not a sliding window
     return MaskPattern("causal", alignment, window=size)
-
 
 
 def classify(mask: KeepMask, L: Size, S: Size) -> MaskPattern:

@@ -18,32 +18,7 @@ import operator
 from attnfuse.canonical import canonical, canonicalizer
 from attnfuse.folding import constant_value
 from attnfuse.fx_utils import bind, example_value, is_call, is_scalar, rank_of, same_size, statically_true, tensor_meta
-from attnfuse.patterns.scales import Multiply
-
-
-@dataclass(frozen=True)
-class Permute:
-    """``out = x.permute(perm)``: output dim ``k`` is input dim ``perm[k]``."""
-
-    x: Node
-    perm: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class RepeatHeads:
-    """``out`` repeats each slice of ``x`` along ``dim`` ``repeats`` times in place (``repeat_interleave``)."""
-
-    x: Node
-    dim: int
-    repeats: int
-
-
-@dataclass(frozen=True)
-class Operand:
-    """A tensor read by a product, with one axis letter per dimension of ``node``."""
-
-    node: Node
-    axes: str
+from attnfuse.vocabulary import Multiply, Operand, Permute, RepeatHeads
 
 
 def _swap(rank: int, a: int, b: int) -> tuple[int, ...]:

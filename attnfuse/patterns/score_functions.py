@@ -9,7 +9,6 @@ SDPA. A subgraph with any op outside the pointwise set below stays a plain tenso
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -18,6 +17,7 @@ from torch.fx import Node
 from attnfuse.folding import constant_value
 from attnfuse.fx_utils import bind, example_value, is_call, is_scalar, is_written, tensor_meta
 from attnfuse.patterns.index import exact_positions, arange_arguments
+from attnfuse.vocabulary import ScoreFunction
 
 # Elementwise functions applied unchanged to the pointwise values.
 _UNARY = {torch.abs: torch.abs, torch.neg: torch.neg, torch.log: torch.log, torch.exp: torch.exp,
@@ -38,18 +38,6 @@ _CASTS = {"float": torch.float32, "long": torch.int64, "int": torch.int32, "half
 
 class NotPointwise(Exception):
     """The bias subgraph uses an op that has no pointwise reading."""
-
-
-@dataclass
-class ScoreFunction:
-    """``bias(b, h, i, j) = fn(indices, leaves)``; ``leaves`` are graph nodes read by gathers."""
-
-    leaves: list[Node]
-    program: Callable[[tuple, list], torch.Tensor]
-    uses_positions: bool
-
-    def __call__(self, index: tuple, leaf_values: list) -> torch.Tensor:
-        return self.program(index, leaf_values)
 
 
 def _dims_map(rank: int, out_map: tuple) -> tuple:

@@ -1,7 +1,6 @@
 """Softmax rules: ``x.softmax(d)``, ``F.softmax``, ``torch.softmax``, ``nn.Softmax`` (inlined), with ``dtype=``."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -10,15 +9,7 @@ from torch.fx import Node
 
 from attnfuse.canonical import canonicalizer
 from attnfuse.fx_utils import bind, is_call
-
-
-@dataclass(frozen=True)
-class Softmax:
-    """``softmax(x, dim)``, computed in ``dtype`` when given (a cast folded into the softmax)."""
-
-    x: Node
-    dim: int
-    dtype: Optional[torch.dtype] = None
+from attnfuse.vocabulary import Softmax
 
 
 @canonicalizer
