@@ -31,6 +31,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from attnfuse.memo import host_bool
 from attnfuse.tracing import is_traced
+from attnfuse.vocabulary import causal_offset
 
 
 def conjunction(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
@@ -41,7 +42,7 @@ def conjunction(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
 def causal_keep(L: int, S: int, alignment: str, device: torch.device, window: Optional[int] = None) -> torch.Tensor:
     """The ``(L, S)`` keep-mask of a causal triangle aligned top-left or bottom-right, optionally
     limited to the last ``window`` keys up to the diagonal (a sliding window)."""
-    offset = 0 if alignment == "top_left" else S - L
+    offset = causal_offset(alignment, L, S)
     keep = torch.ones(L, S, dtype=torch.bool, device=device).tril(offset)
     return keep if window is None else keep.triu(offset - window + 1)
 
