@@ -32,7 +32,8 @@ from attnfuse.folding import BUFFER_VALUE
 from attnfuse.match import Skip, discard_unused_built, find_sites
 from attnfuse.native import native_sites, use_fused_path
 from attnfuse.options import Options
-from attnfuse.report import FusionReport, GraphSites, SiteReport, compiled_frame, relative_module_path, source_line
+from attnfuse.report import (FusionReport, GraphSites, SiteReport, compiled_frame, relative_module_path, site_features,
+                             source_line)
 from attnfuse.rewrite import rewrite_site
 from attnfuse.verify import check_rewrite
 
@@ -136,7 +137,7 @@ class AttnfuseBackend:
             if isinstance(result, Skip):
                 reports.append(SiteReport(name, source, "skipped", reason=result.reason, frame=frame))
                 continue
-            features = result.features()
+            features = site_features(result)
             if only is not None and (name, source) not in only:
                 reports.append(SiteReport(name, source, "skipped", reason="rolled back", features=features,
                                           frame=frame))

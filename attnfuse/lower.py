@@ -19,6 +19,7 @@ from attnfuse.dominance import FillDominance, every_row_has_a_live_key
 from attnfuse.fx_utils import statically_true, tensor_meta
 from attnfuse.guards import CausalGuard
 from attnfuse.masking import combined_keep, conjunction
+from attnfuse.report import KernelRecord
 from attnfuse.site import AttentionSite
 from attnfuse.tracing import is_traced
 
@@ -43,16 +44,6 @@ class Layout:
         for dim in self.missing:
             x = x.unsqueeze(dim)
         return x
-
-
-@dataclass
-class KernelRecord:
-    """What ran at a site, filled in on its first call (the audit reads it)."""
-
-    kernel: Optional[str] = None
-
-    def __call__(self, name: str) -> None:
-        self.kernel = name
 
 
 class BiasProgram:
