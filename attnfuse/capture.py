@@ -29,12 +29,12 @@ from torch.fx import GraphModule
 
 import attnfuse.patterns  # noqa: F401  (registers the rule families)
 from attnfuse.folding import BUFFER_VALUE
+from attnfuse.lower import rewrite_site
 from attnfuse.match import Skip, discard_unused_built, find_sites
 from attnfuse.native import native_sites, use_fused_path
 from attnfuse.options import Options
 from attnfuse.report import (FusionReport, GraphSites, SiteReport, compiled_frame, relative_module_path, site_features,
                              source_line)
-from attnfuse.rewrite import rewrite_site
 from attnfuse.verify import check_rewrite
 
 _site_counter = itertools.count()
