@@ -8,8 +8,9 @@ site -> rewrite -> lower -> attend / dispatch -> report.
 """
 from attnfuse.api import audit, optimize, report
 from attnfuse.attend import attend
+from attnfuse.caches import reset
 from attnfuse.options import Options
 from attnfuse.report import FusionReport
 
-__all__ = ["attend", "audit", "optimize", "report", "FusionReport", "Options"]
+__all__ = ["attend", "audit", "optimize", "report", "reset", "FusionReport", "Options"]
 __version__ = "0.1.0"

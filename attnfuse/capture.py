@@ -28,6 +28,7 @@ import torch
 from torch.fx import GraphModule
 
 import attnfuse.patterns  # noqa: F401  (registers the rule families)
+from attnfuse.caches import Cache
 from attnfuse.folding import BUFFER_VALUE
 from attnfuse.lower import rewrite_site
 from attnfuse.match import Skip, discard_unused_built, find_sites
@@ -154,13 +155,13 @@ class AttnfuseBackend:
         return self.rewrite(gm, only=sites)
 
 
-_SHARED_BACKENDS: dict[Options, AttnfuseBackend] = {}
+_SHARED_BACKENDS: Cache[AttnfuseBackend] = Cache("capture.backends", maxsize=64)
 
 
 def backend_for(options: Options) -> AttnfuseBackend:
     """The one backend object for ``options``' rewrite settings (verify and dynamic are per model)."""
     key = replace(options, verify=False, dynamic=None)
-    return _SHARED_BACKENDS.setdefault(key, AttnfuseBackend(key))
+    return _SHARED_BACKENDS.get_or_create(key, lambda: AttnfuseBackend(key))
 
 
 # ----------------------------------------------------------------------------- Dynamo's own signals
