@@ -15,6 +15,7 @@ import torch
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from attnfuse.tracing import is_traced
+from attnfuse.vocabulary import causal_offset
 
 _compiled_flex: list[Callable] = []
 _block_masks: "OrderedDict[tuple, object]" = OrderedDict()
@@ -43,7 +44,7 @@ def _at(t: torch.Tensor, b, h, i, j):
 
 
 def _mask_mod(causal: Optional[str], window: Optional[int], L: int, S: int) -> Callable:
-    offset = 0 if causal == "top_left" else S - L
+    offset = causal_offset(causal, L, S)
 
     def keep(b, h, i, j):
         kept = j <= i + offset
