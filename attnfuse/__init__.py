@@ -5,16 +5,18 @@
     torch.compile(model, backend="attnfuse")  # the same rewrite inside torch.compile
 
 Pipeline (one module each): capture -> canonical -> match (rules in ``attnfuse.patterns``) ->
-site -> rewrite -> lower -> attend / dispatch -> report.
+site -> lower (the rewrite) -> attend -> kernels -> report.
 """
 from attnfuse import logs as _logs
 from attnfuse.api import audit, backend, last_report, optimize, report, restore
 from attnfuse.attend import attend
+from attnfuse.caches import reset
 from attnfuse.capture import register_string_backend as _register_string_backend
 from attnfuse.options import Options
 from attnfuse.report import FusionReport
 
-__all__ = ["attend", "audit", "backend", "last_report", "optimize", "report", "restore", "FusionReport", "Options"]
+__all__ = ["attend", "audit", "backend", "last_report", "optimize", "report", "reset", "restore", "FusionReport",
+           "Options"]
 __version__ = "0.2.0"
 
 _register_string_backend()

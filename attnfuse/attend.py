@@ -13,8 +13,8 @@ import torch
 from attnfuse.kernels import AttentionCall, CallFacts, KernelFailed, kernels as registered_kernels
 from attnfuse.kernels.registry import kernel_choices, validate_kernels
 from attnfuse.kernels.rows import restore_rows
-from attnfuse.masking import is_traced
 from attnfuse.precision import bias_dtype
+from attnfuse.tracing import is_traced
 
 Causal = Optional[Union[bool, Literal["top_left", "bottom_right"]]]
 FullyMaskedRows = Literal["zero", "mean", "nan"]

@@ -30,13 +30,14 @@ from torch.fx import GraphModule
 
 import attnfuse.patterns  # noqa: F401  (registers the rule families)
 from attnfuse import logs
-from attnfuse.constants import BUFFER_VALUE
+from attnfuse.caches import Cache
+from attnfuse.folding import BUFFER_VALUE
+from attnfuse.lower import rewrite_site
 from attnfuse.match import Skip, discard_unused_built, find_sites
 from attnfuse.native import native_sites, use_fused_path
 from attnfuse.options import Options
 from attnfuse.report import (EXCLUDED_BY_FILTER, FusionReport, GraphSites, SiteReport, compiled_frame,
-                             relative_module_path, source_line)
-from attnfuse.rewrite import rewrite_site
+                             relative_module_path, site_features, source_line)
 from attnfuse.verify import check_rewrite
 
 _site_counter = itertools.count()
@@ -170,7 +171,7 @@ class AttnfuseBackend:
             if isinstance(result, Skip):
                 reports.append(SiteReport(name, source, "skipped", reason=result.reason, frame=frame))
                 continue
-            features = result.features()
+            features = site_features(result)
             if excludes is not None and excludes(name, frame):
                 reports.append(SiteReport(name, source, "skipped", reason=EXCLUDED_BY_FILTER, features=features,
                                           frame=frame))
@@ -191,13 +192,13 @@ class AttnfuseBackend:
         return self.rewrite(gm, only=sites)
 
 
-_SHARED_BACKENDS: dict[Options, AttnfuseBackend] = {}
+_SHARED_BACKENDS: Cache[AttnfuseBackend] = Cache("capture.backends", maxsize=64)
 
 
 def backend_for(options: Options) -> AttnfuseBackend:
     """The one backend object for ``options``' rewrite settings (verify and dynamic are per model)."""
     key = replace(options, verify=False, dynamic=None)
-    return _SHARED_BACKENDS.setdefault(key, AttnfuseBackend(key))
+    return _SHARED_BACKENDS.get_or_create(key, lambda: AttnfuseBackend(key))
 
 
 # ----------------------------------------------------------------------------- Dynamo's own signals

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from attnfuse.masking import is_traced
+from attnfuse.tracing import is_traced
 
 PROVEN_FILL = -1e30
 

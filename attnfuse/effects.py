@@ -20,7 +20,8 @@ from typing import Any, Iterable, Optional
 import torch
 from torch.fx import Graph, Node
 
-from attnfuse.canonical import INPLACE_OPERATORS, WRITTEN, example_value, is_written, target_name, writes_in_place
+from attnfuse.fx_utils import INPLACE_OPERATORS, WRITTEN, example_value, is_written, target_name, writes_in_place
+from attnfuse.vocabulary import inplace_on_copy
 
 def written_operand(node: Node) -> Optional[Node]:
     """The tensor node that ``node`` writes in place (in-place method or operator, ``setitem``,
@@ -44,16 +45,6 @@ def storage(node: Any) -> Optional[int]:
         return value.untyped_storage()._cdata
     except (RuntimeError, NotImplementedError, AttributeError):
         return None
-
-
-def inplace_on_copy(method: str, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """The functional form of any in-place op: the op applied to a copy of ``x`` (exact, dtype kept)."""
-    y = x.clone()
-    if method == "__setitem__":
-        y[args[0]] = args[1]
-    else:
-        getattr(y, method)(*args, **kwargs)
-    return y
 
 
 def fake_result(target: Any, op: str, args: tuple, kwargs: dict) -> Any:

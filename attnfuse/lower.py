@@ -1,27 +1,34 @@
-"""Lower: turn an ``AttentionSite`` into a plan, and run the plan as one ``attend`` call.
+"""Lower: turn an ``AttentionSite`` into a plan, put one fused call in its place, run the plan as one ``attend``.
 
 The plan holds only static facts (axis permutations, mask polarities, the scale); the tensors
 (q, k, v, masks, biases, tensor factors) stay graph inputs of the one node the rewrite inserts.
 Permutations and unsqueezes are views, so the kernel reads the model's own tensors.
+
+Sites are matched before any is rewritten, so a site may read the output of another (chained
+attention, ``attn(attn(q, k, v), k, v)``): when a site is rewritten its old output node is erased
+and marked with the fused node that replaced it, and later sites read through that mark.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Callable, Optional
 
 import torch
-from torch.fx import Node
+from torch.fx import GraphModule, Node
 
 from attnfuse.added_masks import AddedMask
 from attnfuse.attend import attend, differentiable_twice
-from attnfuse.canonical import statically_true, tensor_meta
 from attnfuse.dominance import FillDominance, every_row_has_a_live_key
+from attnfuse.effects import written_or_returned
+from attnfuse.fx_utils import remove_dead_nodes, statically_true, tensor_meta
 from attnfuse.guards import CausalGuard
-from attnfuse.masking import combined_keep, conjunction, is_traced
+from attnfuse.masking import combined_keep, conjunction
+from attnfuse.original import original_program
+from attnfuse.report import KernelRecord
 from attnfuse.site import AttentionSite
-
+from attnfuse.tracing import is_traced
 
 
 @dataclass(frozen=True)
@@ -43,21 +50,6 @@ class Layout:
         for dim in self.missing:
             x = x.unsqueeze(dim)
         return x
-
-
-@dataclass
-class KernelRecord:
-    """What ran at a site, filled in on its first call (the audit reads it), and why the kernels tried
-    before it refused the call: ``(kernel, reason)`` pairs (``attend`` calls ``refused`` first)."""
-
-    kernel: Optional[str] = None
-    refusals: tuple[tuple[str, str], ...] = ()
-
-    def __call__(self, name: str) -> None:
-        self.kernel = name
-
-    def refused(self, refusals: tuple[tuple[str, str], ...]) -> None:
-        self.refusals = refusals
 
 
 class BiasProgram:
@@ -390,3 +382,42 @@ def site_function(plan: SitePlan, name: str) -> Callable[..., torch.Tensor]:
     fused_attention.__name__ = fused_attention.__qualname__ = name
     fused_attention.plan = plan
     return fused_attention
+
+
+# ----------------------------------------------------------------------------- the rewrite
+
+REPLACED_BY = "attnfuse_replaced_by"
+
+
+def current(node: object) -> object:
+    """``node``, or the fused node that replaced it if an earlier rewrite erased it."""
+    while isinstance(node, Node) and REPLACED_BY in node.meta:
+        node = node.meta[REPLACED_BY]
+    return node
+
+
+def _precedes_all(inputs: tuple, position: Node) -> bool:
+    order = {node: i for i, node in enumerate(position.graph.nodes)}
+    return all(order[node] < order[position] for node in inputs if isinstance(node, Node))
+
+
+def rewrite_site(gm: GraphModule, site: AttentionSite, index: int,
+                 kernels: Optional[tuple[str, ...]] = None, autotune: bool = False) -> SitePlan:
+    """Insert ``attnfuse_site_<index>(q, k, v, ...)`` in place of the site's value product."""
+    inputs = tuple(current(node) for node in site_inputs(site))
+    if not _precedes_all(inputs, site.output):  # every input is an ancestor of the value product
+        raise RuntimeError(f"attnfuse: an input of site {index} is defined after its value product")
+    # kernels save their output for the backward pass, so one that may be written later is handed out fresh
+    plan = plan_for(site, kernels, autotune, output_written=written_or_returned(site.output))
+    if plan.needs_original:
+        program, extras = original_program(site.output, inputs)
+        plan = replace(plan, original=program, original_inputs=len(extras))
+        inputs = (*inputs, *extras)
+    graph = gm.graph
+    with graph.inserting_before(site.output):
+        fused = graph.call_function(site_function(plan, f"attnfuse_site_{index}"), inputs)
+    fused.meta.update({key: value for key, value in site.output.meta.items() if not key.startswith("attnfuse")})
+    site.output.replace_all_uses_with(fused)
+    site.output.meta[REPLACED_BY] = fused
+    remove_dead_nodes([site.output])
+    return plan

@@ -18,27 +18,25 @@ from torch.fx import Graph, Node
 import torch
 
 from attnfuse.added_masks import AddedMask, absorbs_every_score
-from attnfuse.canonical import (WRITTEN, canonical, has_side_effect, is_call, is_written, normalize_dunder_methods,
-                                remove_dead_nodes, same_size, spelling, statically_true, tensor_meta, value_users)
-from attnfuse.constants import constant_value
+from attnfuse.canonical import canonical, normalize_dunder_methods, spelling
 from attnfuse.dominance import absorbing, underflow_gap
 from attnfuse.effects import fake_result, functionalize, mark_writes, written_between
+from attnfuse.folding import constant_value
+from attnfuse.fx_utils import (WRITTEN, has_side_effect, is_call, is_written, remove_dead_nodes, same_size,
+                               statically_true, tensor_meta, value_users)
 from attnfuse.original import NoOriginal, original_program
-from attnfuse.patterns.biases import Add, bias_reason
-from attnfuse.patterns.casts import Cast, peel_upcasts
-from attnfuse.patterns.causal import MaskPattern, classify, classify_additive, keep_pattern
-from attnfuse.patterns.dropout import Dropout
-from attnfuse.patterns.layouts import Operand, Permute, peel_scaled_head_repeat, regroup, regroup_recipe, reshape_blocks
-from attnfuse.patterns.masks import (Clamp, KeepMask, RegionWrite, Select, binary_mask, clamp_floor, complement_value,
-                                    drops_where_zero, fill_value, full_index, keep_mask, mask_reason, pad_region,
-                                    same_keep_mask, weights_zeroing)
-from attnfuse.patterns.products import Product
-from attnfuse.patterns.scales import Factor, Multiply, score_factor
+from attnfuse.patterns.biases import bias_reason
+from attnfuse.patterns.casts import peel_upcasts
+from attnfuse.patterns.causal import classify, classify_additive, keep_pattern
+from attnfuse.patterns.layouts import peel_scaled_head_repeat, regroup, regroup_recipe, reshape_blocks
+from attnfuse.patterns.masks import (binary_mask, clamp_floor, complement_value, drops_where_zero, fill_value, full_index,
+                                     keep_mask, mask_reason, pad_region, same_keep_mask, weights_zeroing)
+from attnfuse.patterns.scales import score_factor
 from attnfuse.patterns.score_functions import score_function
-from attnfuse.patterns.score_mods import Tanh
-from attnfuse.patterns.softmax import Softmax
 from attnfuse.precision import site_dtype
 from attnfuse.site import AttentionSite, ScoreTerms
+from attnfuse.vocabulary import (Add, Cast, Clamp, Dropout, Factor, KeepMask, MaskPattern, Multiply, Operand, Permute,
+                                 Product, RegionWrite, Select, Softmax, Tanh)
 
 _SEARCH_DEPTH = 8
 BUILT_FOR = "attnfuse_built_for"  # node.meta key: a node built while matching a site (erased if it is skipped)

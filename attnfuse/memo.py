@@ -24,11 +24,11 @@ from typing import Optional
 
 import torch
 
+from attnfuse.tracing import is_traced
+
 
 def host_readable(tensor: torch.Tensor) -> bool:
     """Whether ``tensor``'s values may be read on the host now (eager, not traced, not being captured)."""
-    from attnfuse.masking import is_traced
-
     if is_traced(tensor):
         return False
     return not (tensor.is_cuda and torch.cuda.is_current_stream_capturing())

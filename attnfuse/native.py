@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx import Graph, Node
 
-from attnfuse.canonical import value_users
+from attnfuse.fx_utils import value_users
 
 _SDPA_TARGETS = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
 _MHA_KERNEL = "sdpa (nn.MultiheadAttention)"

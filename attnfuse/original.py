@@ -13,7 +13,7 @@ import torch
 from torch import fx
 from torch.fx import Node
 
-from attnfuse.canonical import has_side_effect
+from attnfuse.fx_utils import has_side_effect
 
 
 class NoOriginal(Exception):

@@ -7,11 +7,14 @@ import math
 import os
 import re
 from dataclasses import dataclass, field, replace
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
+import torch
 from torch.fx import Node
 
-from attnfuse.lower import KernelRecord
+from attnfuse.fx_utils import tensor_meta
+from attnfuse.site import AttentionSite
+from attnfuse.vocabulary import KeepMask
 
 ALREADY_FUSED = "native"  # the status of a site the model already runs on a fused kernel
 EXCLUDED_BY_FILTER = "excluded by filter_fn"  # the reason of a site whose module the user's filter rejected
@@ -94,6 +97,87 @@ def source_line(node: Node) -> str:
         return "<unknown>"
     filename, line = matches[-1]
     return f"{filename}:{line}"
+
+
+# ----------------------------------------------------------------------------- what a site does and what ran there
+
+@dataclass
+class KernelRecord:
+    """What ran at a site, filled in on its first call (the audit reads it), and why the kernels tried
+    before it refused the call: ``(kernel, reason)`` pairs (``attend`` calls ``refused`` first)."""
+
+    kernel: Optional[str] = None
+    refusals: tuple[tuple[str, str], ...] = ()
+
+    def __call__(self, name: str) -> None:
+        self.kernel = name
+
+    def refused(self, refusals: tuple[tuple[str, str], ...]) -> None:
+        self.refusals = refusals
+
+
+def site_features(site: AttentionSite) -> dict:
+    """The audit's description of what ``site`` does (its row's features / reason column)."""
+    q_meta, k_meta = tensor_meta(site.q.node), tensor_meta(site.k.node)
+    head = site.batch[-1] if len(site.batch) >= 2 else None
+    q_heads = q_meta.shape[site.q.axes.index(head)] if head else 1
+    k_heads = (k_meta.shape[site.k.axes.index(head)] if head and head in site.k.axes else 1) * site.kv_group
+    kv_heads = k_heads // site.kv_group
+    q_len, k_len = q_meta.shape[site.q.axes.index(site.query)], k_meta.shape[site.k.axes.index(site.key)]
+    size = _size_namer(q_len, k_len)
+    masks = [_mask_kind(m, size) for m in site.scores.keep_masks]
+    bias_shapes = [_shape_str(tensor_meta(b).shape, size) for b, _ in site.scores.biases]
+    runtime_scale = any(tensor_meta(f.value) is not None for f in site.scores.tensor_factors)
+    return {
+        "causal": site.scores.causal,
+        "causal_guarded_by_buffer": bool(site.scores.causal_guard) or None,
+        "window": size(site.scores.window) if site.scores.window is not None else None,
+        "softcap": site.scores.softcap,
+        "score_functions": len(site.scores.functions) or None,
+        "mask": ", ".join(masks) or None,
+        "bias": ", ".join(bias_shapes) or None,
+        "scale": "tensor" if runtime_scale else (round(site.scores.scale, 6) if not site.scores.tensor_factors
+                                                 else "run-time number"),
+        "q_heads": int(q_heads),
+        "kv_heads": int(kv_heads),
+        "dropout": "run-time p" if isinstance(site.dropout_p, Node) else site.dropout_p,
+        "masked_fill": site.scores.fill,
+        "q_len": size(q_len),
+        "k_len": size(k_len),
+    }
+
+
+def _mask_kind(mask: KeepMask, size: Callable[[object], object]) -> str:
+    """How the audit names a keep-mask: ``full`` (varies by query) or ``key padding``, with its shape."""
+    meta = tensor_meta(mask.node)
+    shape = tuple(meta.shape)
+    query_varies = meta.dim() >= 2 and shape[-2] != 1
+    return f"{'full' if query_varies else 'key padding'} {_shape_str(shape, size)}"
+
+
+def _size_namer(q_len: object, k_len: object) -> Callable[[object], object]:
+    """How the audit writes a size: a number; ``L`` / ``S`` for a dynamic query / key length (a symbol
+    such as ``s95`` means nothing to a reader); ``L+1``-style for other dynamic sizes where Dynamo's
+    expression mentions them, else ``dyn``."""
+    names = {}
+    for value, name in ((k_len, "S"), (q_len, "L")):
+        if isinstance(value, torch.SymInt):
+            names[str(value)] = name
+
+    def size(value: object) -> object:
+        if isinstance(value, int):
+            return value
+        text = str(value)
+        if text in names:
+            return names[text]
+        for symbol, name in names.items():
+            text = re.sub(rf"\b{symbol}\b", name, text)
+        return text.replace(" ", "") if not re.search(r"\bs\d+\b", text) else "dyn"
+    return size
+
+
+def _shape_str(shape: tuple, size: Callable[[object], object]) -> str:
+    return "(" + ", ".join(str(size(s)) for s in shape) + ")"
 
 
 @dataclass

@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-_WINNERS: dict[tuple, SDPBackend] = {}
+from attnfuse.caches import Cache
+
+_WINNERS: Cache[SDPBackend] = Cache("kernels.autotune.winners", maxsize=1024)
 _REPEATS = 5
 
 
@@ -52,7 +54,8 @@ def autotune_order(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask:
                    order: list[SDPBackend]) -> list[SDPBackend]:
     """``order`` with the measured fastest kernel for this signature first."""
     key = _signature(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, needs_grad)
-    if key not in _WINNERS:
+    winner = _WINNERS.get(key)
+    if winner is None:
         timings = {}
         with torch.enable_grad() if needs_grad else torch.no_grad():
             for backend in order:
@@ -62,11 +65,11 @@ def autotune_order(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask:
                     timings[backend] = _time(trial)
                 except RuntimeError:
                     continue  # this kernel cannot take the call
-        _WINNERS[key] = min(timings, key=timings.get) if timings else order[0]
-    winner = _WINNERS[key]
+        winner = min(timings, key=timings.get) if timings else order[0]
+        _WINNERS[key] = winner
     return [winner] + [backend for backend in order if backend != winner]
 
 
 def winners() -> dict[tuple, SDPBackend]:
     """The cached winners (for tests and the curious)."""
-    return dict(_WINNERS)
+    return dict(_WINNERS.items())

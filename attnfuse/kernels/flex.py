@@ -13,21 +13,22 @@ no CPU backward; there SDPA takes what it can and the rest runs unfused.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
+import threading
 from typing import Callable, Optional
 
 import torch
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+from attnfuse.caches import Cache
 from attnfuse.kernels.call import AttentionCall, Kernel, KernelFailed, refused_by_fused_kernels
 from attnfuse.kernels.registry import failure, remember_failure
-from attnfuse.masking import is_traced
 from attnfuse.precision import internal_dtype
+from attnfuse.tracing import is_traced
+from attnfuse.vocabulary import causal_offset
 
-_compiled_flex: list[Callable] = []
-_block_masks: "OrderedDict[tuple, object]" = OrderedDict()
-_score_mods: dict[tuple, tuple[Callable, "_Holder"]] = {}
-_CACHE_SIZE = 64
+_compiled_flex: Cache[Callable] = Cache("kernels.flex.compiled", maxsize=1)
+_block_masks: Cache[object] = Cache("kernels.flex.block_masks", maxsize=64)
+_score_mods: Cache[tuple[Optional[Callable], "_Holder"]] = Cache("kernels.flex.score_mods", maxsize=256)
 
 
 class _Holder:
@@ -39,9 +40,7 @@ class _Holder:
 
 
 def _flex() -> Callable:
-    if not _compiled_flex:
-        _compiled_flex.append(torch.compile(flex_attention, dynamic=False))
-    return _compiled_flex[0]
+    return _compiled_flex.get_or_create("flex_attention", lambda: torch.compile(flex_attention, dynamic=False))
 
 
 def _at(t: torch.Tensor, b, h, i, j):
@@ -51,7 +50,7 @@ def _at(t: torch.Tensor, b, h, i, j):
 
 
 def _mask_mod(causal: Optional[str], window: Optional[int], L: int, S: int) -> Callable:
-    offset = 0 if causal == "top_left" else S - L
+    offset = causal_offset(causal, L, S)
 
     def keep(b, h, i, j):
         kept = j <= i + offset
@@ -64,24 +63,20 @@ def _mask_mod(causal: Optional[str], window: Optional[int], L: int, S: int) -> C
 
 def block_mask(causal: Optional[str], window: Optional[int], L: int, S: int, device: torch.device) -> object:
     """The cached ``BlockMask`` of a causal (optionally windowed) mask for ``L`` queries and ``S`` keys."""
-    key = (causal, window, L, S, str(device))
-    if key not in _block_masks:
-        _block_masks[key] = create_block_mask(_mask_mod(causal, window, L, S), None, None, L, S, device=device)
-        if len(_block_masks) > _CACHE_SIZE:
-            _block_masks.popitem(last=False)
-    _block_masks.move_to_end(key)
-    return _block_masks[key]
+    return _block_masks.get_or_create((causal, window, L, S, str(device)), lambda: create_block_mask(
+        _mask_mod(causal, window, L, S), None, None, L, S, device=device))
 
 
 def _score_mod(softcap: Optional[float], has_bias: bool, bias_fn: Optional[Callable], has_keep: bool
                ) -> tuple[Optional[Callable], _Holder]:
-    key = (softcap, has_bias, id(bias_fn), has_keep)
-    if key in _score_mods:
-        return _score_mods[key]
+    # one holder per thread: two threads running the same kind of site must not read each other's tensors
+    key = (softcap, has_bias, id(bias_fn), has_keep, threading.get_ident())
+    found = _score_mods.get(key)
+    if found is not None:
+        return found
     holder = _Holder()
     if softcap is None and not has_bias and bias_fn is None and not has_keep:
-        _score_mods[key] = (None, holder)
-        return _score_mods[key]
+        return _score_mods.setdefault(key, (None, holder))
 
     def score_mod(score, b, h, i, j):
         if softcap is not None:
@@ -94,8 +89,7 @@ def _score_mod(softcap: Optional[float], has_bias: bool, bias_fn: Optional[Calla
             score = torch.where(_at(holder.keep, b, h, i, j) > 0, score, -float("inf"))
         return score
 
-    _score_mods[key] = (score_mod, holder)
-    return _score_mods[key]
+    return _score_mods.setdefault(key, (score_mod, holder))
 
 
 def flex_attend(call: AttentionCall) -> torch.Tensor:

@@ -13,7 +13,7 @@ from typing import ContextManager
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from attnfuse.masking import is_traced
+from attnfuse.tracing import is_traced
 
 _FLAG_NAMES = {"CUDNN_ATTENTION": "cudnn", "FLASH_ATTENTION": "flash", "EFFICIENT_ATTENTION": "mem_efficient",
                "MATH": "math", "OVERRIDEABLE": "overrideable"}

@@ -1,17 +1,19 @@
 """The kernels ``attend`` tries, in order, and what it remembers of their failures.
 
-``attend`` runs a call on the first registered kernel that does not refuse it. This module imports no
-other part of attnfuse, so a kernel module can register itself and record failures without a cycle.
+``attend`` runs a call on the first registered kernel that does not refuse it. This module imports only
+``attnfuse.caches`` (a leaf), so a kernel module can register itself and record failures without a cycle.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterable, Optional
 
+from attnfuse.caches import Cache
+
 if TYPE_CHECKING:
     from attnfuse.kernels.call import Kernel
 
 _KERNELS: list["Kernel"] = []
-_FAILURES: dict[tuple[str, tuple], str] = {}
+_FAILURES: Cache[str] = Cache("kernels.failures", maxsize=1024)
 
 
 def register(kernel: "Kernel", before: Optional[str] = None) -> None:

@@ -26,9 +26,10 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from attnfuse.masking import causal_offset, combined_keep, is_traced
+from attnfuse.masking import combined_keep
+from attnfuse.tracing import is_traced
+from attnfuse.vocabulary import MASKING_THRESHOLD, causal_offset
 from attnfuse.memo import host_bool, host_bools
-from attnfuse.patterns.masks import MASKING_THRESHOLD
 
 # Fused kernels multiply the scores by log2(e) before exp2: a score below this overflows to -inf in fp32.
 KERNEL_SCORE_FLOOR = -torch.finfo(torch.float32).max / 1.4426950408889634

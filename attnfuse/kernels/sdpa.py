@@ -21,11 +21,14 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 from torch.nn.attention.bias import CausalBias, causal_lower_right
 
+from attnfuse.caches import Cache
+
 from attnfuse.kernels.autotune import autotune_order
 from attnfuse.kernels.call import AttentionCall, Inexact, Kernel, KernelFailed, index_grid, refused_by_fused_kernels
 from attnfuse.kernels.kernel_scope import kernel_scope
 from attnfuse.kernels.rows import rows_without_keys, unread_rows_without_keys
-from attnfuse.masking import combined_keep, is_traced
+from attnfuse.masking import combined_keep
+from attnfuse.tracing import is_traced
 from attnfuse.memo import host_bool, host_bools, host_readable
 from attnfuse.precision import bias_dtype
 
@@ -106,7 +109,7 @@ def chosen_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: 
     return name if q.device.type == "cuda" else f"cpu-{name}"
 
 
-_CAUSAL_KERNELS: dict[tuple, str] = {}
+_CAUSAL_KERNELS: Cache[str] = Cache("kernels.sdpa.causal_kernels", maxsize=1024)
 
 
 def _causal_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, scale: Optional[float],
@@ -114,9 +117,8 @@ def _causal_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p:
     """``chosen_kernel`` for an ``is_causal`` call, remembered per call signature (metadata only)."""
     key = (q.device.type, q.dtype, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.stride(-1), k.stride(-1),
            v.stride(-1), dropout_p > 0, enable_gqa, tuple(order), q.requires_grad or k.requires_grad)
-    if key not in _CAUSAL_KERNELS:
-        _CAUSAL_KERNELS[key] = chosen_kernel(q, k, v, None, dropout_p, True, scale, enable_gqa, order)
-    return _CAUSAL_KERNELS[key]
+    return _CAUSAL_KERNELS.get_or_create(
+        key, lambda: chosen_kernel(q, k, v, None, dropout_p, True, scale, enable_gqa, order))
 
 
 def kernel_adds_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: object, dropout_p: float,

@@ -8,29 +8,15 @@ from __future__ import annotations
 
 import operator
 import string
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch.fx import Node
 
-from attnfuse.canonical import bind, canonicalizer, is_call, is_scalar, rank_of
-from attnfuse.patterns.layouts import Operand, peel_layout
-
-
-@dataclass(frozen=True)
-class Product:
-    """``out[out_axes] = alpha * sum(lhs[lhs.axes] * rhs[rhs.axes]) + beta * addend`` (einsum semantics)."""
-
-    lhs: Operand
-    rhs: Operand
-    out_axes: str
-    alpha: float = 1.0
-    addend: Optional[Node] = None
-    beta: float = 0.0
-
-    def operands(self) -> tuple[Operand, Operand]:
-        return (self.lhs, self.rhs)
+from attnfuse.canonical import canonicalizer
+from attnfuse.fx_utils import bind, is_call, is_scalar, rank_of
+from attnfuse.patterns.layouts import peel_layout
+from attnfuse.vocabulary import Operand, Product
 
 
 def _ellipsis_width(term: str, rank: int) -> Optional[int]:

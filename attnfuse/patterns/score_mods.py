@@ -5,20 +5,14 @@ kernel for it; FlexAttention runs it as a ``score_mod``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch.fx import Node
 
-from attnfuse.canonical import canonicalizer, is_call
-
-
-@dataclass(frozen=True)
-class Tanh:
-    """``tanh(x)`` of the scores."""
-
-    x: Node
+from attnfuse.canonical import canonicalizer
+from attnfuse.fx_utils import is_call
+from attnfuse.vocabulary import Tanh
 
 
 @canonicalizer

@@ -15,7 +15,8 @@ from typing import Optional, Union
 import torch
 from torch.fx import Node
 
-from attnfuse.canonical import bind, example_value, is_call, is_scalar, is_written, tensor_meta
+from attnfuse.fx_utils import bind, example_value, is_call, is_scalar, is_written, tensor_meta
+from attnfuse.patterns.readers import arange_arguments, exact_positions, is_all_true, new_axes_index
 
 Number = Union[int, torch.SymInt]
 
@@ -167,18 +168,15 @@ def _interpret(node: Node, depth: int) -> Optional[object]:
             return None
         return _insert_dim(inner, dim % (_rank(inner) + 1))
     if node.op == "call_function" and node.target is operator.getitem:
+        indexed = new_axes_index(node)
         inner = sub(node.args[0])
-        items = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
-        if inner is None:
+        if inner is None or indexed is None:
             return None
-        full = slice(None, None, None)
-        if not all(item is None or item == full for item in items):
-            return None
-        for position, item in enumerate(items):
+        for position, item in enumerate(indexed[1]):
             if item is None:
                 inner = _insert_dim(inner, position)
         return inner
-    if _is_all_true(node):
+    if is_all_true(node):
         return TRUE
     triangle = _triangle_of_predicate(node, sub)
     if triangle is not None:
@@ -223,29 +221,6 @@ def _triangle_of_predicate(node: Node, sub) -> Optional[Predicate]:
     return kept if inner == TRUE else Logic("and", (inner, kept))
 
 
-def arange_arguments(node: Node) -> dict:
-    """``start``, ``end``, ``step`` of any ``torch.arange`` call (``arange(n)``, ``arange(end=n)``, ...)."""
-    args = bind(node, ("start", "end", "step"))
-    if "end" not in args:
-        args = {"start": 0, "end": args.get("start"), **({"step": args["step"]} if "step" in args else {})}
-    args.setdefault("start", 0)
-    args.setdefault("step", 1)
-    return args
-
-
-def exact_positions(node: Node) -> bool:
-    """Whether every position of this ``arange`` is exact in its dtype (no wrap, no rounding)."""
-    meta = tensor_meta(node)
-    if meta is None:
-        return False
-    if meta.dtype in (torch.int64, torch.int32):
-        return True
-    limit = {torch.float64: 2 ** 53, torch.float32: 2 ** 24}.get(meta.dtype)
-    length = meta.shape[0] if meta.dim() == 1 else None
-    end = example_value(arange_arguments(node)["end"])
-    return limit is not None and isinstance(length, int) and isinstance(end, int) and abs(end) + length <= limit
-
-
 def _cast_keeps(inner: object, node: Node) -> bool:
     """A cast that keeps the value: predicates to bool, positions to a dtype that holds them exactly."""
     out = tensor_meta(node)
@@ -264,16 +239,6 @@ def _expanded(inner: object, source: Optional[torch.Tensor]) -> object:
         return Linear(tuple(0 if _is_one(size) else c for c, size in zip(_pad(inner.coef, source.dim()), source.shape)),
                       inner.const)
     return _relevant(inner, tuple(source.shape))
-
-
-def _is_all_true(node: Node) -> bool:
-    """``x.new_ones(shape, dtype=bool)``, ``torch.ones(..., dtype=bool)`` and friends: the constant True."""
-    meta = tensor_meta(node)
-    if meta is None or meta.dtype != torch.bool:
-        return False
-    if is_call(node, (torch.ones, torch.ones_like), ("new_ones",)):
-        return True
-    return is_call(node, (torch.full,), ("new_full",)) and True in node.args[1:]
 
 
 def _relevant(p: Predicate, shape: tuple) -> Predicate:

@@ -8,35 +8,16 @@ peeled so the original boolean tensor is passed on without a copy.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 from torch.fx import Node
 
-from attnfuse.canonical import (bind, canonical, canonicalizer, has_side_effect, is_call, is_scalar, is_written,
-                                tensor_meta)
-from attnfuse.constants import constant_value
-
-# A fill at or below this acts as a mask: exp(fill - row_max) is 0 for any sane score.
-MASKING_THRESHOLD = -1e4
-
-
-@dataclass(frozen=True)
-class Select:
-    """``where(cond, if_true, if_false)``; ``masked_fill(x, m, v)`` is ``Select(m, v, x)``."""
-
-    cond: Node
-    if_true: object
-    if_false: object
-
-
-@dataclass(frozen=True)
-class KeepMask:
-    """A boolean tensor ``node`` whose True entries keep a score (or drop it, if ``negated``)."""
-
-    node: Node
-    negated: bool
+from attnfuse.canonical import canonical, canonicalizer
+from attnfuse.folding import constant_value
+from attnfuse.fx_utils import bind, has_side_effect, is_call, is_scalar, is_written, tensor_meta
+from attnfuse.vocabulary import (MASKING_THRESHOLD, Add, Cast, Clamp, KeepMask, Multiply, RegionWrite, Select,
+                                 inplace_on_copy)
 
 
 @canonicalizer
@@ -100,14 +81,6 @@ def mask_reason(mask: KeepMask, scores_rank: int) -> Optional[str]:
     if meta.dim() > scores_rank:
         return "a mask broadcasts the scores to a larger shape"
     return None
-
-
-@dataclass(frozen=True)
-class Clamp:
-    """``x`` raised to at least ``low``: ``torch.max(x, c)``, ``torch.maximum``, ``clamp(min=c)``, ``clamp_min``."""
-
-    x: Node
-    low: object
 
 
 @canonicalizer
@@ -209,8 +182,6 @@ def _index_items(index: object) -> tuple:
 def binary_mask(node: object) -> Optional[bool]:
     """For a tensor ``node`` multiplying the scores: True if its values are proven to be 0 or 1 (a bool, a cast
     of a bool, a constant of 0s and 1s), False if they must be checked on each call, None if it is no mask."""
-    from attnfuse.patterns.casts import Cast
-
     meta = tensor_meta(node)
     if meta is None or not (meta.dtype == torch.bool or meta.is_floating_point()):
         return None
@@ -228,8 +199,6 @@ def binary_mask(node: object) -> Optional[bool]:
 
 def one_minus(node: object, mask: Node) -> Optional[float]:
     """``1`` if ``node`` is ``1 - mask``, ``-1`` if it is ``mask - 1``, else None."""
-    from attnfuse.patterns.biases import Add
-
     op = canonical(node)
     if not isinstance(op, Add) or op.sign != -1.0 or op.alpha != 1.0:
         return None
@@ -242,8 +211,6 @@ def one_minus(node: object, mask: Node) -> Optional[float]:
 
 def complement_value(node: object, mask: Node) -> Optional[float]:
     """``c`` if ``node`` computes ``c * (1 - mask)`` (any operand order, ``(mask - 1) * -c`` too), else None."""
-    from attnfuse.patterns.scales import Multiply
-
     op = canonical(node)
     if not isinstance(op, Multiply) or op.inverse:
         sign = one_minus(node, mask)
@@ -284,8 +251,6 @@ def drops_where_zero(mask: KeepMask, factor: Node) -> bool:
 def weights_zeroing(node: Node) -> Optional[tuple[KeepMask, str, Node]]:
     """``(keep, kind, weights)`` when ``node`` zeroes attention weights outside a keep-mask: ``"replace"`` for
     ``masked_fill(~keep, 0)`` / ``where(keep, w, 0)``, ``"multiply"`` for ``w * keep`` (NaN stays NaN)."""
-    from attnfuse.patterns.scales import Multiply
-
     op = canonical(node)
     if isinstance(op, Select) and isinstance(op.cond, Node):
         for zero, weights, fill_where_true in ((op.if_true, op.if_false, True), (op.if_false, op.if_true, False)):
@@ -302,20 +267,8 @@ def weights_zeroing(node: Node) -> Optional[tuple[KeepMask, str, Node]]:
 
 # ----------------------------------------------------------------------------- writes into a region of the scores
 
-@dataclass(frozen=True)
-class RegionWrite:
-    """``base`` with ``base[index] = value`` applied to a copy (an in-place slice write, made functional by
-    ``attnfuse.effects``): ``attn[:, :, 1:, 1:] += rel``, ``attn[..., :n] = -inf``, ``attn[mask] = -inf``."""
-
-    base: Node
-    index: object
-    value: object
-
-
 @canonicalizer
 def region_write_rule(node: Node) -> Optional[RegionWrite]:
-    from attnfuse.effects import inplace_on_copy
-
     if node.op != "call_function" or node.target is not inplace_on_copy or len(node.args) != 4 or \
             node.args[0] != "__setitem__" or node.kwargs or not isinstance(node.args[1], Node):
         return None

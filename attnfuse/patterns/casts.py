@@ -1,25 +1,18 @@
 """Cast rules: ``.float()``, ``.to(dtype)``, ``.type_as(t)`` around the softmax (precision, not math)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch.fx import Node
 
-from attnfuse.canonical import canonical, canonicalizer, is_call, tensor_meta
-from attnfuse.patterns.layouts import Operand, peel_layout
+from attnfuse.canonical import canonical, canonicalizer
+from attnfuse.fx_utils import is_call, tensor_meta
+from attnfuse.patterns.layouts import peel_layout
+from attnfuse.vocabulary import Cast, Operand
 
 _DTYPE_METHODS = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16,
                   "double": torch.float64}
-
-
-@dataclass(frozen=True)
-class Cast:
-    """``x`` converted to ``dtype``; the fused kernel computes the softmax in fp32 whatever the casts say."""
-
-    x: Node
-    dtype: torch.dtype
 
 
 @canonicalizer

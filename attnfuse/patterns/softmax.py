@@ -1,23 +1,15 @@
 """Softmax rules: ``x.softmax(d)``, ``F.softmax``, ``torch.softmax``, ``nn.Softmax`` (inlined), with ``dtype=``."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch.fx import Node
 
-from attnfuse.canonical import bind, canonicalizer, is_call
-
-
-@dataclass(frozen=True)
-class Softmax:
-    """``softmax(x, dim)``, computed in ``dtype`` when given (a cast folded into the softmax)."""
-
-    x: Node
-    dim: int
-    dtype: Optional[torch.dtype] = None
+from attnfuse.canonical import canonicalizer
+from attnfuse.fx_utils import bind, is_call
+from attnfuse.vocabulary import Softmax
 
 
 @canonicalizer

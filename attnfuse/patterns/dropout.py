@@ -5,28 +5,15 @@ under ``dynamic=True`` or when a second instance has another ``p``); ``training`
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch.fx import Node
 
-from attnfuse.canonical import bind, canonicalizer, example_value, is_call, is_scalar
-
-
-@dataclass(frozen=True)
-class Dropout:
-    """Dropout with probability ``p``; a no-op unless ``training`` (Dynamo bakes ``self.training`` in)."""
-
-    x: Node
-    p: Union[float, Node]
-    training: bool
-
-    @property
-    def active(self) -> bool:
-        """Whether it may drop anything: in training, with a run-time ``p`` or a constant one above 0."""
-        return self.training and (isinstance(self.p, Node) or self.p > 0)
+from attnfuse.canonical import canonicalizer
+from attnfuse.fx_utils import bind, example_value, is_call, is_scalar
+from attnfuse.vocabulary import Dropout
 
 
 def _probability(p: object) -> Union[float, Node, None]:

@@ -7,36 +7,15 @@ The user's scale is always carried over, never replaced by SDPA's default.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 from torch.fx import Node
 
-from attnfuse.canonical import arithmetic_kind, canonicalizer, example_value, is_scalar, tensor_meta
-from attnfuse.constants import constant_value
-
-
-@dataclass(frozen=True)
-class Multiply:
-    """``a * b`` or ``a / b`` (``inverse``): which side is the scores is decided by the matcher."""
-
-    a: object
-    b: object
-    inverse: bool
-
-
-@dataclass(frozen=True)
-class Factor:
-    """A factor on the scores: a number, or a node giving a number or tensor at run time (``1 / value`` if ``inverse``)."""
-
-    value: Union[float, Node]
-    inverse: bool = False
-
-    def as_float(self) -> Optional[float]:
-        if isinstance(self.value, Node):
-            return None
-        return 1.0 / float(self.value) if self.inverse else float(self.value)
+from attnfuse.canonical import arithmetic_kind, canonicalizer
+from attnfuse.folding import constant_value
+from attnfuse.fx_utils import example_value, is_scalar, tensor_meta
+from attnfuse.vocabulary import Factor, Multiply
 
 
 @canonicalizer

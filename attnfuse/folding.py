@@ -12,7 +12,7 @@ import torch
 from torch.fx import Node
 from torch.fx.node import map_arg
 
-from attnfuse.canonical import is_written
+from attnfuse.fx_utils import is_written
 
 _RANDOM_TARGETS = {"rand", "randn", "randint", "bernoulli", "dropout", "normal", "rand_like", "randn_like"}
 # Largest constant evaluated at compile time: masks are evaluated where the model runs, and a GPU

@@ -9,15 +9,15 @@ SDPA. A subgraph with any op outside the pointwise set below stays a plain tenso
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 from torch.fx import Node
 
-from attnfuse.canonical import bind, example_value, is_call, is_scalar, is_written, tensor_meta
-from attnfuse.constants import constant_value
-from attnfuse.patterns.index import exact_positions, arange_arguments
+from attnfuse.folding import constant_value
+from attnfuse.fx_utils import bind, example_value, is_call, is_scalar, is_written, tensor_meta
+from attnfuse.patterns.readers import arange_arguments, exact_positions, new_axes_index
+from attnfuse.vocabulary import ScoreFunction
 
 # Elementwise functions applied unchanged to the pointwise values.
 _UNARY = {torch.abs: torch.abs, torch.neg: torch.neg, torch.log: torch.log, torch.exp: torch.exp,
@@ -38,18 +38,6 @@ _CASTS = {"float": torch.float32, "long": torch.int64, "int": torch.int32, "half
 
 class NotPointwise(Exception):
     """The bias subgraph uses an op that has no pointwise reading."""
-
-
-@dataclass
-class ScoreFunction:
-    """``bias(b, h, i, j) = fn(indices, leaves)``; ``leaves`` are graph nodes read by gathers."""
-
-    leaves: list[Node]
-    program: Callable[[tuple, list], torch.Tensor]
-    uses_positions: bool
-
-    def __call__(self, index: tuple, leaf_values: list) -> torch.Tensor:
-        return self.program(index, leaf_values)
 
 
 def _dims_map(rank: int, out_map: tuple) -> tuple:
@@ -116,10 +104,10 @@ class _Builder:
             return lambda index, leaves: _cast(start(index, leaves) + step(index, leaves) * (
                 torch.zeros_like(index[0]) if axes[0] is None else index[axes[0]]), cast)
         if node.op == "call_function" and node.target is operator.getitem:
-            items = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
-            full = slice(None, None, None)
-            if not all(item is None or item == full for item in items):
+            indexed = new_axes_index(node)
+            if indexed is None:
                 raise NotPointwise("indexing")
+            items = indexed[1]
             inner_axes = tuple(a for a, item in zip(axes, items) if item is not None)
             inner_axes += axes[len(items):]
             return self.build(node.args[0], inner_axes)

@@ -6,22 +6,13 @@ bias of 0/1, never a keep-mask.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 from torch.fx import Node
 
-from attnfuse.canonical import arithmetic_kind, bind, canonicalizer, is_scalar, tensor_meta
-
-
-@dataclass(frozen=True)
-class Add:
-    """``a + alpha * b`` (``sign`` -1 for subtraction); the matcher decides which side is the scores."""
-
-    a: object
-    b: object
-    alpha: float = 1.0
-    sign: float = 1.0
+from attnfuse.canonical import arithmetic_kind, canonicalizer
+from attnfuse.fx_utils import bind, is_scalar, tensor_meta
+from attnfuse.vocabulary import Add
 
 
 @canonicalizer

@@ -13,37 +13,11 @@ from typing import Callable, Optional, Union
 import torch
 from torch.fx import Node
 
-import operator
-
-from attnfuse.canonical import (bind, canonical, canonicalizer, example_value, is_call, is_scalar, rank_of, same_size,
-                                statically_true, tensor_meta)
-from attnfuse.constants import constant_value
-from attnfuse.patterns.scales import Multiply
-
-
-@dataclass(frozen=True)
-class Permute:
-    """``out = x.permute(perm)``: output dim ``k`` is input dim ``perm[k]``."""
-
-    x: Node
-    perm: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class RepeatHeads:
-    """``out`` repeats each slice of ``x`` along ``dim`` ``repeats`` times in place (``repeat_interleave``)."""
-
-    x: Node
-    dim: int
-    repeats: int
-
-
-@dataclass(frozen=True)
-class Operand:
-    """A tensor read by a product, with one axis letter per dimension of ``node``."""
-
-    node: Node
-    axes: str
+from attnfuse.canonical import canonical, canonicalizer
+from attnfuse.folding import constant_value
+from attnfuse.fx_utils import bind, example_value, is_call, is_scalar, rank_of, same_size, statically_true, tensor_meta
+from attnfuse.patterns.readers import new_axes_index
+from attnfuse.vocabulary import Multiply, Operand, Permute, RepeatHeads
 
 
 def _swap(rank: int, a: int, b: int) -> tuple[int, ...]:
@@ -117,13 +91,9 @@ def _unsqueezed(node: object) -> Optional[tuple[Node, int]]:
         args = bind(node, ("x", "dim"))
         rank = rank_of(args["x"])
         return (args["x"], args["dim"] % (rank + 1)) if rank is not None and isinstance(args.get("dim"), int) else None
-    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], tuple):
-        index = node.args[1]
-        full = slice(None, None, None)
-        nones = [i for i, item in enumerate(index) if item is None]
-        if len(nones) == 1 and all(item == full for i, item in enumerate(index) if i != nones[0]):
-            return node.args[0], nones[0]
-    return None
+    indexed = new_axes_index(node)
+    nones = [i for i, item in enumerate(indexed[1]) if item is None] if indexed else []
+    return (indexed[0], nones[0]) if len(nones) == 1 else None
 
 
 _EINOPS_GROUP = re.compile(r"\(\s*(\w+)\s+(\w+)\s*\)")

@@ -3,67 +3,44 @@
 Two rules, tried in order:
 * structural: ``triu``/``tril`` of an all-true ``(L, S)`` tensor with a diagonal offset; works with
   symbolic sizes, because the offset is compared symbolically (``j - i + 1`` is bottom-right);
-* by value: a mask that reads no graph input is evaluated (see ``attnfuse.constants``) and compared
+* by value: a mask that reads no graph input is evaluated (see ``attnfuse.folding``) and compared
   with both triangles; this covers ``arange`` comparisons and any other construction.
 Top-left (SDPA's ``is_causal=True``) keeps ``j <= i``; bottom-right keeps ``j <= i + S - L``.
 """
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Optional, Union
 
 import torch
 from torch.fx import Node
 
-from attnfuse.canonical import (bind, canonical, example_value, is_call, is_scalar, is_written, same_size,
-                                statically_true, tensor_meta)
-from attnfuse.constants import BUFFER_VALUE, buffers_read, constant_value
+from attnfuse.canonical import canonical
+from attnfuse.folding import BUFFER_VALUE, buffers_read, constant_value
+from attnfuse.fx_utils import example_value, is_call, is_scalar, is_written, same_size, statically_true, tensor_meta
 from attnfuse.patterns.index import (TRUE, keep_inequalities, keep_terms, query_key_inequalities, triangle_arguments,
                                      triangle_kept)
-from attnfuse.patterns.masks import MASKING_THRESHOLD, KeepMask, Select
+from attnfuse.patterns.readers import filled_with, is_all_true
+from attnfuse.vocabulary import MASKING_THRESHOLD, KeepMask, MaskPattern, Select, causal_offset
 
 Size = Union[int, torch.SymInt]
-
-
-@dataclass(frozen=True)
-class MaskPattern:
-    """What a keep-mask is: ``causal`` (with ``alignment``), ``all`` (keeps everything) or ``tensor``.
-
-    ``key_masks``: keep-masks the causal triangle is ANDed with (a key-padding mask, constant along the
-    queries); the mask keeps what the triangle and every one of them keep."""
-
-    kind: str
-    alignment: Optional[str] = None
-    window: Optional[object] = None
-    guarded_by: tuple = ()
-    key_masks: tuple[KeepMask, ...] = ()
-
 
 TENSOR = MaskPattern("tensor")
 
 
 def _alignment(offset: object, L: Size, S: Size) -> Optional[str]:
     """The causal corner for a mask keeping ``j - i <= offset``."""
-    if same_size(offset, 0):
-        return "top_left"
-    if same_size(offset, S - L):
-        return "bottom_right"
+    for alignment in ("top_left", "bottom_right"):
+        if same_size(offset, causal_offset(alignment, L, S)):
+            return alignment
     return None
 
 
 def _all_true_of_shape(node: object, L: Size, S: Size) -> bool:
-    if not isinstance(node, Node) or is_written(node):
-        return False
-    if is_call(node, (torch.ones,)):
-        shape = node.args[0] if len(node.args) == 1 and isinstance(node.args[0], (tuple, list)) else node.args
-    elif is_call(node, (torch.full,)):
-        shape = node.args[0]
-        if node.args[1:2] != (True,) and node.kwargs.get("fill_value") is not True:
-            return False
-    else:
-        return False
-    return len(shape) == 2 and same_size(shape[0], L) and same_size(shape[1], S)
+    """An all-true ``(L, S)`` tensor (``torch.ones(L, S, dtype=bool)`` and friends)."""
+    meta = tensor_meta(node)
+    return is_all_true(node) and meta.dim() == 2 and same_size(meta.shape[0], L) and same_size(meta.shape[1], S)
 
 
 def _structural(mask: KeepMask, L: Size, S: Size) -> Optional[MaskPattern]:
@@ -104,8 +81,8 @@ def keep_pattern(keep: torch.Tensor, L: int, S: int) -> MaskPattern:
     if not bool((slices == keep).all()):
         return TENSOR
     ones = torch.ones(L, S, dtype=torch.bool, device=keep.device)
-    for alignment, offset in (("top_left", 0), ("bottom_right", S - L)):
-        if torch.equal(keep, ones.tril(offset)):
+    for alignment in ("top_left", "bottom_right"):
+        if torch.equal(keep, ones.tril(causal_offset(alignment, L, S))):
             return MaskPattern("causal", alignment)
     return TENSOR
 
@@ -334,15 +311,8 @@ def _additive_triangle(bias: Node, L: Size, S: Size) -> Optional[tuple[MaskPatte
 
 
 def _full_value(node: object) -> Optional[float]:
-    """The value of ``torch.full(shape, value)`` (or ``x.new_full``) with a number, unwritten."""
-    if not isinstance(node, Node) or is_written(node):
-        return None
-    if is_call(node, (torch.full,)):
-        value = bind(node, ("size", "fill_value")).get("fill_value")
-    elif is_call(node, (), ("new_full",)):
-        value = bind(node, ("x", "size", "fill_value")).get("fill_value")
-    else:
-        return None
+    """The number an unwritten ``torch.full(shape, value)`` (``x.new_full``, ``ones``) holds everywhere."""
+    value = filled_with(node)
     return float(value) if is_scalar(value) and not isinstance(value, (torch.SymInt, torch.SymFloat)) else None
 
 
