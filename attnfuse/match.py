@@ -30,10 +30,12 @@ from attnfuse.patterns.casts import peel_upcasts
 from attnfuse.patterns.causal import classify, classify_additive, keep_pattern
 from attnfuse.patterns.layouts import peel_scaled_head_repeat, regroup, regroup_recipe, reshape_blocks
 from attnfuse.patterns.masks import (binary_mask, clamp_floor, complement_value, drops_where_zero, fill_value, full_index,
-                                     keep_mask, mask_reason, pad_region, same_keep_mask, weights_zeroing)
+                                     mask_reason, pad_region, same_keep_mask, weights_zeroing)
 from attnfuse.patterns.scales import score_factor
 from attnfuse.patterns.score_functions import score_function
 from attnfuse.precision import site_dtype
+from attnfuse.score_steps import (BiasStep, ClampStep, FactorStep, FillStep, ReshapeStep, Step, TanhStep,
+                                  with_operand)
 from attnfuse.site import AttentionSite, ScoreTerms
 from attnfuse.vocabulary import (Add, Cast, Clamp, Dropout, Factor, KeepMask, MaskPattern, Multiply, Operand, Permute,
                                  Product, RegionWrite, Select, Softmax, Tanh)
@@ -254,9 +256,9 @@ def _unsupported(node: Node) -> NotFusable:
                       (f": {hint}" if hint else ""))
 
 
-def walk_to_product(scores_input: Node) -> tuple[Node, Product, list]:
+def walk_to_product(scores_input: Node) -> tuple[Node, Product, list[Step]]:
     """Steps from the QK product to the softmax input, in forward order, and the product itself."""
-    steps: list = []
+    steps: list[Step] = []
     node = scores_input
     while True:
         if is_written(node):
@@ -270,24 +272,24 @@ def walk_to_product(scores_input: Node) -> tuple[Node, Product, list]:
             scores, other, first = _score_side(op.a, op.b, node)
             if op.inverse and not first:
                 raise NotFusable("the scores are the divisor of a division")
-            steps.append(("factor", other, op.inverse))
+            steps.append(FactorStep(other, op.inverse))
         elif isinstance(op, Add):
             scores, other, first = _score_side(op.a, op.b, node)
             if not first and op.alpha * op.sign != 1.0:
                 raise NotFusable("the scores are negated or scaled inside an addition")
-            steps.append(("bias", other, op.alpha * op.sign if first else 1.0))
+            steps.append(BiasStep(other, op.alpha * op.sign if first else 1.0))
         elif isinstance(op, Select):
             scores, other, _ = _score_side(op.if_false, op.if_true, node)
-            steps.append(("fill", op.cond, other, other is op.if_true))
+            steps.append(FillStep(op.cond, other, other is op.if_true))
         elif isinstance(op, Tanh):
             scores = op.x
-            steps.append(("tanh",))
+            steps.append(TanhStep())
         elif isinstance(op, Clamp):
             scores = op.x
             if tensor_meta(node) is None or tensor_meta(scores) is None or \
                     tensor_meta(node).dtype != tensor_meta(scores).dtype:
                 raise NotFusable("the clamp of the scores changes their dtype")
-            steps.append(("clamp", op.low, tensor_meta(node).dtype))
+            steps.append(ClampStep(op.low, tensor_meta(node).dtype))
         elif isinstance(op, Cast):
             scores = op.x
         elif isinstance(op, Permute) and op.perm == tuple(range(len(op.perm))):
@@ -299,7 +301,7 @@ def walk_to_product(scores_input: Node) -> tuple[Node, Product, list]:
             raise NotFusable("the scores are transposed between the QK product and the softmax")
         elif _is_reshape(node):
             scores = node.args[0]
-            steps.append(("reshape", node))
+            steps.append(ReshapeStep(node))
         else:
             raise _unsupported(node)
         _single_user(scores, "the attention scores")
@@ -323,7 +325,7 @@ def _shape_text(shape: tuple) -> str:
 _BROADCAST = "a bias or mask broadcasts the scores to a different shape"
 
 
-def _on_product_shape(product_node: Node, product: Product, steps: list, scores_input: Node) -> list:
+def _on_product_shape(product_node: Node, product: Product, steps: list[Step], scores_input: Node) -> list[Step]:
     """The steps with each tensor that was read on a reshaped view of the scores re-read on the QK product's
     own shape (a ``regroup`` node: the bias, mask or factor expanded and reshaped as the scores were).
 
@@ -335,8 +337,8 @@ def _on_product_shape(product_node: Node, product: Product, steps: list, scores_
         raise NotFusable(_BROADCAST)
     view, blocks, kept = scores, None, []
     for step in steps:
-        if step[0] == "reshape":
-            view, blocks = _reshaped(step[1], view, scores)
+        if isinstance(step, ReshapeStep):
+            view, blocks = _reshaped(step.node, view, scores)
         elif blocks is None:
             kept.append(step)
         else:
@@ -366,14 +368,13 @@ def _reshaped(node: Node, before: tuple, scores: tuple) -> tuple[tuple, Optional
     return view, blocks
 
 
-def _regrouped_step(step: tuple, view: tuple, blocks: list, product_node: Node, product: Product,
-                    scores_input: Node) -> tuple:
+def _regrouped_step(step: Step, view: tuple, blocks: list, product_node: Node, product: Product,
+                    scores_input: Node) -> Step:
     """``step`` with its tensor (bias, factor or mask) re-read on the product's shape."""
-    kind, *rest = step
-    meta = tensor_meta(rest[0]) if kind in ("bias", "factor", "fill") else None
+    meta = tensor_meta(step.operand) if step.operand is not None else None
     if meta is not None and meta.dim() > 0:  # a 0-d tensor reads the same on any shape (and promotes no dtype)
-        rest[0] = _regroup_node(rest[0], view, blocks, product_node, product, scores_input)
-    return (kind, *rest)
+        return with_operand(step, _regroup_node(step.operand, view, blocks, product_node, product, scores_input))
+    return step
 
 
 def _regroup_node(tensor: Node, view: tuple, blocks: list, product_node: Node, product: Product,
@@ -400,7 +401,7 @@ def _regroup_node(tensor: Node, view: tuple, blocks: list, product_node: Node, p
     return node
 
 
-def _region_steps(node: Node, op: RegionWrite) -> list:
+def _region_steps(node: Node, op: RegionWrite) -> list[Step]:
     """The steps a write into a region of the scores applies, in forward order, each operand padded to the
     whole scores (a bias with 0, a mask with "keep" outside the region), which is exact: ``s + 0 == s``.
     A region set to a value that does not read the scores (``attn[..., :n] = -inf``) is a fill of it."""
@@ -422,34 +423,34 @@ def _region_steps(node: Node, op: RegionWrite) -> list:
             raise NotFusable("a region of the scores is overwritten with a tensor (`attn[...] = x`); only a constant "
                              "<= -1e4 written into a region acts as a mask")
         drop = _built(node, pad_region, (True, index, sizes, False, meta.device))
-        return [("fill", drop, op.value, True)]
+        return [FillStep(drop, op.value, True)]
     steps = []
     for step in inner:
-        if step[0] == "bias":
-            term = tensor_meta(step[1])
+        if isinstance(step, BiasStep):
+            term = tensor_meta(step.value)
             region_rank = len(torch.empty(sizes, device="meta")[index].shape)
             if term is None or term.dtype != meta.dtype or term.dim() > region_rank:
                 raise NotFusable("a bias of another dtype or shape is added into a region of the scores")
-            steps.append(("bias", _built(node, pad_region, (step[1], index, sizes, 0)), step[2]))
+            steps.append(BiasStep(_built(node, pad_region, (step.value, index, sizes, 0)), step.coefficient))
         else:
-            mask = keep_mask(step[1], step[3])
+            mask = step.mask()
             if tensor_meta(mask.node) is None or tensor_meta(mask.node).dtype != torch.bool:
                 raise NotFusable("a region of the scores is filled through a mask that is not boolean")
             padded = _built(node, pad_region, (mask.node, index, sizes, not mask.negated))
-            steps.append(("fill", padded, step[2], mask.negated))
+            steps.append(FillStep(padded, step.value, mask.negated))
     return steps
 
 
-def _mask_index_fill(op: RegionWrite) -> list:
+def _mask_index_fill(op: RegionWrite) -> list[Step]:
     """``attn[mask] = c`` with a boolean ``mask`` of the scores' whole shape: ``masked_fill(mask, c)``."""
     mask, scores = tensor_meta(op.index), tensor_meta(op.base)
     if mask is None or mask.dtype != torch.bool or tuple(mask.shape) != tuple(scores.shape):
         raise NotFusable("the scores are written in place through a tensor index; only a boolean mask of the "
                          "scores' whole shape (`attn[mask] = value`) is read, as a mask fill")
-    return [("fill", op.index, op.value, True)]
+    return [FillStep(op.index, op.value, True)]
 
 
-def _region_chain(value: object, base: Node, index: object) -> Optional[list]:
+def _region_chain(value: object, base: Node, index: object) -> Optional[list[Step]]:
     """The bias and fill steps from ``base[index]`` to ``value`` (forward order), or None when ``value``
     does not read ``base`` at all (the region is set)."""
     steps, node = [], value
@@ -461,16 +462,16 @@ def _region_chain(value: object, base: Node, index: object) -> Optional[list]:
             return steps
         op = canonical(node)
         if isinstance(op, Add) and _reads(op.a, base) and not _reads(op.b, base):
-            steps.append(("bias", op.b, op.alpha * op.sign))
+            steps.append(BiasStep(op.b, op.alpha * op.sign))
             scores = op.a
         elif isinstance(op, Add) and _reads(op.b, base) and not _reads(op.a, base) and op.sign == op.alpha == 1.0:
-            steps.append(("bias", op.a, 1.0))
+            steps.append(BiasStep(op.a, 1.0))
             scores = op.b
         elif isinstance(op, Select) and _reads(op.if_false, base) and not _reads(op.if_true, base):
-            steps.append(("fill", op.cond, op.if_true, True))
+            steps.append(FillStep(op.cond, op.if_true, True))
             scores = op.if_false
         elif isinstance(op, Select) and _reads(op.if_true, base) and not _reads(op.if_false, base):
-            steps.append(("fill", op.cond, op.if_false, False))
+            steps.append(FillStep(op.cond, op.if_false, False))
             scores = op.if_true
         elif not _reads(node, base):
             if steps:
@@ -531,7 +532,7 @@ def _erase_built(graph: Graph, kept: set[Node]) -> bool:
     return erased
 
 
-def _apply_steps(product: Product, steps: list, rank: int) -> ScoreTerms:
+def _apply_steps(product: Product, steps: list[Step], rank: int) -> ScoreTerms:
     """Fold the steps into canonical score terms; raises where the order cannot be proven equal."""
     terms = ScoreTerms(scale=product.alpha)
     if product.addend is not None:
@@ -539,27 +540,26 @@ def _apply_steps(product: Product, steps: list, rank: int) -> ScoreTerms:
     post_tanh: Optional[float] = None  # factors applied after a tanh (the softcap)
     product_mask: Optional[Node] = None  # a 0/1 mask multiplying the scores, completed by the next step
     for step in steps:
-        kind = step[0]
         if product_mask is not None:
             _complete_product_mask(terms, product_mask, step, rank)
             product_mask = None
             continue
-        if terms.keep_masks and terms.fill != float("-inf") and kind not in ("fill", "bias", "clamp"):
+        if terms.keep_masks and terms.fill != float("-inf") and not isinstance(step, (FillStep, BiasStep, ClampStep)):
             raise NotFusable("the scores change after a finite mask fill (the fill would not stay a mask)")
-        if kind == "tanh":
+        if isinstance(step, TanhStep):
             # a tensor factor before the tanh is folded into q: it scales the scores the tanh reads, as written
             if post_tanh is not None or terms.biases or terms.keep_masks:
                 raise NotFusable("tanh is applied after a bias, mask or another tanh (not a softcap)")
             post_tanh = 1.0
-        elif kind == "factor" and post_tanh is not None and not terms.biases and not terms.keep_masks:
-            value = score_factor(step[1], step[2], rank)
+        elif isinstance(step, FactorStep) and post_tanh is not None and not terms.biases and not terms.keep_masks:
+            value = score_factor(step.value, step.inverse, rank)
             if isinstance(value, str) or value.as_float() is None:
                 raise NotFusable("the softcap is multiplied by a tensor")
             post_tanh *= value.as_float()
-        elif kind == "factor" and post_tanh is not None:
+        elif isinstance(step, FactorStep) and post_tanh is not None:
             raise NotFusable("the scores are scaled after a softcap and a bias or mask")
-        elif kind == "factor":
-            factor = score_factor(step[1], step[2], rank)
+        elif isinstance(step, FactorStep):
+            factor = score_factor(step.value, step.inverse, rank)
             if isinstance(factor, str):
                 product_mask = _product_mask(terms, step, factor, rank)
                 continue
@@ -573,20 +573,19 @@ def _apply_steps(product: Product, steps: list, rank: int) -> ScoreTerms:
                     raise NotFusable("masked scores are multiplied by a non-positive number")
                 terms.scale *= value
                 terms.biases = [(b, c * value) for b, c in terms.biases]
-        elif kind == "bias" and isinstance(step[1], (int, float)) and step[1] == 0:
+        elif isinstance(step, BiasStep) and isinstance(step.value, (int, float)) and step.value == 0:
             continue  # ``scores + 0`` (DeBERTa without relative attention): the same scores
-        elif kind == "bias":
-            reason = bias_reason(step[1], rank)
+        elif isinstance(step, BiasStep):
+            reason = bias_reason(step.value, rank)
             if reason:
                 raise NotFusable(reason)
-            terms.biases.append((step[1], step[2]))
+            terms.biases.append((step.value, step.coefficient))
             if terms.keep_masks and terms.fill != float("-inf"):
-                terms.after_fill.append(step[1])  # masked entries hold ``fill + bias``: checked per call
-        elif kind == "clamp":
-            _apply_clamp(terms, step[1], step[2])
+                terms.after_fill.append(step.value)  # masked entries hold ``fill + bias``: checked per call
+        elif isinstance(step, ClampStep):
+            _apply_clamp(terms, step.low, step.dtype)
         else:
-            _, cond, fill, fill_where_true = step
-            _add_fill(terms, keep_mask(cond, fill_where_true), fill, rank)
+            _add_fill(terms, step.mask(), step.value, rank)
     if product_mask is not None:
         raise NotFusable(_UNFINISHED_PRODUCT_MASK)
     if post_tanh is not None:
@@ -616,11 +615,11 @@ _UNFINISHED_PRODUCT_MASK = ("the scores are multiplied by a 0/1 mask (`s * m`) t
                             "fill: follow it with `+ c * (1 - m)` or `.masked_fill(m == 0, c)` (c <= -1e4)")
 
 
-def _product_mask(terms: ScoreTerms, step: tuple, reason: str, rank: int) -> Node:
+def _product_mask(terms: ScoreTerms, step: FactorStep, reason: str, rank: int) -> Node:
     """A tensor factor that varies along the keys: a 0/1 mask (GPT's ``w * b + -1e4 * (1 - b)``), to be
     completed by the next step, or the reason it is not a scale."""
-    _, other, inverse = step
-    proof = None if inverse else binary_mask(other)
+    other = step.value
+    proof = None if step.inverse else binary_mask(other)
     if proof is None or (tensor_meta(other).dim() > rank):
         raise NotFusable(reason)
     if terms.biases or terms.keep_masks or terms.tensor_factors or terms.scale <= 0:
@@ -631,23 +630,22 @@ def _product_mask(terms: ScoreTerms, step: tuple, reason: str, rank: int) -> Nod
     return other
 
 
-def _complete_product_mask(terms: ScoreTerms, mask: Node, step: tuple, rank: int) -> None:
+def _complete_product_mask(terms: ScoreTerms, mask: Node, step: Step, rank: int) -> None:
     """``s * m + c * (1 - m)`` is ``where(m, s, c)`` for 0/1 ``m``, finite ``c`` and finite ``s`` (``s * 0`` of an
     infinite score is NaN: checked per call); ``(s * m).masked_fill(m == 0, c)`` is exact for any ``s``."""
-    kind = step[0]
-    if kind == "bias":
-        value = complement_value(step[1], mask)
+    if isinstance(step, BiasStep):
+        value = complement_value(step.value, mask)
         if value is None:
             raise NotFusable(_UNFINISHED_PRODUCT_MASK)
-        fill = value * step[2]
+        fill = value * step.coefficient
         if not math.isfinite(fill):
             raise NotFusable("the masked scores are set through `c * (1 - m)` with an infinite c, which is NaN "
                              "where m is 1; use a finite c or `masked_fill`")
         terms.finite_scores = True
         _add_fill(terms, KeepMask(mask, False), fill, rank, binary=True)
         return
-    if kind == "fill" and drops_where_zero(keep_mask(step[1], step[3]), mask):
-        _add_fill(terms, keep_mask(step[1], step[3]), step[2], rank)
+    if isinstance(step, FillStep) and drops_where_zero(step.mask(), mask):
+        _add_fill(terms, step.mask(), step.value, rank)
         return
     raise NotFusable(_UNFINISHED_PRODUCT_MASK)
 
