@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Any, Callable, Generic, Hashable, Iterator, TypeVar
+from contextlib import nullcontext
+from typing import Any, Callable, ContextManager, Generic, Hashable, Iterator, TypeVar
+
+import torch
 
 V = TypeVar("V")
 _MISSING = object()
@@ -32,9 +35,14 @@ class Cache(Generic[V]):
                 raise ValueError(f"a cache named {name!r} is already registered")
             _REGISTRY[name] = self
 
+    def _locked(self) -> ContextManager:
+        """The cache's lock; none while Dynamo traces a caller (it cannot trace a lock, and tracing runs in one
+        thread): the entries are then read as plain Python state."""
+        return nullcontext() if torch.compiler.is_compiling() else self._lock
+
     def get(self, key: Hashable, default: Any = None) -> Any:
         """The value stored for ``key`` (now the most recently used), else ``default``."""
-        with self._lock:
+        with self._locked():
             value = self._entries.get(key, _MISSING)
             if value is _MISSING:
                 return default
@@ -43,7 +51,7 @@ class Cache(Generic[V]):
 
     def put(self, key: Hashable, value: V) -> None:
         """Store ``value`` for ``key``, dropping the least recently used entry beyond ``maxsize``."""
-        with self._lock:
+        with self._locked():
             self._entries[key] = value
             self._entries.move_to_end(key)
             while len(self._entries) > self.maxsize:
@@ -51,7 +59,7 @@ class Cache(Generic[V]):
 
     def setdefault(self, key: Hashable, value: V) -> V:
         """The value stored for ``key``; ``value`` is stored first if there is none (one winner across threads)."""
-        with self._lock:
+        with self._locked():
             found = self._entries.get(key, _MISSING)
             if found is not _MISSING:
                 self._entries.move_to_end(key)
@@ -77,20 +85,20 @@ class Cache(Generic[V]):
         self.put(key, value)
 
     def __contains__(self, key: Hashable) -> bool:
-        with self._lock:
+        with self._locked():
             return key in self._entries
 
     def __len__(self) -> int:
-        with self._lock:
+        with self._locked():
             return len(self._entries)
 
     def items(self) -> list[tuple[Hashable, V]]:
         """A snapshot of the entries, least recently used first."""
-        with self._lock:
+        with self._locked():
             return list(self._entries.items())
 
     def clear(self) -> None:
-        with self._lock:
+        with self._locked():
             self._entries.clear()
 
     def __repr__(self) -> str:

@@ -24,10 +24,11 @@ from attnfuse.dominance import FillDominance, every_row_has_a_live_key
 from attnfuse.effects import written_or_returned
 from attnfuse.fx_utils import remove_dead_nodes, statically_true, tensor_meta
 from attnfuse.guards import CausalGuard
-from attnfuse.masking import combined_keep, conjunction
+from attnfuse.masking import combined_keep, keep_from_masks
 from attnfuse.original import original_program
 from attnfuse.report import KernelRecord
 from attnfuse.site import AttentionSite
+from attnfuse.site_inputs import InputLayout, dropout_p, site_inputs
 from attnfuse.tracing import is_traced
 
 
@@ -90,7 +91,7 @@ class SitePlan:
     scale: float
     causal: Optional[str]
     fully_masked_rows: str
-    dropout_p: float  # the constant p, or 0.0 where ``dropout_from_input`` (p is read on each call)
+    dropout_p: float  # the constant p, or 0.0 where the site reads p on each call (``inputs.dropout``)
     out_dtype: torch.dtype
     kernels: Optional[tuple[str, ...]] = None
     autotune: bool = False
@@ -101,16 +102,14 @@ class SitePlan:
     output_written: bool = False
     bias_program: Optional[BiasProgram] = field(default=None, compare=False)
     causal_guard: Optional[CausalGuard] = field(default=None, compare=False)
-    guard_inputs: int = 0
     record: KernelRecord = field(default_factory=KernelRecord, compare=False)
     dominance: Optional[FillDominance] = field(default=None, compare=False)
     original: Optional[Callable] = field(default=None, compare=False)  # the site's own ops (``attnfuse.original``)
-    original_inputs: int = 0  # extra inputs only ``original`` reads, after the fused call's own
+    inputs: InputLayout = InputLayout()  # how the fused call's inputs group (``attnfuse.site_inputs``)
     keys_in_every_row: bool = False  # run ``original`` for calls where a causal row would keep no key
     mask_binary: tuple[bool, ...] = ()  # per keep-mask: a 0/1 float mask whose values are checked on each call
     live_rows: bool = False  # run ``original`` for calls where a row keeps no key above the masking floor
     contiguous_out: bool = False  # the original's output is contiguous while ``out_perm`` permutes the kernel's
-    dropout_from_input: bool = False  # p is a run-time number: the last of the fused call's own inputs
     added_mask: Optional[AddedMask] = field(default=None, compare=False)  # masks read from an added 0 / fill bias
 
     @property
@@ -140,7 +139,7 @@ def plan_for(site: AttentionSite, kernels: Optional[tuple[str, ...]] = None, aut
         causal=terms.causal,
         fully_masked_rows=fully_masked,
         dropout_p=0.0 if isinstance(site.dropout_p, Node) else site.dropout_p,
-        dropout_from_input=isinstance(site.dropout_p, Node),
+        inputs=InputLayout.of(site_inputs(site)),
         out_dtype=tensor_meta(site.output).dtype,
         dtype=site.dtype,
         kv_group=site.kv_group,
@@ -153,7 +152,6 @@ def plan_for(site: AttentionSite, kernels: Optional[tuple[str, ...]] = None, aut
         if terms.functions else None,
         causal_guard=CausalGuard(terms.causal_guard[0].node, terms.causal_guard[0].negated,
                                  list(terms.causal_guard[1]), terms.causal) if terms.causal_guard else None,
-        guard_inputs=len(terms.causal_guard[1]) if terms.causal_guard else 0,
         dominance=FillDominance(terms.fill, tensor_meta(site.softmax).dtype, terms.scores_dtype,
                                 after_fill=tuple(i for i, (b, _) in enumerate(terms.biases) if b in terms.after_fill),
                                 finite_scores=terms.finite_scores) if terms.fill_check else None,
@@ -174,15 +172,6 @@ def _is_contiguous(meta: torch.Tensor) -> bool:
             return False
         expected = expected * size
     return True
-
-
-def site_inputs(site: AttentionSite) -> tuple:
-    """The graph nodes the fused call reads, in the order ``run_site`` expects them."""
-    return (site.q.node, site.k.node, site.v.node, *[m.node for m in site.scores.keep_masks],
-            *[b for b, _ in site.scores.biases], *[f.value for f in site.scores.tensor_factors],
-            *[leaf for f, _ in site.scores.functions for leaf in f.leaves],
-            *(site.scores.causal_guard[1] if site.scores.causal_guard else ()),
-            *((site.dropout_p,) if isinstance(site.dropout_p, Node) else ()))
 
 
 def _to_4d(x: torch.Tensor, plan: SitePlan, batch_shape: tuple[int, ...]) -> torch.Tensor:
@@ -279,33 +268,12 @@ def _combined_bias(biases: tuple, plan: SitePlan, batch_shape: tuple[int, ...],
     return bias
 
 
-def _split_inputs(plan: SitePlan, extra: tuple) -> tuple[tuple, tuple, tuple, tuple, tuple]:
-    """The extra inputs of a site call as (masks, biases, factors, score-function leaves, guarded buffers)."""
-    n_masks, n_biases, n_factors = len(plan.mask_negated), len(plan.bias_coefficients), len(plan.factor_inverse)
-    masks, biases = extra[:n_masks], extra[n_masks:n_masks + n_biases]
-    factors = extra[n_masks + n_biases:n_masks + n_biases + n_factors]
-    leaves = extra[n_masks + n_biases + n_factors:len(extra) - plan.guard_inputs]
-    guarded = extra[len(extra) - plan.guard_inputs:] if plan.guard_inputs else ()
-    return masks, biases, factors, leaves, guarded
-
-
-def _own_inputs(plan: SitePlan, extra: tuple) -> tuple[tuple, float]:
-    """The fused call's own extra inputs (without those only ``original`` reads) and this call's dropout p."""
-    own = extra[:len(extra) - plan.original_inputs]
-    if not plan.dropout_from_input:
-        return own, plan.dropout_p
-    p = float(own[-1])
-    if not 0.0 <= p <= 1.0:  # as F.dropout does
-        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
-    return own[:-1], p
-
-
-def compute_site(plan: SitePlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *extra: torch.Tensor,
-                 kernels: Optional[tuple[str, ...]] = None) -> torch.Tensor:
+def compute_site(plan: SitePlan, *tensors: torch.Tensor, kernels: Optional[tuple[str, ...]] = None) -> torch.Tensor:
     """Compute one rewritten site: layouts to 4-d, masks and biases combined, one ``attend`` call."""
-    everything = (q, k, v, *extra)
-    own, dropout_p = _own_inputs(plan, extra)
-    masks, biases, factors, leaves, guarded = _split_inputs(plan, own)
+    given = plan.inputs.split(tensors)
+    dropout = dropout_p(given, plan.dropout_p)
+    masks, biases, factors, leaves, guarded = given.masks, given.biases, given.factors, given.leaves, given.guards
+    q, k, v = given.q, given.k, given.v
     if plan.bias_program is not None:
         plan.bias_program.leaf_values = leaves
     q, k, v = plan.q.apply(q), plan.k.apply(k), plan.v.apply(v)
@@ -318,14 +286,10 @@ def compute_site(plan: SitePlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     q, scale = _fold_factors(q, plan.scale, factors, plan, batch_shape)
     q = q if q.dtype == dtype else q.to(dtype)
     if plan.keys_in_every_row and not _every_row_keeps_a_key(plan.causal, q.shape[-2], k.shape[-2]):
-        return _run_original(plan, everything, "a causal row keeps no key on this call")
+        return _run_original(plan, tensors, "a causal row keeps no key on this call")
     if any(plan.mask_binary) and not _binary_masks_hold(masks, plan):
-        return _run_original(plan, everything, "a mask multiplying the scores is not 0/1 on this call")
-    keep = None
-    for mask, negated in zip(masks, plan.mask_negated):
-        mask = mask if mask.dtype == torch.bool else mask != 0  # a 0/1 mask that multiplied the scores
-        mask = _score_operand(mask.logical_not() if negated else mask, plan, batch_shape)
-        keep = mask if keep is None else conjunction(keep, mask)
+        return _run_original(plan, tensors, "a mask multiplying the scores is not 0/1 on this call")
+    keep = keep_from_masks(masks, plan.mask_negated, lambda mask: _score_operand(mask, plan, batch_shape))
     bias = _combined_bias(biases, plan, batch_shape, dtype)
     causal = plan.causal
     if plan.causal_guard is not None:
@@ -342,14 +306,14 @@ def compute_site(plan: SitePlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     if plan.live_rows or plan.dominance is not None:
         full_keep = combined_keep(keep, causal, q.shape[-2], k.shape[-2], q.device, window)
     if plan.live_rows and not every_row_has_a_live_key(bias, full_keep, q.dtype if bias is None else bias.dtype):
-        return _run_original(plan, everything, "a row keeps no key above the masking floor on this call")
+        return _run_original(plan, tensors, "a row keeps no key above the masking floor on this call")
     if plan.dominance is not None and not plan.dominance.holds(
             q, k, scale, plan.softcap, [b if c == 1.0 else b * c for b, c in zip(biases, plan.bias_coefficients)],
             bias, full_keep):
-        return _run_original(plan, everything, "the fill did not mask on this call")
+        return _run_original(plan, tensors, "the fill did not mask on this call")
     record = plan.record if plan.record.kernel is None and kernels is None else None
     out = attend(q, k, v, mask=keep, bias=bias, causal=causal, window=window, softcap=plan.softcap,
-                 bias_fn=plan.bias_program, scale=scale, dropout_p=dropout_p,
+                 bias_fn=plan.bias_program, scale=scale, dropout_p=dropout,
                  fully_masked_rows=plan.fully_masked_rows, kernels=kernels or plan.kernels, autotune=plan.autotune,
                  on_kernel=record)
     out = _from_4d(out, plan, batch_shape).permute(plan.out_perm)
@@ -368,7 +332,7 @@ def _binary_masks_hold(masks: tuple, plan: SitePlan) -> bool:
 
 def run_site(plan: SitePlan, *tensors: torch.Tensor) -> torch.Tensor:
     """One rewritten site, with a backward that is itself differentiable (``create_graph=True``)."""
-    random = _own_inputs(plan, tensors[3:])[1] > 0
+    random = dropout_p(plan.inputs.split(tensors), plan.dropout_p) > 0
     return differentiable_twice(partial(compute_site, plan), partial(compute_site, plan, kernels=("math",)),
                                 tensors, fresh_output=plan.output_written, random=random)
 
@@ -404,14 +368,14 @@ def _precedes_all(inputs: tuple, position: Node) -> bool:
 def rewrite_site(gm: GraphModule, site: AttentionSite, index: int,
                  kernels: Optional[tuple[str, ...]] = None, autotune: bool = False) -> SitePlan:
     """Insert ``attnfuse_site_<index>(q, k, v, ...)`` in place of the site's value product."""
-    inputs = tuple(current(node) for node in site_inputs(site))
+    inputs = tuple(current(node) for node in site_inputs(site).flat())
     if not _precedes_all(inputs, site.output):  # every input is an ancestor of the value product
         raise RuntimeError(f"attnfuse: an input of site {index} is defined after its value product")
     # kernels save their output for the backward pass, so one that may be written later is handed out fresh
     plan = plan_for(site, kernels, autotune, output_written=written_or_returned(site.output))
     if plan.needs_original:
         program, extras = original_program(site.output, inputs)
-        plan = replace(plan, original=program, original_inputs=len(extras))
+        plan = replace(plan, original=program, inputs=plan.inputs.with_original(len(extras)))
         inputs = (*inputs, *extras)
     graph = gm.graph
     with graph.inserting_before(site.output):

@@ -5,7 +5,7 @@ finds the rows where every key is masked.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -15,6 +15,18 @@ from attnfuse.vocabulary import causal_offset
 def conjunction(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     """``first & second``: two keep-masks of one site as one (one pass over the broadcast masks)."""
     return first & second
+
+
+def keep_from_masks(masks: Sequence[torch.Tensor], negated: Sequence[bool],
+                    to_scores: Callable[[torch.Tensor], torch.Tensor]) -> Optional[torch.Tensor]:
+    """A site's keep-masks as one boolean mask on the scores' layout (``to_scores``): a 0/1 mask that multiplied
+    the scores keeps where it is not 0, a negated mask where it is False; None without masks."""
+    keep = None
+    for mask, inverted in zip(masks, negated):
+        mask = mask if mask.dtype == torch.bool else mask != 0
+        mask = to_scores(mask.logical_not() if inverted else mask)
+        keep = mask if keep is None else conjunction(keep, mask)
+    return keep
 
 
 def causal_keep(L: int, S: int, alignment: str, device: torch.device, window: Optional[int] = None) -> torch.Tensor:
