@@ -29,7 +29,7 @@ import torch
 from attnfuse.masking import combined_keep
 from attnfuse.tracing import is_traced
 from attnfuse.vocabulary import MASKING_THRESHOLD, causal_offset
-from attnfuse.memo import host_bool, host_bools
+from attnfuse.memo import host_bool
 
 # Fused kernels multiply the scores by log2(e) before exp2: a score below this overflows to -inf in fp32.
 KERNEL_SCORE_FLOOR = -torch.finfo(torch.float32).max / 1.4426950408889634
@@ -121,17 +121,19 @@ def rows_beyond_kernel_range(bias: torch.Tensor, full_keep: Optional[torch.Tenso
         return None, True
     values = bias.detach()
     top = values.amax(-1, keepdim=True)
-    rows, uniform = top < KERNEL_SCORE_FLOOR, values.amin(-1, keepdim=True) == top
+    rows = top < KERNEL_SCORE_FLOOR
     if full_keep is not None:
         rows = rows & full_keep.any(-1, keepdim=True)
+    found = host_bool(rows.any())
+    if found is None:
+        return rows, True
+    if not found:
+        return None, True  # the usual case: one reduction over the bias and one host read
+    uniform = values.amin(-1, keepdim=True) == top
+    if full_keep is not None:
         uniform = uniform & full_keep.all(-1, keepdim=True)
     inexact = rows & ~uniform if dropout_p == 0 else rows
-    flags = host_bools(rows.any(), inexact.any())
-    if flags is None:
-        return rows, True
-    if not flags[0]:
-        return None, True
-    return rows, not flags[1]
+    return rows, not bool(inexact.any())
 
 
 def rows_of_neginf(bias: torch.Tensor, full_keep: Optional[torch.Tensor], fill_is_neginf: bool,
