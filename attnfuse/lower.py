@@ -292,7 +292,8 @@ def compute_site(plan: SitePlan, *tensors: torch.Tensor, kernels: Optional[tuple
     k = _to_4d(_broadcast(k, plan, batch_shape, own_heads=True), plan, batch_shape)
     v = _to_4d(_broadcast(v, plan, batch_shape, own_heads=True), plan, batch_shape)
     dtype = plan.dtype or q.dtype
-    q, k, v = (t if t.dtype == dtype else t.to(dtype) for t in (q, k, v))
+    if q.dtype != dtype or k.dtype != dtype or v.dtype != dtype:
+        q, k, v = (t if t.dtype == dtype else t.to(dtype) for t in (q, k, v))
     q, scale = _fold_factors(q, plan.scale, factors, plan, batch_shape)
     q = q if q.dtype == dtype else q.to(dtype)
     if plan.keys_in_every_row and not _every_row_keeps_a_key(plan.causal, q.shape[-2], k.shape[-2]):
