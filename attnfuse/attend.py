@@ -113,14 +113,26 @@ def attend(
         raise ValueError(f"attend: {H} query heads cannot share {k.shape[1]} kv heads evenly")
     if k.shape[0] != B:
         k, v = k.expand(B, *k.shape[1:]), v.expand(B, *v.shape[1:])
-    if bias is not None and bias.dtype != bias_dtype(q.dtype, bias.dtype):
+    if bias is not None and bias.dtype != q.dtype and bias.dtype != bias_dtype(q.dtype, bias.dtype):
         bias = bias.to(bias_dtype(q.dtype, bias.dtype))
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if _keeps_every_key(causal, window, q.shape[-2], k.shape[-2]):
+        causal, window = None, None
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     scale_value = q.shape[-1] ** -0.5 if scale is None else scale
+    facts = CallFacts()
     call = AttentionCall(q, k, v, keep, bias, causal, window, softcap, bias_fn, scale, scale_value, dropout_p,
-                         fully_masked_rows, needs_grad, allowed, autotune, on_kernel, CallFacts())
+                         fully_masked_rows, needs_grad, allowed, autotune, on_kernel, facts)
     out, call = _run_first_kernel(call)
-    return restore_rows(out, call)
+    out = restore_rows(out, call)
+    facts.folded = None  # the folded call refers to ``facts``: no reference cycle keeps the tensors alive
+    return out
+
+
+def _keeps_every_key(causal: Optional[str], window: Optional[int], L: int, S: int) -> bool:
+    """Whether a causal (windowed) triangle masks nothing for ``L`` queries and ``S`` keys: one query
+    bottom-right aligned (a decode step) sees every key up to the diagonal, which is the last key, and a
+    window reaching back over all of them."""
+    return causal == "bottom_right" and L == 1 and S >= 1 and (window is None or window >= S)
 
 
 def _run_first_kernel(call: AttentionCall) -> tuple[torch.Tensor, AttentionCall]:
@@ -213,8 +225,10 @@ def differentiable_twice(run: Callable[..., torch.Tensor], recompute: Callable[.
     not share memory with the kernel's saved output, so it may be written in place before backward.
     ``random`` (dropout inside the kernel): a higher-order backward raises, as it cannot be recomputed.
     """
+    if not torch.is_grad_enabled():
+        return run(*tensors)
     differentiable = [t for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)
+    needs_grad = any(t.requires_grad for t in differentiable)
     if not needs_grad or any(is_traced(t) for t in differentiable) or torch._C._are_functorch_transforms_active():
         return run(*tensors)
     if any(t.is_cuda and t.dtype in (torch.float16, torch.bfloat16) for t in differentiable):  # cuDNN may run

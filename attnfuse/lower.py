@@ -39,6 +39,10 @@ class Layout:
     perm: tuple[int, ...]
     missing: tuple[int, ...]
 
+    def __post_init__(self) -> None:
+        # decided once: whether ``perm`` moves an axis (a frozen record's derived flag, not a field)
+        object.__setattr__(self, "_permutes", self.perm != tuple(range(len(self.perm))))
+
     @staticmethod
     def between(axes: str, target: str) -> "Layout":
         present = [c for c in target if c in axes]
@@ -46,7 +50,7 @@ class Layout:
                       tuple(i for i, c in enumerate(target) if c not in axes))
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        if self.perm != tuple(range(len(self.perm))):
+        if self._permutes:
             x = x.permute(self.perm)
         for dim in self.missing:
             x = x.unsqueeze(dim)
@@ -111,6 +115,11 @@ class SitePlan:
     live_rows: bool = False  # run ``original`` for calls where a row keeps no key above the masking floor
     contiguous_out: bool = False  # the original's output is contiguous while ``out_perm`` permutes the kernel's
     added_mask: Optional[AddedMask] = field(default=None, compare=False)  # masks read from an added 0 / fill bias
+
+    def __post_init__(self) -> None:
+        # facts of the plan that every call reads, decided once (derived flags, not fields)
+        object.__setattr__(self, "_permutes_out", self.out_perm != tuple(range(len(self.out_perm))))
+        object.__setattr__(self, "_checks_binary_masks", any(self.mask_binary))
 
     @property
     def needs_original(self) -> bool:
@@ -203,7 +212,8 @@ def _from_4d(out: torch.Tensor, plan: SitePlan, batch_shape: tuple[int, ...]) ->
 
 def _score_operand(x: torch.Tensor, plan: SitePlan, batch_shape: tuple[int, ...]) -> torch.Tensor:
     """A mask, bias or factor broadcast against the scores, brought to 4-d."""
-    x = x.reshape((1,) * (plan.scores_rank - x.dim()) + tuple(x.shape))
+    if x.dim() != plan.scores_rank:
+        x = x.reshape((1,) * (plan.scores_rank - x.dim()) + tuple(x.shape))
     return _to_4d(x, plan, batch_shape)
 
 
@@ -282,15 +292,17 @@ def compute_site(plan: SitePlan, *tensors: torch.Tensor, kernels: Optional[tuple
     k = _to_4d(_broadcast(k, plan, batch_shape, own_heads=True), plan, batch_shape)
     v = _to_4d(_broadcast(v, plan, batch_shape, own_heads=True), plan, batch_shape)
     dtype = plan.dtype or q.dtype
-    q, k, v = (t if t.dtype == dtype else t.to(dtype) for t in (q, k, v))
+    if q.dtype != dtype or k.dtype != dtype or v.dtype != dtype:
+        q, k, v = (t if t.dtype == dtype else t.to(dtype) for t in (q, k, v))
     q, scale = _fold_factors(q, plan.scale, factors, plan, batch_shape)
     q = q if q.dtype == dtype else q.to(dtype)
     if plan.keys_in_every_row and not _every_row_keeps_a_key(plan.causal, q.shape[-2], k.shape[-2]):
         return _run_original(plan, tensors, "a causal row keeps no key on this call")
-    if any(plan.mask_binary) and not _binary_masks_hold(masks, plan):
+    if plan._checks_binary_masks and not _binary_masks_hold(masks, plan):
         return _run_original(plan, tensors, "a mask multiplying the scores is not 0/1 on this call")
-    keep = keep_from_masks(masks, plan.mask_negated, lambda mask: _score_operand(mask, plan, batch_shape))
-    bias = _combined_bias(biases, plan, batch_shape, dtype)
+    keep = keep_from_masks(masks, plan.mask_negated, lambda mask: _score_operand(mask, plan, batch_shape)) \
+        if masks else None
+    bias = _combined_bias(biases, plan, batch_shape, dtype) if biases else None
     causal = plan.causal
     if plan.causal_guard is not None:
         changed = plan.causal_guard.changed_mask(guarded, q.shape[-2], k.shape[-2])
@@ -316,7 +328,8 @@ def compute_site(plan: SitePlan, *tensors: torch.Tensor, kernels: Optional[tuple
                  bias_fn=plan.bias_program, scale=scale, dropout_p=dropout,
                  fully_masked_rows=plan.fully_masked_rows, kernels=kernels or plan.kernels, autotune=plan.autotune,
                  on_kernel=record)
-    out = _from_4d(out, plan, batch_shape).permute(plan.out_perm)
+    out = _from_4d(out, plan, batch_shape)
+    out = out.permute(plan.out_perm) if plan._permutes_out else out
     out = out.contiguous() if plan.contiguous_out else out
     return out if out.dtype == plan.out_dtype else out.to(plan.out_dtype)
 
@@ -332,7 +345,8 @@ def _binary_masks_hold(masks: tuple, plan: SitePlan) -> bool:
 
 def run_site(plan: SitePlan, *tensors: torch.Tensor) -> torch.Tensor:
     """One rewritten site, with a backward that is itself differentiable (``create_graph=True``)."""
-    random = dropout_p(plan.inputs.split(tensors), plan.dropout_p) > 0
+    # the inputs are split (by ``compute_site``) only where the site reads p on each call
+    random = (dropout_p(plan.inputs.split(tensors), plan.dropout_p) if plan.inputs.dropout else plan.dropout_p) > 0
     return differentiable_twice(partial(compute_site, plan), partial(compute_site, plan, kernels=("math",)),
                                 tensors, fresh_output=plan.output_written, random=random)
 

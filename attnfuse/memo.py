@@ -43,4 +43,6 @@ def host_bools(*flags: torch.Tensor) -> Optional[list[bool]]:
     """Several one-element boolean tensors read with one synchronization, or None where none can be read."""
     if not flags or not host_readable(flags[0]):
         return None
+    if len(flags) == 1:  # nothing to gather: one read, without a stack
+        return [bool(flags[0])]
     return [bool(x) for x in torch.stack([f.reshape(()) for f in flags]).tolist()]

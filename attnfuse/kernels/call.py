@@ -35,7 +35,7 @@ class CallFacts:
     refused it so far (``(kernel, reason)`` pairs), whether its bias masks a whole row, the call with
     its score function folded into the bias (SDPA's form, which the kernels after SDPA and the rows'
     write-back then read, so that they add the same sum), and the rows without keys (with the combined
-    keep-mask) where the SDPA kernel computed them."""
+    keep-mask) where the SDPA kernel computed them; ``far_rows_of`` is the bias ``far_rows`` were found in."""
 
     refusals: tuple[tuple[str, str], ...] = ()
     bias_masks_a_row: Optional[bool] = None
@@ -44,6 +44,7 @@ class CallFacts:
     dead: Optional[torch.Tensor] = None
     dead_known: bool = False
     far_rows: Optional[tuple[Optional[torch.Tensor], bool]] = None
+    far_rows_of: Optional[torch.Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,7 @@ class AttentionCall:
             whole = self.facts.full_keep if self.facts.full_keep is not None else \
                 combined_keep(self.keep, self.causal, L, S, self.q.device, self.window)
             self.facts.far_rows = rows_beyond_kernel_range(self.bias, whole, self.dropout_p)
+            self.facts.far_rows_of = self.bias
         return self.facts.far_rows
 
     def announce(self, kernel: str) -> None:

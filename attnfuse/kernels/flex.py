@@ -139,13 +139,13 @@ class FlexKernel(Kernel):
             return "FlexAttention has no backward on the CPU"
         if call.allowed is not None and "flex" not in call.allowed:
             return "not among the forced kernels"
-        failed = failure(self.name, _signature(call))
-        if failed is not None:
-            return f"failed before on this kind of call ({failed})"
         if not _wanted(call):
             return "SDPA runs this call (no softcap, score function, window, per-head or wider bias)"
         if q.device.type != "cuda":
             return "chosen on CUDA only, where it was measured faster than SDPA"
+        failed = failure(self.name, _signature(call))  # after the cheap checks: a look-up a call
+        if failed is not None:
+            return f"failed before on this kind of call ({failed})"
         return refused_by_fused_kernels(call)
 
     def run(self, call: AttentionCall) -> torch.Tensor:
@@ -166,8 +166,10 @@ def _wanted(call: AttentionCall) -> bool:
     per-head bias tensor (faster on Flex, but only eagerly: under an outer compile a Flex kernel that
     does not fit the GPU cannot fall back, and SDPA can take the tensor as it is), or a bias wider
     than q (fp32 on bf16), which Flex adds in fp32 and the SDPA kernels on CUDA do not."""
+    if call.softcap is not None or call.bias_fn is not None or call.window is not None:
+        return True
     bias = call.bias
-    plain_bias_on_flex = bias is not None and bias.dim() >= 3 and bias.shape[-3] > 1 and not is_traced(call.q)
-    wide_bias_on_flex = bias is not None and bias.dtype != call.q.dtype and not is_traced(call.q)
-    return call.softcap is not None or call.bias_fn is not None or call.window is not None or plain_bias_on_flex or \
-        wide_bias_on_flex
+    if bias is None:
+        return False
+    per_head = bias.dim() >= 3 and bias.shape[-3] > 1
+    return (per_head or bias.dtype != call.q.dtype) and not is_traced(call.q)

@@ -32,18 +32,22 @@ def _bind_flags() -> list:
 _FLAGS = _bind_flags()
 
 
+_IDS = {backend: int(backend) for backend in SDPBackend.__members__.values()} if _FLAGS else {}
+
+
 class _Scope:
     __slots__ = ("wanted", "saved")
 
     def __init__(self, order: list[SDPBackend]) -> None:
-        self.wanted = [int(backend) for backend in order]
+        self.wanted = [_IDS[backend] if backend in _IDS else int(backend) for backend in order]
 
     def __enter__(self) -> None:
         self.saved = [get() for _, get, _ in _FLAGS]
         priority = self.saved[-1]
+        wanted = self.wanted
         for backend, _, set_flag in _FLAGS[:-1]:
-            set_flag(backend in self.wanted)
-        _FLAGS[-1][2](self.wanted + [backend for backend in priority if backend not in self.wanted])
+            set_flag(backend in wanted)
+        _FLAGS[-1][2](wanted + [backend for backend in priority if backend not in wanted])
 
     def __exit__(self, *exc) -> None:
         for value, (_, _, set_flag) in zip(self.saved, _FLAGS):

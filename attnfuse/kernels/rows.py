@@ -52,10 +52,18 @@ def restore_rows(out: torch.Tensor, call: "AttentionCall") -> torch.Tensor:
         out = restore_fully_masked_rows(out, call.v, far, "mean")
     if call.bias is not None:
         whole = facts.full_keep if facts.full_keep is not None else combined_keep(keep, causal, L, S, device, window)
-        neginf_rows = rows_of_neginf(call.bias, whole, mode == "nan", zeroed=mode == "zero" and keep is not None)
-        if neginf_rows is not None:
-            out = restore_fully_masked_rows(out, call.v, neginf_rows, "nan")
+        if not _no_neginf_rows(call.bias, whole, facts.far_rows, facts.far_rows_of):
+            neginf_rows = rows_of_neginf(call.bias, whole, mode == "nan", zeroed=mode == "zero" and keep is not None)
+            if neginf_rows is not None:
+                out = restore_fully_masked_rows(out, call.v, neginf_rows, "nan")
     return out
+
+
+def _no_neginf_rows(bias: torch.Tensor, full_keep: Optional[torch.Tensor],
+                    far_rows: Optional[tuple[Optional[torch.Tensor], bool]], far_rows_of: Optional[torch.Tensor]) -> bool:
+    """Whether ``rows_beyond_kernel_range`` already proved, on this very bias, that no row is ``-inf`` at every key:
+    without a keep-mask such a row's maximum is ``-inf``, below the floor, and that read found no row below it."""
+    return full_keep is None and far_rows is not None and far_rows[0] is None and far_rows_of is bias
 
 
 def rows_without_keys(keep: Optional[torch.Tensor], causal: Optional[str], L: int, S: int,

@@ -78,20 +78,36 @@ def preferred_order(device_type: str, capability: tuple[int, int], dtype: torch.
     return ["cudnn", "flash", "efficient", "math"]
 
 
+_ORDERS: Cache[tuple[SDPBackend, ...]] = Cache("kernels.sdpa.orders", maxsize=1024)
+
+
 def kernel_order(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
                  needs_grad: bool, allowed: Optional[tuple[str, ...]] = None) -> list[SDPBackend]:
-    """SDPA kernels to try for this call, fastest valid first; raises if every allowed kernel is a trap."""
+    """SDPA kernels to try for this call, fastest valid first; raises if every allowed kernel is a trap.
+
+    Remembered per the facts it depends on (device, dtype, short keys and head dim, the allowed kernels,
+    the traps that apply): metadata only, never values."""
+    traps = known_traps(q, k, attn_mask, needs_grad)
+    short = k.shape[-2] <= SHORT_KEYS and max(q.shape[-1], v.shape[-1]) <= SHORT_KEYS
+    key = (q.device, q.dtype, short, allowed, tuple(traps))
+    order = _ORDERS.get(key)
+    if order is None:
+        order = _ORDERS.setdefault(key, _kernel_order(q, k, v, allowed, traps))
+    return list(order)
+
+
+def _kernel_order(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: Optional[tuple[str, ...]],
+                  traps: dict[str, str]) -> tuple[SDPBackend, ...]:
     capability = torch.cuda.get_device_capability(q.device) if q.is_cuda else (0, 0)
     order = preferred_order(q.device.type, capability, q.dtype, k.shape[-2], max(q.shape[-1], v.shape[-1]))
     if allowed is not None:
         order = [name for name in order if name in allowed] or list(allowed)
-    traps = known_traps(q, k, attn_mask, needs_grad)
     safe = [name for name in order if name not in traps]
     if not safe:
         reasons = "; ".join(traps[name] for name in order)
         raise RuntimeError(f"attnfuse: the forced kernels {list(order)} would give a wrong result here ({reasons}); "
                            "allow another kernel, e.g. 'efficient' or 'math'")
-    return [KERNELS[name] for name in safe]
+    return tuple(KERNELS[name] for name in safe)
 
 
 def chosen_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: object, dropout_p: float,
@@ -270,7 +286,10 @@ def _folded(call: AttentionCall) -> AttentionCall:
             grid_bias = call.bias_fn(index_grid(B, H, L, call.k.shape[-2], q.device))
             bias = grid_bias if bias is None else bias + grid_bias
             bias = bias.to(bias_dtype(q.dtype, bias.dtype))
-        call.facts.folded = replace(call, bias=_bias_for_sdpa(bias, q), bias_fn=None)
+        bias = _bias_for_sdpa(bias, q)
+        # nothing to fold (no score function, the bias as it is): the call itself
+        unchanged = call.bias_fn is None and bias is call.bias
+        call.facts.folded = call if unchanged else replace(call, bias=bias, bias_fn=None)
     return call.facts.folded
 
 

@@ -1,0 +1,30 @@
+"""The benchmark scripts run end to end at tiny sizes (no timing is checked: figures come from the scripts)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+TINY = ["--device", "cpu", "--layers", "1", "--hidden", "32", "--heads", "4", "--kv-heads", "2", "--batch", "2",
+        "--prompt", "8", "--new-tokens", "2", "--rounds", "1"]
+
+
+@pytest.mark.parametrize("extra", [["--pad", "3", "--per-call", "--lengths", "8", "--repeats", "1"], ["--static"]],
+                         ids=["dynamic-padded-per-call", "static"])
+def test_bench_generate_runs(tmp_path, extra):
+    import bench_generate
+
+    out = tmp_path / "generate.json"
+    bench_generate.main([*TINY, *extra, "--out", str(out)])
+    payload = json.loads(out.read_text())
+    generate = payload["generate"]
+    assert set(generate["tokens_per_s"]) == {"eager", "attnfuse", "sdpa"}
+    assert generate["fused_sites"] == 1
+    assert generate["same_tokens_as_eager"]["attnfuse"]
+    if "--per-call" in extra:
+        assert {row["mask"] for row in payload["per_call"]} == {"bias", "causal"}
+        assert all(row["kernel"] for row in payload["per_call"])
