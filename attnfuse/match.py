@@ -17,6 +17,7 @@ from torch.fx import Graph, Node
 
 import torch
 
+from attnfuse import logs
 from attnfuse.added_masks import AddedMask, absorbs_every_score
 from attnfuse.canonical import canonical, normalize_dunder_methods, spelling
 from attnfuse.dominance import absorbing, underflow_gap
@@ -63,11 +64,12 @@ def find_sites(graph: Graph) -> Iterator[Union[AttentionSite, Skip]]:
     (``attnfuse.effects``); dead values (debug copies such as ``sim.clone()`` kept for inspection and
     never returned) are removed, so they do not count as uses of the scores.
     """
-    normalize_dunder_methods(graph)
-    functionalize(graph)
-    remove_dead_nodes(reversed(list(graph.nodes)))
-    mark_writes(graph)
-    transformed = _under_function_transform(graph)
+    with logs.phase("effects"):
+        normalize_dunder_methods(graph)
+        functionalize(graph)
+        remove_dead_nodes(reversed(list(graph.nodes)))
+        mark_writes(graph)
+        transformed = _under_function_transform(graph)
     for node in list(graph.nodes):
         op = spelling(node)
         if isinstance(op, Softmax) and looks_like_attention(node, op):
