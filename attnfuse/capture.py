@@ -16,7 +16,6 @@ records its sites into the active capture's report the first time that model run
 from __future__ import annotations
 
 import contextvars
-import copy
 import inspect
 import itertools
 import time
@@ -32,6 +31,7 @@ import attnfuse.patterns  # noqa: F401  (registers the rule families)
 from attnfuse import logs
 from attnfuse.caches import Cache
 from attnfuse.folding import BUFFER_VALUE
+from attnfuse.fx_utils import copy_graph_module
 from attnfuse.lower import rewrite_site
 from attnfuse.match import Skip, discard_unused_built, find_sites
 from attnfuse.native import native_sites, use_fused_path
@@ -166,7 +166,7 @@ class AttnfuseBackend:
         with logs.timed(timings):
             with logs.phase("copy"):
                 _record_buffer_values(gm, example_inputs)
-                original = copy.deepcopy(gm)  # before the matcher caches anything in the nodes' meta
+                original = copy_graph_module(gm)  # before the matcher caches anything in the nodes' meta
             with logs.phase("matching"):
                 sites = self.rewrite(gm)
             compiled = CompiledGraph(original, gm, sites, self, example_inputs)

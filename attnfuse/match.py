@@ -33,6 +33,7 @@ from attnfuse.patterns.layouts import peel_scaled_head_repeat, regroup, regroup_
 from attnfuse.patterns.masks import (binary_mask, clamp_floor, complement_value, drops_where_zero, fill_value, full_index,
                                      mask_reason, pad_region, same_keep_mask, weights_zeroing)
 from attnfuse.patterns.scales import score_factor
+from attnfuse.patterns.softmax import calls_softmax
 from attnfuse.patterns.score_functions import score_function
 from attnfuse.precision import site_dtype
 from attnfuse.score_steps import (BiasStep, ClampStep, FactorStep, FillStep, ReshapeStep, Step, TanhStep,
@@ -71,6 +72,8 @@ def find_sites(graph: Graph) -> Iterator[Union[AttentionSite, Skip]]:
         mark_writes(graph)
         transformed = _under_function_transform(graph)
     for node in list(graph.nodes):
+        if not calls_softmax(node):  # no other node reads as a softmax: not canonicalized here
+            continue
         op = spelling(node)
         if isinstance(op, Softmax) and looks_like_attention(node, op):
             if node in transformed:
