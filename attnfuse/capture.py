@@ -36,6 +36,7 @@ from attnfuse.lower import rewrite_site
 from attnfuse.match import Skip, discard_unused_built, find_sites
 from attnfuse.native import native_sites, use_fused_path
 from attnfuse.options import Options
+from attnfuse.patterns.softmax import calls_softmax
 from attnfuse.report import (EXCLUDED_BY_FILTER, FusionReport, GraphSites, SiteReport, compiled_frame,
                              relative_module_path, site_features, source_line)
 from attnfuse.verify import check_rewrite
@@ -164,11 +165,14 @@ class AttnfuseBackend:
         started, capture = time.perf_counter(), _ACTIVE.get()
         timings = logs.Timings(capture=None if capture is None else started - capture.mark)
         with logs.timed(timings):
-            with logs.phase("copy"):
-                _record_buffer_values(gm, example_inputs)
-                original = copy_graph_module(gm)  # before the matcher caches anything in the nodes' meta
-            with logs.phase("matching"):
-                sites = self.rewrite(gm)
+            if _may_hold_attention(gm.graph):
+                with logs.phase("copy"):
+                    _record_buffer_values(gm, example_inputs)
+                    original = copy_graph_module(gm)  # before the matcher caches anything in the nodes' meta
+                with logs.phase("matching"):
+                    sites = self.rewrite(gm)
+            else:  # nothing the pass reads: the graph runs as captured (nothing to verify, nothing to keep)
+                original, sites = gm, []
             compiled = CompiledGraph(original, gm, sites, self, example_inputs)
         compiled.timings, compiled.compiled_at = timings, time.perf_counter()
         if capture is not None:
@@ -400,6 +404,12 @@ def captured(compiled: Callable[..., Any], capture: Capture) -> Callable[..., An
                     capture.report.note(reason)
 
     return call
+
+
+def _may_hold_attention(graph: torch.fx.Graph) -> bool:
+    """Whether ``graph`` calls a softmax or PyTorch's own attention: without either, the pass finds no site
+    and changes nothing."""
+    return any(calls_softmax(node) for node in graph.nodes) or next(native_sites(graph), None) is not None
 
 
 def _record_buffer_values(gm: GraphModule, example_inputs: Sequence[Any]) -> None:

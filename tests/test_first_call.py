@@ -158,3 +158,32 @@ def test_a_model_that_never_ran_has_no_timings():
     report = attnfuse.report(attnfuse.optimize(Stack()))
     assert report.timings.graphs == [] and report.timings.attnfuse_own == 0.0
     assert report.to_dict()["timings"]["graphs"] == []
+
+
+class EmbedThenAttend(nn.Module):
+    """A graph with no attention (before the break), then one with a site."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.layer = nn.Linear(16, 16), Layer()
+
+    def forward(self, x, mask):
+        x = torch.relu(self.embed(x)).clone().mul_(2.0)  # an in-place write the pass would otherwise read
+        torch._dynamo.graph_break()
+        return self.layer(x, mask)
+
+
+def test_a_graph_without_attention_runs_as_captured_and_costs_no_rewrite():
+    torch._dynamo.reset()
+    module = EmbedThenAttend()
+    args = _inputs()
+    expected = module(*args)
+    model = attnfuse.optimize(module, verify=True)
+    wall = _timed_first_call(model, *args)
+    torch.testing.assert_close(model(*args), expected)
+    report = attnfuse.report(model)
+    assert report.fused == 1 and len(report.sites) == 1
+    _assert_accounted(report.timings, wall, graphs=2)
+    plain, attention = report.timings.graphs
+    assert plain.attnfuse_own == 0.0
+    assert attention.attnfuse_own > 0.0 and attention.verification > 0.0
