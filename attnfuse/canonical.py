@@ -14,6 +14,7 @@ import torch
 from torch.fx import Graph, Node
 
 from attnfuse.fx_utils import is_call, is_written
+from attnfuse.logs import active_clock
 
 Canonicalizer = Callable[[Node], Optional[Any]]
 _CANONICALIZERS: list[Canonicalizer] = []
@@ -37,7 +38,14 @@ def spelling(node: Any) -> Optional[Any]:
         return None
     cache = node.meta.setdefault("attnfuse_canonical", {})
     if "op" not in cache:
-        cache["op"] = next((op for rule in _CANONICALIZERS if (op := rule(node)) is not None), None)
+        clock = active_clock()
+        if clock is not None:
+            clock.enter("canonicalize")
+        try:
+            cache["op"] = next((op for rule in _CANONICALIZERS if (op := rule(node)) is not None), None)
+        finally:
+            if clock is not None:
+                clock.leave()
     return cache["op"]
 
 

@@ -16,12 +16,11 @@ records its sites into the active capture's report the first time that model run
 from __future__ import annotations
 
 import contextvars
-import copy
 import inspect
 import itertools
 import time
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from types import CodeType
 from typing import Any, Callable, Optional, Sequence
 
@@ -32,10 +31,12 @@ import attnfuse.patterns  # noqa: F401  (registers the rule families)
 from attnfuse import logs
 from attnfuse.caches import Cache
 from attnfuse.folding import BUFFER_VALUE
+from attnfuse.fx_utils import copy_graph_module
 from attnfuse.lower import rewrite_site
 from attnfuse.match import Skip, discard_unused_built, find_sites
 from attnfuse.native import native_sites, use_fused_path
 from attnfuse.options import Options
+from attnfuse.patterns.softmax import calls_softmax
 from attnfuse.report import (EXCLUDED_BY_FILTER, FusionReport, GraphSites, SiteReport, compiled_frame,
                              relative_module_path, site_features, source_line)
 from attnfuse.verify import check_rewrite
@@ -54,8 +55,17 @@ class Capture:
     code: Optional[CodeType] = None  # the model's ``forward``, to say why Dynamo ran no graph of it
     excludes: Optional[Callable[[str, Optional[tuple[str, int]]], bool]] = None  # (name, frame): filter_fn said no
     timings: Optional[logs.Timings] = None  # compile work done during the current call, if any
-    mark: float = 0.0  # when the current call started, or its last graph was compiled (Dynamo's capture time)
+    mark: float = 0.0  # when the current call started, or its last graph was compiled or ran first (Dynamo's capture time)
     slow_noted: bool = False
+    # graphs compiled during the current call (by id) and when their compile ended: their first run charges
+    # Dynamo's guard and bytecode work since then to the capture phase
+    compiled_now: dict[int, float] = field(default_factory=dict)
+
+    def spent(self, timings: logs.Timings, until: float) -> None:
+        """Add ``timings`` to the current call's compile work; the next phase starts at ``until``."""
+        self.timings = self.timings or logs.Timings()
+        self.timings.add(timings)
+        self.mark = until
 
 
 _ACTIVE: contextvars.ContextVar[Optional[Capture]] = contextvars.ContextVar("attnfuse_capture", default=None)
@@ -65,7 +75,7 @@ class CompiledGraph:
     """One rewritten graph as Dynamo runs it; shared by every model whose code and guards match.
 
     On the first call under each model's ``Capture`` it verifies the rewrite if that model asked
-    for it, then records its sites in that model's report.
+    for it, then records its sites, and what that first call cost (``logs.Timings``), in that model's report.
     """
 
     def __init__(self, original: GraphModule, rewritten: GraphModule, sites: list[SiteReport],
@@ -73,13 +83,18 @@ class CompiledGraph:
         self.original, self.graph_module = original, rewritten
         self.sites = GraphSites(sites)
         self.backend, self.example_inputs = backend, list(example_inputs)
-        self.run: Callable[..., Any] = backend.lower(rewritten, self.example_inputs)
+        with logs.phase("compile"):
+            self.run: Callable[..., Any] = backend.lower(rewritten, self.example_inputs)
         self.checked_without_capture = False
-        self.timings = logs.Timings()
-        self.logged = False
+        self.timings = logs.Timings()  # the graph's compile and first run (and every verification), for the log
+        self.compiled_at = 0.0
+        self.ran = False
 
     def __call__(self, *args: Any) -> Any:
         capture = _ACTIVE.get()
+        first: list[logs.Timings] = []  # what this call's first run is charged to, if it is a first run
+        if not self.ran:
+            first.append(self.timings)
         if capture is None:
             if self.backend.options.verify and not self.checked_without_capture:
                 self.checked_without_capture = True
@@ -87,15 +102,40 @@ class CompiledGraph:
         else:
             capture.graph_calls += 1
             if not capture.report.has_graph(self.sites):
+                first.append(self._first_call_timings(capture))
                 if capture.verify:
-                    self.verify(args, capture)
-                capture.report.add_graph(self.sites)
-        if not self.logged:
-            self.logged = True
-            logs.graph_ready(self.sites.sites, self.timings, None if capture is None else capture.report)
-        return self.run(*args)
+                    self.verify(args, capture, first[-1])
+                capture.report.add_graph(self.sites, first[-1])
+        if not first:
+            return self.run(*args)
+        started = time.perf_counter()
+        try:
+            return self.run(*args)
+        finally:
+            finished = time.perf_counter()
+            spent = logs.Timings(capture=None, first_run=finished - started)
+            for timings in first:
+                timings.add(spent)
+            if capture is not None:
+                capture.spent(spent, finished)
+            if not self.ran:
+                self.ran = True
+                logs.graph_ready(self.sites.sites, self.timings, None if capture is None else capture.report)
 
-    def verify(self, args: tuple, capture: Optional[Capture] = None) -> None:
+    def _first_call_timings(self, capture: Capture) -> logs.Timings:
+        """What ``capture``'s model spent on this graph: its compile, if compiled during this call (with
+        Dynamo's guard and bytecode work since), else nothing yet (a graph compiled for another model)."""
+        compiled_at = capture.compiled_now.pop(id(self), None)
+        if compiled_at is None:
+            return logs.Timings()
+        now = time.perf_counter()
+        guards = logs.Timings(capture=now - compiled_at)
+        self.timings.add(guards)
+        capture.spent(guards, now)
+        mine = replace(self.timings, first_run=0.0, verification=0.0)
+        return mine
+
+    def verify(self, args: tuple, capture: Optional[Capture] = None, into: Optional[logs.Timings] = None) -> None:
         """Check the current rewrite on ``args``; roll back (for every model sharing the graph) what differs."""
         started = time.perf_counter()
         result = check_rewrite(self.original, self.graph_module, self.sites.sites, self.backend.rewrite_only, args)
@@ -103,12 +143,12 @@ class CompiledGraph:
             self.graph_module, self.sites.sites[:] = result
             self.run = self.backend.lower(self.graph_module, self.example_inputs)
         finished = time.perf_counter()
-        spent = logs.Timings(verification=finished - started)
+        spent = logs.Timings(capture=None, verification=finished - started)
         self.timings.add(spent)
+        if into is not None:
+            into.add(spent)
         if capture is not None:
-            capture.timings = capture.timings or logs.Timings()
-            capture.timings.add(spent)
-            capture.mark = finished  # the next graph's capture starts no earlier
+            capture.spent(spent, finished)  # the next graph's capture starts no earlier
 
 
 class AttnfuseBackend:
@@ -123,18 +163,21 @@ class AttnfuseBackend:
 
     def __call__(self, gm: GraphModule, example_inputs: Sequence[Any]) -> Callable:
         started, capture = time.perf_counter(), _ACTIVE.get()
-        _record_buffer_values(gm, example_inputs)
-        original = copy.deepcopy(gm)  # before the matcher caches anything in the nodes' meta
-        sites = self.rewrite(gm)
-        matched = time.perf_counter()
-        compiled = CompiledGraph(original, gm, sites, self, example_inputs)
-        lowered = time.perf_counter()
-        compiled.timings = logs.Timings(capture=None if capture is None else started - capture.mark,
-                                        matching=matched - started, lowering=lowered - matched)
+        timings = logs.Timings(capture=None if capture is None else started - capture.mark)
+        with logs.timed(timings):
+            if _may_hold_attention(gm.graph):
+                with logs.phase("copy"):
+                    _record_buffer_values(gm, example_inputs)
+                    original = copy_graph_module(gm)  # before the matcher caches anything in the nodes' meta
+                with logs.phase("matching"):
+                    sites = self.rewrite(gm)
+            else:  # nothing the pass reads: the graph runs as captured (nothing to verify, nothing to keep)
+                original, sites = gm, []
+            compiled = CompiledGraph(original, gm, sites, self, example_inputs)
+        compiled.timings, compiled.compiled_at = timings, time.perf_counter()
         if capture is not None:
-            capture.timings = capture.timings or logs.Timings()
-            capture.timings.add(compiled.timings)
-            capture.mark = lowered
+            capture.compiled_now[id(compiled)] = compiled.compiled_at
+            capture.spent(timings, compiled.compiled_at)
         return compiled
 
     def lower(self, gm: GraphModule, example_inputs: list[Any]) -> Callable:
@@ -180,12 +223,14 @@ class AttnfuseBackend:
                 reports.append(SiteReport(name, source, "skipped", reason="rolled back", features=features,
                                           frame=frame))
                 continue
-            plan = rewrite_site(gm, result, next(_site_counter), self.options.kernels, self.options.autotune)
+            with logs.phase("lowering"):
+                plan = rewrite_site(gm, result, next(_site_counter), self.options.kernels, self.options.autotune)
             reports.append(SiteReport(name, source, "fused", features=features, record=plan.record,
                                       predicted_backend="sdpa", frame=frame))
-        if discard_unused_built(gm.graph) or any(r.status == "fused" for r in reports):
-            gm.graph.lint()
-            gm.recompile()
+        with logs.phase("lowering"):
+            if discard_unused_built(gm.graph) or any(r.status == "fused" for r in reports):
+                gm.graph.lint()
+                gm.recompile()
         return reports
 
     def rewrite_only(self, gm: GraphModule, sites: set[tuple[str, str]]) -> list[SiteReport]:
@@ -341,6 +386,7 @@ def captured(compiled: Callable[..., Any], capture: Capture) -> Callable[..., An
     def call(*args: Any, **kwargs: Any) -> Any:
         graphs_before, attempts = capture.graph_calls, _SIGNALS.start()
         capture.timings, capture.mark = None, time.perf_counter()
+        capture.compiled_now.clear()
         started = capture.mark
         token = _ACTIVE.set(capture)
         try:
@@ -358,6 +404,12 @@ def captured(compiled: Callable[..., Any], capture: Capture) -> Callable[..., An
                     capture.report.note(reason)
 
     return call
+
+
+def _may_hold_attention(graph: torch.fx.Graph) -> bool:
+    """Whether ``graph`` calls a softmax or PyTorch's own attention: without either, the pass finds no site
+    and changes nothing."""
+    return any(calls_softmax(node) for node in graph.nodes) or next(native_sites(graph), None) is not None
 
 
 def _record_buffer_values(gm: GraphModule, example_inputs: Sequence[Any]) -> None:
@@ -396,7 +448,7 @@ class CompileBackend:
             raise TypeError(f"attnfuse: pass the options to attnfuse.backend(...), not to torch.compile; got "
                             f"{sorted(options)}")
         compiled = AttnfuseBackend(self.options)(gm, example_inputs)
-        self.report.add_graph(compiled.sites)
+        self.report.add_graph(compiled.sites, compiled.timings)
         _ROUTE.last = self.report
         return compiled
 
@@ -431,7 +483,7 @@ def attnfuse_backend(gm: GraphModule, example_inputs: Sequence[Any], **options: 
     Options come as keywords or as ``torch.compile(..., options={...})``, with ``optimize``'s names."""
     settings = route_options({**(options.pop("options", None) or {}), **options})
     compiled = AttnfuseBackend(settings)(gm, example_inputs)
-    _ROUTE.strings.add_graph(compiled.sites)
+    _ROUTE.strings.add_graph(compiled.sites, compiled.timings)
     _ROUTE.last = _ROUTE.strings
     return compiled
 

@@ -2,8 +2,9 @@
 value, whether it writes in place or has a side effect, removing dead nodes, comparing symbolic sizes."""
 from __future__ import annotations
 
+import copy
 import operator
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Hashable, Iterable, Optional
 
 import torch
 from torch.fx import Node
@@ -156,3 +157,28 @@ def reads_only_metadata(user: Node, node: Node) -> bool:
 def value_users(node: Node) -> list[Node]:
     """The users of ``node`` that read its values."""
     return [user for user in node.users if not reads_only_metadata(user, node)]
+
+
+_MISSING = object()
+
+
+def memoized(node: Node, table: str, key: Optional[Hashable], compute: Callable[[], Any]) -> Any:
+    """``compute()``, remembered in ``node``'s meta under ``table`` and ``key`` (a graph's nodes are its own, so
+    the memo lives and dies with the graph); computed every time where ``key`` is None."""
+    if key is None:
+        return compute()
+    memo = node.meta.setdefault(table, {})
+    found = memo.get(key, _MISSING)
+    if found is _MISSING:
+        found = memo[key] = compute()
+    return found
+
+
+# What Dynamo records on a graph module about where its inputs came from: read by nothing here, never written
+_DYNAMO_RECORDS = ("_param_name_to_source", "_source_to_user_stacks", "shape_env")
+
+
+def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``copy.deepcopy(gm)``, sharing Dynamo's records of its inputs' sources instead of copying them."""
+    shared = {id(value): value for name, value in gm.__dict__.items() if name in _DYNAMO_RECORDS}
+    return copy.deepcopy(gm, shared)

@@ -17,6 +17,7 @@ from torch.fx import Graph, Node
 
 import torch
 
+from attnfuse import logs
 from attnfuse.added_masks import AddedMask, absorbs_every_score
 from attnfuse.canonical import canonical, normalize_dunder_methods, spelling
 from attnfuse.dominance import absorbing, underflow_gap
@@ -32,6 +33,7 @@ from attnfuse.patterns.layouts import peel_scaled_head_repeat, regroup, regroup_
 from attnfuse.patterns.masks import (binary_mask, clamp_floor, complement_value, drops_where_zero, fill_value, full_index,
                                      mask_reason, pad_region, same_keep_mask, weights_zeroing)
 from attnfuse.patterns.scales import score_factor
+from attnfuse.patterns.softmax import calls_softmax
 from attnfuse.patterns.score_functions import score_function
 from attnfuse.precision import site_dtype
 from attnfuse.score_steps import (BiasStep, ClampStep, FactorStep, FillStep, ReshapeStep, Step, TanhStep,
@@ -63,12 +65,15 @@ def find_sites(graph: Graph) -> Iterator[Union[AttentionSite, Skip]]:
     (``attnfuse.effects``); dead values (debug copies such as ``sim.clone()`` kept for inspection and
     never returned) are removed, so they do not count as uses of the scores.
     """
-    normalize_dunder_methods(graph)
-    functionalize(graph)
-    remove_dead_nodes(reversed(list(graph.nodes)))
-    mark_writes(graph)
-    transformed = _under_function_transform(graph)
+    with logs.phase("effects"):
+        normalize_dunder_methods(graph)
+        functionalize(graph)
+        remove_dead_nodes(reversed(list(graph.nodes)))
+        mark_writes(graph)
+        transformed = _under_function_transform(graph)
     for node in list(graph.nodes):
+        if not calls_softmax(node):  # no other node reads as a softmax: not canonicalized here
+            continue
         op = spelling(node)
         if isinstance(op, Softmax) and looks_like_attention(node, op):
             if node in transformed:

@@ -13,6 +13,7 @@ import torch
 from torch.fx import Node
 
 from attnfuse.fx_utils import tensor_meta
+from attnfuse.logs import ModelTimings, Timings
 from attnfuse.site import AttentionSite
 from attnfuse.vocabulary import KeepMask
 
@@ -269,6 +270,7 @@ class FusionReport:
     modules: Optional[ModuleIndex] = field(default=None, repr=False, compare=False)
     not_optimized: Optional[str] = None  # why the model this report was asked for does not run the rewrite
     _graph_ids: set[int] = field(default_factory=set, init=False, repr=False, compare=False)
+    _graph_timings: list[Timings] = field(default_factory=list, init=False, repr=False, compare=False)
 
     @property
     def sites(self) -> list[SiteReport]:
@@ -306,11 +308,20 @@ class FusionReport:
     def has_graph(self, graph: GraphSites) -> bool:
         return id(graph) in self._graph_ids
 
-    def add_graph(self, graph: GraphSites) -> None:
-        """Record that this model ran ``graph`` (once; the report keeps it, so its id stays unique)."""
+    @property
+    def timings(self) -> ModelTimings:
+        """Seconds the first call of each graph spent per phase (Dynamo's capture, attnfuse's rewrite, the
+        compile, the first run, the verification), per graph and summed."""
+        return ModelTimings(list(self._graph_timings))
+
+    def add_graph(self, graph: GraphSites, timings: Optional[Timings] = None) -> None:
+        """Record that this model ran ``graph`` (once; the report keeps it, so its id stays unique), and
+        ``timings``, what its first call cost this model (filled in as that call goes on)."""
         if id(graph) not in self._graph_ids:
             self._graph_ids.add(id(graph))
             self.graphs.append(graph)
+            if timings is not None:
+                self._graph_timings.append(timings)
 
     def note(self, text: str) -> None:
         """Record something the user must know about how the model ran (once)."""
@@ -323,7 +334,8 @@ class FusionReport:
         notes = ([self.not_optimized] if self.not_optimized else []) + list(self.notes)
         return {"fused": sum(s.status == "fused" for s in sites), "skipped": sum(s.status == "skipped" for s in sites),
                 "already_fused": sum(s.status == ALREADY_FUSED for s in sites),
-                "sites": [s.to_dict() for s in sites], "notes": notes}
+                "sites": [s.to_dict() for s in sites], "notes": notes,
+                "timings": _json_value(self.timings.to_dict())}
 
     def to_json(self, **dumps_options: Any) -> str:
         """``to_dict()`` as strict JSON (no NaN or Infinity); ``dumps_options`` go to ``json.dumps``."""
@@ -352,6 +364,8 @@ class FusionReport:
                 lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 17)
         if any(isinstance(s.features.get("q_len"), str) or isinstance(s.features.get("k_len"), str) for s in sites):
             lines.append("L, S: the query and key lengths, read at run time (the graph was compiled for dynamic shapes)")
+        if self._graph_timings:
+            lines.append(str(self.timings))
         return "\n".join(lines + notes)
 
     __repr__ = __str__

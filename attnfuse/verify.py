@@ -7,12 +7,12 @@ first call did not exercise, rely on the rewrite being exact (and on the per-cal
 from __future__ import annotations
 
 import contextlib
-import copy
 from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch.fx import GraphModule, Node
 
+from attnfuse.fx_utils import copy_graph_module
 from attnfuse.report import SiteReport
 
 RewriteOnly = Callable[[GraphModule, set[tuple[str, str]]], list[SiteReport]]
@@ -121,7 +121,7 @@ def check_rewrite(original: GraphModule, rewritten: GraphModule, reports: list[S
         keep, failed = set(), {}
         for report in fused:
             key = (report.name, report.source)
-            trial = copy.deepcopy(original)
+            trial = copy_graph_module(original)
             rewrite_only(trial, {key})
             worst = max((_difference(out, trial, inputs, rewind), name) for name, inputs, out in expected)
             if worst[0] <= 1.0:
@@ -129,7 +129,7 @@ def check_rewrite(original: GraphModule, rewritten: GraphModule, reports: list[S
             else:
                 failed[key] = worst
     earlier = {(r.name, r.source): r.reason for r in reports if r.status != "fused" and r.reason}
-    final = copy.deepcopy(original)
+    final = copy_graph_module(original)
     final_reports = rewrite_only(final, keep)
     for report in final_reports:
         key = (report.name, report.source)

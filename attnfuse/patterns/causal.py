@@ -18,7 +18,8 @@ from torch.fx import Node
 
 from attnfuse.canonical import canonical
 from attnfuse.folding import BUFFER_VALUE, buffers_read, constant_value
-from attnfuse.fx_utils import example_value, is_call, is_scalar, is_written, same_size, statically_true, tensor_meta
+from attnfuse.fx_utils import (example_value, is_call, is_scalar, is_written, memoized, same_size, statically_true,
+                               tensor_meta)
 from attnfuse.patterns.index import (TRUE, keep_inequalities, keep_terms, query_key_inequalities, triangle_arguments,
                                      triangle_kept)
 from attnfuse.patterns.readers import filled_with, is_all_true
@@ -149,7 +150,13 @@ def _constant_along_queries(node: Node) -> bool:
 
 
 def classify(mask: KeepMask, L: Size, S: Size) -> MaskPattern:
-    """Classify a keep-mask of scores with ``L`` queries and ``S`` keys."""
+    """Classify a keep-mask of scores with ``L`` queries and ``S`` keys (once per graph, polarity and sizes)."""
+    sizes = _size_key(L, S)
+    key = None if sizes is None else (mask.negated, *sizes)
+    return memoized(mask.node, "attnfuse_keep_pattern", key, lambda: _classify(mask, L, S))
+
+
+def _classify(mask: KeepMask, L: Size, S: Size) -> MaskPattern:
     return (_structural(mask, L, S) or _by_index(mask.node, mask.negated, L, S)
             or _with_key_masks(mask.node, mask.negated, L, S) or _by_value(mask, L, S)
             or _by_sliced_buffer(mask, L, S) or TENSOR)
@@ -262,8 +269,19 @@ def classify_additive(bias: Node, L: Size, S: Size) -> Optional[tuple[MaskPatter
     """A constant additive bias holding only 0 and one value <= the masking threshold: ``(pattern, value)``.
 
     This is how transformers' eager models pass a causal mask (``0`` / ``finfo.min``). Only biases
-    that read no graph input are evaluated, so the answer is exact for the graph it was found in.
+    that read no graph input are evaluated, so the answer is exact for the graph it was found in. Read
+    once per graph and sizes (every layer of a model adds the same mask).
     """
+    return memoized(bias, "attnfuse_additive", _size_key(L, S), lambda: _classify_additive(bias, L, S))
+
+
+def _size_key(L: Size, S: Size) -> Optional[tuple[int, int]]:
+    """The memo key of a classification at ``(L, S)``: the sizes where both are plain ints (a symbolic size is
+    not hashable), else None (not remembered)."""
+    return (L, S) if isinstance(L, int) and isinstance(S, int) else None
+
+
+def _classify_additive(bias: Node, L: Size, S: Size) -> Optional[tuple[MaskPattern, Optional[float]]]:
     structural = _additive_by_index(bias, L, S) or _additive_triangle(bias, L, S)
     if structural is not None:
         return structural
@@ -275,10 +293,19 @@ def classify_additive(bias: Node, L: Size, S: Size) -> Optional[tuple[MaskPatter
     masked = value != 0
     if not bool(masked.any()):
         return MaskPattern("all"), None
-    fills = value[masked].unique()
-    if fills.numel() != 1 or not float(fills[0]) <= MASKING_THRESHOLD:
+    fill = _uniform_nonzero(value)
+    if fill is None or not fill <= MASKING_THRESHOLD:
         return None
-    return keep_pattern(~masked, L, S), float(fills[0])
+    return keep_pattern(~masked, L, S), fill
+
+
+def _uniform_nonzero(value: torch.Tensor) -> Optional[float]:
+    """The one value of ``value``'s nonzero entries (some exist), or None where they differ or one is NaN:
+    the smallest entry, if every entry is 0 or it (a linear check where ``unique`` sorts)."""
+    lowest = value.amin()
+    if not bool(((value == 0) | (value == lowest)).all()):
+        return None
+    return float(lowest)
 
 
 def _additive_by_index(bias: Node, L: Size, S: Size) -> Optional[tuple[MaskPattern, float]]:

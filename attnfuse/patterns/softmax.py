@@ -12,9 +12,15 @@ from attnfuse.fx_utils import bind, is_call
 from attnfuse.vocabulary import Softmax
 
 
+def calls_softmax(node: Node) -> bool:
+    """Whether ``node`` calls a softmax: the only nodes ``softmax_rule`` (the one rule that reads a ``Softmax``)
+    may read as one, so a search for softmaxes canonicalizes no other node."""
+    return is_call(node, (F.softmax, torch.softmax, torch.Tensor.softmax), ("softmax",))
+
+
 @canonicalizer
 def softmax_rule(node: Node) -> Optional[Softmax]:
-    if not is_call(node, (F.softmax, torch.softmax, torch.Tensor.softmax), ("softmax",)):
+    if not calls_softmax(node):
         return None
     args = bind(node, ("x", "dim"), dtype=None)
     if node.op == "call_function" and node.target is F.softmax:
