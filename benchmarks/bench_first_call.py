@@ -152,15 +152,45 @@ def run_case(case: str, mode: str, seq: int) -> dict:
                      "per_graph": [graph.to_dict() for graph in timings.graphs]}
 
 
+def rewrite_only(case: str, seq: int, repeats: int = 5) -> dict:
+    """attnfuse's own phases for one graph of ``case``, captured once: the backend run on ``repeats`` fresh
+    copies of it in this process (best of them per phase), which isolates the rewrite from Dynamo."""
+    import copy
+
+    import torch
+
+    from attnfuse import logs
+    from attnfuse.capture import AttnfuseBackend
+    from attnfuse.options import Options
+
+    torch.set_num_threads(1)
+    model, inputs = build(case, seq)
+    captured = []
+
+    def keep(gm, example_inputs):
+        captured.append((copy.deepcopy(gm), list(example_inputs)))
+        return gm.forward
+
+    with torch.no_grad():
+        torch.compile(model, backend=keep)(**inputs)
+    gm, example_inputs = captured[0]
+    backend, best = AttnfuseBackend(Options()), {}
+    for graph in [copy.deepcopy(gm) for _ in range(repeats)]:
+        timings = backend(graph, example_inputs).timings
+        for name in logs.Timings.ATTNFUSE_OWN:
+            best[name] = min(best.get(name, float("inf")), getattr(timings, name))
+    return {"case": case, "seq": seq, "nodes": len(gm.graph.nodes), "own_s": best, "own_total_s": sum(best.values())}
+
+
 # ----------------------------------------------------------------------------- the driver
 
-def _child(checkout: str, case: str, mode: str, seq: int) -> dict:
+def _child(checkout: str, *arguments: str) -> dict:
     env = {**os.environ, "PYTHONPATH": os.path.abspath(checkout), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", case, mode, str(seq)], env=env,
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), *arguments], env=env,
                           capture_output=True, text=True, cwd=os.path.abspath(checkout))
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode or not lines:
-        raise RuntimeError(f"{checkout} {case} {mode} failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"{checkout} {arguments} failed:\n{done.stderr[-3000:]}")
     return json.loads(lines[-1])
 
 
@@ -180,6 +210,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", nargs=3, metavar=("CASE", "MODE", "SEQ"), help=argparse.SUPPRESS)
     parser.add_argument("--seq", type=int, default=1024, help="tokens a row (MEGABYTE: twice as many bytes)")
+    parser.add_argument("--child-rewrite", nargs=2, metavar=("CASE", "SEQ"), help=argparse.SUPPRESS)
+    parser.add_argument("--rewrite-seq", type=int, default=2048,
+                        help="also time the rewrite alone of the Llama and Mistral graphs at this length (0: not)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--modes", default="eager,verify,dynamo")
@@ -187,6 +220,9 @@ def main() -> None:
                         help="label=path pairs: each label's subprocesses import attnfuse from that checkout")
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "bench_first_call_cpu.json"))
     args = parser.parse_args()
+    if args.child_rewrite:
+        print(json.dumps(rewrite_only(args.child_rewrite[0], int(args.child_rewrite[1]))))
+        return
     if args.child:
         case, mode, seq = args.child
         print(json.dumps(run_case(case, mode, int(seq))))
@@ -202,7 +238,7 @@ def main() -> None:
     rounds: dict[tuple, list[dict]] = {job: [] for job in jobs}
     for number in range(args.rounds):
         for job in jobs:
-            rounds[job].append(_child(checkouts[job[0]], job[1], job[2], args.seq))
+            rounds[job].append(_child(checkouts[job[0]], "--child", job[1], job[2], str(args.seq)))
             print(f"round {number + 1}: {' '.join(job)}: {rounds[job][-1]['first_call_s']:.2f} s", file=sys.stderr)
     best = {job: min(results, key=lambda r: r["first_call_s"]) for job, results in rounds.items()}
 
@@ -223,7 +259,17 @@ def main() -> None:
                       f"({a['phases_s']['own'] / max(b['phases_s']['own'], 1e-9):.2f}x), first call "
                       f"{a['first_call_s']:.2f} -> {b['first_call_s']:.2f} s")
 
-    payload = {"environment": env, "seq": args.seq, "rounds": args.rounds, "checkouts": checkouts,
+    rewrites = []
+    if args.rewrite_seq:
+        print(f"the rewrite alone (one graph, captured once, best of 5 copies in one process), {args.rewrite_seq} tokens:")
+        for case in ("llama", "mistral"):
+            for label, checkout in checkouts.items():
+                found = _child(checkout, "--child-rewrite", case, str(args.rewrite_seq)) | {"checkout": label}
+                rewrites.append(found)
+                own = ", ".join(f"{name} {value * 1e3:.1f}" for name, value in found["own_s"].items())
+                print(f"  {label} {case} ({found['nodes']} nodes): {found['own_total_s']:.3f} s ({own} ms)")
+
+    payload = {"environment": env, "rewrite_only": rewrites, "seq": args.seq, "rounds": args.rounds, "checkouts": checkouts,
                "method": "each call in a fresh subprocess (cold Dynamo caches), OMP_NUM_THREADS=1; jobs interleaved "
                          "round by round; best round by first-call wall time",
                "best": [best[job] | {"checkout": job[0]} for job in jobs],
