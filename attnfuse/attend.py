@@ -12,7 +12,7 @@ import torch
 
 from attnfuse.kernels import AttentionCall, CallFacts, KernelFailed, kernels as registered_kernels
 from attnfuse.kernels.registry import kernel_choices, validate_kernels
-from attnfuse.kernels.rows import restore_rows
+from attnfuse.kernels.rows import restore_rows, within_kernel_range
 from attnfuse.precision import bias_dtype
 from attnfuse.tracing import is_traced
 
@@ -60,6 +60,7 @@ def attend(
     window: Optional[int] = None,
     softcap: Optional[float] = None,
     bias_fn: Optional[Callable[[tuple], torch.Tensor]] = None,
+    bias_fill: Optional[float] = None,
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
     fully_masked_rows: FullyMaskedRows = "zero",
@@ -83,6 +84,10 @@ def attend(
         softcap: scores become ``softcap * tanh(scores / softcap)`` before biases and masks (Gemma 2).
         bias_fn: an additive bias given as a function of broadcastable index tensors ``(b, h, i, j)``
             (ALiBi, relative positions); FlexAttention evaluates it per element, SDPA on a grid.
+        bias_fill: a promise that ``bias`` (or a floating ``mask``) holds only 0 and this finite value, which
+            absorbs every score (``s + fill == fill``: fp32's or bf16's ``finfo.min``, as transformers fills its
+            masks); a call without gradients then reads nothing of the bias on the host (attnfuse's rewrite
+            passes it where the graph proves it).
         scale: multiplies ``q k^T``; None means ``1 / sqrt(E)``.
         dropout_p: dropout on the probabilities; pass 0 in eval mode.
         fully_masked_rows: output of a query row whose keys are all masked: ``"zero"`` (SDPA's),
@@ -114,14 +119,18 @@ def attend(
     if k.shape[0] != B:
         k, v = k.expand(B, *k.shape[1:]), v.expand(B, *v.shape[1:])
     if bias is not None and bias.dtype != q.dtype and bias.dtype != bias_dtype(q.dtype, bias.dtype):
-        bias = bias.to(bias_dtype(q.dtype, bias.dtype))
+        bias, bias_fill = bias.to(bias_dtype(q.dtype, bias.dtype)), None
     if _keeps_every_key(causal, window, q.shape[-2], k.shape[-2]):
         causal, window = None, None
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     scale_value = q.shape[-1] ** -0.5 if scale is None else scale
     facts = CallFacts()
+    if bias is not None and bias_fill is not None and not needs_grad:
+        bias, bias_fill = within_kernel_range(bias, bias_fill, facts)
+    else:
+        bias_fill = None
     call = AttentionCall(q, k, v, keep, bias, causal, window, softcap, bias_fn, scale, scale_value, dropout_p,
-                         fully_masked_rows, needs_grad, allowed, autotune, on_kernel, facts)
+                         fully_masked_rows, needs_grad, allowed, autotune, on_kernel, facts, bias_fill)
     out, call = _run_first_kernel(call)
     out = restore_rows(out, call)
     facts.folded = None  # the folded call refers to ``facts``: no reference cycle keeps the tensors alive

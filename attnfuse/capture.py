@@ -183,9 +183,11 @@ class AttnfuseBackend:
     def lower(self, gm: GraphModule, example_inputs: list[Any]) -> Callable:
         """What runs ``gm``: itself (eager), or Inductor's compilation of it."""
         if self.options.compiler == "inductor":
+            from torch._inductor import list_mode_options
             from torch._inductor.compile_fx import compile_fx
 
-            return compile_fx(gm, example_inputs)
+            patches = list_mode_options(self.options.mode) if self.options.mode not in (None, "default") else None
+            return compile_fx(gm, example_inputs, config_patches=patches)
         return gm.forward
 
     def rewrite(self, gm: GraphModule, only: Optional[set[tuple[str, str]]] = None) -> list[SiteReport]:
@@ -443,11 +445,13 @@ class CompileBackend:
     def __init__(self, options: Options, report: FusionReport) -> None:
         self.options, self.report = options, report
 
-    def __call__(self, gm: GraphModule, example_inputs: Sequence[Any], **options: Any) -> Callable:
+    def __call__(self, gm: GraphModule, example_inputs: Sequence[Any], mode: Optional[str] = None,
+                 **options: Any) -> Callable:
         if options:
             raise TypeError(f"attnfuse: pass the options to attnfuse.backend(...), not to torch.compile; got "
                             f"{sorted(options)}")
-        compiled = AttnfuseBackend(self.options)(gm, example_inputs)
+        settings = self.options if mode is None else Options.from_kwargs(self.options, mode=mode)
+        compiled = AttnfuseBackend(settings)(gm, example_inputs)
         self.report.add_graph(compiled.sites, compiled.timings)
         _ROUTE.last = self.report
         return compiled

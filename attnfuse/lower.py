@@ -115,6 +115,7 @@ class SitePlan:
     live_rows: bool = False  # run ``original`` for calls where a row keeps no key above the masking floor
     contiguous_out: bool = False  # the original's output is contiguous while ``out_perm`` permutes the kernel's
     added_mask: Optional[AddedMask] = field(default=None, compare=False)  # masks read from an added 0 / fill bias
+    bias_fill: Optional[float] = None  # the one bias holds only 0 and this fill (``ScoreTerms.bias_fill``)
 
     def __post_init__(self) -> None:
         # facts of the plan that every call reads, decided once (derived flags, not fields)
@@ -169,6 +170,7 @@ def plan_for(site: AttentionSite, kernels: Optional[tuple[str, ...]] = None, aut
         live_rows=terms.live_rows,
         contiguous_out=out_perm != tuple(range(len(out_perm))) and _is_contiguous(tensor_meta(site.output)),
         added_mask=terms.added_mask,
+        bias_fill=terms.bias_fill,
     )
 
 
@@ -325,7 +327,7 @@ def compute_site(plan: SitePlan, *tensors: torch.Tensor, kernels: Optional[tuple
         return _run_original(plan, tensors, "the fill did not mask on this call")
     record = plan.record if plan.record.kernel is None and kernels is None else None
     out = attend(q, k, v, mask=keep, bias=bias, causal=causal, window=window, softcap=plan.softcap,
-                 bias_fn=plan.bias_program, scale=scale, dropout_p=dropout,
+                 bias_fn=plan.bias_program, bias_fill=plan.bias_fill, scale=scale, dropout_p=dropout,
                  fully_masked_rows=plan.fully_masked_rows, kernels=kernels or plan.kernels, autotune=plan.autotune,
                  on_kernel=record)
     out = _from_4d(out, plan, batch_shape)

@@ -31,7 +31,7 @@ from attnfuse.patterns.casts import peel_upcasts
 from attnfuse.patterns.causal import classify, classify_additive, keep_pattern
 from attnfuse.patterns.layouts import peel_scaled_head_repeat, regroup, regroup_recipe, reshape_blocks
 from attnfuse.patterns.masks import (binary_mask, clamp_floor, complement_value, drops_where_zero, fill_value, full_index,
-                                     mask_reason, pad_region, same_keep_mask, weights_zeroing)
+                                     mask_reason, pad_region, same_keep_mask, weights_zeroing, zero_or_fill)
 from attnfuse.patterns.scales import score_factor
 from attnfuse.patterns.softmax import calls_softmax
 from attnfuse.patterns.score_functions import score_function
@@ -39,8 +39,8 @@ from attnfuse.precision import site_dtype
 from attnfuse.score_steps import (BiasStep, ClampStep, FactorStep, FillStep, ReshapeStep, Step, TanhStep,
                                   with_operand)
 from attnfuse.site import AttentionSite, ScoreTerms
-from attnfuse.vocabulary import (Add, Cast, Clamp, Dropout, Factor, KeepMask, MaskPattern, Multiply, Operand, Permute,
-                                 Product, RegionWrite, Select, Softmax, Tanh)
+from attnfuse.vocabulary import (MASKING_THRESHOLD, Add, Cast, Clamp, Dropout, Factor, KeepMask, MaskPattern, Multiply,
+                                 Operand, Permute, Product, RegionWrite, Select, Softmax, Tanh)
 
 _SEARCH_DEPTH = 8
 BUILT_FOR = "attnfuse_built_for"  # node.meta key: a node built while matching a site (erased if it is skipped)
@@ -862,6 +862,20 @@ def _apply_masks(terms: ScoreTerms, L: object, S: object, dtype: torch.dtype) ->
     terms.keep_masks = remaining
     if not remaining and terms.causal is None:
         terms.fill = None
+    terms.bias_fill = _only_bias_fill(terms)
+
+
+def _only_bias_fill(terms: ScoreTerms) -> Optional[float]:
+    """The fill of the site's one additive term where it is an added mask of 0 and a fill that absorbs every score
+    (``masks.zero_or_fill``, ``added_masks.absorbs_every_score``): its rows of fill are the original's uniform rows,
+    which a kernel computes itself once the fill is within its range (``attend``'s ``bias_fill``)."""
+    if len(terms.biases) != 1 or terms.functions or terms.added_mask is not None:
+        return None
+    bias, coefficient = terms.biases[0]
+    fill = zero_or_fill(bias) if coefficient == 1.0 else None
+    if fill is None or not fill <= MASKING_THRESHOLD or not absorbs_every_score(fill, _addition_dtypes(bias)):
+        return None
+    return fill
 
 
 def _read_added_key_masks(terms: ScoreTerms, bias: Node, coefficient: float, pattern: MaskPattern,

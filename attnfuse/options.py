@@ -8,6 +8,8 @@ from typing import Any, Callable, Optional
 from attnfuse.kernels.registry import kernel_choices, validate_kernels
 
 COMPILERS = ("eager", "inductor")
+# torch.compile's Inductor modes (``torch._inductor.list_mode_options``); "reduce-overhead" adds CUDA graphs.
+MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,8 @@ class Options:
             kind, gradients) and use the fastest from then on, instead of the measured default order.
         filter_fn: ``filter_fn(module, name) -> bool``, called with the module that holds each attention
             site and its ``named_modules()`` name; a site whose module it rejects is left alone.
+        mode: an Inductor mode, as ``torch.compile(mode=...)`` takes it (``"reduce-overhead"`` runs the
+            compiled graphs as CUDA graphs); only with ``compiler="inductor"``.
     """
 
     compiler: str = "eager"
@@ -34,12 +38,17 @@ class Options:
     dynamic: Optional[bool] = None
     autotune: bool = False
     filter_fn: Optional[Callable[[Any, str], bool]] = None
+    mode: Optional[str] = None
 
     def __post_init__(self) -> None:
         _check_choice("compiler", self.compiler, COMPILERS)
         for name in ("verify", "autotune"):
             _check_choice(name, getattr(self, name), (True, False))
         _check_choice("dynamic", self.dynamic, (None, True, False))
+        _check_choice("mode", self.mode, MODES)
+        if self.mode not in (None, "default") and self.compiler != "inductor":
+            raise ValueError(f"attnfuse: mode={self.mode!r} is an Inductor mode; pass compiler='inductor' with it "
+                             "(the torch.compile route, backend='attnfuse', uses Inductor by default)")
         if self.filter_fn is not None and not callable(self.filter_fn):
             raise TypeError("attnfuse: filter_fn must be a function (module, name) -> bool, "
                             f"got {type(self.filter_fn).__name__}")

@@ -40,6 +40,7 @@ class ScoreTerms:
     finite_scores: bool = False  # scores are multiplied by a 0/1 mask: they must be finite (checked per call)
     zeroed_rows: bool = False  # the weights are zeroed by the site's own mask: a row without keys gives 0
     added_mask: Optional[AddedMask] = None  # causal window and keep-masks read from an added 0 / fill bias
+    bias_fill: Optional[float] = None  # the only bias holds 0 and this finite fill alone (``masks.zero_or_fill``)
 
 
 @dataclass

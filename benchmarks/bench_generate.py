@@ -1,12 +1,17 @@
 """Generation: transformers ``generate`` on a small eager Llama, eager vs attnfuse vs transformers' ``sdpa``.
 
-    python benchmarks/bench_generate.py --rounds 5 [--pad 16] [--static] [--per-call] [--device cpu]
+    python benchmarks/bench_generate.py --rounds 5 [--pad 16] [--static] [--compiled] [--per-call] [--device cpu]
 
 A 4-layer Llama (hidden 256, GQA 8/2, random weights from a config, no download) decodes ``--new-tokens``
 greedy tokens for a batch of ``--batch`` prompts of ``--prompt`` tokens (half the batch left-padded by
 ``--pad`` tokens when given), with a ``DynamicCache`` (``--static``: a ``StaticCache``). Variants: the eager
 model, the eager model under ``attnfuse.optimize`` and transformers' ``sdpa`` model, all with the same
-weights. Each variant runs once untimed (capture, rewrite, first shapes), then the variants are timed in
+weights; ``generate``'s own compilation of a static-cache forward is turned off (``disable_compile``), so
+this is the eager route. ``--compiled`` (implies ``--static``) times the compiled route instead: transformers'
+recommended fast path (a static cache, whose forward ``generate`` compiles with Inductor in
+``reduce-overhead`` mode, CUDA graphs) for the ``sdpa`` model and for the eager model, against the eager
+model compiled the same way through attnfuse (``CompileConfig(backend="attnfuse")``: attnfuse's rewrite,
+then Inductor in the same mode). Each variant runs once untimed (capture, rewrite, first shapes), then the variants are timed in
 turn (A, B, C, A, B, C, ...) for ``--rounds`` rounds and each keeps its fastest round: small models decode
 bound by host time, which varies between runs on a shared machine. Tokens/s counts the batch's new tokens.
 
@@ -81,9 +86,16 @@ def prompts(batch: int, length: int, pad: int, device: torch.device) -> tuple[to
 
 
 def generate(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int,
-             static: bool) -> torch.Tensor:
-    """Greedy decoding of exactly ``new_tokens`` tokens."""
+             static: bool, compile_backend: Optional[str] = None) -> torch.Tensor:
+    """Greedy decoding of exactly ``new_tokens`` tokens; ``generate`` compiles the static-cache forward with
+    ``compile_backend`` (its default mode, ``reduce-overhead``) when given, else runs it eagerly."""
+    from transformers import CompileConfig
+
     extra = {"cache_implementation": "static"} if static else {}
+    if compile_backend is None:
+        extra["disable_compile"] = True
+    else:
+        extra["compile_config"] = CompileConfig(backend=compile_backend)
     with torch.no_grad():
         return model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                               do_sample=False, pad_token_id=0, **extra)
@@ -101,28 +113,56 @@ def bench_generate(args: argparse.Namespace, device: torch.device, dtype: torch.
     """Tokens/s per variant, best of interleaved rounds, and whether each decoded eager's tokens."""
     shape = dict(layers=args.layers, hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads,
                  max_positions=max(4096, args.prompt + args.new_tokens))
-    models = {"eager": build_llama("eager", device, dtype, **shape),
-              "attnfuse": attnfuse.optimize(build_llama("eager", device, dtype, **shape)),
-              "sdpa": build_llama("sdpa", device, dtype, **shape)}
+    if args.compiled:  # (model, backend generate compiles the static-cache forward with)
+        variants = {"eager": (build_llama("eager", device, dtype, **shape), "inductor"),
+                    "attnfuse": (build_llama("eager", device, dtype, **shape), "attnfuse"),
+                    "sdpa": (build_llama("sdpa", device, dtype, **shape), "inductor")}
+    else:
+        variants = {"eager": (build_llama("eager", device, dtype, **shape), None),
+                    "attnfuse": (attnfuse.optimize(build_llama("eager", device, dtype, **shape)), None),
+                    "sdpa": (build_llama("sdpa", device, dtype, **shape), None)}
+    static = args.static or args.compiled
     ids, mask = prompts(args.batch, args.prompt, args.pad, device)
     tokens, first = {}, {}
-    for name, model in models.items():
-        first[name], tokens[name] = timed(lambda: generate(model, ids, mask, args.new_tokens, args.static), device)
-    rounds: dict[str, list[float]] = {name: [] for name in models}
+    for name, (model, backend) in variants.items():
+        first[name], tokens[name] = timed(lambda: generate(model, ids, mask, args.new_tokens, static, backend), device)
+    rounds: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.rounds):
-        for name, model in models.items():
-            seconds, _ = timed(lambda: generate(model, ids, mask, args.new_tokens, args.static), device)
+        for name, (model, backend) in variants.items():
+            seconds, _ = timed(lambda: generate(model, ids, mask, args.new_tokens, static, backend), device)
             rounds[name].append(args.batch * args.new_tokens / seconds)
     best = {name: max(values) for name, values in rounds.items()}
-    report = attnfuse.report(models["attnfuse"])
+    if args.profile:
+        profile_steps(variants, ids, mask, args, static, device)
+    report = attnfuse.last_report() if args.compiled else attnfuse.report(variants["attnfuse"][0])
     return {"config": {**shape, "batch": args.batch, "prompt": args.prompt, "pad": args.pad,
-                       "new_tokens": args.new_tokens, "cache": "static" if args.static else "dynamic",
-                       "dtype": str(dtype).replace("torch.", "")},
+                       "new_tokens": args.new_tokens, "cache": "static" if static else "dynamic",
+                       "route": "compiled (generate's static-cache compile, reduce-overhead)" if args.compiled
+                       else "eager", "dtype": str(dtype).replace("torch.", "")},
             "tokens_per_s": best, "rounds": rounds, "first_call_s": first,
             "ratios": {"attnfuse/eager": best["attnfuse"] / best["eager"],
                        "attnfuse/sdpa": best["attnfuse"] / best["sdpa"], "sdpa/eager": best["sdpa"] / best["eager"]},
             "same_tokens_as_eager": {name: bool(torch.equal(t, tokens["eager"])) for name, t in tokens.items()},
-            "fused_sites": report.to_dict()["fused"]}
+            "fused_sites": None if report is None else report.to_dict()["fused"]}
+
+
+def profile_steps(variants: dict, ids: torch.Tensor, mask: torch.Tensor, args: argparse.Namespace, static: bool,
+                  device: torch.device) -> None:
+    """Per variant, one profiled ``generate``: the host's busiest operators and the synchronizations, to
+    show where a variant's host time per decoded token goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for name, (model, backend) in variants.items():
+        with profile(activities=activities) as prof:
+            generate(model, ids, mask, args.new_tokens, static, backend)
+        events = prof.key_averages()
+        print(f"\nprofile of {name}: {args.new_tokens} new tokens")
+        syncs = {e.key: e.count for e in events if "Synchronize" in e.key or "Memcpy" in e.key or
+                 e.key in ("aten::item", "aten::_local_scalar_dense")}
+        print(f"  synchronizations and copies: {syncs}")
+        for event in sorted(events, key=lambda e: -e.self_cpu_time_total)[:25]:
+            print(f"  {event.key[:70]:70s} calls {event.count:6d}  self cpu {event.self_cpu_time_total / 1e3:9.2f} ms")
 
 
 # ----------------------------------------------------------------------------- one fused call
@@ -248,6 +288,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--pad", type=int, default=0, help="left-pad half the batch by this many tokens")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--static", action="store_true", help="StaticCache instead of DynamicCache")
+    parser.add_argument("--compiled", action="store_true",
+                        help="the compiled route: static cache, generate's own compile (reduce-overhead)")
+    parser.add_argument("--profile", action="store_true", help="print a host profile of one generate per variant")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--per-call", action="store_true", help="also time one fused call at q_len 1")
     parser.add_argument("--lengths", default="64,256,1024,4096", help="cached keys S for --per-call")
@@ -262,6 +305,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
+    if args.compiled and device.type != "cuda":
+        raise SystemExit("--compiled times generate's own compile of a static-cache forward, which transformers "
+                         "does only on accelerators; run it with --device cuda")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     env = environment(device)
     print(env)

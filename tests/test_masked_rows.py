@@ -220,3 +220,112 @@ def test_low_bias_rows_give_the_original(distinct):
     expected = ((q @ k.transpose(-1, -2)) * 0.3 + bias).softmax(-1) @ v
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     assert (kernels[-1] == "unfused math (a bias row beyond the kernels' range)") == distinct, kernels
+
+
+# ----------------------------------------------------------------------------- an added mask of 0 and a fill
+
+class AddedMaskBuiltInGraph(nn.Module):
+    """transformers' eager mask: a boolean keep built from a padding mask (and causal), turned into ``0 / fill``
+    with ``where`` (or ``masked_fill`` on zeros), sliced to the keys and added to the scores."""
+
+    def __init__(self, fill_of, spelling: str, causal: bool):
+        super().__init__()
+        self.fill_of, self.spelling, self.causal = fill_of, spelling, causal
+
+    def forward(self, q, k, v, padding):
+        L, S = q.shape[-2], k.shape[-2]
+        keep = padding[:, None, None, :].bool()
+        if self.causal:
+            keep = keep & (torch.arange(S)[None, :] <= torch.arange(L)[:, None] + S - L)
+        fill = self.fill_of(q.dtype)
+        if self.spelling == "where":
+            mask = torch.where(keep, torch.tensor(0.0, dtype=q.dtype), fill)
+        else:
+            mask = torch.zeros(keep.shape, dtype=q.dtype).masked_fill(~keep, fill)
+        scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5 + mask[..., :S]
+        return scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ v
+
+
+def _count_host_reads(monkeypatch) -> list:
+    import attnfuse.kernels.rows as rows
+    import attnfuse.kernels.sdpa as sdpa
+    import attnfuse.memo as memo
+
+    reads = []
+
+    def counting(read):
+        def counted(*values):
+            reads.append(values)
+            return read(*values)
+        return counted
+
+    for module in (rows, sdpa):
+        monkeypatch.setattr(module, "host_bool", counting(memo.host_bool))
+    monkeypatch.setattr(sdpa, "host_bools", counting(memo.host_bools))
+    return reads
+
+
+@given(L=st.integers(1, 9), S=st.integers(1, 12), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       spelling=st.sampled_from(["where", "masked_fill"]), causal=st.booleans(),
+       padded=st.lists(st.integers(0, 11), max_size=3), scale=st.sampled_from([1.0, 30.0]))
+def test_added_mask_rows_of_fill_are_computed_by_the_kernel_without_a_host_read(L, S, dtype, spelling, causal,
+                                                                               padded, scale):
+    """A ``0 / finfo.min`` mask built in the graph is proven two-valued: its rows of fill (a left-padded query, a
+    fully padded sequence) are the original's uniform rows, which the kernel computes once the fill is raised into
+    its range; inference reads nothing of the bias on the host. Outputs equal the original's; with gradients too."""
+    from _pytest.monkeypatch import MonkeyPatch
+
+    g = torch.Generator().manual_seed(L * 31 + S)
+    scale = scale if dtype == torch.float32 else 1.0  # bf16 rounds the original's sharp scores too coarsely
+    q, k, v = (torch.randn(3, 2, n, 8, generator=g).mul(scale if i == 0 else 1).to(dtype)
+               for i, n in enumerate((L, S, S)))
+    padding = torch.ones(3, S, dtype=torch.long)
+    for j in padded:
+        padding[1, : j % (S + 1)] = 0  # left padding of sequence 1
+    padding[2] = 0  # a sequence of padding only: every row of it is all fill
+    module = AddedMaskBuiltInGraph(lambda dt: torch.finfo(dt).min, spelling, causal)
+    atol = 2e-5 if dtype == torch.float32 else 2e-2
+    with MonkeyPatch.context() as patch:
+        reads = _count_host_reads(patch)
+        with torch.no_grad():
+            report = assert_fused_equal(module, (q, k, v, padding), atol=atol, rtol=atol)
+        assert reads == [], f"{len(reads)} host reads of the bias in inference"
+    assert report.sites[0].status == "fused"
+    assert_fused_equal(module, (q.float().requires_grad_(), k.float(), v.float().requires_grad_(), padding))
+
+
+def test_a_mask_of_fill_alone_is_a_fill_only_where_proven():
+    """Look-alikes keep the per-call reads: a fill that does not absorb every score (fp16's lowest, -1e9), a ``-inf``
+    fill, a mask whose other value is not 0, and a mask handed in at run time."""
+    from attnfuse.capture import backend_for
+    from attnfuse.options import Options
+
+    def fills_of(module, *args):
+        plans = []
+
+        def grab(gm, example_inputs):
+            compiled = backend_for(Options())(gm, example_inputs).graph_module
+            plans.extend(node.target.plan for node in compiled.graph.nodes if hasattr(node.target, "plan"))
+            return gm.forward
+
+        torch._dynamo.reset()
+        torch.compile(module, backend=grab, dynamic=False)(*args)
+        return [plan.bias_fill for plan in plans]
+
+    q, k, v = (torch.randn(2, 2, 5, 8) for _ in range(3))
+    padding = torch.ones(2, 5, dtype=torch.long)
+    fp32_min = torch.finfo(torch.float32).min
+    assert fills_of(AddedMaskBuiltInGraph(lambda dt: torch.finfo(dt).min, "where", True), q, k, v, padding) == [fp32_min]
+    assert fills_of(AddedMaskBuiltInGraph(lambda dt: torch.finfo(dt).min, "masked_fill", False), q, k, v, padding) \
+        == [fp32_min]
+    for fill in (-1e9, float("-inf")):
+        assert fills_of(AddedMaskBuiltInGraph(lambda dt, f=fill: f, "where", True), q, k, v, padding) == [None]
+
+    class NotZero(nn.Module):
+        def forward(self, q, k, v, padding):
+            mask = torch.where(padding[:, None, None, :].bool(), 1.0, torch.finfo(q.dtype).min)
+            return (q @ k.transpose(-2, -1) + mask).softmax(-1) @ v
+
+    assert fills_of(NotZero(), q, k, v, padding) == [None]
+    bias = torch.zeros(2, 1, 5, 5)
+    assert fills_of(RuntimeBias(), q, k, v, bias, None) == [None]

@@ -285,6 +285,8 @@ def test_a_model_optimized_without_a_filter_is_not_affected_by_another_models_fi
     (dict(autotune=1), "autotune must be one of True, False"),
     (dict(dynamic="auto"), "dynamic must be one of None, True, False"),
     (dict(compiler="tvm"), "compiler must be one of 'eager', 'inductor'"),
+    (dict(compiler="inductor", mode="fast"), "mode must be one of None, 'default', 'reduce-overhead'"),
+    (dict(mode="reduce-overhead"), "mode='reduce-overhead' is an Inductor mode; pass compiler='inductor'"),
 ])
 def test_bad_option_values_name_the_valid_ones(options, message):
     model = TinyBlock()
@@ -370,3 +372,28 @@ def test_packaging_has_a_license_changelog_typed_marker_and_one_version():
         assert "Apache License" in f.read(200)
     with open(os.path.join(ROOT, "CHANGELOG.md")) as f:
         assert f"## {attnfuse.__version__}" in f.read()
+
+
+@pytest.mark.parametrize("route", ["string", "backend object", "optimize"])
+def test_inductor_mode_reaches_inductor_as_its_config(monkeypatch, route):
+    """``mode=`` from torch.compile (or attnfuse's options) becomes Inductor's config for that mode
+    (``reduce-overhead``: CUDA graphs), as torch.compile gives it to its own Inductor backend."""
+    import torch._inductor.compile_fx as inductor
+
+    seen = []
+
+    def fake_compile_fx(gm, example_inputs, config_patches=None, **kwargs):
+        seen.append(config_patches)
+        return gm.forward
+
+    monkeypatch.setattr(inductor, "compile_fx", fake_compile_fx)
+    torch._dynamo.reset()
+    model = TinyBlock().eval()
+    if route == "string":
+        run = torch.compile(model, backend="attnfuse", mode="reduce-overhead")
+    elif route == "backend object":
+        run = torch.compile(model, backend=attnfuse.backend(), mode="reduce-overhead")
+    else:
+        run = attnfuse.optimize(model, compiler="inductor", mode="reduce-overhead")
+    torch.testing.assert_close(run(_x()), model._call_impl(_x()))
+    assert seen and all(patches == {"triton.cudagraphs": True} for patches in seen)

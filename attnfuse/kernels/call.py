@@ -75,6 +75,7 @@ class AttentionCall:
     autotune: bool
     on_kernel: Optional[Callable[[str], None]] = field(compare=False)
     facts: CallFacts = field(compare=False, repr=False)  # a fresh ``CallFacts()`` per call
+    bias_fill: Optional[float] = None  # the bias holds only 0 and this fill, within the kernels' range (``attend``)
 
     def with_positive_scale(self) -> "AttentionCall":
         """The same call with a negative scale folded into q (``-q``, a pass over q): fused kernels track

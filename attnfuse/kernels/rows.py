@@ -33,9 +33,11 @@ from attnfuse.memo import host_bool
 
 # Fused kernels multiply the scores by log2(e) before exp2: a score below this overflows to -inf in fp32.
 KERNEL_SCORE_FLOOR = -torch.finfo(torch.float32).max / 1.4426950408889634
+# A fill every fused kernel keeps finite, exact in fp32 and bf16, that still absorbs every |s| below 1e30 in both.
+KERNEL_SAFE_FILL = -(2.0 ** 126)
 
 if TYPE_CHECKING:
-    from attnfuse.kernels.call import AttentionCall
+    from attnfuse.kernels.call import AttentionCall, CallFacts
 
 
 def restore_rows(out: torch.Tensor, call: "AttentionCall") -> torch.Tensor:
@@ -50,7 +52,7 @@ def restore_rows(out: torch.Tensor, call: "AttentionCall") -> torch.Tensor:
     far, exact = facts.far_rows if facts.far_rows is not None else (None, True)
     if far is not None and exact:  # rows below the fused kernels' range: the original's uniform weights
         out = restore_fully_masked_rows(out, call.v, far, "mean")
-    if call.bias is not None:
+    if call.bias is not None and call.bias_fill is None:  # a finite fill's bias holds no -inf
         whole = facts.full_keep if facts.full_keep is not None else combined_keep(keep, causal, L, S, device, window)
         if not _no_neginf_rows(call.bias, whole, facts.far_rows, facts.far_rows_of):
             neginf_rows = rows_of_neginf(call.bias, whole, mode == "nan", zeroed=mode == "zero" and keep is not None)
@@ -142,6 +144,21 @@ def rows_beyond_kernel_range(bias: torch.Tensor, full_keep: Optional[torch.Tenso
         uniform = uniform & full_keep.all(-1, keepdim=True)
     inexact = rows & ~uniform if dropout_p == 0 else rows
     return rows, not bool(inexact.any())
+
+
+def within_kernel_range(bias: torch.Tensor, fill: float, facts: "CallFacts") -> tuple[torch.Tensor, float]:
+    """A bias of only 0 and ``fill`` (proven by the caller; ``fill`` absorbs every score) with the fill raised to
+    ``KERNEL_SAFE_FILL`` where it lay below the fused kernels' range (a pass over the bias, no host read).
+
+    The original's rows of ``fill`` are ``softmax(s + fill) == softmax(fill)``: uniform; with the fill in range
+    the kernels compute that themselves, and a row that keeps a 0 weighs a fill of either value exactly 0.
+    So ``facts`` records, without reading the bias, that no row lies beyond the kernels' range. Only for calls
+    without gradients: a fused backward of a uniform row is ``S`` times too large (``bias_masks_a_whole_row``).
+    """
+    if fill < KERNEL_SAFE_FILL:
+        bias, fill = bias.clamp_min(KERNEL_SAFE_FILL), KERNEL_SAFE_FILL
+    facts.far_rows, facts.far_rows_of = (None, True), bias
+    return bias, fill
 
 
 def rows_of_neginf(bias: torch.Tensor, full_keep: Optional[torch.Tensor], fill_is_neginf: bool,

@@ -16,6 +16,7 @@ from torch.fx import Node
 from attnfuse.canonical import canonical, canonicalizer
 from attnfuse.folding import constant_value
 from attnfuse.fx_utils import bind, has_side_effect, is_call, is_scalar, is_written, tensor_meta
+from attnfuse.patterns.readers import filled_with
 from attnfuse.vocabulary import (MASKING_THRESHOLD, Add, Cast, Clamp, KeepMask, Multiply, RegionWrite, Select,
                                  inplace_on_copy)
 
@@ -173,6 +174,25 @@ def _values_of(node: Node) -> Node:
             or (node.op == "call_function" and getattr(node.target, "__name__", "") in _VALUE_PRESERVING)):
         node = node.args[0]
     return node
+
+
+def zero_or_fill(node: object) -> Optional[float]:
+    """The fill of an additive mask proven to hold only 0 and one finite value, in its own dtype:
+    ``where(cond, 0, fill)`` / ``where(cond, fill, 0)`` / ``zeros.masked_fill(cond, fill)`` for any boolean
+    ``cond``, seen through views and basic indexing (transformers' ``finfo.min`` masks); else None."""
+    meta = tensor_meta(node)
+    source = _values_of(node) if isinstance(node, Node) else None
+    select = canonical(source) if source is not None and not is_written(source) else None
+    if meta is None or not meta.is_floating_point() or not isinstance(select, Select):
+        return None
+    for zero, fill in ((select.if_true, select.if_false), (select.if_false, select.if_true)):
+        zero_value, fill_value = _number(zero), _number(fill)
+        if zero_value is None and isinstance(zero, Node):
+            zero_value = _number(filled_with(zero))
+        if zero_value == 0 and fill_value is not None:
+            stored = float(torch.tensor(fill_value, dtype=torch.float64).to(meta.dtype))
+            return stored if math.isfinite(stored) and stored != 0 else None
+    return None
 
 
 def _index_items(index: object) -> tuple:

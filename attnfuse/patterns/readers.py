@@ -49,12 +49,15 @@ def new_axes_index(node: Node) -> Optional[tuple[object, tuple]]:
 
 
 def filled_with(node: object) -> Optional[object]:
-    """The value a tensor holds everywhere by construction: 1 for ``ones`` / ``ones_like`` / ``new_ones``,
-    the fill of ``full`` / ``new_full``; None for any other node or one written in place after."""
+    """The value a tensor holds everywhere by construction: 1 for ``ones`` / ``ones_like`` / ``new_ones``, 0 for
+    ``zeros`` / ``zeros_like`` / ``new_zeros``, the fill of ``full`` / ``new_full``; None for any other node or one
+    written in place after."""
     if not isinstance(node, Node) or is_written(node):
         return None
     if is_call(node, (torch.ones, torch.ones_like), ("new_ones",)):
         return 1
+    if is_call(node, (torch.zeros, torch.zeros_like), ("new_zeros",)):
+        return 0
     if is_call(node, (torch.full,)):
         return bind(node, ("size", "fill_value")).get("fill_value")
     if is_call(node, (), ("new_full",)):
