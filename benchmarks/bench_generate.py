@@ -170,7 +170,8 @@ def profile_steps(variants: dict, ids: torch.Tensor, mask: torch.Tensor, args: a
 class DecodeAttention(torch.nn.Module):
     """Llama's eager attention as transformers writes it (``eager_attention_forward``), output only. With
     ``causal`` the additive mask is built in the graph as a bottom-right causal triangle over the cache (the
-    form a decode step without padding takes); otherwise the ``(B, 1, 1, S)`` mask passed in is added."""
+    form a decode step without padding takes); otherwise a ``(B, 1, 1, S)`` ``0 / finfo.min`` mask is built in
+    the graph from the 0/1 padding mask passed in, as transformers builds it once per forward."""
 
     def __init__(self, kv_groups: int, causal: bool) -> None:
         super().__init__()
@@ -182,6 +183,9 @@ class DecodeAttention(torch.nn.Module):
         if self.causal:
             L, S = q.shape[-2], k.shape[-2]
             mask = torch.full((L, S), torch.finfo(q.dtype).min, device=q.device, dtype=q.dtype).triu(S - L + 1)
+        else:
+            zero = torch.zeros((), device=q.device, dtype=q.dtype)
+            mask = torch.where(mask.bool()[:, None, None, :], zero, torch.finfo(q.dtype).min)
         return eager_attention_forward(self, q, k, v, mask, scaling=q.shape[-1] ** -0.5)[0]
 
 
@@ -237,13 +241,14 @@ def bench_per_call(args: argparse.Namespace, device: torch.device, dtype: torch.
         generator = torch.Generator().manual_seed(S)
         q, k, v = (torch.randn(B, h, n, d, generator=generator).to(device, dtype)
                    for h, n in ((H, 1), (Hk, S), (Hk, S)))
-        mask = torch.zeros(B, 1, 1, S, dtype=dtype)
+        mask = torch.ones(B, S, dtype=torch.long)  # transformers' attention_mask: 0 at padding
         if args.pad:
-            mask[B // 2:, ..., :args.pad] = torch.finfo(dtype).min
+            mask[B // 2:, :args.pad] = 0
         mask = mask.to(device)
         site, site_args = fused_call(module, (q, k, v, mask))
         with torch.no_grad():
-            bare_mask = None if form == "causal" else mask  # q_len 1, bottom-right: every key is kept
+            # q_len 1, bottom-right: every key is kept; the padding as SDPA's boolean mask
+            bare_mask = None if form == "causal" else mask.bool()[:, None, None, :]
             calls = {"attnfuse": lambda: site(*site_args),
                      "eager ops": lambda: module(q, k, v, mask),
                      "bare sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bare_mask, enable_gqa=True)}

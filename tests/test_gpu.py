@@ -155,6 +155,31 @@ def test_string_backend_compiles_with_inductor_on_gpu():
     torch.testing.assert_close(out.float(), expected, atol=4e-2, rtol=4e-2)
 
 
+@pytest.mark.parametrize("pad", [0, 5])
+def test_static_cache_generate_compiled_through_attnfuse_with_cuda_graphs(pad):
+    """The compiled route of generation: transformers compiles a static-cache forward with
+    ``CompileConfig(backend="attnfuse")`` (its default mode, reduce-overhead: CUDA graphs); greedy tokens equal
+    the eager model's (fp32), and the report lists the fused sites."""
+    from transformers import CompileConfig, LlamaConfig, LlamaForCausalLM
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager", pad_token_id=0)
+    model = LlamaForCausalLM(config).cuda().eval()
+    ids = torch.randint(3, 256, (2, 24), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :pad] = 0
+    common = dict(attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0,
+                  cache_implementation="static")
+    with torch.no_grad():
+        expected = model.generate(ids, disable_compile=True, **common)
+        tokens = model.generate(ids, compile_config=CompileConfig(backend="attnfuse"), **common)
+    assert torch.equal(tokens, expected)
+    report = attnfuse.last_report()
+    assert report is not None and report.fused >= 2, str(report)
+
+
 def _raw_cudnn_grad_is_finite(L: int, S: int, mask: torch.Tensor) -> bool:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
