@@ -138,12 +138,15 @@ class CompiledGraph:
     def _note_runner(self, capture: Optional[Capture]) -> None:
         """Tell the watching report of this call (the capture's, or the torch.compile route's) which module's
         frame runs this graph; stop watching for a report that has seen them all (or where none is found)."""
+        mine = [entry for entry in self.watching
+                if ((entry[0] is capture.report) if capture is not None else not entry[1])]
+        if not mine:
+            return
         module = running_module(self.sites)
-        for entry in list(self.watching):
+        for entry in mine:
             report, by_capture = entry
-            if (report is capture.report) if capture is not None else not by_capture:
-                if module is None or not report.ran(self.sites, module, capture.calls if by_capture else None):
-                    self.watching.remove(entry)
+            if module is None or not report.ran(self.sites, module, capture.calls if by_capture else None):
+                self.watching.remove(entry)
 
     def _first_call_timings(self, capture: Capture) -> logs.Timings:
         """What ``capture``'s model spent on this graph: its compile, if compiled during this call (with
