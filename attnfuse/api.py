@@ -11,7 +11,7 @@ from torch._dynamo.eval_frame import OptimizedModule
 from attnfuse.capture import (Capture, CompileBackend, backend_for, captured, compile_model_call, last_report,
                               route_options)
 from attnfuse.options import Options
-from attnfuse.report import FusionReport, ModuleIndex
+from attnfuse.report import FusionReport, ModuleIndex, class_name
 
 __all__ = ["audit", "backend", "last_report", "optimize", "report", "restore"]
 
@@ -60,7 +60,7 @@ def optimize(model: nn.Module, options: Optional[Options] = None, **kwargs: Any)
     """
     _require_module(model, "optimize")
     settings = Options.from_kwargs(options, **kwargs)
-    report = FusionReport(root=type(model).__name__, modules=ModuleIndex(model))
+    report = FusionReport(root=class_name(model), modules=ModuleIndex(model))
     excludes = None if settings.filter_fn is None else _excluded_by(model, report, settings.filter_fn)
     compiled = compile_model_call(model._call_impl, backend_for(settings), settings.dynamic)
     call = captured(compiled, Capture(report, settings.verify, code=_forward_code(model), excludes=excludes))
@@ -115,7 +115,7 @@ def report(model: nn.Module) -> FusionReport:
 def audit(model: nn.Module, *args: Any, **kwargs: Any) -> FusionReport:
     """Run one call of ``model(*args, **kwargs)`` through the pass, verified, without changing ``model``."""
     _require_module(model, "audit")
-    result = FusionReport(root=type(model).__name__, modules=ModuleIndex(model))
+    result = FusionReport(root=class_name(model), modules=ModuleIndex(model))
     compiled = compile_model_call(model._call_impl, backend_for(Options()), None)
     captured(compiled, Capture(result, verify=True, code=_forward_code(model)))(*args, **kwargs)
     return result
@@ -127,7 +127,7 @@ def backend(model: Optional[nn.Module] = None, **options: Any) -> CompileBackend
     Given ``model``, the report names sites as ``model.named_modules()`` does across graph breaks."""
     if model is not None:
         _require_module(model, "backend")
-    report_ = FusionReport(root="model" if model is None else type(model).__name__,
+    report_ = FusionReport(root="model" if model is None else class_name(model),
                            modules=None if model is None else ModuleIndex(model))
     return CompileBackend(route_options(options), report_)
 

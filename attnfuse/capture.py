@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextvars
 import inspect
 import itertools
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -38,7 +39,7 @@ from attnfuse.native import native_sites, use_fused_path
 from attnfuse.options import Options
 from attnfuse.patterns.softmax import calls_softmax
 from attnfuse.report import (EXCLUDED_BY_FILTER, FusionReport, GraphSites, SiteReport, compiled_frame,
-                             relative_module_path, site_features, source_line)
+                             frame_module_local, relative_module_path, site_features, source_line)
 from attnfuse.verify import check_rewrite
 
 _site_counter = itertools.count()
@@ -54,6 +55,7 @@ class Capture:
     graph_calls: int = 0
     code: Optional[CodeType] = None  # the model's ``forward``, to say why Dynamo ran no graph of it
     excludes: Optional[Callable[[str, Optional[tuple[str, int]]], bool]] = None  # (name, frame): filter_fn said no
+    calls: int = 0  # the model's calls so far (the current one's number while it runs)
     timings: Optional[logs.Timings] = None  # compile work done during the current call, if any
     mark: float = 0.0  # when the current call started, or its last graph was compiled or ran first (Dynamo's capture time)
     slow_noted: bool = False
@@ -89,6 +91,14 @@ class CompiledGraph:
         self.timings = logs.Timings()  # the graph's compile and first run (and every verification), for the log
         self.compiled_at = 0.0
         self.ran = False
+        # reports still recording which modules run this graph, each with whether a model's Capture feeds it
+        # (``optimize``) or calls without one do (the torch.compile route); empty once all have seen them all
+        self.watching: list[tuple[FusionReport, bool]] = []
+
+    def watch(self, report: FusionReport, by_capture: bool) -> None:
+        """Have ``report`` name the modules that run this graph (``FusionReport.ran``) from its next call on."""
+        if self.sites.sites and self.sites.runner_local is not None:
+            self.watching.append((report, by_capture))
 
     def __call__(self, *args: Any) -> Any:
         capture = _ACTIVE.get()
@@ -106,6 +116,9 @@ class CompiledGraph:
                 if capture.verify:
                     self.verify(args, capture, first[-1])
                 capture.report.add_graph(self.sites, first[-1])
+                self.watch(capture.report, by_capture=True)
+        if self.watching:
+            self._note_runner(capture)
         if not first:
             return self.run(*args)
         started = time.perf_counter()
@@ -120,7 +133,20 @@ class CompiledGraph:
                 capture.spent(spent, finished)
             if not self.ran:
                 self.ran = True
-                logs.graph_ready(self.sites.sites, self.timings, None if capture is None else capture.report)
+                logs.graph_ready(self.sites, self.timings, None if capture is None else capture.report)
+
+    def _note_runner(self, capture: Optional[Capture]) -> None:
+        """Tell the watching report of this call (the capture's, or the torch.compile route's) which module's
+        frame runs this graph; stop watching for a report that has seen them all (or where none is found)."""
+        mine = [entry for entry in self.watching
+                if ((entry[0] is capture.report) if capture is not None else not entry[1])]
+        if not mine:
+            return
+        module = running_module(self.sites)
+        for entry in mine:
+            report, by_capture = entry
+            if module is None or not report.ran(self.sites, module, capture.calls if by_capture else None):
+                self.watching.remove(entry)
 
     def _first_call_timings(self, capture: Capture) -> logs.Timings:
         """What ``capture``'s model spent on this graph: its compile, if compiled during this call (with
@@ -149,6 +175,30 @@ class CompiledGraph:
             into.add(spent)
         if capture is not None:
             capture.spent(spent, finished)  # the next graph's capture starts no earlier
+
+
+_DYNAMO_FRAMES = 10  # frames between a compiled frame and this function (Dynamo's wrappers, CompiledGraph), at most
+
+
+def running_module(graph: GraphSites) -> Optional[torch.nn.Module]:
+    """The module whose compiled frame is calling ``graph`` now: the frame's local that Dynamo traced the
+    sites' modules from (``self``), read from the call stack; None where it is not found."""
+    where = graph.runner_local
+    if where is None:
+        return None
+    (filename, line), (local, index) = where
+    frame = sys._getframe(1)
+    for _ in range(_DYNAMO_FRAMES):
+        if frame is None:
+            return None
+        code = frame.f_code
+        if code.co_filename == filename and code.co_firstlineno <= line:
+            value = frame.f_locals.get(local)
+            if index is not None:
+                value = value[index] if isinstance(value, (tuple, list)) and len(value) > index else None
+            return value if isinstance(value, torch.nn.Module) else None
+        frame = frame.f_back
+    return None
 
 
 class AttnfuseBackend:
@@ -194,6 +244,7 @@ class AttnfuseBackend:
         """Match and rewrite every site of ``gm`` in place (only the ``(name, source)`` keys in ``only``);
         site names are relative to the compiled model."""
         reports, seen = [], Counter()
+        default_local = _frame_local_of_graph(gm.graph)
         capture = _ACTIVE.get()
         excludes = capture.excludes if capture is not None else None
         for found in native_sites(gm.graph):
@@ -205,30 +256,32 @@ class AttnfuseBackend:
             elif status == "fused":
                 use_fused_path(found)
             reports.append(SiteReport(name, source, status, reason=found.reason, predicted_backend=found.kernel,
-                                      frame=compiled_frame(found.node),
+                                      frame=compiled_frame(found.node), frame_local=frame_module_local(found.node) or default_local,
                                       features={"multihead": True} if status == "fused" else {}))
         for result in list(find_sites(gm.graph)):
             name, source = relative_module_path(result.softmax), source_line(result.softmax)
             seen[(name, source)] += 1
             if seen[(name, source)] > 1:  # another site on the same line (chained attention): its own row
                 source = f"{source}#{seen[(name, source)]}"
-            frame = compiled_frame(result.softmax)
+            frame, local = compiled_frame(result.softmax), frame_module_local(result.softmax) or default_local
             if isinstance(result, Skip):
-                reports.append(SiteReport(name, source, "skipped", reason=result.reason, frame=frame))
+                reports.append(SiteReport(name, source, "skipped", reason=result.reason, frame=frame,
+                                          frame_local=local))
                 continue
             features = site_features(result)
             if excludes is not None and excludes(name, frame):
                 reports.append(SiteReport(name, source, "skipped", reason=EXCLUDED_BY_FILTER, features=features,
-                                          frame=frame))
+                                          frame=frame, frame_local=local))
                 continue
             if only is not None and (name, source) not in only:
                 reports.append(SiteReport(name, source, "skipped", reason="rolled back", features=features,
-                                          frame=frame))
+                                          frame=frame, frame_local=local))
                 continue
             with logs.phase("lowering"):
                 plan = rewrite_site(gm, result, next(_site_counter), self.options.kernels, self.options.autotune)
             reports.append(SiteReport(name, source, "fused", features=features, record=plan.record,
-                                      predicted_backend="sdpa", frame=frame))
+                                      predicted_backend="sdpa", frame=frame,
+                                      frame_local=local))
         with logs.phase("lowering"):
             if discard_unused_built(gm.graph) or any(r.status == "fused" for r in reports):
                 gm.graph.lint()
@@ -237,6 +290,16 @@ class AttnfuseBackend:
 
     def rewrite_only(self, gm: GraphModule, sites: set[tuple[str, str]]) -> list[SiteReport]:
         return self.rewrite(gm, only=sites)
+
+
+def _frame_local_of_graph(graph: torch.fx.Graph) -> tuple[str, Optional[int]]:
+    """The local of the compiled frame that holds its module, for sites in the frame's own code (Dynamo
+    records no module for them): the one any node's module is traced from, else ``self``."""
+    for node in graph.nodes:
+        local = frame_module_local(node)
+        if local is not None:
+            return local
+    return "self", None
 
 
 _SHARED_BACKENDS: Cache[AttnfuseBackend] = Cache("capture.backends", maxsize=64)
@@ -387,6 +450,7 @@ def captured(compiled: Callable[..., Any], capture: Capture) -> Callable[..., An
 
     def call(*args: Any, **kwargs: Any) -> Any:
         graphs_before, attempts = capture.graph_calls, _SIGNALS.start()
+        capture.calls += 1
         capture.timings, capture.mark = None, time.perf_counter()
         capture.compiled_now.clear()
         started = capture.mark
@@ -453,6 +517,7 @@ class CompileBackend:
         settings = self.options if mode is None else Options.from_kwargs(self.options, mode=mode)
         compiled = AttnfuseBackend(settings)(gm, example_inputs)
         self.report.add_graph(compiled.sites, compiled.timings)
+        compiled.watch(self.report, by_capture=False)
         _ROUTE.last = self.report
         return compiled
 
@@ -488,6 +553,7 @@ def attnfuse_backend(gm: GraphModule, example_inputs: Sequence[Any], **options: 
     settings = route_options({**(options.pop("options", None) or {}), **options})
     compiled = AttnfuseBackend(settings)(gm, example_inputs)
     _ROUTE.strings.add_graph(compiled.sites, compiled.timings)
+    compiled.watch(_ROUTE.strings, by_capture=False)
     _ROUTE.last = _ROUTE.strings
     return compiled
 

@@ -13,10 +13,10 @@ import contextvars
 import logging
 import time
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Iterator, Optional
 
 if TYPE_CHECKING:
-    from attnfuse.report import FusionReport, SiteReport
+    from attnfuse.report import FusionReport, GraphSites
 
 log = logging.getLogger("attnfuse")
 
@@ -180,11 +180,11 @@ def active_clock() -> Optional[PhaseClock]:
     return _CLOCK.get()
 
 
-def graph_ready(sites: Sequence["SiteReport"], timings: Timings, report: Optional["FusionReport"]) -> None:
+def graph_ready(sites: "GraphSites", timings: Timings, report: Optional["FusionReport"]) -> None:
     """Log, at INFO, what one compiled graph fused and skipped (named from ``report``'s model) and its timings."""
     if not log.isEnabledFor(logging.INFO):
         return
-    named = report.named(list(sites)) if report is not None else list(sites)
+    named = report.named(sites) if report is not None else list(sites.sites)
     fused = [s.name or "<model>" for s in named if s.status == "fused"]
     skipped = [f"{s.name or '<model>'} ({s.reason})" for s in named if s.status == "skipped"]
     parts = [f"fused {len(fused)}" + (f": {', '.join(fused)}" if fused else "")]

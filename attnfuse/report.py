@@ -6,6 +6,8 @@ import json
 import math
 import os
 import re
+import weakref
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
 
@@ -23,6 +25,7 @@ _FILE_LINE = re.compile(r'File "([^"]+)", line (\d+)')
 # The frame's module: its first local (``L['self']``), or ``L['args'][0]`` when a decorator's
 # ``wrapper(*args, **kwargs)`` received it.
 _FRAME_ROOT = re.compile(r"^L\['args'\]\[0\]|^L\['[^']+'\]")
+_FRAME_LOCAL = re.compile(r"^L\['([^']+)'\](?:\[(\d+)\])?")
 _ACCESS = re.compile(r"\.(\w+)|\[(\d+)\]|\['([^']+)'\]")
 _CONTAINER_ATTRIBUTES = ("__dict__", "_modules")
 
@@ -39,6 +42,19 @@ def relative_module_path(node: Node) -> str:
     return ".".join(p for p in parts if p not in _CONTAINER_ATTRIBUTES)
 
 
+def frame_module_local(node: Node) -> Optional[tuple[str, Optional[int]]]:
+    """The local of the compiled frame that holds the module whose code holds ``node``: ``("self", None)``
+    for ``L['self']``, ``("args", 0)`` for ``L['args'][0]``; None where Dynamo recorded no module."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return None
+    path, _ = list(stack.values())[-1]
+    match = _FRAME_LOCAL.match(path if isinstance(path, str) else str(path))
+    if not match:
+        return None
+    return match.group(1), (int(match.group(2)) if match.group(2) is not None else None)
+
+
 def compiled_frame(node: Node) -> Optional[tuple[str, int]]:
     """``(file, line)`` of the outermost frame Dynamo compiled for ``node``'s graph."""
     match = _FILE_LINE.search(node.meta.get("stack_trace") or "")
@@ -51,11 +67,30 @@ class ModuleIndex:
 
     def __init__(self, model: Any) -> None:
         self._ranges: list[tuple[str, int, int, str]] = []
+        self._model: Optional[weakref.ref] = weakref.ref(model)
+        self._names: dict[int, tuple[weakref.ref, str]] = {}
         for name, module in model.named_modules():
+            self._names[id(module)] = (weakref.ref(module), name)
             code = getattr(inspect.unwrap(getattr(type(module), "forward", None) or (lambda: None)), "__code__", None)
             if code is not None:
                 lines = [line for _, _, line in code.co_lines() if line is not None] or [code.co_firstlineno]
                 self._ranges.append((code.co_filename, code.co_firstlineno, max(lines), name))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_model": None, "_names": {}}  # weak references do not pickle
+
+    def name_of(self, module: Any) -> Optional[str]:
+        """``module``'s name in ``named_modules()`` of the model (``""`` for the model), or None if it holds
+        no such module now. Looked up again once when ``module`` is not where it was."""
+        entry = self._names.get(id(module))
+        if entry is not None and entry[0]() is module:
+            return entry[1]
+        model = self._model() if self._model is not None else None
+        if model is None:
+            return None
+        self._names = {id(m): (weakref.ref(m), name) for name, m in model.named_modules()}
+        entry = self._names.get(id(module))
+        return entry[1] if entry is not None and entry[0]() is module else None
 
     def module_names(self, relative: str, frame: Optional[tuple[str, int]]) -> list[str]:
         """The ``named_modules()`` names a site at ``relative`` below ``frame`` may belong to (several
@@ -79,6 +114,19 @@ def name_pattern(names: list[str]) -> str:
         if pattern not in patterns:
             patterns.append(pattern)
     return patterns[0] if len(patterns) == 1 else "{" + ", ".join(patterns) + "}"
+
+
+def class_name(module: Any) -> str:
+    """The name reports give ``module``'s class: its own, or the class FSDP2's ``fully_shard`` derived its own
+    from (``FSDPLlamaForCausalLM`` is named ``LlamaForCausalLM``), so names do not depend on when it sharded."""
+    kind = type(module)
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch built without distributed
+        return kind.__name__
+    if isinstance(module, FSDPModule):
+        kind = next((base for base in kind.__mro__[1:] if not issubclass(base, FSDPModule)), kind)
+    return kind.__name__
 
 
 def rooted(root: str, path: str) -> str:
@@ -193,6 +241,7 @@ class SiteReport:
     record: Optional[KernelRecord] = None
     predicted_backend: Optional[str] = None
     frame: Optional[tuple[str, int]] = None  # the compiled frame (``compiled_frame``), to name it below the model
+    frame_local: Optional[tuple[str, Optional[int]]] = None  # its local holding the module (``frame_module_local``)
 
     @property
     def backend(self) -> Optional[str]:
@@ -253,10 +302,21 @@ def _feature_summary(features: dict) -> str:
 
 @dataclass
 class GraphSites:
-    """The sites of one compiled graph, named below the model (``layers.0.attn``). Dynamo runs one
-    compiled graph for every model whose code and guards match, so each of their reports holds it."""
+    """The sites of one compiled graph, named below the frame Dynamo compiled (``layers.0.attn``). Dynamo
+    runs one compiled graph for every module whose code and guards match (the layers of a model split by a
+    graph break per layer, identical models), so each of their reports holds it and names the modules that
+    ran it (``FusionReport.ran``)."""
 
     sites: list[SiteReport] = field(default_factory=list)
+
+    @property
+    def runner_local(self) -> Optional[tuple[tuple[str, int], tuple[str, Optional[int]]]]:
+        """``(frame, local)``: the compiled frame and its local that holds the module running it, for the
+        sites' report to name that module; None where no site has both."""
+        for site in self.sites:
+            if site.frame is not None and site.frame_local is not None:
+                return site.frame, site.frame_local
+        return None
 
 
 @dataclass
@@ -271,26 +331,77 @@ class FusionReport:
     not_optimized: Optional[str] = None  # why the model this report was asked for does not run the rewrite
     _graph_ids: set[int] = field(default_factory=set, init=False, repr=False, compare=False)
     _graph_timings: list[Timings] = field(default_factory=list, init=False, repr=False, compare=False)
+    # per graph (by id): the modules seen running it (their names, or labels where ``modules`` has none)
+    # and the model call that first ran each (None on the torch.compile route, which has no model call)
+    _runners: dict[int, dict[str, Optional[int]]] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _labels: Any = field(default_factory=weakref.WeakKeyDictionary, init=False, repr=False, compare=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # weak references do not pickle, and a copy's graphs have other ids: runners go by the graph's place
+        runners = [self._runners.get(id(graph)) for graph in self.graphs]
+        return {**self.__dict__, "_labels": None, "_runners": runners, "_graph_ids": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        runners = state.pop("_runners")
+        self.__dict__.update(state, _labels=weakref.WeakKeyDictionary())
+        self._graph_ids = {id(graph) for graph in self.graphs}
+        self._runners = {id(graph): seen for graph, seen in zip(self.graphs, runners) if seen is not None}
 
     @property
     def sites(self) -> list[SiteReport]:
-        """Every site, named from ``root``; a later graph's record of the same module and line (a
-        recompile for new shapes, a rollback) replaces the earlier one."""
+        """Every site of every module that ran it, named from ``root``; a later graph's record of the same
+        module and line (a recompile for new shapes, a rollback) replaces the earlier one."""
         merged: dict[tuple[str, str], SiteReport] = {}
         for graph in self.graphs:
-            for named in self.named(graph.sites):
+            for named in self.named(graph):
                 merged[(named.name, named.source)] = named
         return list(merged.values())
 
-    def named(self, sites: list[SiteReport]) -> list[SiteReport]:
-        """``sites`` (of one compiled graph) named from ``root``."""
-        return [replace(site, name=rooted(self.root, self._full_path(site))) for site in sites]
+    def named(self, graph: GraphSites) -> list[SiteReport]:
+        """The sites of ``graph`` named from ``root``: one row a site for each module seen running the graph
+        (the frame Dynamo compiled, reused by every layer of a model broken per layer), else for the modules
+        whose ``forward`` holds its frame, as one pattern (``layers.*.attn``)."""
+        return [replace(site, name=rooted(self.root, ".".join(part for part in (owner, site.name) if part)))
+                for owner in self._frame_owners(graph) for site in graph.sites]
 
-    def _full_path(self, site: SiteReport) -> str:
-        """The site's module below the model: its path below the compiled frame, after the frame's module."""
-        owners = self.modules.owners(site.frame) if self.modules else []
-        frame = name_pattern(owners) if owners else ""
-        return ".".join(part for part in (frame, site.name) if part)
+    def _frame_owners(self, graph: GraphSites) -> list[str]:
+        """The names below ``root`` of the modules that ran ``graph``'s frame; a module the report has no
+        name for is its frame's root, labelled ``<Class k>`` only where the report saw several of its class."""
+        runners = list(self._runners.get(id(graph), ()))
+        if runners:
+            unnamed = Counter(label.rsplit(" ", 1)[0] for labels in self._runners.values() for label in labels
+                              if label.startswith("<"))
+            return [label if not label.startswith("<") or unnamed[label.rsplit(" ", 1)[0]] > 1 else ""
+                    for label in runners]
+        if self.modules is None:
+            return [""]
+        frame = next((site.frame for site in graph.sites if site.frame is not None), None)
+        owners = self.modules.owners(frame)
+        return [name_pattern(owners) if owners else ""]
+
+    def ran(self, graph: GraphSites, module: Any, call: Optional[int]) -> bool:
+        """Record that ``module`` ran ``graph`` during the model's call number ``call`` (None: no model call
+        to tell calls apart); whether to go on watching ``graph``: not once a module runs it again in a later
+        call (or, with no call number, at all), as every module that runs it has been seen by then."""
+        runners = self._runners.setdefault(id(graph), {})
+        label = self._label(module)
+        if label in runners:
+            return call is not None and runners[label] == call
+        runners[label] = call
+        return True
+
+    def _label(self, module: Any) -> str:
+        """``module``'s name below the model, or ``<Class k>`` (the k-th of its class seen) where the
+        report knows no model that holds it (the torch.compile route without a model)."""
+        name = self.modules.name_of(module) if self.modules is not None else None
+        if name is not None:
+            return name
+        label = self._labels.get(module)
+        if label is None:
+            kind = class_name(module)
+            label = f"<{kind} {sum(text.startswith(f'<{kind} ') for text in self._labels.values())}>"
+            self._labels[module] = label
+        return label
 
     @property
     def graphs_compiled(self) -> int:

@@ -28,3 +28,19 @@ def test_bench_generate_runs(tmp_path, extra):
     if "--per-call" in extra:
         assert {row["mask"] for row in payload["per_call"]} == {"bias", "causal"}
         assert all(row["kernel"] for row in payload["per_call"])
+
+
+def test_bench_fsdp_runs_in_one_cpu_process(tmp_path):
+    pytest.importorskip("transformers")
+    import bench_fsdp
+
+    out = tmp_path / "fsdp.json"
+    bench_fsdp.main(["--device", "cpu", "--out", str(out), "--variants", "sdpa,shard_then_optimize,compile_blocks",
+                     "--layers", "2", "--hidden", "32", "--intermediate", "64", "--heads", "4", "--kv-heads", "2",
+                     "--vocab", "64", "--batch", "1", "--tokens", "8", "--dtype", "float32", "--warmup", "1",
+                     "--steps", "1", "--rounds", "1", "--block-compiler", "eager"])
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"sdpa", "shard_then_optimize", "compile_blocks"}
+    for variant in ("shard_then_optimize", "compile_blocks"):
+        assert results[variant]["fused"] == 2
+        assert results[variant]["losses"] == pytest.approx(results["sdpa"]["losses"], abs=1e-5)
