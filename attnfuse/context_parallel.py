@@ -144,3 +144,19 @@ def attend_context_parallel(call: AttentionCall) -> torch.Tensor:
     if out.requires_grad and not is_traced(q):  # the ring's backward runs the same kernels: same layout trap
         out.register_hook(_gradient_in_layout_of(out))
     return out
+
+
+def feed_positions(module: torch.nn.Module, positions: torch.Tensor,
+                   argument: str = "position_ids") -> torch.utils.hooks.RemovableHandle:
+    """Make ``module`` (a rotary embedding) read ``positions`` as its ``argument`` on every call.
+
+    Under context parallel a model that derives positions from its local length computes them for the
+    wrong tokens; shard the global positions with the tokens and feed them here (e.g. transformers'
+    ``model.model.rotary_emb``). Call ``.remove()`` on the returned handle to stop.
+    """
+    def pre_hook(_module, args, kwargs):
+        if argument in kwargs or len(args) < 2:
+            return args, {**kwargs, argument: positions}
+        return (args[0], positions, *args[2:]), kwargs
+
+    return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
