@@ -143,3 +143,20 @@ def test_feed_positions_reaches_the_rotary_embedding():
                                                                              use_cache=True).logits)
     handle.remove()
     assert attnfuse.report(optimized).fused == 1
+
+
+def test_bench_distributed_ratios():
+    """The benchmark's summary: speed-up against one GPU at the longest length one GPU held, longest lengths."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import bench_distributed
+
+    runs = [dict(world=w, variant=v, seq=s, oom=oom, tokens_per_s=t) for w, v, s, oom, t in [
+        (1, "attnfuse", 8, False, 100), (1, "attnfuse", 16, True, None), (2, "attnfuse", 8, False, 190),
+        (2, "attnfuse", 16, False, 180), (1, "sdpa", 8, False, 95), (2, "sdpa", 8, False, 200)]]
+    summary = bench_distributed.ratios(runs)
+    assert summary["longest_seq"]["attnfuse"] == {1: 8, 2: 16}
+    assert summary["speedup_vs_1gpu"]["attnfuse"] == {"seq": 8, 2: 1.9}
+    assert summary["attnfuse_over_sdpa"] == {"1gpu/8": round(100 / 95, 3), "2gpu/8": 0.95}
