@@ -126,9 +126,13 @@ class CompiledGraph:
                 logs.graph_ready(self.sites.sites, self.timings, None if capture is None else capture.report)
 
     def _check_context_parallel(self, capture: Optional[Capture]) -> None:
-        """Refuse what cannot run under context parallel: a verification (the original attends within this
-        rank's shard only, so every site would differ and be rolled back) and Inductor (its compiled sites
-        would not see that SDPA is ringed)."""
+        """Refuse what cannot run under context parallel: a site left unfused, a verification (the original
+        attends within this rank's shard only, so every site would differ and be rolled back) and Inductor
+        (its compiled sites would not see that SDPA is ringed)."""
+        left = [site for site in self.sites.sites if site.status == "skipped"]
+        if left:  # its own ops run, attending within this rank's shard only
+            raise ContextParallelError(f"attnfuse left it unfused ({left[0].reason}), so its own ops would attend "
+                                       "within this rank's shard only", f"{left[0].name} ({left[0].source})")
         fused = [site for site in self.sites.sites if site.status == "fused" and site.record is not None]
         if not fused:
             return

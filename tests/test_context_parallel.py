@@ -160,3 +160,13 @@ def test_bench_distributed_ratios():
     assert summary["longest_seq"]["attnfuse"] == {1: 8, 2: 16}
     assert summary["speedup_vs_1gpu"]["attnfuse"] == {"seq": 8, 2: 1.9}
     assert summary["attnfuse_over_sdpa"] == {"1gpu/8": round(100 / 95, 3), "2gpu/8": 0.95}
+
+
+def test_site_left_unfused_is_refused(mesh):
+    """A site attnfuse skipped would run its own ops, attending within the shard: refused, naming it."""
+    model = attnfuse.optimize(Model(Causal()), filter_fn=lambda module, name: name != "attention")
+    q, k, v = qkv()
+    model(q, k, v)
+    with context_parallel(mesh, buffers=[q, k, v], buffer_seq_dims=[2, 2, 2]):
+        with pytest.raises(ContextParallelError, match="site attention .*left it unfused"):
+            model(q, k, v)
