@@ -50,7 +50,9 @@ def build(variant: str, checkpoint: bool) -> torch.nn.Module:
     model = transformers.LlamaForCausalLM(config).to("cuda", torch.bfloat16).train()
     if checkpoint:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return attnfuse.optimize(model) if variant == "attnfuse" else model
+    # static shapes: under dynamic ones transformers' mask (its packed-sequence check) is read as a bias tensor,
+    # which context parallel cannot ring
+    return attnfuse.optimize(model, dynamic=False) if variant == "attnfuse" else model
 
 
 def all_reduce_gradients(model: torch.nn.Module, group) -> None:

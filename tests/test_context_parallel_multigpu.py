@@ -63,7 +63,7 @@ def test_whole_model_losses_match_one_gpu(run, kind):
 
 
 @pytest.mark.parametrize("case, site, why", [
-    ("alibi", "attn_layers.layers.0.1.attend", "bias"),  # x-transformers' ALiBi is read as a (h, n, n) bias
+    ("alibi", "attn_layers.layers.0.1.attend", "bias|fill"),  # ALiBi: read as a (h, n, n) bias beside a finite fill
     ("padding", "model.layers.0.self_attn", "bias|mask|fill"),
 ])
 def test_sites_cp_cannot_ring_are_refused(run, case, site, why):
