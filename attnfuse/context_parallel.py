@@ -126,8 +126,8 @@ def attend_context_parallel(call: AttentionCall) -> torch.Tensor:
     call = call.with_positive_scale()
     q, k, v = call.q, call.k, call.v
     allowed = None if call.allowed is None else tuple(name for name in call.allowed if name in KERNELS)
-    order = [backend for backend in kernel_order(q, k, v, None, call.needs_grad, allowed or None)
-             if backend in _RINGED]
+    order = [backend for backend in kernel_order(q, k, v, None, call.needs_grad, allowed)
+             if backend in _RINGED] if allowed != () else []
     if not order:
         raise ContextParallelError(f"none of the allowed kernels {list(call.allowed or ())} is one context "
                                    "parallel rings (cudnn, flash, efficient)")
