@@ -10,6 +10,7 @@ from typing import Callable, Iterable, Literal, Optional, Union
 
 import torch
 
+from attnfuse.context_parallel import attend_context_parallel, context_parallel_active
 from attnfuse.kernels import AttentionCall, CallFacts, KernelFailed, kernels as registered_kernels
 from attnfuse.kernels.registry import kernel_choices, validate_kernels
 from attnfuse.kernels.rows import restore_rows, within_kernel_range
@@ -107,6 +108,10 @@ def attend(
     tensor is reduced over its keys for rows that are ``-inf`` throughout (a pass over the bias, one
     host read), which the original gives as NaN. On the CPU a host read costs nothing; on CUDA it is
     a synchronization. A negative scale is folded into q (``-q``, a pass over q).
+
+    Inside PyTorch's ``context_parallel`` the call runs on the SDPA kernels context parallel rings over
+    the ranks; a call it cannot ring exactly (a mask or bias tensor, a score function, a softcap or
+    window, CPU tensors) raises ``attnfuse.context_parallel.ContextParallelError`` (``attnfuse.context_parallel``).
     """
     keep, bias, causal = _sdpa_conventions(mask, bias, causal)
     _check(q, k, v, causal, fully_masked_rows, window, kernels)
@@ -131,6 +136,8 @@ def attend(
         bias_fill = None
     call = AttentionCall(q, k, v, keep, bias, causal, window, softcap, bias_fn, scale, scale_value, dropout_p,
                          fully_masked_rows, needs_grad, allowed, autotune, on_kernel, facts, bias_fill)
+    if context_parallel_active():  # the sequence is sharded: only the ringed kernels, or a clear refusal
+        return attend_context_parallel(call)
     out, call = _run_first_kernel(call)
     out = restore_rows(out, call)
     facts.folded = None  # the folded call refers to ``facts``: no reference cycle keeps the tensors alive

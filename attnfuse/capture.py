@@ -31,6 +31,7 @@ from torch.fx import GraphModule
 import attnfuse.patterns  # noqa: F401  (registers the rule families)
 from attnfuse import logs
 from attnfuse.caches import Cache
+from attnfuse.context_parallel import ContextParallelError, context_parallel_active
 from attnfuse.folding import BUFFER_VALUE
 from attnfuse.fx_utils import copy_graph_module
 from attnfuse.lower import rewrite_site
@@ -102,6 +103,8 @@ class CompiledGraph:
 
     def __call__(self, *args: Any) -> Any:
         capture = _ACTIVE.get()
+        if context_parallel_active():
+            self._check_context_parallel(capture)
         first: list[logs.Timings] = []  # what this call's first run is charged to, if it is a first run
         if not self.ran:
             first.append(self.timings)
@@ -147,6 +150,28 @@ class CompiledGraph:
             report, by_capture = entry
             if module is None or not report.ran(self.sites, module, capture.calls if by_capture else None):
                 self.watching.remove(entry)
+
+    def _check_context_parallel(self, capture: Optional[Capture]) -> None:
+        """Refuse what cannot run under context parallel: a site left unfused, a verification (the original
+        attends within this rank's shard only, so every site would differ and be rolled back) and Inductor
+        (its compiled sites would not see that SDPA is ringed)."""
+        left = [site for site in self.sites.sites if site.status == "skipped"]
+        if left:  # its own ops run, attending within this rank's shard only
+            raise ContextParallelError(f"attnfuse left it unfused ({left[0].reason}), so its own ops would attend "
+                                       "within this rank's shard only", f"{left[0].name} ({left[0].source})")
+        fused = [site for site in self.sites.sites if site.status == "fused" and site.record is not None]
+        if not fused:
+            return
+        where = f"{fused[0].name} ({fused[0].source})"
+        verifying = (capture.verify and not capture.report.has_graph(self.sites)) if capture is not None else \
+            (self.backend.options.verify and not self.checked_without_capture)
+        if verifying:
+            raise ContextParallelError("verify=True (and audit) compare the rewrite with the original, which under "
+                                       "context parallel attends within this rank's shard only; make the first "
+                                       "call of this shape outside context_parallel, or pass verify=False", where)
+        if self.backend.options.compiler == "inductor":
+            raise ContextParallelError("compiler='inductor' compiled this site without context parallel's "
+                                       "SDPA; use attnfuse.optimize's default compiler='eager'", where)
 
     def _first_call_timings(self, capture: Capture) -> logs.Timings:
         """What ``capture``'s model spent on this graph: its compile, if compiled during this call (with

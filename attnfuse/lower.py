@@ -20,13 +20,14 @@ from torch.fx import GraphModule, Node
 
 from attnfuse.added_masks import AddedMask
 from attnfuse.attend import attend, differentiable_twice
+from attnfuse.context_parallel import ContextParallelError, context_parallel_active
 from attnfuse.dominance import FillDominance, every_row_has_a_live_key
 from attnfuse.effects import written_or_returned
 from attnfuse.fx_utils import remove_dead_nodes, statically_true, tensor_meta
 from attnfuse.guards import CausalGuard
 from attnfuse.masking import combined_keep, keep_from_masks
 from attnfuse.original import original_program
-from attnfuse.report import KernelRecord
+from attnfuse.report import KernelRecord, relative_module_path, source_line
 from attnfuse.site import AttentionSite
 from attnfuse.site_inputs import InputLayout, dropout_p, site_inputs
 from attnfuse.tracing import is_traced
@@ -116,6 +117,7 @@ class SitePlan:
     contiguous_out: bool = False  # the original's output is contiguous while ``out_perm`` permutes the kernel's
     added_mask: Optional[AddedMask] = field(default=None, compare=False)  # masks read from an added 0 / fill bias
     bias_fill: Optional[float] = None  # the one bias holds only 0 and this fill (``ScoreTerms.bias_fill``)
+    where: str = field(default="", compare=False)  # module path and source line, for errors that name the site
 
     def __post_init__(self) -> None:
         # facts of the plan that every call reads, decided once (derived flags, not fields)
@@ -225,6 +227,8 @@ def _every_row_keeps_a_key(causal: Optional[str], L: int, S: int) -> bool:
 
 def _run_original(plan: SitePlan, inputs: tuple, why: str) -> torch.Tensor:
     """The site's own ops, for a call on which a fact the fused call relies on does not hold."""
+    if context_parallel_active():  # the own ops would attend within this rank's shard only
+        raise ContextParallelError(f"{why}, and the site's own ops would attend within this rank's shard only")
     if plan.record.kernel is None:
         plan.record(f"original ops ({why})")
     return plan.original(*inputs)
@@ -298,6 +302,9 @@ def compute_site(plan: SitePlan, *tensors: torch.Tensor, kernels: Optional[tuple
         q, k, v = (t if t.dtype == dtype else t.to(dtype) for t in (q, k, v))
     q, scale = _fold_factors(q, plan.scale, factors, plan, batch_shape)
     q = q if q.dtype == dtype else q.to(dtype)
+    if (plan.dominance is not None or plan.live_rows or plan._checks_binary_masks or plan.causal_guard is not None) \
+            and context_parallel_active():
+        raise ContextParallelError(_check_on_shard(plan))
     if plan.keys_in_every_row and not _every_row_keeps_a_key(plan.causal, q.shape[-2], k.shape[-2]):
         return _run_original(plan, tensors, "a causal row keeps no key on this call")
     if plan._checks_binary_masks and not _binary_masks_hold(masks, plan):
@@ -336,6 +343,18 @@ def compute_site(plan: SitePlan, *tensors: torch.Tensor, kernels: Optional[tuple
     return out if out.dtype == plan.out_dtype else out.to(plan.out_dtype)
 
 
+def _check_on_shard(plan: SitePlan) -> str:
+    """Why a site whose per-call check reads values cannot run under context parallel."""
+    if plan.causal_guard is not None:
+        what = "its causal mask is read from a module buffer, and the per-call check would read this rank's slice"
+    elif plan.dominance is not None:
+        what = ("its finite fill is checked per call against a bound on the scores, which would read this "
+                "rank's q and k only")
+    else:
+        what = "a per-call check of its masks or bias would read this rank's shard only"
+    return what
+
+
 def _binary_masks_hold(masks: tuple, plan: SitePlan) -> bool:
     """Whether each mask that multiplied the scores and is not proven 0/1 holds only 0 and 1 on this call
     (a pass over each such mask and one host read)."""
@@ -349,8 +368,13 @@ def run_site(plan: SitePlan, *tensors: torch.Tensor) -> torch.Tensor:
     """One rewritten site, with a backward that is itself differentiable (``create_graph=True``)."""
     # the inputs are split (by ``compute_site``) only where the site reads p on each call
     random = (dropout_p(plan.inputs.split(tensors), plan.dropout_p) if plan.inputs.dropout else plan.dropout_p) > 0
-    return differentiable_twice(partial(compute_site, plan), partial(compute_site, plan, kernels=("math",)),
-                                tensors, fresh_output=plan.output_written, random=random)
+    try:
+        return differentiable_twice(partial(compute_site, plan), partial(compute_site, plan, kernels=("math",)),
+                                    tensors, fresh_output=plan.output_written, random=random)
+    except ContextParallelError as error:
+        if error.site is not None:
+            raise
+        raise ContextParallelError(error.reason, plan.where) from None
 
 
 def site_function(plan: SitePlan, name: str) -> Callable[..., torch.Tensor]:
@@ -389,6 +413,7 @@ def rewrite_site(gm: GraphModule, site: AttentionSite, index: int,
         raise RuntimeError(f"attnfuse: an input of site {index} is defined after its value product")
     # kernels save their output for the backward pass, so one that may be written later is handed out fresh
     plan = plan_for(site, kernels, autotune, output_written=written_or_returned(site.output))
+    plan = replace(plan, where=f"{relative_module_path(site.softmax) or 'of the top module'} ({source_line(site.softmax)})")
     if plan.needs_original:
         program, extras = original_program(site.output, inputs)
         plan = replace(plan, original=program, inputs=plan.inputs.with_original(len(extras)))
