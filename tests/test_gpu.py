@@ -155,6 +155,35 @@ def test_string_backend_compiles_with_inductor_on_gpu():
     torch.testing.assert_close(out.float(), expected, atol=4e-2, rtol=4e-2)
 
 
+@pytest.mark.parametrize("L", [1, 77])
+@pytest.mark.parametrize("grad", [False, True])
+def test_grouped_heads_with_a_padding_mask_share_kv_heads_on_cuda(L, grad):
+    """A grouped-query call with a key-padding mask runs without repeating k and v where cuDNN takes shared
+    heads with a mask; output and gradients match the fp32 original (the repeat was a copy per query group)."""
+    g = torch.Generator(device="cuda").manual_seed(L)
+    q = torch.randn(2, 8, L, 64, device="cuda", generator=g)
+    k, v = (torch.randn(2, 2, 300, 64, device="cuda", generator=g) for _ in range(2))
+    keep = torch.ones(2, 1, 1, 300, dtype=torch.bool, device="cuda")
+    keep[1, ..., :120] = False
+
+    def original(q, k, v):
+        scores = q @ k.repeat_interleave(4, 1).transpose(-1, -2) / 8
+        return scores.masked_fill(~keep, torch.finfo(scores.dtype).min).softmax(-1) @ v.repeat_interleave(4, 1)
+
+    half = [t.bfloat16().requires_grad_(grad) for t in (q, k, v)]
+    full = [t.clone().requires_grad_(grad) for t in (q, k, v)]
+    kernels = []
+    with torch.set_grad_enabled(grad):
+        out = attnfuse.attend(*half, mask=keep, fully_masked_rows="mean", on_kernel=kernels.append)
+        expected = original(*full)
+    torch.testing.assert_close(out.float(), expected, atol=3e-2, rtol=3e-2)
+    if grad:
+        out.float().pow(2).sum().backward()
+        expected.pow(2).sum().backward()
+        for a, b in zip(half, full):
+            torch.testing.assert_close(a.grad.float(), b.grad, atol=6e-2, rtol=6e-2)
+
+
 @pytest.mark.parametrize("pad", [0, 5])
 def test_static_cache_generate_compiled_through_attnfuse_with_cuda_graphs(pad):
     """The compiled route of generation: transformers compiles a static-cache forward with

@@ -90,6 +90,24 @@ def test_uninitialised_cache_slots_behind_a_padding_mask(fill, bad):
     assert_fused_equal(MaskedAttention(fill), (q, k, v, keep))
 
 
+@pytest.mark.parametrize("zeroing_limit", [None, 0])
+@pytest.mark.parametrize("bad", BAD)
+def test_decode_step_over_a_padded_cache_without_gradients(monkeypatch, bad, zeroing_limit):
+    """A decode step (q_len 1) over a left-padded cache whose padded slots hold garbage, without gradients: a
+    small k is copied with its masked rows zeroed; a k past the zeroing limit (a long cache) is not copied, and
+    the leaked value is caught by the output's check instead. Both give the original's output."""
+    import attnfuse.kernels.sdpa as sdpa
+
+    if zeroing_limit is not None:
+        monkeypatch.setattr(sdpa, "ZEROING_LIMIT_BYTES", zeroing_limit)
+    q, k, v = _qkv(1, 9)
+    k[1, :, :3] = bad
+    keep = torch.ones(2, 1, 1, 9, dtype=torch.bool)
+    keep[1, ..., :3] = False
+    with torch.no_grad():
+        assert_fused_equal(MaskedAttention(torch.finfo(torch.float32).min), (q, k, v, keep))
+
+
 def test_nan_value_in_a_masked_slot_stays_nan_as_in_the_original():
     q, k, v = _qkv(5, 6)
     v[0, :, -1] = float("nan")

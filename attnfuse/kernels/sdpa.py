@@ -54,6 +54,10 @@ def known_traps(q: torch.Tensor, k: torch.Tensor, attn_mask: Optional[torch.Tens
     return traps
 
 
+# Zeroing a key-padding call's masked k rows copies k; past this size (a decode step's long cache, where the
+# copy costs as much as the kernel) the call reads its leak flag on the host instead (one synchronization).
+ZEROING_LIMIT_BYTES = 16 * 2 ** 20
+
 # Keys and head dims up to this length run fastest on memory-efficient attention on Hopper.
 SHORT_KEYS = 64
 
@@ -153,6 +157,21 @@ def kernel_adds_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mas
     if attn_mask is not None:
         return True
     return is_causal and _causal_kernel(q, k, v, dropout_p, scale, enable_gqa, order) in ("math", "cpu-math")
+
+
+def _shares_kv_heads_with_a_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor,
+                                  dropout_p: float, scale: Optional[float], order: list[SDPBackend]) -> bool:
+    """Whether the kernel SDPA picks for a masked grouped-query call takes the shared kv heads as they are
+    (cuDNN does), so k and v need no repeating: a copy of both per query group, on a decode step's long cache
+    many times the kernel's own time (``docs/bench_decode_h100.json``)."""
+    if is_traced(q):
+        return False
+    try:
+        with kernel_scope(order, q):
+            index = torch._fused_sdp_choice(q, k, v, attn_mask, dropout_p, False, scale=scale, enable_gqa=True)
+    except RuntimeError:
+        return False
+    return SDPBackend(index) == SDPBackend.CUDNN_ATTENTION
 
 
 def run_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
@@ -302,9 +321,9 @@ def _run(call: AttentionCall) -> torch.Tensor:
     # A key-padding mask without gradients reads nothing on the host: masked k rows are zeroed (a NaN
     # there cannot leak) and rows without keys, whole batch rows at most, are written back with one
     # `where`. With gradients the original's backward reads the masked keys too (0 * NaN), so those
-    # calls keep the check and the rerun.
+    # calls keep the check and the rerun; so do calls whose k is too large to copy cheaply.
     padding_only = keep is not None and keep.shape[-2] == 1 and causal is None and window is None and \
-        not call.needs_grad
+        not call.needs_grad and call.k.numel() * call.k.element_size() <= ZEROING_LIMIT_BYTES
     dead, any_dead = _rows_without_keys_unread(call, full_keep)
     q_run, keep_run, bias_run = q, full_keep, call.bias
     if padding_only and call.dropout_p == 0:
@@ -366,12 +385,13 @@ def _launch(call: AttentionCall, q: torch.Tensor, full_keep: Optional[torch.Tens
     L, S, H, Hk = q.shape[-2], k.shape[-2], q.shape[1], k.shape[1]
     attn_mask, is_causal = sdpa_mask(full_keep, bias, causal, L, S, q, window)
     enable_gqa = Hk != H
-    if enable_gqa and q.is_cuda and attn_mask is not None:
-        # Only flash and cuDNN share kv heads natively, and flash takes no mask: repeat for the others.
-        k, v = k.repeat_interleave(H // Hk, dim=1), v.repeat_interleave(H // Hk, dim=1)
-        enable_gqa = False
     sdpa_allowed = None if allowed is None else tuple(name for name in allowed if name in KERNELS)
     order = kernel_order(q, k, v, attn_mask, needs_grad, sdpa_allowed)
+    if enable_gqa and q.is_cuda and attn_mask is not None and not _shares_kv_heads_with_a_mask(
+            q, k, v, attn_mask, dropout_p, scale, order):
+        # flash takes no mask and memory-efficient attention no shared kv heads: repeat them for it
+        k, v = k.repeat_interleave(H // Hk, dim=1), v.repeat_interleave(H // Hk, dim=1)
+        enable_gqa = False
     masked = full_keep is not None or causal is not None or window is not None
     adds_mask = masked and kernel_adds_mask(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, order)
     checkable = host_readable(q) and zero_keys_masked_by is None
