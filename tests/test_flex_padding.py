@@ -226,3 +226,65 @@ def test_real_models(name, side, grad):
         assert features["bias"] is None and features["mask"].startswith("key padding"), features
         assert features["causal"] == "top_left", features
         assert (features.get("score_functions") or 0) == (1 if name == "mpt" else 0), features
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_mpt_with_a_cache(dynamic):
+    """MPT: prefill a left-padded batch into a cache, then decode two tokens: its ALiBi slice ``[:, a:, b:]`` moves
+    with the cache length (a run-time size under dynamic shapes) and still equals the unrewritten model's."""
+    transformers = pytest.importorskip("transformers")
+    torch._dynamo.reset()
+    reference = _tiny("mpt")
+    optimized = attnfuse.optimize(copy.deepcopy(reference), dynamic=dynamic)
+    ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(2))
+    mask = _padding(2, 7, [0, 3], "left")
+    steps = torch.randint(3, 100, (2, 2), generator=torch.Generator().manual_seed(3))
+    caches = {model: transformers.DynamicCache(config=model.config) for model in (reference, optimized)}
+    with torch.no_grad():
+        for n in range(3):
+            tokens = ids if n == 0 else steps[:, n - 1:n]
+            step_mask = torch.cat([mask, torch.ones(2, n, dtype=mask.dtype)], 1)
+            expected, actual = (model(input_ids=tokens, attention_mask=step_mask, past_key_values=caches[model],
+                                      use_cache=True).logits for model in (reference, optimized))
+            torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-4)
+            report = attnfuse.report(optimized)
+            assert report.fused == len(report.sites) == 2, str(report)
+            for site in report.sites:
+                assert site.features["score_functions"] == 1 and site.features["bias"] is None, site.features
+
+
+class SlicedAlibi(nn.Module):
+    """MPT's ALiBi: built once for ``max_len`` keys as ``arange(1 - max_len, 1).view(1, 1, 1, n) * slopes``, squeezed,
+    and sliced to the last ``S`` keys (``spelling``: ``"start"`` ``[:, :, max_len - S:]``, ``"negative"`` ``[..., -S:]``;
+    look-alikes: ``"strided"`` every other key, ``"merged"`` a reshape that merges heads and keys)."""
+
+    def __init__(self, heads: int, spelling: str, max_len: int = 16) -> None:
+        super().__init__()
+        self.heads, self.spelling, self.max_len = heads, spelling, max_len
+
+    def forward(self, q, k, v, padding):
+        L, S, n = q.shape[-2], k.shape[-2], self.max_len
+        positions = torch.arange(1 - n, 1, dtype=torch.int32).view(1, 1, 1, n)
+        alibi = (positions * alibi_slopes(self.heads).view(1, self.heads, 1, 1)).squeeze(0)
+        if self.spelling == "start":
+            alibi = alibi[:, max(0, 1 - L):, n - S:]
+        elif self.spelling == "negative":
+            alibi = alibi[..., -S:]
+        elif self.spelling == "strided":
+            alibi = alibi[:, :, n - 2 * S::2]
+        else:
+            alibi = alibi.reshape(1, self.heads * n)[:, :self.heads * n].reshape(self.heads, 1, n)[:, :, n - S:]
+        s = q @ k.transpose(-1, -2) * 0.25 + alibi
+        keep = torch.ones(L, S, dtype=torch.bool).tril(S - L)
+        return s.masked_fill(~keep, torch.finfo(s.dtype).min).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("spelling, functions", [("start", 1), ("negative", 1), ("strided", 0), ("merged", 0)])
+def test_sliced_alibi(spelling, functions):
+    """Slices of a position-built bias shift the score index; a strided slice or a reshape that merges dims is no
+    pointwise reading (a tensor bias), and either way the result equals the original's."""
+    q, k, v = _qkv(2, 4, 3, 6, 8, seed=9)
+    report = compare(SlicedAlibi(4, spelling), q, k, v, torch.ones(2, 6))
+    features = report.sites[0].features
+    assert report.fused == 1 and (features["score_functions"] or 0) == functions, features
+    assert (features["bias"] is None) == (functions == 1), features

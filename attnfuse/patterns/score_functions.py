@@ -173,14 +173,19 @@ class _Builder:
         """``x[:, a:, b:]`` (step 1): position ``p`` along a sliced dim reads ``x`` at ``p + start``, so the
         score index of that dim is shifted by the start (a number, or a run-time size read as a leaf)."""
         source, items = node.args
-        meta = tensor_meta(source)
+        meta, out = tensor_meta(source), tensor_meta(node)
         items = items if isinstance(items, tuple) else (items,)
+        if meta is not None and items.count(Ellipsis) == 1:  # ``x[..., a:]``: full slices in its place
+            at = items.index(Ellipsis)
+            items = items[:at] + (slice(None),) * (meta.dim() - len(items) + 1) + items[at + 1:]
         if meta is None or len(items) > meta.dim() or not all(isinstance(item, slice) for item in items):
             raise NotPointwise("indexing")
         shifts = []
-        for axis, size, item in zip(axes, meta.shape, items):
+        for axis, size, out_size, item in zip(axes, meta.shape, out.shape, items):
             if item.step not in (None, 1):
                 raise NotPointwise("a strided slice")
+            if _is_one(size) and _is_one(out_size):
+                continue  # a size-1 dim that stays size 1 was sliced from 0: nothing moves
             start = 0 if item.start is None else item.start
             value = example_value(start)
             if isinstance(value, int) and value < 0:  # counted from the end of a dim of known size
@@ -209,6 +214,10 @@ class _Builder:
     def _arg_axes(arg: object, axes: tuple) -> tuple:
         meta = tensor_meta(arg) if isinstance(arg, Node) else None
         return () if meta is None else _dims_map(meta.dim(), axes)
+
+
+def _is_one(size: object) -> bool:
+    return isinstance(size, int) and size == 1
 
 
 def _squeezed_axes(node: Node, axes: tuple) -> tuple:
