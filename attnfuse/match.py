@@ -817,23 +817,31 @@ def _size_along(operand: Operand, axis: str) -> object:
     return tensor_meta(operand.node).shape[operand.axes.index(axis)]
 
 
-def _apply_masks(terms: ScoreTerms, L: object, S: object, dtype: torch.dtype) -> None:
+def _apply_masks(terms: ScoreTerms, L: object, S: object, dtype: torch.dtype, batch_rank: int) -> None:
     """Turn masks that are causal triangles into the causal flag; drop masks that keep everything.
 
-    Boolean keep-masks and constant additive ``0 / finfo.min`` biases are both read this way; a sliding window
-    ANDed with a key-padding tensor (``(kv <= q) & (kv > q - w) & padding[b, kv]``) gives the window and keeps the
-    padding as a keep-mask.
+    Boolean keep-masks and constant additive ``0 / finfo.min`` biases are both read this way; a causal triangle or
+    window ANDed with a key-padding tensor (``(kv <= q) & (kv > q - w) & padding[b, kv]``) gives the triangle and
+    keeps the padding as a keep-mask, where the site uses that split (``_uses_key_masks``).
     """
+    found = [classify_additive(bias, L, S) if coefficient > 0 else None for bias, coefficient in terms.biases]
+    positions = [bias for (bias, _), read in zip(terms.biases, found) if read is None]  # biases that are no mask
+    on_flex = _runs_on_flex(terms, positions, batch_rank)
     biases = []
-    for bias, coefficient in terms.biases:
-        found = classify_additive(bias, L, S) if coefficient > 0 else None
-        if found is None:
+    for (bias, coefficient), read in zip(terms.biases, found):
+        if read is None:
             biases.append((bias, coefficient))
             continue
-        pattern, fill = found
+        pattern, fill = read
         alone = len(terms.biases) == 1 and not terms.keep_masks and terms.fill is None
         if pattern.key_masks:
-            if not (alone and _read_added_key_masks(terms, bias, coefficient, pattern, fill)):
+            # the only mask; any other term is a bias computed from positions (then a Flex site), which the fill
+            # absorbs like the scores
+            others = [b for b, _ in terms.biases if b is not bias]
+            sole = not terms.keep_masks and terms.fill is None and \
+                all(b in positions and _position_function(b, batch_rank) is not None for b in others)
+            if not (sole and _uses_key_masks(pattern, on_flex)
+                    and _read_added_key_masks(terms, bias, coefficient, pattern, fill)):
                 biases.append((bias, coefficient))
             continue
         if pattern.kind == "all":
@@ -851,6 +859,12 @@ def _apply_masks(terms: ScoreTerms, L: object, S: object, dtype: torch.dtype) ->
         boolean = tensor_meta(mask.node).dtype == torch.bool
         pattern = classify(mask, L, S) if boolean else _product_mask_pattern(mask, L, S)
         if pattern.kind == "all":
+            continue
+        if pattern.key_masks and not _uses_key_masks(pattern, on_flex):
+            remaining.append(mask)  # a plain causal triangle with padding, on SDPA: the mask whole
+            continue
+        if pattern.kind == "keys":
+            remaining.extend(pattern.key_masks)
             continue
         if pattern.kind == "causal" and terms.causal is None:
             terms.causal, terms.window = pattern.alignment, pattern.window
@@ -878,14 +892,37 @@ def _only_bias_fill(terms: ScoreTerms) -> Optional[float]:
     return fill
 
 
+def _runs_on_flex(terms: ScoreTerms, biases: list[Node], batch_rank: int) -> bool:
+    """Whether the site carries what only FlexAttention computes fused: a softcap, or a bias computed from
+    positions (which becomes a score function, ``_index_functions``). SDPA cannot take either as it is."""
+    if terms.softcap is not None:
+        return True
+    return any(_position_function(bias, batch_rank) is not None for bias in biases)
+
+
+def _position_function(bias: Node, batch_rank: int):
+    """``bias`` as a score function computed from positions (ALiBi, relative tables), or None."""
+    function = score_function(bias, batch_rank)
+    return function if function is not None and function.uses_positions else None
+
+
+def _uses_key_masks(pattern: MaskPattern, on_flex: bool) -> bool:
+    """Whether a mask read as a causal triangle (or window, or nothing) ANDed with key-padding masks is used
+    split: always with a window (a kernel's window path beats a dense bias everywhere); a plain causal triangle or
+    padding alone only on Flex sites, where the block mask comes from the structure and the key mask is gathered
+    per key, while SDPA takes the model's own mask whole (rebuilding it per call was slower: bench_padding, H100)."""
+    return pattern.window is not None or on_flex
+
+
 def _read_added_key_masks(terms: ScoreTerms, bias: Node, coefficient: float, pattern: MaskPattern,
                           fill: float) -> bool:
     """transformers' ``where(causal & window & padding[b, kv], 0, finfo.min)`` added to the scores, the site's only
-    mask: read as the causal window and the padding keep-masks with ``fill`` (``attnfuse.added_masks`` says when
-    that is exact). A fill that does not absorb every score, or one scaled after the addition, stays a bias."""
+    mask: read as the causal triangle or window (or none, for padding alone) and the padding keep-masks with
+    ``fill`` (``attnfuse.added_masks`` says when that is exact). A fill that does not absorb every score, or one
+    scaled after the addition, stays a bias."""
     if coefficient != 1.0 or not math.isfinite(fill) or not absorbs_every_score(fill, _addition_dtypes(bias)):
         return False
-    terms.causal, terms.window = pattern.alignment, pattern.window
+    terms.causal, terms.window = (pattern.alignment, pattern.window) if pattern.kind == "causal" else (None, None)
     terms.keep_masks, terms.fill = list(pattern.key_masks), fill
     terms.added_mask = AddedMask(fill, tensor_meta(bias).dtype)
     return True
@@ -1063,7 +1100,7 @@ def _match_site(softmax: Node, op: Softmax) -> AttentionSite:
     kv_group = 1
     if len(batch) >= 2:
         k, v, kv_group = _shared_head_repeat(k, v, batch[-1], terms)
-    _apply_masks(terms, _size_along(q, query), _size_along(k, key), scores_meta.dtype)
+    _apply_masks(terms, _size_along(q, query), _size_along(k, key), scores_meta.dtype, len(batch))
     _index_functions(terms, len(batch))
     terms.scores_dtype = scores_meta.dtype
     _fill_check(terms, scores_meta.dtype)

@@ -186,10 +186,11 @@ def inplace_on_copy(method: str, x: torch.Tensor, *args: Any, **kwargs: Any) -> 
 
 @dataclass(frozen=True)
 class MaskPattern:
-    """What a keep-mask is: ``causal`` (with ``alignment``), ``all`` (keeps everything) or ``tensor``.
+    """What a keep-mask is: ``causal`` (with ``alignment``), ``all`` (keeps everything), ``keys`` (keeps what its
+    ``key_masks`` keep, every query alike) or ``tensor``.
 
-    ``key_masks``: keep-masks a sliding window is ANDed with (a key-padding mask, constant along the queries);
-    the mask keeps what the window and every one of them keep."""
+    ``key_masks``: keep-masks a causal triangle or window is ANDed with (a key-padding mask, constant along the
+    queries); the mask keeps what the triangle and every one of them keep."""
 
     kind: str
     alignment: Optional[str] = None

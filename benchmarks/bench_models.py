@@ -6,9 +6,10 @@ Models: transformers Llama, Gemma 2 and MPT in ``attn_implementation="eager"``, 
 (``flash_attn=False``) and an x-transformers decoder (naive ``Attend``). Variants, timed in one run
 with the same weights and inputs: the hand-written-attention model, that model under
 ``attnfuse.optimize`` (eager), the model's own SDPA path (transformers' ``sdpa``, MEGABYTE's
-``flash_attn=True``, x-transformers' ``attn_flash=True``; column ``hf_sdpa``), and with
-``--compile`` ``torch.compile`` of the eager model, ``torch.compile(backend="attnfuse")`` of the
-eager model and ``torch.compile`` of the ``sdpa`` model. Inference is a no-grad forward; a train
+``flash_attn=True``, x-transformers' ``attn_flash=True``; column ``hf_sdpa``), with ``--flex``
+transformers' ``flex_attention`` path (``hf_flex_attention``), and with ``--compile`` ``torch.compile``
+of the eager model, ``torch.compile(backend="attnfuse")`` of the eager model and ``torch.compile`` of the
+``sdpa`` model. Inference is a no-grad forward; a train
 step is forward + backward of the LM loss. Prints a table of ms and peak GB, writes JSON. Small
 models are bound by host time, which varies between runs on a shared machine: ``--rounds N`` times
 the variants in turn N times and keeps each one's fastest round (all rounds are in the JSON).
@@ -77,7 +78,8 @@ def build(name: str, implementation: str, seq: int):
     return model.to("cuda", torch.bfloat16)
 
 
-def variants(name: str, compile_variants: bool, autotune: bool = False, forced: tuple[str, ...] = ()):
+def variants(name: str, compile_variants: bool, autotune: bool = False, forced: tuple[str, ...] = (),
+             flex: bool = False):
     yield "eager", lambda seq: build(name, "eager", seq)
     yield "attnfuse", lambda seq: attnfuse.optimize(build(name, "eager", seq))
     if autotune:
@@ -86,6 +88,8 @@ def variants(name: str, compile_variants: bool, autotune: bool = False, forced: 
         yield f"attnfuse[{kernel}]", lambda seq, kernel=kernel: attnfuse.optimize(build(name, "eager", seq),
                                                                                  kernels=(kernel, "math"))
     yield "hf_sdpa", lambda seq: build(name, "sdpa", seq)
+    if flex:
+        yield "hf_flex_attention", lambda seq: build(name, "flex_attention", seq)
     if compile_variants:
         yield "compile(eager)", lambda seq: torch.compile(build(name, "eager", seq))
         yield "compile(eager, backend=attnfuse)", lambda seq: torch.compile(build(name, "eager", seq),
@@ -155,6 +159,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=1,
                         help="time every variant this many times, in turn, and keep the fastest (host-bound models vary "
                              "from run to run)")
+    parser.add_argument("--flex", action="store_true", help="also transformers' own flex_attention path (hf_flex_attention)")
     parser.add_argument("--gpu-time", action="store_true", help="also GPU kernel ms per step (torch.profiler)")
     parser.add_argument("--profile", default=None, help="append a torch.profiler table per variant to this file")
     args = parser.parse_args()
@@ -169,7 +174,7 @@ def main():
         for train in (False, True):
             runs: dict[str, list[dict]] = {}
             for _ in range(args.rounds):
-                for name, make in variants(args.model, args.compile, args.autotune, forced):
+                for name, make in variants(args.model, args.compile, args.autotune, forced, args.flex):
                     if args.only and name not in args.only.split(","):
                         continue
                     row = time_variant(args, name, make, seq, batch, tokens, train)

@@ -2,8 +2,11 @@
 
     python benchmarks/bench_scores.py --out docs/bench_scores.json
 
-Sites (causal, b=8, h=16, n=4096, d=64, bf16 by default): ALiBi, a learned (h, n, n) bias, a tanh
-softcap of 50, and plain causal as the ceiling. Forward and forward+backward, one run.
+Sites (causal, b=8, h=16, n=4096, d=64, bf16 by default): ALiBi, an MPT layer (its ALiBi built as an fp32
+``(h, 1, n)`` tensor and sliced, against hand-written Flex gathering that tensor in fp32), a learned (h, n, n)
+bias, a tanh softcap of 50, and plain causal as the ceiling. Forward and forward+backward, one run.
+
+    python benchmarks/bench_scores.py --n 2048 --sites mpt,alibi,causal --out docs/bench_scores_mpt.json
 """
 from __future__ import annotations
 
@@ -40,6 +43,31 @@ class LearnedBiasCausal(nn.Module):
         return sim.softmax(-1) @ v
 
 
+def mpt_alibi(heads: int, max_len: int, device=None) -> torch.Tensor:
+    """MPT's ALiBi (transformers' ``build_mpt_alibi_tensor``): ``arange(1 - n, 1) * slopes``, an fp32 ``(h, 1, n)``."""
+    positions = torch.arange(1 - max_len, 1, dtype=torch.int32, device=device).view(1, 1, 1, max_len)
+    return (positions * alibi_slopes(heads, device).view(1, heads, 1, 1)).squeeze(0)
+
+
+class MptStyleCausal(nn.Module):
+    """One MPT attention layer as transformers writes it: the ALiBi built for ``max_seq_len`` keys and sliced to the
+    call's (``[:, -q:, -k:]``, fp32, added to the scores), then ``masked_fill`` of the causal mask with ``finfo.min``,
+    the softmax in fp32."""
+
+    def __init__(self, heads: int, max_len: int) -> None:
+        super().__init__()
+        self.heads, self.max_len = heads, max_len
+
+    def forward(self, q, k, v):
+        L, S = q.shape[-2], k.shape[-2]
+        alibi = mpt_alibi(self.heads, self.max_len, q.device)
+        alibi = alibi[:, max(0, alibi.size(1) - L):, max(0, alibi.size(2) - S):]
+        scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5 + alibi
+        drop = torch.ones(L, S, dtype=torch.bool, device=q.device).triu(S - L + 1)
+        scores = scores.masked_fill(drop, torch.finfo(q.dtype).min)
+        return torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v
+
+
 class SoftcapCausal(nn.Module):
     def forward(self, q, k, v):
         i, j = q.shape[-2], k.shape[-2]
@@ -69,8 +97,10 @@ def hand_flex(site, module, n, h):
     compiled = torch.compile(flex_attention)
     blocks = create_block_mask(lambda b, hh, i, j: j <= i, None, None, n, n, device="cuda")
     slopes = alibi_slopes(h, "cuda")
+    table = mpt_alibi(h, n, "cuda").float()  # the same (h, 1, n) bias gathered in fp32
     mods = {
         "alibi": lambda s, b, hh, i, j: s + slopes[hh] * (j - i),
+        "mpt": lambda s, b, hh, i, j: s + table[hh, 0, j],
         "learned": lambda s, b, hh, i, j: s + module.bias[hh, i, j],
         "softcap": lambda s, b, hh, i, j: 50.0 * torch.tanh(s / 50.0),
         "causal": None,
@@ -83,14 +113,18 @@ def main():
     parser.add_argument("--out", default="docs/bench_scores.json")
     parser.add_argument("--n", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--sites", default="alibi,mpt,learned,softcap,causal",
+                        help="comma-separated: alibi (computed), mpt (an MPT layer: ALiBi read from an fp32 (h, 1, n) "
+                             "tensor; hand Flex gathers that tensor), learned, softcap, causal")
     args = parser.parse_args()
     b, h, n, d = args.batch, 16, args.n, 64
     rows = []
     print(environment())
     print("| site | pass | naive ms | SDPA + bias ms | attnfuse ms | hand Flex ms | attnfuse / Flex | attnfuse GB | naive GB |")
     print("|---|---|---|---|---|---|---|---|---|")
-    modules = {"alibi": AlibiCausal(h), "learned": LearnedBiasCausal(h, n), "softcap": SoftcapCausal(),
-               "causal": MegabyteStyle(causal=True)}
+    modules = {"alibi": AlibiCausal(h), "mpt": MptStyleCausal(h, n), "learned": LearnedBiasCausal(h, n),
+               "softcap": SoftcapCausal(), "causal": MegabyteStyle(causal=True)}
+    modules = {site: modules[site] for site in args.sites.split(",")}
     for site, module in modules.items():
         module = module.to("cuda", torch.bfloat16)
         for grad in (False, True):

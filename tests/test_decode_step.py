@@ -1,6 +1,5 @@
 """A decode step (one query against a cache) through ``attend``: the shortcuts that skip per-call work keep the
-original's result (a bottom-right triangle at q_len 1 masks nothing; no ``-inf`` bias row once the far-rows read
-found none) and the call leaves no reference cycle holding its tensors."""
+original's result (a bottom-right triangle at q_len 1 masks nothing; one host read for a bias's rows) and the call leaves no reference cycle holding its tensors."""
 from __future__ import annotations
 
 import gc
@@ -10,7 +9,6 @@ import pytest
 import torch
 
 import attnfuse
-from attnfuse.kernels import call as call_module
 
 
 def reference(q, k, v, keep=None, bias=None):
@@ -51,18 +49,46 @@ def test_a_row_of_neginf_bias_still_gives_nan_with_the_far_rows_read_before_it()
     assert out[1, :, 2].isnan().all() and not out[0].isnan().any()
 
 
-def test_a_bias_without_such_rows_skips_the_second_pass(monkeypatch):
-    calls = []
-    real = call_module.rows_beyond_kernel_range
-    monkeypatch.setattr(call_module, "rows_beyond_kernel_range", lambda *a: calls.append(1) or real(*a))
-    from attnfuse.kernels import rows
+class HostReads:
+    """Counts host reads of tensor values (``bool()``, ``.item()``, ``.tolist()``: each a synchronization on CUDA)."""
 
-    monkeypatch.setattr(rows, "rows_of_neginf", lambda *a, **kw: pytest.fail("rows_of_neginf ran"))
-    q, k, v = torch.randn(2, 4, 1, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
-    bias = torch.zeros(2, 1, 1, 6)
-    bias[1, ..., :2] = torch.finfo(torch.float32).min
-    torch.testing.assert_close(attnfuse.attend(q, k, v, bias=bias), reference(q, k, v, bias=bias))
-    assert calls == [1]
+    def __init__(self, monkeypatch) -> None:
+        self.count = 0
+        for name in ("__bool__", "item", "tolist"):
+            real = getattr(torch.Tensor, name)
+
+            def counting(tensor, *args, _real=real, **kwargs):
+                self.count += 1
+                return _real(tensor, *args, **kwargs)
+            monkeypatch.setattr(torch.Tensor, name, counting)
+
+
+@pytest.mark.parametrize("low_rows", [False, True], ids=["bias", "finfo.min rows"])
+@pytest.mark.parametrize("padded", [False, True], ids=["no mask", "key padding"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_a_bias_call_reads_the_host_once(monkeypatch, low_rows, padded, grad):
+    """The rows below the kernels' range, the ``-inf`` rows and the whole-row check of a bias are one host read
+    (before: one each, and one more for the uniformity of rows that low). With key padding, the rows without keys
+    take one more where a kernel reads them: SDPA with gradients (with its leak flag), or the unfused path that a
+    ``finfo.min`` row over padded keys sends the call to. The results stay the original's."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 6, 8, requires_grad=grad) for _ in range(3))
+    bias = torch.randn(2, 1, 6, 6)
+    if low_rows:  # transformers' mask over left-padded queries
+        bias[1, :, :2] = torch.finfo(torch.float32).min
+    keep = None
+    if padded:
+        keep = torch.ones(2, 1, 1, 6, dtype=torch.bool)
+        keep[1, ..., :3] = False
+    reads = HostReads(monkeypatch)
+    out = attnfuse.attend(q, k, v, bias=bias, mask=keep)
+    assert reads.count == (2 if padded and (grad or low_rows) else 1)
+    monkeypatch.undo()
+    expected = reference(q, k, v, keep=keep, bias=bias)
+    torch.testing.assert_close(out, expected)
+    if grad:
+        for got, want in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(expected.sum(), (q, k, v))):
+            torch.testing.assert_close(got, want)
 
 
 def test_a_call_leaves_no_cycle_holding_its_tensors():

@@ -32,7 +32,7 @@ def _build(name: str):
 @pytest.mark.parametrize("name, expect", [
     ("gemma2", {"softcap": 50.0, "window": 4}),
     ("mistral", {"window": 4}),
-    ("mpt", {"causal": "top_left"}),
+    ("mpt", {"causal": "top_left", "score_functions": 1, "bias": None}),
 ])
 def test_score_modified_models_fused_and_equal(name, expect):
     torch._dynamo.reset()

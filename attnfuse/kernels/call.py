@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 import torch
 
-from attnfuse.kernels.rows import bias_masks_a_whole_row, rows_beyond_kernel_range
+from attnfuse.kernels.rows import BiasRows, bias_rows
 from attnfuse.masking import combined_keep
 
 
@@ -35,16 +35,18 @@ class CallFacts:
     refused it so far (``(kernel, reason)`` pairs), whether its bias masks a whole row, the call with
     its score function folded into the bias (SDPA's form, which the kernels after SDPA and the rows'
     write-back then read, so that they add the same sum), and the rows without keys (with the combined
-    keep-mask) where the SDPA kernel computed them; ``far_rows_of`` is the bias ``far_rows`` were found in."""
+    keep-mask) where the SDPA kernel computed them; ``bias_rows`` what one read of the bias ``bias_rows_of`` told
+    (``rows.BiasRows``; a folded call adds another bias), and ``far_rows`` the rows below the kernels' range that a
+    fused kernel's check let through, to be written back."""
 
     refusals: tuple[tuple[str, str], ...] = ()
-    bias_masks_a_row: Optional[bool] = None
     folded: Optional["AttentionCall"] = None
     full_keep: Optional[torch.Tensor] = None
     dead: Optional[torch.Tensor] = None
     dead_known: bool = False
-    far_rows: Optional[tuple[Optional[torch.Tensor], bool]] = None
-    far_rows_of: Optional[torch.Tensor] = None
+    bias_rows: Optional[BiasRows] = None
+    bias_rows_of: Optional[torch.Tensor] = None
+    far_rows: Optional[torch.Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -83,21 +85,18 @@ class AttentionCall:
         value = self.scale_value
         return self if value >= 0 else replace(self, q=-self.q, scale=-value, scale_value=-value)
 
-    def whole_row_masked_by_bias(self) -> bool:
-        """``rows.bias_masks_a_whole_row`` of the call's bias, computed once per call (a host read)."""
-        if self.facts.bias_masks_a_row is None:
-            self.facts.bias_masks_a_row = bias_masks_a_whole_row(self.bias)
-        return self.facts.bias_masks_a_row
-
-    def bias_rows_beyond_kernel_range(self) -> tuple[Optional[torch.Tensor], bool]:
-        """``rows.rows_beyond_kernel_range`` of the call's bias, computed once per call (a host read)."""
-        if self.facts.far_rows is None:
+    def bias_rows(self) -> BiasRows:
+        """``rows.bias_rows`` of the call's bias: its rows below the kernels' range, its ``-inf`` rows and whether it
+        masks a whole row, from one host read per call (remembered for this bias; a folded call reads its own)."""
+        if self.facts.bias_rows_of is not self.bias:
             L, S = self.q.shape[-2], self.k.shape[-2]
             whole = self.facts.full_keep if self.facts.full_keep is not None else \
                 combined_keep(self.keep, self.causal, L, S, self.q.device, self.window)
-            self.facts.far_rows = rows_beyond_kernel_range(self.bias, whole, self.dropout_p)
-            self.facts.far_rows_of = self.bias
-        return self.facts.far_rows
+            mode = self.fully_masked_rows
+            self.facts.bias_rows = bias_rows(self.bias, whole, self.dropout_p, mode == "nan",
+                                             zeroed=mode == "zero" and self.keep is not None)
+            self.facts.bias_rows_of = self.bias
+        return self.facts.bias_rows
 
     def announce(self, kernel: str) -> None:
         """Tell ``on_kernel`` the kernel that runs; an ``on_kernel`` with a ``refused`` method first gets
@@ -112,14 +111,19 @@ class AttentionCall:
 
 def refused_by_fused_kernels(call: AttentionCall) -> Optional[str]:
     """Why no fused kernel computes ``call`` as the original did, or None."""
-    if call.needs_grad and call.bias is not None and call.whole_row_masked_by_bias():
-        return "a bias masks every key of a row: a fused backward gives that row's gradients S times too large"
     if call.k.shape[-2] == 0:
         return "no key: the original sums over none and gives 0"
     if call.scale_value == 0:
         return "scale 0: every score is 0, nothing to fuse"
-    if call.bias is not None and not call.bias_rows_beyond_kernel_range()[1]:
+    if call.bias is None:
+        return None
+    rows = call.bias_rows()
+    if call.needs_grad and rows.masks_a_row:
+        return "a bias masks every key of a row: a fused backward gives that row's gradients S times too large"
+    if not rows.exact:
         return Inexact("a bias row beyond the kernels' range")
+    if call.facts.far_rows is None:  # the first check's rows are written back (``rows.restore_rows``)
+        call.facts.far_rows = rows.far
     return None
 
 

@@ -22,6 +22,7 @@ finding it needs a pass over k at every call.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -29,7 +30,7 @@ import torch
 from attnfuse.masking import combined_keep
 from attnfuse.tracing import is_traced
 from attnfuse.vocabulary import MASKING_THRESHOLD, causal_offset
-from attnfuse.memo import host_bool
+from attnfuse.memo import host_bool, host_bools
 
 # Fused kernels multiply the scores by log2(e) before exp2: a score below this overflows to -inf in fp32.
 KERNEL_SCORE_FLOOR = -torch.finfo(torch.float32).max / 1.4426950408889634
@@ -49,23 +50,13 @@ def restore_rows(out: torch.Tensor, call: "AttentionCall") -> torch.Tensor:
     if dead is not None and not (call.dropout_p > 0 and mode == "mean"):
         # with dropout a finite fill's row is dropout(uniform) @ v, computed by the kernel or the math path
         out = restore_fully_masked_rows(out, call.v, dead, mode)
-    far, exact = facts.far_rows if facts.far_rows is not None else (None, True)
-    if far is not None and exact:  # rows below the fused kernels' range: the original's uniform weights
-        out = restore_fully_masked_rows(out, call.v, far, "mean")
-    if call.bias is not None and call.bias_fill is None:  # a finite fill's bias holds no -inf
-        whole = facts.full_keep if facts.full_keep is not None else combined_keep(keep, causal, L, S, device, window)
-        if not _no_neginf_rows(call.bias, whole, facts.far_rows, facts.far_rows_of):
-            neginf_rows = rows_of_neginf(call.bias, whole, mode == "nan", zeroed=mode == "zero" and keep is not None)
-            if neginf_rows is not None:
-                out = restore_fully_masked_rows(out, call.v, neginf_rows, "nan")
+    if facts.far_rows is not None:  # rows below a fused kernel's range that its check let through
+        out = restore_fully_masked_rows(out, call.v, facts.far_rows, "mean")  # the original's uniform weights
+    if call.bias is not None:
+        neginf = call.bias_rows().neginf  # the same read where the fused kernel's check made it on this bias
+        if neginf is not None:
+            out = restore_fully_masked_rows(out, call.v, neginf, "nan")
     return out
-
-
-def _no_neginf_rows(bias: torch.Tensor, full_keep: Optional[torch.Tensor],
-                    far_rows: Optional[tuple[Optional[torch.Tensor], bool]], far_rows_of: Optional[torch.Tensor]) -> bool:
-    """Whether ``rows_beyond_kernel_range`` already proved, on this very bias, that no row is ``-inf`` at every key:
-    without a keep-mask such a row's maximum is ``-inf``, below the floor, and that read found no row below it."""
-    return full_keep is None and far_rows is not None and far_rows[0] is None and far_rows_of is bias
 
 
 def rows_without_keys(keep: Optional[torch.Tensor], causal: Optional[str], L: int, S: int,
@@ -117,33 +108,69 @@ def _key_mask_rows_without_keys(keep: torch.Tensor, causal: str, L: int, S: int,
     return (count <= 0).transpose(-1, -2)
 
 
-def rows_beyond_kernel_range(bias: torch.Tensor, full_keep: Optional[torch.Tensor],
-                             dropout_p: float) -> tuple[Optional[torch.Tensor], bool]:
-    """``(rows, exact)``: rows whose every bias entry is below ``KERNEL_SCORE_FLOOR`` (a row of ``finfo.min``,
-    transformers' mask over a left-padded query), where a fused kernel's row overflows to ``-inf`` and it gives
-    0, while the original gives ``softmax(s + bias)``. ``exact``: each such row keeps every key and holds one
-    value, so the original's answer is the mean of v (``s + bias`` rounds to ``bias`` for ``|s| < 1e30``) and
-    ``rows`` may be written back; otherwise the call is computed unfused. Rows without keys are left to
-    ``rows_without_keys``. A pass over the bias and, eagerly, a host read; under a tracer the rows are written
-    back unconditionally (rows of distinct values that low are not reproduced there).
+@dataclass(frozen=True)
+class BiasRows:
+    """What one pass over a call's bias tells, read on the host together (``bias_rows``).
+
+    ``far``: rows whose every entry is below ``KERNEL_SCORE_FLOOR`` (a row of ``finfo.min``, transformers' mask over
+    a left-padded query), where a fused kernel's row overflows to ``-inf`` and it gives 0 while the original gives
+    ``softmax(s + bias)``; ``exact``: each such row keeps every key and holds one value, so the original's answer is
+    the mean of v (``s + bias`` rounds to ``bias`` for ``|s| < 1e30``) and ``far`` may be written back, else the call
+    runs unfused. ``neginf``: rows whose every score is ``-inf`` in the original (NaN there; kernels give 0).
+    ``masks_a_row``: some row's bias is at or below the masking threshold throughout (a fused backward would give
+    its gradients ``S`` times too large). Rows without keys are left to ``rows_without_keys``.
+    """
+
+    far: Optional[torch.Tensor]
+    exact: bool
+    neginf: Optional[torch.Tensor]
+    masks_a_row: bool
+
+
+def bias_rows(bias: torch.Tensor, full_keep: Optional[torch.Tensor], dropout_p: float, fill_is_neginf: bool,
+              zeroed: bool = False) -> BiasRows:
+    """The call's ``BiasRows`` from one reduction over the bias (and, with a keep-mask, one ``-inf`` pass) and, eagerly,
+    one host read of all its flags (one synchronization on CUDA). ``fill_is_neginf``: masked keys score ``-inf``;
+    ``zeroed``: the original zeroed the masked keys' weights after the softmax (rows without keys give 0), so a
+    ``-inf`` row is NaN only where it keeps a key. Under a tracer nothing is read: ``far`` and ``neginf`` are written
+    back unconditionally (rows of distinct values that low are not reproduced there) and ``masks_a_row`` is True.
     """
     if not bias.is_floating_point() or bias.shape[-1] == 0:
-        return None, True
+        return BiasRows(None, True, None, False)
     values = bias.detach()
-    top = values.amax(-1, keepdim=True)
-    rows = top < KERNEL_SCORE_FLOOR
+    low, top = torch.aminmax(values, dim=-1, keepdim=True)  # one pass over the bias for both
+    far = top < KERNEL_SCORE_FLOOR
+    uniform = low == top
     if full_keep is not None:
-        rows = rows & full_keep.any(-1, keepdim=True)
-    found = host_bool(rows.any())
-    if found is None:
-        return rows, True
-    if not found:
-        return None, True  # the usual case: one reduction over the bias and one host read
-    uniform = values.amin(-1, keepdim=True) == top
-    if full_keep is not None:
+        far = far & full_keep.any(-1, keepdim=True)
         uniform = uniform & full_keep.all(-1, keepdim=True)
-    inexact = rows & ~uniform if dropout_p == 0 else rows
-    return rows, not bool(inexact.any())
+    inexact = far & ~uniform if dropout_p == 0 else far  # under dropout a uniform row is dropout(uniform): random
+    neginf = _neginf_rows(values, top, full_keep, fill_is_neginf, zeroed)
+    flags = host_bools(far.any(), inexact.any(), neginf.any(), (top <= MASKING_THRESHOLD).any())
+    if flags is None:
+        return BiasRows(far, True, neginf, True)
+    far_found, inexact_found, neginf_found, masks_a_row = flags
+    return BiasRows(far if far_found else None, not inexact_found, neginf if neginf_found else None, masks_a_row)
+
+
+def _neginf_rows(values: torch.Tensor, top: torch.Tensor, full_keep: Optional[torch.Tensor], fill_is_neginf: bool,
+                 zeroed: bool) -> torch.Tensor:
+    """Rows whose every score is ``-inf`` in the original, beyond rows without keys: a bias of ``-inf`` at every kept
+    key, and a ``-inf`` fill or no masked key. Without a keep-mask that is a row whose maximum is ``-inf`` (the
+    reduction already made); with one, a pass over the bias and the mask."""
+    if full_keep is None:
+        return top == float("-inf")
+    blocked = torch.isneginf(values)
+    blocked = (blocked | ~full_keep) if fill_is_neginf or zeroed else (blocked & full_keep)
+    rows = blocked.all(-1, keepdim=True)
+    return rows & full_keep.any(-1, keepdim=True) if zeroed else rows
+
+
+def rows_beyond_kernel_range(bias: torch.Tensor, full_keep: Optional[torch.Tensor],
+                             dropout_p: float) -> tuple[Optional[torch.Tensor], bool]:
+    """``(far, exact)`` of ``bias_rows`` (see ``BiasRows``)."""
+    found = bias_rows(bias, full_keep, dropout_p, fill_is_neginf=False)
+    return found.far, found.exact
 
 
 def within_kernel_range(bias: torch.Tensor, fill: float, facts: "CallFacts") -> tuple[torch.Tensor, float]:
@@ -151,35 +178,14 @@ def within_kernel_range(bias: torch.Tensor, fill: float, facts: "CallFacts") -> 
     ``KERNEL_SAFE_FILL`` where it lay below the fused kernels' range (a pass over the bias, no host read).
 
     The original's rows of ``fill`` are ``softmax(s + fill) == softmax(fill)``: uniform; with the fill in range
-    the kernels compute that themselves, and a row that keeps a 0 weighs a fill of either value exactly 0.
-    So ``facts`` records, without reading the bias, that no row lies beyond the kernels' range. Only for calls
-    without gradients: a fused backward of a uniform row is ``S`` times too large (``bias_masks_a_whole_row``).
+    the kernels compute that themselves, and a row that keeps a 0 weighs a fill of either value exactly 0; a
+    finite fill's bias holds no ``-inf``. So ``facts`` records, without reading the bias, what ``bias_rows`` would
+    read. Only for calls without gradients: a fused backward of a uniform row is ``S`` times too large.
     """
     if fill < KERNEL_SAFE_FILL:
         bias, fill = bias.clamp_min(KERNEL_SAFE_FILL), KERNEL_SAFE_FILL
-    facts.far_rows, facts.far_rows_of = (None, True), bias
+    facts.bias_rows, facts.bias_rows_of = BiasRows(None, True, None, True), bias
     return bias, fill
-
-
-def rows_of_neginf(bias: torch.Tensor, full_keep: Optional[torch.Tensor], fill_is_neginf: bool,
-                   zeroed: bool = False) -> Optional[torch.Tensor]:
-    """Rows whose every score is ``-inf`` in the original (so its softmax gives NaN), beyond rows
-    without keys: a bias of ``-inf`` at every kept key, and a ``-inf`` fill or no masked key.
-    ``zeroed``: the original zeroed the masked keys' weights after the softmax (rows without keys give 0),
-    so such a row is NaN only where it keeps a key.
-
-    Kernels return 0 for such rows. Costs a pass over the bias (and mask) per call and, eagerly, a
-    host read; None when no row is affected.
-    """
-    if not bias.is_floating_point() or bias.shape[-1] == 0:
-        return None
-    blocked = torch.isneginf(bias)
-    if full_keep is not None:
-        blocked = (blocked | ~full_keep) if fill_is_neginf or zeroed else (blocked & full_keep)
-    rows = blocked.all(-1, keepdim=True)
-    if zeroed and full_keep is not None:
-        rows = rows & full_keep.any(-1, keepdim=True)
-    return None if host_bool(rows.any()) is False else rows
 
 
 def restore_fully_masked_rows(out: torch.Tensor, v: torch.Tensor, dead: torch.Tensor, mode: str) -> torch.Tensor:
@@ -193,17 +199,3 @@ def restore_fully_masked_rows(out: torch.Tensor, v: torch.Tensor, dead: torch.Te
     if not out.requires_grad and not is_traced(out):
         return torch.where(dead, fill, out, out=out)  # no gradient to keep: in place, no second output
     return torch.where(dead, fill, out)
-
-
-def bias_masks_a_whole_row(bias: torch.Tensor) -> bool:
-    """Whether an additive bias masks every key of some query row (a reduction over the bias at every
-    call and, eagerly, a host read; see ``attnfuse.memo``).
-
-    Fused kernels recompute the probabilities in the backward pass from a log-sum-exp; for a row of
-    ``finfo.min`` entries, ``min + log(S)`` rounds back to ``min`` and the gradients come out ``S``
-    times too large (found by the fuzzer, CPU flash; the same recomputation is in the GPU kernels).
-    Such calls run unfused, as the original did. Under a compiler the value is unknown: unfused too.
-    """
-    if not bias.is_floating_point() or bias.shape[-1] == 0:
-        return False
-    return host_bool((bias.amax(dim=-1) <= MASKING_THRESHOLD).any()) is not False

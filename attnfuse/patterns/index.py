@@ -292,6 +292,33 @@ _OR = ((operator.or_, torch.logical_or, torch.bitwise_or), ("logical_or", "bitwi
 _NOT = ((operator.invert, torch.logical_not, torch.bitwise_not), ("logical_not", "bitwise_not", "__invert__"))
 
 
+def _selected_condition(node: Node, source: object) -> Optional[Node]:
+    """``c`` where ``node`` casts ``where(c, 0, fill)`` with a nonzero number ``fill`` to bool (MPT's
+    ``create_causal_mask(...).to(torch.bool)`` of transformers' ``0 / finfo.min`` mask), else None."""
+    if not (is_call(node, (), ("to", "bool")) and isinstance(source, Node) and not is_written(source)):
+        return None
+    if not is_call(source, (torch.where,), ("where",)) or len(source.args) != 3 or source.kwargs:
+        return None
+    condition, zero, fill = source.args
+    condition_meta = tensor_meta(condition)
+    if condition_meta is None or condition_meta.dtype != torch.bool:
+        return None
+    return condition if _number(zero) == 0 and _number(fill) not in (None, 0) else None
+
+
+def _number(value: object) -> Optional[float]:
+    """A Python number, or a 0-d tensor built from one (``torch.zeros(())``, ``torch.tensor(0.0)``), else None."""
+    if is_scalar(value):
+        return None if isinstance(value, (torch.SymInt, torch.SymFloat)) else float(value)
+    if isinstance(value, Node) and not is_written(value) and tensor_meta(value) is not None \
+            and tensor_meta(value).dim() == 0:
+        if is_call(value, (torch.zeros,)):
+            return 0.0
+        if is_call(value, (torch.tensor,)) and is_scalar(value.args[0] if value.args else None):
+            return float(value.args[0])
+    return None
+
+
 def keep_terms(node: object, negated: bool, depth: int = 24) -> Optional[tuple[Predicate, tuple[tuple[Node, bool], ...]]]:
     """The keep-mask at ``node`` (negated if asked) as an index predicate ANDed with boolean tensors it does not
     read as positions: ``(kv <= q) & (kv > q - w) & padding[b, kv]`` is ``(j <= i and j > i - w, ((gathered, False),))``.
@@ -313,6 +340,9 @@ def keep_terms(node: object, negated: bool, depth: int = 24) -> Optional[tuple[P
         return Logic("and", (parts[0][0], parts[1][0])), parts[0][1] + parts[1][1]
     source = node.args[0] if node.args else None
     source_meta = tensor_meta(source)
+    selected = _selected_condition(node, source)
+    if selected is not None:  # ``where(c, 0, fill).bool()`` is True exactly where ``c`` is not
+        return keep_terms(selected, not negated, depth - 1)
     if source_meta is not None and source_meta.dtype == torch.bool:
         if is_call(node, *_NOT):
             return keep_terms(source, not negated, depth - 1)

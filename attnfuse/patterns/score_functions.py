@@ -15,7 +15,8 @@ import torch
 from torch.fx import Node
 
 from attnfuse.folding import constant_value
-from attnfuse.fx_utils import bind, example_value, is_call, is_scalar, is_written, tensor_meta
+from attnfuse.fx_utils import (bind, example_value, is_call, is_scalar, is_written, same_size, statically_true,
+                               tensor_meta)
 from attnfuse.patterns.readers import arange_arguments, exact_positions, new_axes_index
 from attnfuse.vocabulary import ScoreFunction
 
@@ -106,7 +107,7 @@ class _Builder:
         if node.op == "call_function" and node.target is operator.getitem:
             indexed = new_axes_index(node)
             if indexed is None:
-                raise NotPointwise("indexing")
+                return self.sliced(node, axes)
             items = indexed[1]
             inner_axes = tuple(a for a, item in zip(axes, items) if item is not None)
             inner_axes += axes[len(items):]
@@ -114,6 +115,11 @@ class _Builder:
         if is_call(node, (torch.unsqueeze,), ("unsqueeze",)):
             dim = bind(node, ("x", "dim"))["dim"] % len(axes)
             return self.build(node.args[0], axes[:dim] + axes[dim + 1:])
+        if is_call(node, (torch.squeeze,), ("squeeze",)):
+            return self.build(node.args[0], _squeezed_axes(node, axes))
+        if is_call(node, (torch.reshape,), ("view", "reshape")):
+            source = tensor_meta(node.args[0])
+            return self.build(node.args[0], _unit_reshape_axes(tuple(source.shape), shape, axes))
         if is_call(node, (torch.permute,), ("permute",)):
             dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
             inner = [None] * len(dims)
@@ -163,10 +169,83 @@ class _Builder:
                                                           index[axes[-1]] if axes[-1] is not None else 0]
         raise NotPointwise(str(node.target))
 
+    def sliced(self, node: Node, axes: tuple) -> Callable:
+        """``x[:, a:, b:]`` (step 1): position ``p`` along a sliced dim reads ``x`` at ``p + start``, so the
+        score index of that dim is shifted by the start (a number, or a run-time size read as a leaf)."""
+        source, items = node.args
+        meta, out = tensor_meta(source), tensor_meta(node)
+        items = items if isinstance(items, tuple) else (items,)
+        if meta is not None and items.count(Ellipsis) == 1:  # ``x[..., a:]``: full slices in its place
+            at = items.index(Ellipsis)
+            items = items[:at] + (slice(None),) * (meta.dim() - len(items) + 1) + items[at + 1:]
+        if meta is None or len(items) > meta.dim() or not all(isinstance(item, slice) for item in items):
+            raise NotPointwise("indexing")
+        shifts = []
+        for axis, size, out_size, item in zip(axes, meta.shape, out.shape, items):
+            if item.step not in (None, 1):
+                raise NotPointwise("a strided slice")
+            if _is_one(size) and _is_one(out_size):
+                continue  # a size-1 dim that stays size 1 was sliced from 0: nothing moves
+            start = 0 if item.start is None else item.start
+            value = example_value(start)
+            if isinstance(value, int) and value < 0:  # counted from the end of a dim of known size
+                if not isinstance(size, int):
+                    raise NotPointwise("a slice from the end of a dim of run-time size")
+                start = value = max(value + size, 0)
+            if isinstance(value, int) and value == 0:
+                continue
+            if not (is_scalar(value) and statically_true(lambda v=value: v >= 0)):
+                raise NotPointwise("a slice start that may be negative")
+            if axis is None or (isinstance(size, int) and size == 1):
+                raise NotPointwise("a slice along a broadcast dim")
+            shifts.append((axis, self.build(start, ())))
+        inner = self.build(source, axes)
+        if not shifts:
+            return inner
+
+        def shifted(index, leaves):
+            index = list(index)
+            for axis, start in shifts:
+                index[axis] = index[axis] + start(index, leaves)
+            return inner(tuple(index), leaves)
+        return shifted
+
     @staticmethod
     def _arg_axes(arg: object, axes: tuple) -> tuple:
         meta = tensor_meta(arg) if isinstance(arg, Node) else None
         return () if meta is None else _dims_map(meta.dim(), axes)
+
+
+def _is_one(size: object) -> bool:
+    return isinstance(size, int) and size == 1
+
+
+def _squeezed_axes(node: Node, axes: tuple) -> tuple:
+    """The score axes of ``x`` for ``x.squeeze(dim)`` (or ``squeeze()``) read on ``axes``: removed size-1 dims
+    broadcast (no axis)."""
+    shape = tuple(tensor_meta(node.args[0]).shape)
+    dims = bind(node, ("x", "dim")).get("dim")
+    dims = range(len(shape)) if dims is None else (dims,) if isinstance(dims, int) else tuple(dims)
+    removed = {d % len(shape) for d in dims if isinstance(shape[d % len(shape)], int) and shape[d % len(shape)] == 1}
+    inner, kept = [], iter(axes)
+    for d in range(len(shape)):
+        inner.append(None if d in removed else next(kept))
+    return tuple(inner)
+
+
+def _unit_reshape_axes(source: tuple, target: tuple, axes: tuple) -> tuple:
+    """The score axes of a ``view`` / ``reshape`` source that only adds or removes size-1 dims (``arange(n).view(1,
+    1, 1, n)``): its other dims keep their order and sizes; anything else is no pointwise reading."""
+    def others(shape):
+        return [d for d, size in enumerate(shape) if not (isinstance(size, int) and size == 1)]
+    inner_dims, outer_dims = others(source), others(target)
+    if len(inner_dims) != len(outer_dims) or \
+            not all(same_size(source[a], target[b]) for a, b in zip(inner_dims, outer_dims)):
+        raise NotPointwise("a reshape that merges or splits dims")
+    inner = [None] * len(source)
+    for a, b in zip(inner_dims, outer_dims):
+        inner[a] = axes[b]
+    return tuple(inner)
 
 
 def _plain_embedding(args: dict) -> bool:
