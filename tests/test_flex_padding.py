@@ -295,23 +295,28 @@ def test_sliced_alibi(spelling, functions):
 @pytest.mark.parametrize("grad", [False, True])
 def test_real_models_on_flex_gpu(name, grad):
     """CUDA, bf16, a left-padded batch: the sites run on FlexAttention with causal + key padding (MPT's ALiBi a score
-    function), and logits (and gradients) stay within bf16 of the unrewritten model's. ``python -m pytest -m gpu``."""
+    function); logits and parameter gradients are as close to the fp32 model's as the unrewritten bf16 model's are
+    (bf16 gradients of two computation orders differ by far more than bf16's epsilon). ``python -m pytest -m gpu``."""
     torch._dynamo.reset()
-    reference = _tiny(name).to("cuda", torch.bfloat16)
+    exact = _tiny(name).to("cuda", torch.float32)
+    reference = copy.deepcopy(exact).to(torch.bfloat16)
     optimized = attnfuse.optimize(copy.deepcopy(reference))
     ids = torch.randint(3, 100, (4, 30), generator=torch.Generator().manual_seed(0)).cuda()  # MPT: max_seq_len 32
     mask = _padding(4, 30, [0, 12, 0, 29], "left").cuda()
     weight = torch.randn(4, 30, 100, generator=torch.Generator().manual_seed(1)).cuda()
     outputs = []
-    for model in (reference, optimized):
+    for model in (exact, reference, optimized):
         with torch.set_grad_enabled(grad):
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
         found = torch.autograd.grad((logits * weight).sum(), list(model.parameters()), allow_unused=True) if grad else []
-        outputs.append((logits.detach(), [g for g in found if g is not None]))
-    (expected, expected_grads), (actual, actual_grads) = outputs
+        outputs.append((logits.detach(), [None if g is None else g.float() for g in found]))
+    (truth, true_grads), (expected, expected_grads), (actual, actual_grads) = outputs
     torch.testing.assert_close(actual, expected, atol=5e-2, rtol=5e-2)
-    for e, a in zip(expected_grads, actual_grads):
-        torch.testing.assert_close(a.float(), e.float(), atol=1e-1, rtol=1e-1)
+    for t, e, a in zip(true_grads, expected_grads, actual_grads):
+        if t is None:
+            continue
+        own_error, error = (e - t).abs().max().item(), (a - t).abs().max().item()
+        assert error <= 2 * own_error + 1e-2 * t.abs().max().item() + 1e-3, (error, own_error)
     report = attnfuse.report(optimized)
     assert report.fused == len(report.sites) == 2, str(report)
     for site in report.sites:
