@@ -67,3 +67,34 @@ def test_forcing_flex_with_cpu_gradients_says_what_to_do():
     model = attnfuse.optimize(AlibiCausal(4), kernels=["flex"])
     with pytest.raises(Exception, match="no .*backward on the CPU"):
         model(*qkv())
+
+
+def test_flex_out_of_shared_memory_retries_with_one_stage(monkeypatch):
+    """A Flex compile that runs out of shared memory is retried once with one pipeline stage, remembered for the
+    signature; a retry that fails too is a failure like any other (forced here: raised; else handed on)."""
+    import attnfuse.kernels.flex as flex
+
+    attnfuse.reset()
+    q, k, v = (torch.randn(1, 2, 8, 16) for _ in range(3))
+    seen = []
+
+    def fake(call, kernel_options=None):
+        seen.append(kernel_options)
+        if kernel_options is None:
+            raise RuntimeError("No valid triton configs. OutOfMemoryError: out of resource: Required: 245760")
+        return torch.zeros_like(call.q)
+
+    monkeypatch.setattr(flex, "flex_attend", fake)
+    calls = []
+    with torch.no_grad():
+        attnfuse.attend(q, k, v, softcap=5.0, kernels=["flex"], on_kernel=calls.append)
+        attnfuse.attend(q, k, v, softcap=5.0, kernels=["flex"], on_kernel=calls.append)
+    assert seen == [None, flex._FEWER_STAGES, flex._FEWER_STAGES] and calls == ["flex", "flex"]
+
+    def always_fails(call, kernel_options=None):
+        raise RuntimeError(f"out of resource: shared memory (options {kernel_options})")
+
+    attnfuse.reset()
+    monkeypatch.setattr(flex, "flex_attend", always_fails)
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"options \{'num_stages': 1\}"):
+        attnfuse.attend(q, k, v, softcap=5.0, kernels=["flex"])

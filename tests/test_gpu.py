@@ -184,6 +184,25 @@ def test_grouped_heads_with_a_padding_mask_share_kv_heads_on_cuda(L, grad):
             torch.testing.assert_close(a.grad.float(), b.grad, atol=6e-2, rtol=6e-2)
 
 
+def test_flex_with_a_dense_bias_and_grouped_heads_compiles_on_cuda():
+    """Gemma 2's sliding-window layer when its mask is a dense (B, 1, L, S) bias (transformers 5.17 at 2048
+    tokens): Flex's default configurations ran out of shared memory on an H100 (245760 > 232448 bytes) and the
+    site ran unfused; it must run on Flex (with one pipeline stage) and match the fp32 original."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(2, 16, 2048, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+    k, v = (torch.randn(2, 4, 2048, 64, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    i = torch.arange(2048, device="cuda")
+    keep = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - 1024)
+    bias = torch.where(keep, 0.0, torch.finfo(torch.bfloat16).min).to(torch.bfloat16).expand(2, 1, 2048, 2048)
+    kernels = []
+    with torch.no_grad():
+        out = attnfuse.attend(q, k, v, bias=bias, softcap=50.0, on_kernel=kernels.append)
+    scores = q.float() @ k.float().repeat_interleave(4, 1).transpose(-1, -2) / 8
+    expected = (50 * torch.tanh(scores / 50) + bias.float()).softmax(-1) @ v.float().repeat_interleave(4, 1)
+    assert kernels == ["flex"], kernels
+    torch.testing.assert_close(out.float(), expected, atol=3e-2, rtol=3e-2)
+
+
 @pytest.mark.parametrize("pad", [0, 5])
 def test_static_cache_generate_compiled_through_attnfuse_with_cuda_graphs(pad):
     """The compiled route of generation: transformers compiles a static-cache forward with

@@ -29,6 +29,10 @@ from attnfuse.vocabulary import causal_offset
 _compiled_flex: Cache[Callable] = Cache("kernels.flex.compiled", maxsize=1)
 _block_masks: Cache[object] = Cache("kernels.flex.block_masks", maxsize=64)
 _score_mods: Cache[tuple[Optional[Callable], "_Holder"]] = Cache("kernels.flex.score_mods", maxsize=256)
+_kernel_options: Cache[dict] = Cache("kernels.flex.kernel_options", maxsize=256)
+# Triton's default Flex configurations can need more shared memory than the GPU has once the score_mod gathers an
+# fp32 bias (H100, d 64, grouped heads: 245760 > 232448 bytes); one pipeline stage fits.
+_FEWER_STAGES = {"num_stages": 1}
 
 
 class _Holder:
@@ -92,7 +96,7 @@ def _score_mod(softcap: Optional[float], has_bias: bool, bias_fn: Optional[Calla
     return _score_mods.setdefault(key, (score_mod, holder))
 
 
-def flex_attend(call: AttentionCall) -> torch.Tensor:
+def flex_attend(call: AttentionCall, kernel_options: Optional[dict] = None) -> torch.Tensor:
     """FlexAttention on the call's 4-d q/k/v; masks, biases and softcap as score_mod / BlockMask.
 
     A bias is gathered in fp32: the original added an fp32 bias in fp32, and Flex gathers fp32 27x
@@ -107,7 +111,7 @@ def flex_attend(call: AttentionCall) -> torch.Tensor:
     blocks = block_mask(call.causal, call.window, L, S, q.device) if call.causal is not None else None
     run = flex_attention if is_traced(q) else _flex()
     return run(q, k, call.v, score_mod=score_mod, block_mask=blocks, scale=call.scale_value,
-               enable_gqa=k.shape[1] != q.shape[1])
+               enable_gqa=k.shape[1] != q.shape[1], kernel_options=kernel_options)
 
 
 def _signature(call: AttentionCall) -> tuple:
@@ -150,15 +154,28 @@ class FlexKernel(Kernel):
 
     def run(self, call: AttentionCall) -> torch.Tensor:
         call = call.with_positive_scale()
+        signature = _signature(call)
         try:
-            out = flex_attend(call)
+            out = flex_attend(call, _kernel_options.get(signature))
         except Exception as error:  # e.g. Triton finds no kernel configuration that fits this GPU
-            if is_traced(call.q) or (call.allowed is not None and set(call.allowed) == {"flex"}):
-                raise
-            remember_failure(self.name, _signature(call), error)
-            raise KernelFailed(f"could not compile ({type(error).__name__})") from error
+            out = self._with_fewer_stages(call, signature, error)
         call.announce(self.name)
         return out
+
+    def _with_fewer_stages(self, call: AttentionCall, signature: tuple, error: Exception) -> torch.Tensor:
+        """Compile once more with one pipeline stage where the default configurations ran out of shared memory
+        (remembered for the signature); any other failure, or a second one, hands the call on."""
+        if "out of resource" in str(error) and _kernel_options.get(signature) is None:
+            try:
+                out = flex_attend(call, _FEWER_STAGES)
+                _kernel_options[signature] = _FEWER_STAGES
+                return out
+            except Exception as second:
+                error = second
+        if is_traced(call.q) or (call.allowed is not None and set(call.allowed) == {"flex"}):
+            raise error
+        remember_failure(self.name, signature, error)
+        raise KernelFailed(f"could not compile ({type(error).__name__})") from error
 
 
 def _wanted(call: AttentionCall) -> bool:
