@@ -882,8 +882,11 @@ def _apply_masks(terms: ScoreTerms, L: object, S: object, dtype: torch.dtype, ba
 def _only_bias_fill(terms: ScoreTerms) -> Optional[float]:
     """The fill of the site's one additive term where it is an added mask of 0 and a fill that absorbs every score
     (``masks.zero_or_fill``, ``added_masks.absorbs_every_score``): its rows of fill are the original's uniform rows,
-    which a kernel computes itself once the fill is within its range (``attend``'s ``bias_fill``)."""
-    if len(terms.biases) != 1 or terms.functions or terms.added_mask is not None:
+    which a kernel computes itself once the fill is within its range (``attend``'s ``bias_fill``). Only where the
+    bias is the site's one mask: beside a keep-mask or a causal flag, a row's kept keys may all hold the fill while
+    its masked ones do not, and the original's answer is then not the kernel's (the per-call reads decide)."""
+    if len(terms.biases) != 1 or terms.functions or terms.added_mask is not None or terms.keep_masks or \
+            terms.fill is not None or terms.causal is not None or terms.window is not None:
         return None
     bias, coefficient = terms.biases[0]
     fill = zero_or_fill(bias) if coefficient == 1.0 else None

@@ -329,3 +329,23 @@ def test_a_mask_of_fill_alone_is_a_fill_only_where_proven():
     assert fills_of(NotZero(), q, k, v, padding) == [None]
     bias = torch.zeros(2, 1, 5, 5)
     assert fills_of(RuntimeBias(), q, k, v, bias, None) == [None]
+
+
+class AddedMaskBesideAKeepMask(nn.Module):
+    """An added ``0 / finfo.min`` mask and a ``masked_fill`` with a milder fill on the same scores: a row whose kept
+    keys all hold ``finfo.min`` weighs the masked keys (filled with -1e9) instead, as the original computes."""
+
+    def forward(self, q, k, v, padding, keep):
+        mask = torch.where(padding[:, None, None, :].bool(), torch.tensor(0.0), torch.finfo(q.dtype).min)
+        scores = (q @ k.transpose(-2, -1) + mask).masked_fill(~keep, -1e9)
+        return scores.softmax(-1) @ v
+
+
+def test_an_added_mask_beside_a_keep_mask_keeps_the_per_call_reads():
+    q, k, v = _qkv(3, 5)
+    padding = torch.ones(2, 5, dtype=torch.long)
+    padding[1, :3] = 0
+    keep = torch.ones(2, 1, 3, 5, dtype=torch.bool)
+    keep[1, :, 0, 3:] = False  # row 0 of sequence 1 keeps only padded keys (bias finfo.min), masks the others
+    with torch.no_grad():
+        assert_fused_equal(AddedMaskBesideAKeepMask(), (q, k, v, padding, keep))
