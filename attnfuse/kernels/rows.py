@@ -166,13 +166,6 @@ def _neginf_rows(values: torch.Tensor, top: torch.Tensor, full_keep: Optional[to
     return rows & full_keep.any(-1, keepdim=True) if zeroed else rows
 
 
-def rows_beyond_kernel_range(bias: torch.Tensor, full_keep: Optional[torch.Tensor],
-                             dropout_p: float) -> tuple[Optional[torch.Tensor], bool]:
-    """``(far, exact)`` of ``bias_rows`` (see ``BiasRows``)."""
-    found = bias_rows(bias, full_keep, dropout_p, fill_is_neginf=False)
-    return found.far, found.exact
-
-
 def within_kernel_range(bias: torch.Tensor, fill: float, facts: "CallFacts") -> tuple[torch.Tensor, float]:
     """A bias of only 0 and ``fill`` (proven by the caller; ``fill`` absorbs every score) with the fill raised to
     ``KERNEL_SAFE_FILL`` where it lay below the fused kernels' range (a pass over the bias, no host read).

@@ -119,14 +119,21 @@ def chosen_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: 
     """The kernel SDPA picks for this call under ``order`` (for the audit)."""
     if isinstance(attn_mask, CausalBias):
         return "efficient (lower-right causal)" if q.device.type == "cuda" else "cpu-math (lower-right causal)"
+    picked = _sdp_choice(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, order, Exception)
+    name = KERNEL_NAMES[order[0]] if picked is None else KERNEL_NAMES.get(picked, "math")
+    return name if q.device.type == "cuda" else f"cpu-{name}"
+
+
+def _sdp_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: object, dropout_p: float,
+                is_causal: bool, scale: Optional[float], enable_gqa: bool, order: list[SDPBackend],
+                unknown: type[BaseException]) -> Optional[SDPBackend]:
+    """The kernel SDPA's dispatcher picks for this call under ``order``; None where asking it raised ``unknown``."""
     try:
         with kernel_scope(order, q):
-            index = torch._fused_sdp_choice(q, k, v, attn_mask, dropout_p, is_causal, scale=scale,
-                                            enable_gqa=enable_gqa)
-        name = KERNEL_NAMES.get(SDPBackend(index), "math")
-    except Exception:
-        name = KERNEL_NAMES[order[0]]
-    return name if q.device.type == "cuda" else f"cpu-{name}"
+            return SDPBackend(torch._fused_sdp_choice(q, k, v, attn_mask, dropout_p, is_causal, scale=scale,
+                                                      enable_gqa=enable_gqa))
+    except unknown:
+        return None
 
 
 _CAUSAL_KERNELS: Cache[str] = Cache("kernels.sdpa.causal_kernels", maxsize=1024)
@@ -166,12 +173,8 @@ def _shares_kv_heads_with_a_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     many times the kernel's own time (``docs/bench_decode_h100.json``)."""
     if is_traced(q):
         return False
-    try:
-        with kernel_scope(order, q):
-            index = torch._fused_sdp_choice(q, k, v, attn_mask, dropout_p, False, scale=scale, enable_gqa=True)
-    except RuntimeError:
-        return False
-    return SDPBackend(index) == SDPBackend.CUDNN_ATTENTION
+    return _sdp_choice(q, k, v, attn_mask, dropout_p, False, scale, True, order, RuntimeError) == \
+        SDPBackend.CUDNN_ATTENTION
 
 
 def run_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
