@@ -22,7 +22,8 @@ from torch import nn
 import attnfuse
 from helpers import grads
 from score_modules import alibi_slopes
-from test_window_padding import PathSpy, TransformersMask, _padding, _qkv, assert_stays_bias, compare
+from test_window_padding import (PathSpy, TransformersMask, _padding, _qkv, assert_stays_bias, cached_decode_reports,
+                                 compare)
 
 masking_utils = pytest.importorskip("transformers.masking_utils")
 
@@ -232,25 +233,10 @@ def test_real_models(name, side, grad):
 def test_mpt_with_a_cache(dynamic):
     """MPT: prefill a left-padded batch into a cache, then decode two tokens: its ALiBi slice ``[:, a:, b:]`` moves
     with the cache length (a run-time size under dynamic shapes) and still equals the unrewritten model's."""
-    transformers = pytest.importorskip("transformers")
-    torch._dynamo.reset()
-    reference = _tiny("mpt")
-    optimized = attnfuse.optimize(copy.deepcopy(reference), dynamic=dynamic)
-    ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(2))
-    mask = _padding(2, 7, [0, 3], "left")
-    steps = torch.randint(3, 100, (2, 2), generator=torch.Generator().manual_seed(3))
-    caches = {model: transformers.DynamicCache(config=model.config) for model in (reference, optimized)}
-    with torch.no_grad():
-        for n in range(3):
-            tokens = ids if n == 0 else steps[:, n - 1:n]
-            step_mask = torch.cat([mask, torch.ones(2, n, dtype=mask.dtype)], 1)
-            expected, actual = (model(input_ids=tokens, attention_mask=step_mask, past_key_values=caches[model],
-                                      use_cache=True).logits for model in (reference, optimized))
-            torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-4)
-            report = attnfuse.report(optimized)
-            assert report.fused == len(report.sites) == 2, str(report)
-            for site in report.sites:
-                assert site.features["score_functions"] == 1 and site.features["bias"] is None, site.features
+    for _, report in cached_decode_reports(_tiny("mpt"), dynamic=dynamic):
+        assert report.fused == len(report.sites) == 2, str(report)
+        for site in report.sites:
+            assert site.features["score_functions"] == 1 and site.features["bias"] is None, site.features
 
 
 class SlicedAlibi(nn.Module):

@@ -384,13 +384,13 @@ def test_real_models(name, side, grad):
             assert_site_reads(site.features, window, "top_left")
 
 
-def test_real_model_with_a_cache():
-    """Mistral: prefill a left-padded batch into a cache, then decode two tokens (q_len 1 against the cached keys):
-    every call equals the unrewritten model's, without gradients; the prefill reads window + key padding."""
+def cached_decode_reports(reference, **options):
+    """Prefill a left-padded batch into a cache, then decode two tokens (q_len 1 against the cached keys), through
+    the transformers model ``reference`` and its optimized copy without gradients: every call's logits must be
+    equal; yields the step (0: the prefill) and the optimized model's report after it."""
     transformers = pytest.importorskip("transformers")
     torch._dynamo.reset()
-    reference = _tiny("mistral")
-    optimized = attnfuse.optimize(copy.deepcopy(reference))
+    optimized = attnfuse.optimize(copy.deepcopy(reference), **options)
     ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(2))
     mask = _padding(2, 7, [0, 3], "left")
     steps = torch.randint(3, 100, (2, 2), generator=torch.Generator().manual_seed(3))
@@ -402,8 +402,14 @@ def test_real_model_with_a_cache():
             expected, actual = (_model_call(model, tokens, step_mask, past_key_values=caches[model], use_cache=True)
                                 for model in (reference, optimized))
             torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-4)
-            report = attnfuse.report(optimized)
-            assert report.fused == len(report.sites) == 2, str(report)
-            if n == 0:
-                for site in report.sites:
-                    assert_site_reads(site.features, 4, "top_left")
+            yield n, attnfuse.report(optimized)
+
+
+def test_real_model_with_a_cache():
+    """Mistral: every call of a cached prefill and decode equals the unrewritten model's; the prefill reads window +
+    key padding."""
+    for n, report in cached_decode_reports(_tiny("mistral")):
+        assert report.fused == len(report.sites) == 2, str(report)
+        if n == 0:
+            for site in report.sites:
+                assert_site_reads(site.features, 4, "top_left")
