@@ -7,7 +7,7 @@ dropout. The families depend on the vocabulary, never on the engine that imports
 """
 # The first rule that reads a node wins, in the order rules register: the families are imported in a fixed order.
 from attnfuse.patterns import biases, scales, layouts, casts, masks, dropout, products, score_mods, softmax  # noqa: I001
-from attnfuse.patterns import causal, index, readers, score_functions
+from attnfuse.patterns import causal, index, position_ids, readers, score_functions
 
-__all__ = ["biases", "casts", "causal", "dropout", "index", "layouts", "masks", "products", "readers", "scales",
+__all__ = ["biases", "casts", "causal", "dropout", "index", "layouts", "masks", "position_ids", "products", "readers", "scales",
            "score_functions", "score_mods", "softmax"]

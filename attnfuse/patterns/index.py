@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch.fx import Node
@@ -123,6 +123,43 @@ def _compare(kind: str, a: Linear, b: Linear) -> Optional[Inequality]:
     return Inequality(diff.coef, const + (1 if kind == "lt" else 0))
 
 
+def _scaled(a: Linear, factor: Linear) -> Optional[Linear]:
+    """``a * n`` for an integer ``n`` (a ``Linear`` over no index)."""
+    n = factor.const
+    if any(factor.coef) or not isinstance(n, int) or isinstance(n, bool):
+        return None
+    return Linear(tuple(c * n for c in a.coef), a.const * n)
+
+
+def _equal(a: Linear, b: Linear) -> Optional[Predicate]:
+    """``a == b`` over integer positions: ``a <= b`` and ``a >= b``."""
+    terms = (_compare("le", a, b), _compare("ge", a, b))
+    return Logic("and", terms) if all(t is not None for t in terms) else None
+
+
+def constant_truth(p: object) -> Optional[bool]:
+    """True or False where predicate ``p`` reads no index (every coefficient 0) and its constants are numbers."""
+    if isinstance(p, Inequality):
+        return bool(p.const <= 0) if not any(p.coef) and isinstance(p.const, (int, float)) else None
+    if not isinstance(p, Logic):
+        return None
+    truths = [constant_truth(t) for t in p.terms]
+    if any(t is None for t in truths):
+        return None
+    return all(truths) if p.op == "and" else any(truths)
+
+
+IndexRule = Callable[[Node, Callable[[object], Optional[object]]], Optional[object]]
+_POSITION_RULES: list[IndexRule] = []
+
+
+def index_rule(fn: IndexRule) -> IndexRule:
+    """Register ``fn(node, interpret_input)`` as one more way to read a node as positions or a predicate
+    (``patterns.position_ids`` registers gathers, slices, ``diff`` and ``cumsum`` of positions)."""
+    _POSITION_RULES.append(fn)
+    return fn
+
+
 def interpret(node: object, depth: int = 24) -> Optional[object]:
     """``node`` as a ``Linear`` index tensor or a ``Predicate``, or None if it is neither."""
     if not isinstance(node, Node):
@@ -149,6 +186,9 @@ def _interpret(node: Node, depth: int) -> Optional[object]:
         if is_call(node, (getattr(operator, kind), getattr(torch, kind)), (kind,)) and len(node.args) == 2:
             a, b = _as_linear(sub(node.args[0])), _as_linear(sub(node.args[1]))
             return _combine(a, b, sign) if a and b else None
+    if is_call(node, (operator.mul, torch.mul), ("mul",)) and len(node.args) == 2:
+        a, b = (_as_linear(sub(x)) for x in node.args)
+        return _scaled(a, b) or _scaled(b, a) if a and b else None
     for kind, spellings in _COMPARISONS.items():
         if is_call(node, spellings[:2], (spellings[2],)) and len(node.args) == 2:
             a, b = _as_linear(sub(node.args[0])), _as_linear(sub(node.args[1]))
@@ -167,17 +207,26 @@ def _interpret(node: Node, depth: int) -> Optional[object]:
         if inner is None or not isinstance(dim, int):
             return None
         return _insert_dim(inner, dim % (_rank(inner) + 1))
-    if node.op == "call_function" and node.target is operator.getitem:
-        indexed = new_axes_index(node)
+    indexed = new_axes_index(node)
+    if indexed is not None:
         inner = sub(node.args[0])
-        if inner is None or indexed is None:
+        if inner is None:
             return None
         for position, item in enumerate(indexed[1]):
             if item is None:
                 inner = _insert_dim(inner, position)
         return inner
+    for kind, negated in (("eq", False), ("ne", True)):
+        if is_call(node, (getattr(operator, kind), getattr(torch, kind)), (kind,)) and len(node.args) == 2:
+            a, b = _as_linear(sub(node.args[0])), _as_linear(sub(node.args[1]))
+            equal = _equal(a, b) if a and b else None
+            return equal.negate() if equal is not None and negated else equal
     if is_all_true(node):
         return TRUE
+    for rule in _POSITION_RULES:
+        found = rule(node, sub)
+        if found is not None:
+            return found
     triangle = _triangle_of_predicate(node, sub)
     if triangle is not None:
         return triangle
