@@ -181,7 +181,7 @@ def drive(args: argparse.Namespace) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "run.json")
             command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}",
-                       "--master-port", str(29500 + world), __file__, "--worker", "--out", out,
+                       "--master-port", str(args.master_port or 29500 + world), __file__, "--worker", "--out", out,
                        "--min-seq", str(args.min_seq), "--max-seq", str(args.max_seq), "--steps", str(args.steps),
                        "--variants", *args.variants] + (["--checkpoint"] if args.checkpoint else [])
             try:
@@ -216,6 +216,8 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help="one GPU count, under torchrun")
     parser.add_argument("--launch-timeout", type=int, default=200, help="seconds for each GPU count's torchrun")
     parser.add_argument("--collective-timeout", type=int, default=120)
+    parser.add_argument("--master-port", type=int, default=None,
+                        help="torchrun's port (default 29500 + GPU count); give runs that share a host their own")
     args = parser.parse_args()
     worker(args) if args.worker or "RANK" in os.environ else drive(args)
 
