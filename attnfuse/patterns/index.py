@@ -123,6 +123,12 @@ def _compare(kind: str, a: Linear, b: Linear) -> Optional[Inequality]:
     return Inequality(diff.coef, const + (1 if kind == "lt" else 0))
 
 
+def _is_int64(node: Node) -> bool:
+    """An int64 tensor: a product of positions in it is exact (int32 or float products could wrap or round)."""
+    meta = tensor_meta(node)
+    return meta is not None and meta.dtype == torch.int64
+
+
 def _scaled(a: Linear, factor: Linear) -> Optional[Linear]:
     """``a * n`` for an integer ``n`` (a ``Linear`` over no index)."""
     n = factor.const
@@ -186,7 +192,7 @@ def _interpret(node: Node, depth: int) -> Optional[object]:
         if is_call(node, (getattr(operator, kind), getattr(torch, kind)), (kind,)) and len(node.args) == 2:
             a, b = _as_linear(sub(node.args[0])), _as_linear(sub(node.args[1]))
             return _combine(a, b, sign) if a and b else None
-    if is_call(node, (operator.mul, torch.mul), ("mul",)) and len(node.args) == 2:
+    if is_call(node, (operator.mul, torch.mul), ("mul",)) and len(node.args) == 2 and _is_int64(node):
         a, b = (_as_linear(sub(x)) for x in node.args)
         return _scaled(a, b) or _scaled(b, a) if a and b else None
     for kind, spellings in _COMPARISONS.items():
