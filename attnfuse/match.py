@@ -29,7 +29,8 @@ from attnfuse.original import NoOriginal, original_program
 from attnfuse.patterns.biases import bias_reason
 from attnfuse.patterns.casts import peel_upcasts
 from attnfuse.patterns.causal import classify, classify_additive, keep_pattern
-from attnfuse.patterns.layouts import peel_scaled_head_repeat, regroup, regroup_recipe, reshape_blocks
+from attnfuse.patterns.layouts import (REGROUPED_FROM, keeps_query_key_axes, peel_scaled_head_repeat, regroup,
+                                      regroup_recipe, reshape_blocks)
 from attnfuse.patterns.masks import (binary_mask, clamp_floor, complement_value, drops_where_zero, fill_value, full_index,
                                      mask_reason, pad_region, same_keep_mask, weights_zeroing, zero_or_fill)
 from attnfuse.patterns.scales import score_factor
@@ -403,6 +404,8 @@ def _regroup_node(tensor: Node, view: tuple, blocks: list, product_node: Node, p
                   example)
     if WRITTEN in tensor.meta:  # the node may be a view of ``tensor``: it sees the same writes
         node.meta[WRITTEN] = tensor.meta[WRITTEN]
+    if keeps_query_key_axes(view, scores, blocks):
+        node.meta[REGROUPED_FROM] = tensor
     return node
 
 
@@ -846,7 +849,11 @@ def _apply_masks(terms: ScoreTerms, L: object, S: object, dtype: torch.dtype, ba
             continue
         if pattern.kind == "all":
             continue
-        if pattern.kind == "causal" and alone and _absorbs(fill * coefficient, dtype, terms.softcap) and \
+        # beside it only biases computed from positions (ALiBi), which the fill absorbs like the scores
+        beside_positions = not terms.keep_masks and terms.fill is None and all(
+            b in positions and (_position_function(b, batch_rank) is not None or _small_constant(b))
+            for b, _ in terms.biases if b is not bias)
+        if pattern.kind == "causal" and (alone or beside_positions) and _absorbs(fill * coefficient, dtype, terms.softcap) and \
                 not _some_row_loses_every_key(pattern.alignment, L, S):
             terms.causal, terms.window = pattern.alignment, pattern.window
             # an additive mask over a row of no keys is softmax(s + c), not a masked row: checked per call
@@ -901,6 +908,19 @@ def _runs_on_flex(terms: ScoreTerms, biases: list[Node], batch_rank: int) -> boo
     if terms.softcap is not None:
         return True
     return any(_position_function(bias, batch_rank) is not None for bias in biases)
+
+
+# A constant bias beside an absorbing mask may hold values up to this size: the fill absorbs scores below
+# 1e30 (``dominance.PROVEN_FILL``), and a score plus such a bias stays below that.
+SMALL_BIAS = 1e20
+
+
+def _small_constant(bias: Node) -> bool:
+    """A bias whose value is a constant of the graph (ALiBi slopes times positions at baked-in sizes) with every
+    entry finite and at most ``SMALL_BIAS`` in magnitude (evaluated once)."""
+    value = constant_value(bias)
+    return isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel() > 0 and \
+        bool(value.isfinite().all()) and float(value.abs().max()) <= SMALL_BIAS
 
 
 def _position_function(bias: Node, batch_rank: int):

@@ -43,6 +43,13 @@ TRANSFORMERS_MODELS = {
                      num_key_value_heads=4, sliding_window=1024, max_position_embeddings=8192)),
     "mpt": ("mpt-8L-1024-16h-alibi", "MptConfig", "MptForCausalLM",
             dict(d_model=1024, n_layers=8, n_heads=16, max_seq_len=8192)),
+    # Bloom: ALiBi added by baddbmm over batch*heads (transformers has no sdpa or flex path for it)
+    "bloom": ("bloom-8L-1024-16h-alibi", "BloomConfig", "BloomForCausalLM",
+              dict(hidden_size=1024, n_layer=8, n_head=16)),
+    # Falcon with ALiBi (falcon-rw's layout); transformers' sdpa path adds the ALiBi as a mask
+    "falcon": ("falcon-8L-1024-16h-alibi", "FalconConfig", "FalconForCausalLM",
+               dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, alibi=True,
+                    max_position_embeddings=8192)),
 }
 LUCIDRAINS_MODELS = {
     # MEGABYTE: a global causal transformer over patches of 16 bytes and a local one inside each patch;

@@ -22,6 +22,7 @@ from attnfuse.fx_utils import (example_value, is_call, is_scalar, is_written, me
                                tensor_meta)
 from attnfuse.patterns.index import (TRUE, keep_inequalities, keep_terms, query_key_inequalities, triangle_arguments,
                                      triangle_kept)
+from attnfuse.patterns.layouts import REGROUPED_FROM
 from attnfuse.patterns.readers import filled_with, is_all_true
 from attnfuse.vocabulary import MASKING_THRESHOLD, KeepMask, MaskPattern, Select, causal_offset
 
@@ -161,6 +162,9 @@ def classify(mask: KeepMask, L: Size, S: Size) -> MaskPattern:
 
 
 def _classify(mask: KeepMask, L: Size, S: Size) -> MaskPattern:
+    source = mask.node.meta.get(REGROUPED_FROM) if isinstance(mask.node, Node) else None
+    if source is not None:
+        return _position_only(classify(KeepMask(source, mask.negated), L, S)) or TENSOR
     return (_structural(mask, L, S) or _by_index(mask.node, mask.negated, L, S)
             or _with_key_masks(mask.node, mask.negated, L, S) or _by_value(mask, L, S)
             or _by_sliced_buffer(mask, L, S) or TENSOR)
@@ -285,7 +289,19 @@ def _size_key(L: Size, S: Size) -> Optional[tuple[int, int]]:
     return (L, S) if isinstance(L, int) and isinstance(S, int) else None
 
 
+def _position_only(pattern: Optional[MaskPattern]) -> Optional[MaskPattern]:
+    """``pattern`` where it depends on query and key positions alone (causal, windowed or everything kept, no
+    key-padding tensor or guarded buffer), so it reads the same on any regrouping of the leading axes."""
+    if pattern is None or pattern.kind not in ("causal", "all") or pattern.key_masks or pattern.guarded_by:
+        return None
+    return pattern
+
+
 def _classify_additive(bias: Node, L: Size, S: Size) -> Optional[tuple[MaskPattern, Optional[float]]]:
+    source = bias.meta.get(REGROUPED_FROM)
+    if source is not None:  # a mask added to a reshaped view of the scores (Bloom's 4-d view of batch * heads)
+        found = classify_additive(source, L, S)
+        return found if found is not None and _position_only(found[0]) is not None else None
     structural = _additive_by_index(bias, L, S) or _additive_triangle(bias, L, S)
     if structural is not None:
         return structural

@@ -212,6 +212,25 @@ class Regroup:
     blocks: tuple
 
 
+# Meta key of a ``regroup`` node whose reshape leaves the last two axes (queries, keys) as they were: the tensor it
+# regroups, so a causal or windowed pattern read there holds for the regrouped tensor too.
+REGROUPED_FROM = "attnfuse_regrouped_from"
+
+
+def keeps_query_key_axes(view: tuple, scores: tuple, blocks: list) -> bool:
+    """Whether reading the view ``view`` of scores of shape ``scores`` back regroups only the leading axes: the
+    last two axes of the scores are each one block, matched one to one with the last two axes of the view (up to
+    size-1 axes the view inserts)."""
+    n, m = len(scores), len(view)
+    if n < 2 or m < 2:
+        return False
+    by_outer = {b[0]: b for b in blocks if b[1] - b[0] == 1}
+    keys, queries = by_outer.get(n - 1), by_outer.get(n - 2)
+    if keys != (n - 1, n, m - 1, m) or queries is None or queries[3] != m - 1:
+        return False
+    return all(statically_true(lambda d=d: view[d] == 1) for d in range(queries[2], m - 2))
+
+
 def regroup(x: torch.Tensor, rank: int, expand: tuple, shape: tuple, blocks: tuple,
             *sources: torch.Tensor) -> torch.Tensor:
     """``x`` read on the scores' shape (``Regroup``): a view where the reshape only splits axes ``x`` is

@@ -1,0 +1,110 @@
+"""Masks added to a reshaped view of the scores (Bloom: batch * heads folded for ``baddbmm``, a 4-d view for the
+mask), and constant biases beside a causal mask.
+
+A causal (or windowed) mask added to a view that regroups only the leading axes is read as causal on the folded
+scores too (``patterns.layouts.REGROUPED_FROM``); beside it may sit biases computed from positions or small
+constants (Bloom's ALiBi), which the fill absorbs like the scores. Anything that depends on the batch or head
+(key padding) stays a bias. Every case equals the unrewritten module forward and backward.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+import attnfuse
+from helpers import assert_fused_equal
+
+
+class FoldedHeads(nn.Module):
+    """Bloom's spelling: ``baddbmm(alibi, q, k^T)`` over ``(B * H, L, S)``, the mask added on ``(B, H, L, S)``.
+    ``bias``: ``"alibi"`` (slopes times key positions, a constant), ``"keys"`` (computed from k: not a constant,
+    so not provably absorbed by the fill) or ``"none"``; ``padded``: the mask also drops padded keys of batch row 0 (varies with the batch)."""
+
+    def __init__(self, heads: int, bias: str = "alibi", padded: bool = False, window: int | None = None) -> None:
+        super().__init__()
+        self.heads, self.bias, self.padded, self.window = heads, bias, padded, window
+
+    def forward(self, q, k, v):
+        BH, L, d = q.shape
+        S, H = k.shape[1], self.heads
+        B = BH // H
+        slopes = torch.pow(torch.full((), 0.5), torch.arange(1, H + 1))
+        if self.bias == "alibi":
+            bias = (slopes[:, None, None] * torch.arange(S)).repeat(B, 1, 1)
+        elif self.bias == "keys":
+            bias = k.sum(-1)[:, None, :] * 0.1
+        else:
+            bias = torch.zeros(BH, 1, S)
+        qi, kv = torch.arange(L)[:, None] + (S - L), torch.arange(S)[None, :]
+        keep = (kv <= qi)[None, None].expand(B, 1, L, S)
+        if self.window is not None:
+            keep = keep & (kv > qi - self.window)
+        if self.padded:
+            pad = torch.ones(B, S, dtype=torch.bool)
+            pad[0, :2] = False
+            keep = keep & pad[:, None, None, :]
+        mask = torch.where(keep, torch.zeros(()), torch.finfo(torch.float32).min)
+        scores = bias.baddbmm(q, k.transpose(1, 2), beta=1.0, alpha=d ** -0.5)
+        scores = scores.view(B, H, L, S) + mask
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).view(BH, L, S)
+        return torch.bmm(probs, v)
+
+
+def _qkv(BH: int, L: int, S: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(BH, n, 8, generator=g).requires_grad_() for n in (L, S, S))
+
+
+@settings(max_examples=10)
+@given(B=st.integers(1, 3), H=st.integers(1, 4), L=st.integers(2, 9), extra=st.integers(0, 4),
+       window=st.one_of(st.none(), st.integers(1, 5)))
+def test_causal_mask_on_a_folded_view_is_read(B, H, L, extra, window):
+    S = L + extra
+    report = assert_fused_equal(FoldedHeads(H, window=window), _qkv(B * H, L, S))
+    features = report.sites[0].features
+    if L < 3:  # a 2 x 2 band may stay a bias (exact either way)
+        return
+    assert features["causal"] == ("top_left" if S == L else "bottom_right"), features
+    if window is None or window < L:  # a window as wide as the queries is no window
+        assert features["window"] == window, features
+
+
+@pytest.mark.parametrize("bias, padded", [("keys", False), ("alibi", True), ("none", True)])
+def test_look_alikes_stay_exact(bias, padded):
+    """A bias the fill may not absorb, or a mask that varies with the batch row: kept as biases, still exact."""
+    report = assert_fused_equal(FoldedHeads(2, bias=bias, padded=padded), _qkv(4, 5, 7))
+    assert report.sites[0].features["causal"] is None, report.sites[0].features
+
+
+def test_bloom_reads_causal():
+    """transformers' Bloom: logits and every parameter's gradient equal the unrewritten model's at two lengths
+    in one process; each layer reads causal beside its ALiBi at the first (static) length. Under dynamic shapes
+    the folded ALiBi is not a constant and not yet read as a function of positions: the mask stays a bias."""
+    transformers = pytest.importorskip("transformers")
+    torch._dynamo.reset()
+    config = transformers.BloomConfig(vocab_size=100, hidden_size=64, n_layer=2, n_head=4,
+                                      attn_implementation="eager")
+    torch.manual_seed(0)
+    reference = transformers.BloomForCausalLM(config)
+    reference.config.use_cache = False
+    optimized = attnfuse.optimize(copy.deepcopy(reference))
+    for length in (12, 9):
+        ids = torch.randint(3, 100, (2, length), generator=torch.Generator().manual_seed(length))
+        results = []
+        for model in (reference, optimized):
+            model.zero_grad()
+            logits = model(input_ids=ids).logits
+            (logits * torch.randn(logits.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
+            results.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
+        (expected, expected_grads), (actual, actual_grads) = results
+        torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-4)
+        for e, a in zip(expected_grads, actual_grads):
+            torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-3)
+        report = attnfuse.report(optimized)
+        assert report.fused == len(report.sites) == 2, str(report)
+        if length == 12:  # the first, static graph: its ALiBi is a constant (not yet under dynamic shapes)
+            assert all(site.features["causal"] == "top_left" for site in report.sites), str(report)
