@@ -103,7 +103,10 @@ class RunTimeCausal:
         self._triangles: dict[tuple, object] = {}
 
     def causal_reading(self, call: "AttentionCall") -> Optional[str]:
-        """The causal alignment that the call's bias or mask holds on this call, or None (the call keeps it)."""
+        """The causal alignment that the call's bias or mask holds on this call, or None (the call keeps it). Calls
+        under a tracer or CUDA-graph capture read nothing and are not counted."""
+        if not host_readable(call.q):
+            return None
         alignment = self._candidate(call)
         found = alignment is not None and self._holds(call, alignment)
         self.calls["causal" if found else "as given"] += 1
@@ -112,7 +115,7 @@ class RunTimeCausal:
     def _candidate(self, call: "AttentionCall") -> Optional[str]:
         """The one alignment the call's tensor could hold, where it is the call's only mask; else None."""
         L, S = call.q.shape[-2], call.k.shape[-2]
-        if call.causal is not None or call.window is not None or call.bias_fn is not None or S == 0:
+        if call.causal is not None or call.window is not None or call.bias_fn is not None or S == 0 or L == 0:
             return None
         if self.kind == "bias":
             tensor, other = call.bias, call.keep
@@ -120,7 +123,7 @@ class RunTimeCausal:
                 return None
         else:
             tensor, other = call.keep, call.bias
-        if tensor is None or other is not None or tuple(tensor.shape[-2:]) != (L, S) or not host_readable(tensor):
+        if tensor is None or other is not None or tuple(tensor.shape[-2:]) != (L, S):
             return None
         return "bottom_right" if L <= S else "top_left"
 

@@ -14,7 +14,7 @@ masked tiles (CPU flash from a few hundred keys, GPU flash / memory-efficient / 
 the original gives NaN in every row (``0 * NaN``), the kernel only in the rows that see the key;
 under a compiler or CUDA-graph capture, a NaN or inf key that some query row keeps and another
 masks (only keys masked for every row are zeroed there); and an additive causal constant (``s +
-triu(-inf)``, run on the causal path) over a non-finite key, where the original's ``NaN + -inf``
+triu(-inf)``, or a run-time bias read as causal, run on the causal path) over a non-finite key, where the original's ``NaN + -inf``
 is NaN and the causal kernel selects (the site would need to say that its mask was added); an
 infinite key that some row *keeps*, scoring ``-inf`` in a row with no other kept key (the original
 gives NaN, or uniform weights over the masked keys with a finite fill; kernels give 0), since
