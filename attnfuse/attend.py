@@ -6,7 +6,8 @@ masked.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Literal, Optional, Union
+from dataclasses import replace
+from typing import TYPE_CHECKING, Callable, Iterable, Literal, Optional, Union
 
 import torch
 
@@ -16,6 +17,9 @@ from attnfuse.kernels.registry import kernel_choices, validate_kernels
 from attnfuse.kernels.rows import restore_rows, within_kernel_range
 from attnfuse.precision import bias_dtype
 from attnfuse.tracing import is_traced
+
+if TYPE_CHECKING:
+    from attnfuse.guards import RunTimeCausal
 
 Causal = Optional[Union[bool, Literal["top_left", "bottom_right"]]]
 FullyMaskedRows = Literal["zero", "mean", "nan"]
@@ -68,6 +72,7 @@ def attend(
     kernels: Optional[Iterable[str]] = None,
     autotune: bool = False,
     on_kernel: Optional[Callable[[str], None]] = None,
+    maybe_causal: Optional["RunTimeCausal"] = None,
 ) -> torch.Tensor:
     """Fused ``softmax(mods(scale * q k^T) + bias, masked) @ v`` on the fastest valid kernel.
 
@@ -96,6 +101,9 @@ def attend(
         kernels: restrict to these kernels (``"cudnn"``, ``"flash"``, ``"efficient"``, ``"math"``, ``"flex"``).
         autotune: time the valid SDPA kernels once per call signature and use the fastest.
         on_kernel: called with the name of the kernel that runs (used by the audit).
+        maybe_causal: a per-call check of ``bias`` (or the boolean ``mask``) for the causal triangle
+            (``attnfuse.guards.RunTimeCausal``, which attnfuse's rewrite passes where the site's one mask is a
+            run-time input): on a call where it holds, the call runs causal without it.
 
     Cost beyond the kernel, per call (each fact is read from the values every call, ``attnfuse.memo``):
     a keep-mask is reduced over its keys to find rows without keys (a pass over the mask); where such
@@ -138,6 +146,10 @@ def attend(
                          fully_masked_rows, needs_grad, allowed, autotune, on_kernel, facts, bias_fill)
     if context_parallel_active():  # the sequence is sharded: only the ringed kernels, or a clear refusal
         return attend_context_parallel(call)
+    alignment = maybe_causal.causal_reading(call) if maybe_causal is not None else None
+    if alignment is not None:
+        every_key = _keeps_every_key(alignment, None, q.shape[-2], k.shape[-2])
+        call = replace(call, keep=None, bias=None, causal=None if every_key else alignment)
     out, call = _run_first_kernel(call)
     out = restore_rows(out, call)
     facts.folded = None  # the folded call refers to ``facts``: no reference cycle keeps the tensors alive

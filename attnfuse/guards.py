@@ -1,5 +1,6 @@
 """Guards: causal masks read from module buffers (nanoGPT's registered ``tril``), kept correct if the
-buffer changes after capture.
+buffer changes after capture; masks and biases handed in at run time, read as causal on the calls where
+they hold the causal triangle (``RunTimeCausal``).
 
 The rewrite runs such a site on the kernels' causal path. Each call recomputes the mask from the
 buffers with the original's own ops and compares it with the causal triangle: the work the original
@@ -11,14 +12,18 @@ compiler or CUDA-graph capture, where nothing can be read, the recomputed mask i
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 from torch.fx import Node
 
+from attnfuse.kernels.rows import Triangle
 from attnfuse.masking import causal_keep
 from attnfuse.memo import host_bool, host_readable
 from attnfuse.original import original_program
+
+if TYPE_CHECKING:
+    from attnfuse.kernels.call import AttentionCall
 
 MAX_TRIANGLES = 16  # triangles kept per site, one per (L, S, device) seen
 
@@ -49,3 +54,91 @@ class CausalGuard:
             if host_bool((keep == self._triangle(L, S, keep.device)).all()):
                 return None
         return keep
+
+
+def _remembered(cache: dict, key: tuple, build: Callable[[], object]):
+    """``cache[key]``, built on first use; the cache is emptied once it holds ``MAX_TRIANGLES`` entries."""
+    if key not in cache:
+        if len(cache) >= MAX_TRIANGLES:
+            cache.clear()
+        cache[key] = build()
+    return cache[key]
+
+
+def floor_in(value: float, dtype: torch.dtype) -> float:
+    """A number of ``dtype`` at or below the negative ``value``: ``value`` rounded to ``dtype``, moved down where it
+    rounded up (``-inf`` where ``dtype`` holds nothing that low)."""
+    rounded = torch.tensor(value, dtype=torch.float64).to(dtype)
+    while float(rounded) > value:
+        rounded = (rounded.double() * (1 + 2.0 ** -6)).to(dtype)
+    return float(rounded)
+
+
+class RunTimeCausal:
+    """Reads, per call, a site's one mask or bias that is handed in at run time (a graph input: transformers'
+    eager mask reaching a decoder layer's graph across a graph break, FSDP's per-layer one among them) as the
+    causal triangle, on the calls where its values are exactly that triangle; the call then runs the kernels'
+    causal path without it, and every other call runs with it as before.
+
+    Exact where it applies: a bias of 0 on the triangle's keys and at most ``threshold`` (the fill that masks any
+    score, ``dominance.absorbing``: ``finfo.min``, ``-inf``) on the others, in every batch and head slice, gives
+    each kept score ``s + 0 == s`` and each masked one a weight of exactly 0, as the causal flag does, as long as
+    every row keeps a key; so the alignment read is bottom-right where ``L <= S`` (the KV-cache triangle, equal
+    to top-left at ``L == S``) and top-left where ``L > S`` (bottom-right would leave rows without keys, which the
+    original gives as ``softmax(s + fill)``). A boolean keep-mask must equal the triangle; its fill stays the
+    site's own. A bias that needs a gradient is not read (the causal path gives it none).
+
+    Nothing is remembered across calls (``attnfuse.memo``: a tensor written through ``.data`` or a NumPy view
+    keeps its version), so each call compares the tensor it is given: a bias in the host read its rows already
+    take (``rows.bias_rows``), a boolean mask in a read of its own. ``calls`` counts the calls read as causal and
+    those run with the tensor, for the report. Under a tracer or CUDA-graph capture nothing is read: the tensor
+    is used as given.
+    """
+
+    def __init__(self, kind: str, threshold: float) -> None:
+        if kind not in ("bias", "mask"):
+            raise ValueError(f"attnfuse: a run-time causal check reads a 'bias' or a 'mask', not {kind!r}")
+        self.kind, self.threshold = kind, threshold
+        self.calls = {"causal": 0, "as given": 0}
+        self._triangles: dict[tuple, object] = {}
+
+    def causal_reading(self, call: "AttentionCall") -> Optional[str]:
+        """The causal alignment that the call's bias or mask holds on this call, or None (the call keeps it). Calls
+        under a tracer or CUDA-graph capture read nothing and are not counted."""
+        if not host_readable(call.q):
+            return None
+        alignment = self._candidate(call)
+        found = alignment is not None and self._holds(call, alignment)
+        self.calls["causal" if found else "as given"] += 1
+        return alignment if found else None
+
+    def _candidate(self, call: "AttentionCall") -> Optional[str]:
+        """The one alignment the call's tensor could hold, where it is the call's only mask; else None."""
+        L, S = call.q.shape[-2], call.k.shape[-2]
+        if call.causal is not None or call.window is not None or call.bias_fn is not None or S == 0 or L == 0:
+            return None
+        if self.kind == "bias":
+            tensor, other = call.bias, call.keep
+            if tensor is None or call.bias_fill is not None or (tensor.requires_grad and torch.is_grad_enabled()):
+                return None
+        else:
+            tensor, other = call.keep, call.bias
+        if tensor is None or other is not None or tuple(tensor.shape[-2:]) != (L, S):
+            return None
+        return "bottom_right" if L <= S else "top_left"
+
+    def _holds(self, call: "AttentionCall", alignment: str) -> bool:
+        L, S, device = call.q.shape[-2], call.k.shape[-2], call.q.device
+        if self.kind == "bias":
+            dtype = call.bias.dtype
+            triangle = _remembered(self._triangles, (L, S, dtype, str(device)),
+                                   lambda: self._expected_bias(L, S, alignment, dtype, device))
+            return call.bias_rows(triangle).triangle
+        keep = _remembered(self._triangles, (L, S, torch.bool, str(device)),
+                           lambda: causal_keep(L, S, alignment, device))
+        return host_bool((call.keep == keep).all()) is True
+
+    def _expected_bias(self, L: int, S: int, alignment: str, dtype: torch.dtype, device: torch.device) -> Triangle:
+        floor = floor_in(self.threshold, dtype)
+        keep = causal_keep(L, S, alignment, device)
+        return Triangle(torch.zeros(L, S, dtype=dtype, device=device).masked_fill(~keep, floor), floor)

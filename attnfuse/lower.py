@@ -24,7 +24,8 @@ from attnfuse.context_parallel import ContextParallelError, context_parallel_act
 from attnfuse.dominance import FillDominance, every_row_has_a_live_key
 from attnfuse.effects import written_or_returned
 from attnfuse.fx_utils import remove_dead_nodes, statically_true, tensor_meta
-from attnfuse.guards import CausalGuard
+from attnfuse.dominance import absorbing
+from attnfuse.guards import CausalGuard, RunTimeCausal
 from attnfuse.masking import combined_keep, keep_from_masks
 from attnfuse.original import original_program
 from attnfuse.report import KernelRecord, relative_module_path, source_line
@@ -117,6 +118,7 @@ class SitePlan:
     contiguous_out: bool = False  # the original's output is contiguous while ``out_perm`` permutes the kernel's
     added_mask: Optional[AddedMask] = field(default=None, compare=False)  # masks read from an added 0 / fill bias
     bias_fill: Optional[float] = None  # the one bias holds only 0 and this fill (``ScoreTerms.bias_fill``)
+    run_time_causal: Optional[RunTimeCausal] = field(default=None, compare=False)  # the one mask, checked per call
     where: str = field(default="", compare=False)  # module path and source line, for errors that name the site
 
     def __post_init__(self) -> None:
@@ -137,6 +139,8 @@ def plan_for(site: AttentionSite, kernels: Optional[tuple[str, ...]] = None, aut
     out_perm = tuple(canonical_out.index(c) for c in site.out_axes)
     fill = terms.fill
     fully_masked = "zero" if fill is None or terms.zeroed_rows else ("nan" if fill == -math.inf else "mean")
+    run_time_causal = RunTimeCausal(terms.run_time_causal, absorbing(terms.scores_dtype)) \
+        if terms.run_time_causal else None
     return SitePlan(
         q=Layout.between(site.q.axes, site.q_axes()),
         k=Layout.between(site.k.axes, site.kv_axes(site.head_dim)),
@@ -173,6 +177,8 @@ def plan_for(site: AttentionSite, kernels: Optional[tuple[str, ...]] = None, aut
         contiguous_out=out_perm != tuple(range(len(out_perm))) and _is_contiguous(tensor_meta(site.output)),
         added_mask=terms.added_mask,
         bias_fill=terms.bias_fill,
+        run_time_causal=run_time_causal,
+        record=KernelRecord(causal_checks=run_time_causal.calls if run_time_causal else None),
     )
 
 
@@ -336,7 +342,7 @@ def compute_site(plan: SitePlan, *tensors: torch.Tensor, kernels: Optional[tuple
     out = attend(q, k, v, mask=keep, bias=bias, causal=causal, window=window, softcap=plan.softcap,
                  bias_fn=plan.bias_program, bias_fill=plan.bias_fill, scale=scale, dropout_p=dropout,
                  fully_masked_rows=plan.fully_masked_rows, kernels=kernels or plan.kernels, autotune=plan.autotune,
-                 on_kernel=record)
+                 on_kernel=record, maybe_causal=plan.run_time_causal)
     out = _from_4d(out, plan, batch_shape)
     out = out.permute(plan.out_perm) if plan._permutes_out else out
     out = out.contiguous() if plan.contiguous_out else out

@@ -28,7 +28,7 @@ from attnfuse.fx_utils import (WRITTEN, has_side_effect, is_call, is_written, re
 from attnfuse.original import NoOriginal, original_program
 from attnfuse.patterns.biases import bias_reason
 from attnfuse.patterns.casts import peel_upcasts
-from attnfuse.patterns.causal import classify, classify_additive, keep_pattern
+from attnfuse.patterns.causal import classify, classify_additive, keep_pattern, read_at_run_time
 from attnfuse.patterns.layouts import (REGROUPED_FROM, keeps_query_key_axes, peel_scaled_head_repeat, regroup,
                                       regroup_recipe, reshape_blocks)
 from attnfuse.patterns.masks import (binary_mask, clamp_floor, complement_value, drops_where_zero, fill_value, full_index,
@@ -1006,6 +1006,20 @@ def _fill_check(terms: ScoreTerms, dtype: torch.dtype) -> None:
     terms.fill_check = terms.fill > absorbing(dtype) or bool(terms.biases) or terms.finite_scores
 
 
+def _run_time_causal(terms: ScoreTerms) -> Optional[str]:
+    """``"bias"`` or ``"mask"`` where the site's one mask is an additive bias or a boolean keep-mask read from a run-time
+    input (not provable at capture: a mask built before a graph break, or passed in), which each call checks for the
+    causal triangle (``attnfuse.guards.RunTimeCausal``); None where the site has anything beside it, or none."""
+    if terms.functions or terms.causal is not None or terms.window is not None or terms.added_mask is not None or \
+            terms.live_rows or terms.after_fill or terms.bias_fill is not None or terms.binary_masks:
+        return None
+    if len(terms.biases) == 1 and not terms.keep_masks and terms.fill is None:
+        return "bias" if read_at_run_time(terms.biases[0][0]) else None
+    if len(terms.keep_masks) == 1 and not terms.biases and tensor_meta(terms.keep_masks[0].node).dtype == torch.bool:
+        return "mask" if read_at_run_time(terms.keep_masks[0].node) else None
+    return None
+
+
 def _half_bias_rows(terms: ScoreTerms, dtype: torch.dtype) -> None:
     """fp16 scores with a bias: a row whose every key is at fp16's lowest value (a left-padded query
     under transformers' 0 / finfo.min mask) is uniform in the original, where ``s + min`` rounds to min,
@@ -1127,6 +1141,7 @@ def _match_site(softmax: Node, op: Softmax) -> AttentionSite:
     _index_functions(terms, len(batch))
     terms.scores_dtype = scores_meta.dtype
     _fill_check(terms, scores_meta.dtype)
+    terms.run_time_causal = _run_time_causal(terms)
     _half_bias_rows(terms, scores_meta.dtype)
     _check_no_write_inside(product_node, pv_node, softmax, [q.node, k.node, v.node], terms)
     return AttentionSite(softmax=softmax, output=pv_node, q=q, k=k, v=v, batch=batch, query=query, key=key,

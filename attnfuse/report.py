@@ -153,10 +153,14 @@ def source_line(node: Node) -> str:
 @dataclass
 class KernelRecord:
     """What ran at a site, filled in on its first call (the audit reads it), and why the kernels tried
-    before it refused the call: ``(kernel, reason)`` pairs (``attend`` calls ``refused`` first)."""
+    before it refused the call: ``(kernel, reason)`` pairs (``attend`` calls ``refused`` first); for a site whose
+    run-time mask or bias is checked for the causal triangle, the calls of each outcome so far."""
 
     kernel: Optional[str] = None
     refusals: tuple[tuple[str, str], ...] = ()
+    # a site whose run-time mask or bias is checked per call for the causal triangle: calls read as causal and
+    # calls run with the tensor (``guards.RunTimeCausal.calls``, shared)
+    causal_checks: Optional[dict[str, int]] = None
 
     def __call__(self, name: str) -> None:
         self.kernel = name
@@ -180,6 +184,7 @@ def site_features(site: AttentionSite) -> dict:
     return {
         "causal": site.scores.causal,
         "causal_guarded_by_buffer": bool(site.scores.causal_guard) or None,
+        "causal_checked_per_call": site.scores.run_time_causal,
         "window": size(site.scores.window) if site.scores.window is not None else None,
         "softcap": site.scores.softcap,
         "score_functions": len(site.scores.functions) or None,
@@ -251,9 +256,18 @@ class SiteReport:
             return None
         return (self.record.kernel if self.record and self.record.kernel else self.predicted_backend)
 
+    @property
+    def all_features(self) -> dict:
+        """``features`` and, for a site checked per call for the causal triangle, how many calls so far were read
+        as causal (``calls_read_as_causal``) and how many ran with the tensor (``calls_run_with_it``)."""
+        counts = self.record.causal_checks if self.record is not None and self.status == "fused" else None
+        if counts is None:
+            return self.features
+        return {**self.features, "calls_read_as_causal": counts["causal"], "calls_run_with_it": counts["as given"]}
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "source": self.source, "status": self.status, "reason": self.reason,
-                "features": {str(k): _json_value(v) for k, v in self.features.items()}, "backend": self.backend}
+                "features": {str(k): _json_value(v) for k, v in self.all_features.items()}, "backend": self.backend}
 
 
 def _json_value(value: Any) -> Any:
@@ -282,10 +296,11 @@ def _feature_summary(features: dict) -> str:
         parts.append(f"softcap {features['softcap']:g}")
     if features.get("score_functions"):
         parts.append(f"{features['score_functions']} position bias(es)")
-    if features.get("mask"):
-        parts.append(f"mask {features['mask']}")
-    if features.get("bias"):
-        parts.append(f"bias {features['bias']}")
+    checked = features.get("causal_checked_per_call")
+    for kind in ("mask", "bias"):
+        if features.get(kind):
+            parts.append(f"{kind} {features[kind]}" + (", checked per call for the causal triangle"
+                                                       + _causal_calls(features) if checked == kind else ""))
     if "scale" in features:
         scale = features["scale"]
         parts.append(f"scale {scale:.4g}" if isinstance(scale, float) else f"scale {scale}")
@@ -298,6 +313,12 @@ def _feature_summary(features: dict) -> str:
     if features.get("q_len") is not None and features.get("q_len") != features.get("k_len"):
         parts.append(f"q_len {features['q_len']} != k_len {features['k_len']}")
     return ", ".join(parts)
+
+
+def _causal_calls(features: dict) -> str:
+    """`` (causal on 3 of 4 calls)``, from the per-call counts ``SiteReport.to_dict`` adds; empty before any call."""
+    causal, given = features.get("calls_read_as_causal"), features.get("calls_run_with_it")
+    return f" (causal on {causal} of {causal + given} calls of its graph)" if causal is not None and causal + given else ""
 
 
 @dataclass
@@ -463,7 +484,7 @@ class FusionReport:
             return "attnfuse: no attention found (no softmax between two products); the model runs unchanged."
         rows = [("module", "source", "status", "kernel", "features / reason")]
         for s in sites:
-            detail = _feature_summary(s.features) if s.status == "fused" else f"{s.reason}"
+            detail = _feature_summary(s.all_features) if s.status == "fused" else f"{s.reason}"
             rows.append((s.name, _short_source(s.source), s.status, s.backend or "-", detail))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         fused, skipped, native = (sum(s.status == status for s in sites) for status in ("fused", "skipped", ALREADY_FUSED))

@@ -41,6 +41,7 @@ class ScoreTerms:
     zeroed_rows: bool = False  # the weights are zeroed by the site's own mask: a row without keys gives 0
     added_mask: Optional[AddedMask] = None  # causal window and keep-masks read from an added 0 / fill bias
     bias_fill: Optional[float] = None  # the only bias holds 0 and this finite fill alone (``masks.zero_or_fill``)
+    run_time_causal: Optional[str] = None  # "bias" / "mask": the one mask, a run-time input, may be causal (per call)
 
 
 @dataclass

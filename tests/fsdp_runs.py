@@ -134,7 +134,8 @@ def run_rank(rank: int, world: int, port: int, out: str, backend: str, config: d
             if report is not None:
                 fused = report()
                 entry.update(names=sorted(s.name for s in fused.sites if s.status == "fused"), fused=fused.fused,
-                             skipped=fused.skipped, text=str(fused))
+                             skipped=fused.skipped, text=str(fused),
+                             features=[s["features"] for s in fused.to_dict()["sites"] if s["status"] == "fused"])
             results[order] = entry
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     finally:

@@ -60,3 +60,14 @@ def test_report_lists_every_layer(sharded, order):
         entry = sharded[rank][order]
         assert entry["names"] == expected, entry["text"]
         assert entry["fused"] == CONFIG["layers"] and entry["skipped"] == 0, entry["text"]
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_every_layer_runs_causal(sharded, order):
+    """FSDP2's hooks break the graph per layer, so transformers' mask reaches each layer's graph as an input; each
+    call finds it to be the causal triangle and runs the causal kernel without it (``guards.RunTimeCausal``)."""
+    for rank in range(WORLD):
+        entry = sharded[rank][order]
+        for features in entry["features"]:
+            assert features["causal_checked_per_call"] == "bias", entry["text"]
+            assert features["calls_read_as_causal"] > 0 and features["calls_run_with_it"] == 0, entry["text"]

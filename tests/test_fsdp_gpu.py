@@ -37,3 +37,13 @@ def test_report_lists_every_layer(runs, order):
     for rank in range(WORLD):
         entry = runs[rank][order]
         assert entry["names"] == expected and entry["fused"] == CONFIG["layers"], entry["text"]
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_every_layer_runs_causal(runs, order):
+    """The mask each layer's graph receives is read as the causal triangle on every call (``guards.RunTimeCausal``)."""
+    for rank in range(WORLD):
+        entry = runs[rank][order]
+        for features in entry["features"]:
+            assert features["causal_checked_per_call"] == "bias", entry["text"]
+            assert features["calls_read_as_causal"] > 0 and features["calls_run_with_it"] == 0, entry["text"]

@@ -360,3 +360,35 @@ def test_reused_padding_mask_changed_in_place_is_rechecked_on_gpu(dtype):
         expected = module(q.float(), k.float(), v.float(), mask)
         actual = optimized(q, k, v, mask)
         torch.testing.assert_close(actual.float(), expected, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_run_time_causal_bias_runs_is_causal_on_cuda(dtype, monkeypatch):
+    """transformers' eager mask handed to a layer's graph (as across FSDP2's graph breaks): the calls where it is
+    the causal triangle run SDPA's ``is_causal`` without it (flash or cuDNN in bf16), a padded one runs as a bias;
+    forward and backward equal the unrewritten module's."""
+    from torch.nn.attention.bias import CausalBias
+
+    import attnfuse.kernels.sdpa as sdpa
+    from test_run_time_causal import BiasArgument, additive, call_and_compare, site_counts, triangle
+
+    seen, run = [], sdpa.run_sdpa
+
+    def spied(q, k, v, attn_mask, dropout_p, is_causal, *args, **kwargs):  # lower-right causal is a CausalBias
+        seen.append("causal" if is_causal or isinstance(attn_mask, CausalBias) else
+                    "tensor" if attn_mask is not None else "none")
+        return run(q, k, v, attn_mask, dropout_p, is_causal, *args, **kwargs)
+
+    monkeypatch.setattr(sdpa, "run_sdpa", spied)
+    model = attnfuse.optimize(BiasArgument())
+    atol = 2e-2 if dtype == torch.bfloat16 else 2e-4
+    for L, S, padded in ((256, 256, False), (256, 256, True), (64, 320, False)):
+        q = torch.randn(2, 8, L, 64, device="cuda", dtype=dtype, requires_grad=True)
+        k, v = (torch.randn(2, 8, S, 64, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
+        mask = additive(triangle(L, S), dtype, None).expand(2, 1, L, S).contiguous().cuda()
+        if padded:
+            mask[1, :, :, 1:5] = torch.finfo(dtype).min  # padding; every row keeps key 0
+        seen.clear()
+        call_and_compare(model, BiasArgument(), q, k, v, mask, atol)
+        assert seen and seen[0] == ("tensor" if padded else "causal"), seen
+    assert site_counts(model)["causal"] >= 1

@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 import torch
 
-from attnfuse.kernels.rows import BiasRows, bias_rows
+from attnfuse.kernels.rows import BiasRows, Triangle, bias_rows
 from attnfuse.masking import combined_keep
 
 
@@ -85,16 +85,17 @@ class AttentionCall:
         value = self.scale_value
         return self if value >= 0 else replace(self, q=-self.q, scale=-value, scale_value=-value)
 
-    def bias_rows(self) -> BiasRows:
+    def bias_rows(self, triangle: Optional[Triangle] = None) -> BiasRows:
         """``rows.bias_rows`` of the call's bias: its rows below the kernels' range, its ``-inf`` rows and whether it
-        masks a whole row, from one host read per call (remembered for this bias; a folded call reads its own)."""
+        masks a whole row, from one host read per call (remembered for this bias; a folded call reads its own);
+        compared with ``triangle`` too in the same read where the bias is read here first."""
         if self.facts.bias_rows_of is not self.bias:
             L, S = self.q.shape[-2], self.k.shape[-2]
             whole = self.facts.full_keep if self.facts.full_keep is not None else \
                 combined_keep(self.keep, self.causal, L, S, self.q.device, self.window)
             mode = self.fully_masked_rows
             self.facts.bias_rows = bias_rows(self.bias, whole, self.dropout_p, mode == "nan",
-                                             zeroed=mode == "zero" and self.keep is not None)
+                                             zeroed=mode == "zero" and self.keep is not None, triangle=triangle)
             self.facts.bias_rows_of = self.bias
         return self.facts.bias_rows
 

@@ -14,7 +14,7 @@ masked tiles (CPU flash from a few hundred keys, GPU flash / memory-efficient / 
 the original gives NaN in every row (``0 * NaN``), the kernel only in the rows that see the key;
 under a compiler or CUDA-graph capture, a NaN or inf key that some query row keeps and another
 masks (only keys masked for every row are zeroed there); and an additive causal constant (``s +
-triu(-inf)``, run on the causal path) over a non-finite key, where the original's ``NaN + -inf``
+triu(-inf)``, or a run-time bias read as causal, run on the causal path) over a non-finite key, where the original's ``NaN + -inf``
 is NaN and the causal kernel selects (the site would need to say that its mask was added); an
 infinite key that some row *keeps*, scoring ``-inf`` in a row with no other kept key (the original
 gives NaN, or uniform weights over the masked keys with a finite fill; kernels give 0), since
@@ -118,22 +118,41 @@ class BiasRows:
     the mean of v (``s + bias`` rounds to ``bias`` for ``|s| < 1e30``) and ``far`` may be written back, else the call
     runs unfused. ``neginf``: rows whose every score is ``-inf`` in the original (NaN there; kernels give 0).
     ``masks_a_row``: some row's bias is at or below the masking threshold throughout (a fused backward would give
-    its gradients ``S`` times too large). Rows without keys are left to ``rows_without_keys``.
+    its gradients ``S`` times too large). ``triangle``: the bias equals the causal triangle it was compared with
+    (``Triangle``). Rows without keys are left to ``rows_without_keys``.
     """
 
     far: Optional[torch.Tensor]
     exact: bool
     neginf: Optional[torch.Tensor]
     masks_a_row: bool
+    triangle: bool = False
+
+
+@dataclass(frozen=True)
+class Triangle:
+    """A causal triangle to compare a bias with: ``expected`` is ``(L, S)``, 0 where the triangle keeps a key and
+    ``floor`` elsewhere; ``floor`` is a value of the bias's dtype at or below the fill that masks every score
+    (``dominance.absorbing``). A bias equals it where each of its ``(L, S)`` slices is 0 on the kept keys and at or
+    below ``floor`` (``-inf`` included, NaN not) on the others: ``max(bias, floor) == expected``, exact in any dtype."""
+
+    expected: torch.Tensor
+    floor: float
+
+    def holds(self, values: torch.Tensor) -> torch.Tensor:
+        """Whether ``values`` equals the triangle, unread (a clamp and a comparison over the bias)."""
+        return (values.clamp_min(self.floor) == self.expected).all()
 
 
 def bias_rows(bias: torch.Tensor, full_keep: Optional[torch.Tensor], dropout_p: float, fill_is_neginf: bool,
-              zeroed: bool = False) -> BiasRows:
+              zeroed: bool = False, triangle: Optional[Triangle] = None) -> BiasRows:
     """The call's ``BiasRows`` from one reduction over the bias (and, with a keep-mask, one ``-inf`` pass) and, eagerly,
     one host read of all its flags (one synchronization on CUDA). ``fill_is_neginf``: masked keys score ``-inf``;
     ``zeroed``: the original zeroed the masked keys' weights after the softmax (rows without keys give 0), so a
-    ``-inf`` row is NaN only where it keeps a key. Under a tracer nothing is read: ``far`` and ``neginf`` are written
-    back unconditionally (rows of distinct values that low are not reproduced there) and ``masks_a_row`` is True.
+    ``-inf`` row is NaN only where it keeps a key. ``triangle``: also compare the bias with it (a pass over the
+    bias), read in the same host read. Under a tracer nothing is read: ``far`` and ``neginf`` are written
+    back unconditionally (rows of distinct values that low are not reproduced there), ``masks_a_row`` is True and
+    ``triangle`` False.
     """
     if not bias.is_floating_point() or bias.shape[-1] == 0:
         return BiasRows(None, True, None, False)
@@ -146,11 +165,13 @@ def bias_rows(bias: torch.Tensor, full_keep: Optional[torch.Tensor], dropout_p: 
         uniform = uniform & full_keep.all(-1, keepdim=True)
     inexact = far & ~uniform if dropout_p == 0 else far  # under dropout a uniform row is dropout(uniform): random
     neginf = _neginf_rows(values, top, full_keep, fill_is_neginf, zeroed)
-    flags = host_bools(far.any(), inexact.any(), neginf.any(), (top <= MASKING_THRESHOLD).any())
+    unread = (far.any(), inexact.any(), neginf.any(), (top <= MASKING_THRESHOLD).any())
+    flags = host_bools(*unread, triangle.holds(values)) if triangle is not None else host_bools(*unread)
     if flags is None:
         return BiasRows(far, True, neginf, True)
-    far_found, inexact_found, neginf_found, masks_a_row = flags
-    return BiasRows(far if far_found else None, not inexact_found, neginf if neginf_found else None, masks_a_row)
+    far_found, inexact_found, neginf_found, masks_a_row = flags[:4]
+    return BiasRows(far if far_found else None, not inexact_found, neginf if neginf_found else None, masks_a_row,
+                    triangle=triangle is not None and flags[4])
 
 
 def _neginf_rows(values: torch.Tensor, top: torch.Tensor, full_keep: Optional[torch.Tensor], fill_is_neginf: bool,

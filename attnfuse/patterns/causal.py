@@ -273,6 +273,14 @@ def _placeholders_read(node: Node) -> list[Node]:
     return [n for n in node.graph.nodes if n in found]
 
 
+def read_at_run_time(node: Node) -> bool:
+    """Whether ``node`` reads a tensor handed to the graph at run time (an argument, not a module parameter or
+    buffer): its values are not known at capture, so only a per-call check can find a triangle in them
+    (``attnfuse.guards.RunTimeCausal``)."""
+    return any(tensor_meta(p) is not None and "_parameters_" not in p.name and "_buffers_" not in p.name
+               for p in _placeholders_read(node))
+
+
 def classify_additive(bias: Node, L: Size, S: Size) -> Optional[tuple[MaskPattern, Optional[float]]]:
     """A constant additive bias holding only 0 and one value <= the masking threshold: ``(pattern, value)``.
 
