@@ -47,6 +47,8 @@ class FoldedHeads(nn.Module):
             pad = torch.ones(B, S, dtype=torch.bool)
             pad[0, :2] = False
             keep = keep & pad[:, None, None, :]
+        else:  # transformers 5.17 gathers a padding mask of ones it builds when none is given: keeps every key
+            keep = keep & torch.ones(B, S).bool()[torch.arange(B)[:, None, None, None], kv[None, None]]
         mask = torch.where(keep, torch.zeros(()), torch.finfo(torch.float32).min)
         scores = bias.baddbmm(q, k.transpose(1, 2), beta=1.0, alpha=d ** -0.5)
         scores = scores.view(B, H, L, S) + mask

@@ -88,7 +88,7 @@ def call_and_compare(model, original, q, k, v, mask, atol):
     torch.testing.assert_close(got, expected, atol=atol, rtol=atol, equal_nan=True)
     if expected.isnan().any():
         return
-    weights = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1)).to(expected.dtype)
+    weights = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1)).to(expected.device, expected.dtype)
     inputs = [t for t in (q, k, v, mask) if t.requires_grad]
     want = torch.autograd.grad((expected * weights).sum(), [t for t in leaves if t.requires_grad])
     have = torch.autograd.grad((got * weights).sum(), inputs)

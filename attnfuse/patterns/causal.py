@@ -126,23 +126,23 @@ def _from_inequalities(found: Optional[list], L: Size, S: Size) -> Optional[Mask
 def _with_key_masks(node: Node, negated: bool, L: Size, S: Size) -> Optional[MaskPattern]:
     """An index comparison ANDed with boolean tensors that do not vary along the queries (transformers'
     ``(kv <= q) & (kv > q - w) & padding[b, kv]``): the causal triangle or window, with those tensors as
-    ``key_masks``; with no comparison at all (``padding[b, kv]`` expanded over the queries), a ``keys`` pattern.
+    ``key_masks`` (none, where each was a constant keeping every key); with no comparison at all (``padding[b, kv]`` expanded over the queries), a ``keys`` pattern.
     Whether a site uses the split is the matcher's choice (``match._uses_key_masks``): SDPA wants a plain causal
     triangle with padding whole, and rebuilding it per call was slower than reading the model's own
     (bench_padding, H100, 2026-11-26)."""
     found = keep_terms(node, negated)
     meta = tensor_meta(node)
-    if found is None or not found[1] or meta is None:
+    if found is None or meta is None:
         return None
     predicate, tensors = found
     masks = tuple(KeepMask(tensor, polarity) for tensor, polarity in tensors)
     if not all(_constant_along_queries(mask.node) for mask in masks):
         return None
     if predicate == TRUE:  # no comparison of positions: keys alone, if anything was looked through to find them
-        return None if masks == (KeepMask(node, negated),) else MaskPattern("keys", key_masks=masks)
+        return None if masks in ((), (KeepMask(node, negated),)) else MaskPattern("keys", key_masks=masks)
     pattern = _from_inequalities(query_key_inequalities(predicate, tuple(meta.shape)), L, S)
     if pattern is not None and pattern.kind == "all":  # a comparison that keeps every position: keys alone
-        return MaskPattern("keys", key_masks=masks)
+        return MaskPattern("keys", key_masks=masks) if masks else pattern
     if pattern is None or pattern.kind != "causal":
         return None
     return replace(pattern, key_masks=masks)

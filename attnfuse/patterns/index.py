@@ -15,6 +15,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch.fx import Node
 
+from attnfuse.folding import constant_value
 from attnfuse.fx_utils import bind, example_value, is_call, is_scalar, is_written, tensor_meta
 from attnfuse.patterns.readers import arange_arguments, exact_positions, is_all_true, new_axes_index
 
@@ -406,4 +407,14 @@ def keep_terms(node: object, negated: bool, depth: int = 24) -> Optional[tuple[P
         if is_call(node, (), ("expand",)):
             found = keep_terms(source, negated, depth - 1)
             return None if found is None else (_expanded(found[0], source_meta), found[1])
+    if _keeps_everything(node, negated):  # a padding mask built inside the model when none was given
+        return TRUE, ()
     return TRUE, ((node, negated),)
+
+
+def _keeps_everything(node: Node, negated: bool) -> bool:
+    """A constant boolean tensor of the graph that keeps every position (all True; all False when ``negated``)."""
+    value = constant_value(node)
+    if not isinstance(value, torch.Tensor) or value.dtype != torch.bool:
+        return False
+    return not bool(value.any()) if negated else bool(value.all())
