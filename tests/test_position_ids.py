@@ -26,7 +26,7 @@ class PositionMask(nn.Module):
     ``"step2"`` (positions two apart: the window counts positions, not keys), ``"wrapped"`` (the query position
     read at ``q - 1``, which wraps to the last position for the first query), ``"no_prepend"`` (the
     packed-sequence test without ``prepend``) and ``"bad_prepend"`` (a prepend that is not the position
-    before the first: every row one document anyway, but not provably). Queries sit at the last ``L`` positions
+    before the first: not read as positions; every row is one document anyway, which evaluating it shows). Queries sit at the last ``L`` positions
     (a KV cache before them) or, without ``from_the_end``, at the first ``L`` (transformers without a cache)."""
 
     def __init__(self, spelling: str, window: int | None, offset: int = 0, from_the_end: bool = True) -> None:
@@ -89,7 +89,7 @@ def test_look_alikes_stay_exact(spelling, window):
     positions[1, 4:] -= 4  # a second packed sequence in row 1: the document term masks across it
     report = assert_fused_equal(PositionMask(spelling, window), (*_qkv(B, L, S), positions))
     features = report.sites[0].features
-    if spelling in ("input", "wrapped", "bad_prepend"):
+    if spelling in ("input", "wrapped"):  # (``bad_prepend``'s document test is a constant of the graph, all True)
         assert features["bias"] is not None and features["window"] is None, features
     if spelling == "step2":  # positions two apart: the window (in positions) is not a window of keys
         assert features["window"] is None, features
