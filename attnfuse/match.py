@@ -851,7 +851,7 @@ def _apply_masks(terms: ScoreTerms, L: object, S: object, dtype: torch.dtype, ba
             continue
         # beside it only biases computed from positions (ALiBi), which the fill absorbs like the scores
         beside_positions = not terms.keep_masks and terms.fill is None and all(
-            b in positions and (_position_function(b, batch_rank) is not None or _small_constant(b))
+            b in positions and _position_function(b, batch_rank) is not None
             for b, _ in terms.biases if b is not bias)
         if pattern.kind == "causal" and (alone or beside_positions) and _absorbs(fill * coefficient, dtype, terms.softcap) and \
                 not _some_row_loses_every_key(pattern.alignment, L, S):
@@ -908,19 +908,6 @@ def _runs_on_flex(terms: ScoreTerms, biases: list[Node], batch_rank: int) -> boo
     if terms.softcap is not None:
         return True
     return any(_position_function(bias, batch_rank) is not None for bias in biases)
-
-
-# A constant bias beside an absorbing mask may hold values up to this size: the fill absorbs scores below
-# 1e30 (``dominance.PROVEN_FILL``), and a score plus such a bias stays below that.
-SMALL_BIAS = 1e20
-
-
-def _small_constant(bias: Node) -> bool:
-    """A bias whose value is a constant of the graph (ALiBi slopes times positions at baked-in sizes) with every
-    entry finite and at most ``SMALL_BIAS`` in magnitude (evaluated once)."""
-    value = constant_value(bias)
-    return isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel() > 0 and \
-        bool(value.isfinite().all()) and float(value.abs().max()) <= SMALL_BIAS
 
 
 def _position_function(bias: Node, batch_rank: int):

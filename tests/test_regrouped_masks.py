@@ -2,9 +2,10 @@
 mask), and constant biases beside a causal mask.
 
 A causal (or windowed) mask added to a view that regroups only the leading axes is read as causal on the folded
-scores too (``patterns.layouts.REGROUPED_FROM``); beside it may sit biases computed from positions or small
-constants (Bloom's ALiBi), which the fill absorbs like the scores. Anything that depends on the batch or head
-(key padding) stays a bias. Every case equals the unrewritten module forward and backward.
+scores too (``patterns.layouts.REGROUPED_FROM``), where it is the site's only mask or bias. Anything that depends
+on the batch or head (key padding) stays a bias, and so does the mask beside Bloom's ALiBi: SDPA then needs one
+dense bias either way, and reading the causal part measured slower on an H100 (60.0 vs 47.1 ms, Bloom 8L/1024,
+2048 x 8, 2026-11-27). Every case equals the unrewritten module forward and backward.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ class FoldedHeads(nn.Module):
     ``bias``: ``"alibi"`` (slopes times key positions, a constant), ``"keys"`` (computed from k: not a constant,
     so not provably absorbed by the fill) or ``"none"``; ``padded``: the mask also drops padded keys of batch row 0 (varies with the batch)."""
 
-    def __init__(self, heads: int, bias: str = "alibi", padded: bool = False, window: int | None = None) -> None:
+    def __init__(self, heads: int, bias: str = "none", padded: bool = False, window: int | None = None) -> None:
         super().__init__()
         self.heads, self.bias, self.padded, self.window = heads, bias, padded, window
 
@@ -38,7 +39,7 @@ class FoldedHeads(nn.Module):
         elif self.bias == "keys":
             bias = k.sum(-1)[:, None, :] * 0.1
         else:
-            bias = torch.zeros(BH, 1, S)
+            bias = None
         qi, kv = torch.arange(L)[:, None] + (S - L), torch.arange(S)[None, :]
         keep = (kv <= qi)[None, None].expand(B, 1, L, S)
         if self.window is not None:
@@ -50,7 +51,8 @@ class FoldedHeads(nn.Module):
         else:  # transformers 5.17 gathers a padding mask of ones it builds when none is given: keeps every key
             keep = keep & torch.ones(B, S).bool()[torch.arange(B)[:, None, None, None], kv[None, None]]
         mask = torch.where(keep, torch.zeros(()), torch.finfo(torch.float32).min)
-        scores = bias.baddbmm(q, k.transpose(1, 2), beta=1.0, alpha=d ** -0.5)
+        scores = torch.bmm(q, k.transpose(1, 2)) * d ** -0.5 if bias is None else \
+            bias.baddbmm(q, k.transpose(1, 2), beta=1.0, alpha=d ** -0.5)
         scores = scores.view(B, H, L, S) + mask
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).view(BH, L, S)
         return torch.bmm(probs, v)
@@ -75,17 +77,16 @@ def test_causal_mask_on_a_folded_view_is_read(B, H, L, extra, window):
         assert features["window"] == window, features
 
 
-@pytest.mark.parametrize("bias, padded", [("keys", False), ("alibi", True), ("none", True)])
+@pytest.mark.parametrize("bias, padded", [("keys", False), ("alibi", False), ("alibi", True), ("none", True)])
 def test_look_alikes_stay_exact(bias, padded):
-    """A bias the fill may not absorb, or a mask that varies with the batch row: kept as biases, still exact."""
+    """A bias beside the mask, or a mask that varies with the batch row: kept as biases, still exact."""
     report = assert_fused_equal(FoldedHeads(2, bias=bias, padded=padded), _qkv(4, 5, 7))
     assert report.sites[0].features["causal"] is None, report.sites[0].features
 
 
-def test_bloom_reads_causal():
-    """transformers' Bloom: logits and every parameter's gradient equal the unrewritten model's at two lengths
-    in one process; each layer reads causal beside its ALiBi at the first (static) length. Under dynamic shapes
-    the folded ALiBi is not a constant and not yet read as a function of positions: the mask stays a bias."""
+def test_bloom_stays_exact():
+    """transformers' Bloom (ALiBi beside the mask): logits and every parameter's gradient equal the unrewritten
+    model's at two lengths in one process."""
     transformers = pytest.importorskip("transformers")
     torch._dynamo.reset()
     config = transformers.BloomConfig(vocab_size=100, hidden_size=64, n_layer=2, n_head=4,
@@ -108,8 +109,6 @@ def test_bloom_reads_causal():
             torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-3)
         report = attnfuse.report(optimized)
         assert report.fused == len(report.sites) == 2, str(report)
-        if length == 12:  # the first, static graph: its ALiBi is a constant (not yet under dynamic shapes)
-            assert all(site.features["causal"] == "top_left" for site in report.sites), str(report)
 
 
 @pytest.mark.gpu
