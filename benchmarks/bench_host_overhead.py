@@ -68,24 +68,35 @@ def best_microseconds(calls: dict[str, Callable[[], object]], rounds: int, repea
 
 # ----------------------------------------------------------------------------- one fused call
 
-def attend_arguments(site: Callable, site_args: tuple) -> tuple[tuple, dict]:
-    """The arguments the fused site passes to ``attnfuse.attend`` (recorded from one call)."""
+def attend_call(site: Callable, site_args: tuple) -> tuple[Callable, tuple, dict]:
+    """The call the fused site makes one level down (``attnfuse.attend``, or ``checked_attend`` where the lowering
+    calls that), with the arguments of one call (recorded) and the audit's callback dropped."""
     import attnfuse.lower as lower
 
-    recorded = []
-    real = lower.attend
+    name = "checked_attend" if hasattr(lower, "checked_attend") else "attend"
+    real, recorded = getattr(lower, name), []
 
     def recording(*args, **kwargs):
         recorded.append((args, kwargs))
         return real(*args, **kwargs)
 
-    lower.attend = recording
+    setattr(lower, name, recording)
     try:
         site(*site_args)
     finally:
-        lower.attend = real
+        setattr(lower, name, real)
     (args, kwargs), = recorded
-    return args, {**kwargs, "on_kernel": None}
+    if name == "attend":
+        return real, args, {**kwargs, "on_kernel": None}
+    return real, args[:-1] + (None,), kwargs
+
+
+def attnfuse_mask(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    """The mask tensor the recorded call hands on (its bias, else its keep-mask), for a bare SDPA call."""
+    if kwargs:
+        return kwargs["bias"] if kwargs["bias"] is not None else kwargs["mask"]
+    keep, bias = args[3], args[4]
+    return bias if bias is not None else keep
 
 
 def decode_inputs(B: int, S: int, heads: int, kv_heads: int, head_dim: int, mask: str, device: torch.device,
@@ -112,21 +123,22 @@ def bench_per_call(args: argparse.Namespace, device: torch.device, dtype: torch.
                 module = DecodeAttention(args.heads // args.kv_heads, causal=mask == "none")
                 torch._dynamo.reset()  # one capture of the same forward per configuration: no recompile limit
                 site, site_args = fused_call(module, (q, k, v, attention_mask))
-                attend_args, attend_kwargs = attend_arguments(site, site_args)
+                below, below_args, below_kwargs = attend_call(site, site_args)
                 # what transformers' sdpa path passes at q_len 1: no mask unless some key is padded
                 sdpa_mask = attention_mask.bool()[:, None, None, :] if mask == "padded" else None
                 with torch.no_grad():
                     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, enable_gqa=True)
                     torch.testing.assert_close(site(*site_args), expected)
                     # the mask as attnfuse hands it on: its host cost apart from what the mask costs the kernel
-                    own_mask = attend_kwargs["bias"] if attend_kwargs["bias"] is not None else attend_kwargs["mask"]
-                    q4, k4, v4 = attend_args
+                    own_mask = attnfuse_mask(below_args, below_kwargs)
+                    q4, k4, v4 = below_args[:3]
+                    scale = below_kwargs["scale"] if below_kwargs else below_args[10]
                     calls = {"fused site": lambda: site(*site_args),
-                             "attend": lambda: attnfuse.attend(*attend_args, **attend_kwargs),
+                             "attend": lambda: below(*below_args, **below_kwargs),
                              "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask,
                                                                             enable_gqa=True),
                              "sdpa, same mask": lambda: F.scaled_dot_product_attention(
-                                 q4, k4, v4, attn_mask=own_mask, scale=attend_kwargs["scale"], enable_gqa=True)}
+                                 q4, k4, v4, attn_mask=own_mask, scale=scale, enable_gqa=True)}
                     us = best_microseconds(calls, args.rounds, args.repeats, device)
                 rows.append({"mask": mask, "batch": B, "S": S, "us": us, "kernel": site.plan.record.kernel,
                              "fused_over_sdpa": us["fused site"] / us["sdpa"],
