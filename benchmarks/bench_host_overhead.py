@@ -128,7 +128,9 @@ def bench_per_call(args: argparse.Namespace, device: torch.device, dtype: torch.
                 sdpa_mask = attention_mask.bool()[:, None, None, :] if mask == "padded" else None
                 with torch.no_grad():
                     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, enable_gqa=True)
-                    torch.testing.assert_close(site(*site_args), expected)
+                    loose = dtype in (torch.float16, torch.bfloat16)  # another kernel may take the call
+                    torch.testing.assert_close(site(*site_args), expected, atol=2e-2 if loose else None,
+                                               rtol=2e-2 if loose else None)
                     # the mask as attnfuse hands it on: its host cost apart from what the mask costs the kernel
                     own_mask = attnfuse_mask(below_args, below_kwargs)
                     q4, k4, v4 = below_args[:3]
