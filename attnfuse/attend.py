@@ -123,7 +123,19 @@ def attend(
     """
     keep, bias, causal = _sdpa_conventions(mask, bias, causal)
     _check(q, k, v, causal, fully_masked_rows, window, kernels)
-    allowed = validate_kernels(kernels)
+    return checked_attend(q, k, v, keep, bias, causal, window, softcap, bias_fn, bias_fill, scale, dropout_p,
+                          fully_masked_rows, validate_kernels(kernels), autotune, on_kernel, maybe_causal)
+
+
+def checked_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: Optional[torch.Tensor],
+                   bias: Optional[torch.Tensor], causal: Optional[str], window: Optional[int], softcap: Optional[float],
+                   bias_fn: Optional[Callable[[tuple], torch.Tensor]], bias_fill: Optional[float],
+                   scale: Optional[float], dropout_p: float, fully_masked_rows: str,
+                   allowed: Optional[tuple[str, ...]], autotune: bool,
+                   on_kernel: Optional[Callable[[str], None]],
+                   maybe_causal: Optional["RunTimeCausal"] = None) -> torch.Tensor:
+    """``attend`` on arguments already in its checked form (a boolean ``keep``, ``causal`` None or an alignment,
+    validated kernels): what a rewritten site calls, whose plan guarantees that form, without the checks."""
     if k.dim() == 3:
         k, v = k.unsqueeze(1), v.unsqueeze(1)
     B, H = q.shape[:2]

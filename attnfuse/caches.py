@@ -42,12 +42,17 @@ class Cache(Generic[V]):
 
     def get(self, key: Hashable, default: Any = None) -> Any:
         """The value stored for ``key`` (now the most recently used), else ``default``."""
-        with self._locked():
-            value = self._entries.get(key, _MISSING)
-            if value is _MISSING:
-                return default
-            self._entries.move_to_end(key)
-            return value
+        if torch.compiler.is_compiling():  # ``_locked``'s choice, made inline: this look-up runs at every fused call
+            return self._get(key, default)
+        with self._lock:
+            return self._get(key, default)
+
+    def _get(self, key: Hashable, default: Any) -> Any:
+        value = self._entries.get(key, _MISSING)
+        if value is _MISSING:
+            return default
+        self._entries.move_to_end(key)
+        return value
 
     def put(self, key: Hashable, value: V) -> None:
         """Store ``value`` for ``key``, dropping the least recently used entry beyond ``maxsize``."""

@@ -19,7 +19,8 @@ import torch
 from torch.fx import GraphModule, Node
 
 from attnfuse.added_masks import AddedMask
-from attnfuse.attend import attend, differentiable_twice
+from attnfuse.attend import attend, checked_attend, differentiable_twice
+from attnfuse.kernels.registry import validate_kernels
 from attnfuse.context_parallel import ContextParallelError, context_parallel_active
 from attnfuse.dominance import FillDominance, every_row_has_a_live_key
 from attnfuse.effects import written_or_returned
@@ -125,6 +126,11 @@ class SitePlan:
         # facts of the plan that every call reads, decided once (derived flags, not fields)
         object.__setattr__(self, "_permutes_out", self.out_perm != tuple(range(len(self.out_perm))))
         object.__setattr__(self, "_checks_binary_masks", any(self.mask_binary))
+        object.__setattr__(self, "_reads_values", self.dominance is not None or self.live_rows or
+                           any(self.mask_binary) or self.causal_guard is not None)
+        # the two runs ``run_site`` hands ``differentiable_twice``, built once rather than at every call
+        object.__setattr__(self, "_compute", partial(compute_site, self))
+        object.__setattr__(self, "_recompute", partial(compute_site, self, kernels=("math",)))
 
     @property
     def needs_original(self) -> bool:
@@ -252,6 +258,18 @@ def _scores_batch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SiteP
     return shape
 
 
+def _same_batch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SitePlan) -> Optional[tuple[int, int]]:
+    """``(B, H)`` where q, k and v are already 4-d with one batch size and k, v's heads shared by ``kv_group``
+    query heads each (the usual call: nothing to broadcast, ``_scores_batch`` would give the same); else None."""
+    if plan.batch_rank != 2:
+        return None
+    qs, ks, vs = q.shape, k.shape, v.shape
+    B, H, group = qs[0], qs[1], plan.kv_group
+    if ks[0] == B and vs[0] == B and ks[1] * group == H and vs[1] * group == H:
+        return B, H
+    return None
+
+
 def _broadcast(x: torch.Tensor, plan: SitePlan, batch_shape: tuple[int, ...], own_heads: bool = False) -> torch.Tensor:
     """``x`` expanded (a view) over the scores' batch axes where it is shared (size 1): latent queries
     ``(1, H, L, d)`` against a batch of keys, one query head against several kv heads."""
@@ -299,17 +317,20 @@ def compute_site(plan: SitePlan, *tensors: torch.Tensor, kernels: Optional[tuple
     if plan.bias_program is not None:
         plan.bias_program.leaf_values = leaves
     q, k, v = plan.q.apply(q), plan.k.apply(k), plan.v.apply(v)
-    batch_shape = _scores_batch(q, k, v, plan)
-    q = _to_4d(_broadcast(q, plan, batch_shape), plan, batch_shape)
-    k = _to_4d(_broadcast(k, plan, batch_shape, own_heads=True), plan, batch_shape)
-    v = _to_4d(_broadcast(v, plan, batch_shape, own_heads=True), plan, batch_shape)
+    batch_shape = _same_batch(q, k, v, plan)
+    if batch_shape is None:
+        batch_shape = _scores_batch(q, k, v, plan)
+        q = _to_4d(_broadcast(q, plan, batch_shape), plan, batch_shape)
+        k = _to_4d(_broadcast(k, plan, batch_shape, own_heads=True), plan, batch_shape)
+        v = _to_4d(_broadcast(v, plan, batch_shape, own_heads=True), plan, batch_shape)
     dtype = plan.dtype or q.dtype
     if q.dtype != dtype or k.dtype != dtype or v.dtype != dtype:
         q, k, v = (t if t.dtype == dtype else t.to(dtype) for t in (q, k, v))
-    q, scale = _fold_factors(q, plan.scale, factors, plan, batch_shape)
-    q = q if q.dtype == dtype else q.to(dtype)
-    if (plan.dominance is not None or plan.live_rows or plan._checks_binary_masks or plan.causal_guard is not None) \
-            and context_parallel_active():
+    scale = plan.scale
+    if factors:
+        q, scale = _fold_factors(q, scale, factors, plan, batch_shape)
+        q = q if q.dtype == dtype else q.to(dtype)
+    if plan._reads_values and context_parallel_active():
         raise ContextParallelError(_check_on_shard(plan))
     if plan.keys_in_every_row and not _every_row_keeps_a_key(plan.causal, q.shape[-2], k.shape[-2]):
         return _run_original(plan, tensors, "a causal row keeps no key on this call")
@@ -339,14 +360,24 @@ def compute_site(plan: SitePlan, *tensors: torch.Tensor, kernels: Optional[tuple
             bias, full_keep):
         return _run_original(plan, tensors, "the fill did not mask on this call")
     record = plan.record if plan.record.kernel is None and kernels is None else None
-    out = attend(q, k, v, mask=keep, bias=bias, causal=causal, window=window, softcap=plan.softcap,
-                 bias_fn=plan.bias_program, bias_fill=plan.bias_fill, scale=scale, dropout_p=dropout,
-                 fully_masked_rows=plan.fully_masked_rows, kernels=kernels or plan.kernels, autotune=plan.autotune,
-                 on_kernel=record, maybe_causal=plan.run_time_causal)
+    # a buffer mask that replaced the causal flag on this call is checked as any user's mask; the plan guarantees
+    # the checked form (``attend.checked_attend``) of everything else
+    run = checked_attend if plan.causal_guard is None else _attend_with_checks
+    out = run(q, k, v, keep, bias, causal, window, plan.softcap, plan.bias_program, plan.bias_fill, scale, dropout,
+              plan.fully_masked_rows, validate_kernels(kernels or plan.kernels), plan.autotune, record,
+              plan.run_time_causal)
     out = _from_4d(out, plan, batch_shape)
     out = out.permute(plan.out_perm) if plan._permutes_out else out
     out = out.contiguous() if plan.contiguous_out else out
     return out if out.dtype == plan.out_dtype else out.to(plan.out_dtype)
+
+
+def _attend_with_checks(q, k, v, keep, bias, causal, window, softcap, bias_fn, bias_fill, scale, dropout_p,
+                        fully_masked_rows, kernels, autotune, on_kernel, maybe_causal) -> torch.Tensor:
+    """``checked_attend``'s arguments through ``attend``'s own checks and conventions."""
+    return attend(q, k, v, mask=keep, bias=bias, causal=causal, window=window, softcap=softcap, bias_fn=bias_fn,
+                  bias_fill=bias_fill, scale=scale, dropout_p=dropout_p, fully_masked_rows=fully_masked_rows,
+                  kernels=kernels, autotune=autotune, on_kernel=on_kernel, maybe_causal=maybe_causal)
 
 
 def _check_on_shard(plan: SitePlan) -> str:
@@ -375,8 +406,8 @@ def run_site(plan: SitePlan, *tensors: torch.Tensor) -> torch.Tensor:
     # the inputs are split (by ``compute_site``) only where the site reads p on each call
     random = (dropout_p(plan.inputs.split(tensors), plan.dropout_p) if plan.inputs.dropout else plan.dropout_p) > 0
     try:
-        return differentiable_twice(partial(compute_site, plan), partial(compute_site, plan, kernels=("math",)),
-                                    tensors, fresh_output=plan.output_written, random=random)
+        return differentiable_twice(plan._compute, plan._recompute, tensors, fresh_output=plan.output_written,
+                                    random=random)
     except ContextParallelError as error:
         if error.site is not None:
             raise

@@ -8,6 +8,8 @@ the call's tensors back under the same names, so the two sides cannot disagree o
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import NamedTuple
+
 from torch.fx import Node
 
 from attnfuse.site import AttentionSite
@@ -15,10 +17,10 @@ from attnfuse.site import AttentionSite
 _GROUPS = ("masks", "biases", "factors", "leaves", "guards", "dropout", "original")
 
 
-@dataclass(frozen=True)
-class SiteTensors:
+class SiteTensors(NamedTuple):
     """One call's inputs by name (tensors at run time, nodes when built from a site). ``dropout`` holds the
-    run-time dropout p where the site reads one; ``original`` the inputs only the site's own ops read."""
+    run-time dropout p where the site reads one; ``original`` the inputs only the site's own ops read. A named
+    tuple: one is built per fused call, and a tuple is built several times faster than a frozen dataclass."""
 
     q: object
     k: object
@@ -48,6 +50,15 @@ class InputLayout:
     dropout: int = 0
     original: int = 0
 
+    def __post_init__(self) -> None:
+        # each group's slice of a call's flat inputs, worked out once (a derived field, not compared)
+        slices, start = [], 3
+        for group in _GROUPS:
+            slices.append(slice(start, start + getattr(self, group)))
+            start += getattr(self, group)
+        object.__setattr__(self, "_slices", tuple(slices))
+        object.__setattr__(self, "_count", start)
+
     @staticmethod
     def of(inputs: SiteTensors) -> "InputLayout":
         return InputLayout(**{group: len(getattr(inputs, group)) for group in _GROUPS})
@@ -58,14 +69,11 @@ class InputLayout:
 
     def split(self, tensors: tuple) -> SiteTensors:
         """A call's flat inputs (q, k, v first) as named groups."""
-        groups, start = {}, 3
-        for group in _GROUPS:
-            count = getattr(self, group)
-            groups[group] = tuple(tensors[start:start + count])
-            start += count
-        if start != len(tensors):
-            raise RuntimeError(f"attnfuse: a fused site was called with {len(tensors)} inputs, its layout has {start}")
-        return SiteTensors(tensors[0], tensors[1], tensors[2], **groups)
+        if len(tensors) != self._count:
+            raise RuntimeError(f"attnfuse: a fused site was called with {len(tensors)} inputs, its layout has "
+                               f"{self._count}")
+        tensors = tuple(tensors)
+        return SiteTensors._make((tensors[0], tensors[1], tensors[2], *[tensors[group] for group in self._slices]))
 
 
 def site_inputs(site: AttentionSite) -> SiteTensors:

@@ -46,3 +46,18 @@ def test_bench_fsdp_runs_in_one_cpu_process(tmp_path):
         assert results[variant]["losses"] == pytest.approx(results["sdpa"]["losses"], abs=1e-5)
         causal, checked = results[variant]["causal_calls"]  # each layer's graph reads its mask as causal
         assert causal == checked > 0
+
+
+def test_bench_host_overhead_runs(tmp_path):
+    pytest.importorskip("transformers")
+    import bench_host_overhead
+
+    out = tmp_path / "host.json"
+    bench_host_overhead.main(["--rounds", "1", "--repeats", "1", "--batches", "2", "--lengths", "8", "--layers", "1",
+                              "--prompt", "8", "--step-batch", "2", "--step-repeats", "1", "--out", str(out)])
+    payload = json.loads(out.read_text())
+    assert {row["mask"] for row in payload["per_call"]} == {"none", "zeros", "padded"}
+    assert all(row["kernel"] for row in payload["per_call"])
+    for row in payload["decode_step"]:
+        assert row["fused_sites"] == 1
+        assert row["same_logits"]["attnfuse"] and row["same_logits"]["sdpa"]

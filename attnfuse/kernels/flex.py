@@ -139,13 +139,13 @@ class FlexKernel(Kernel):
             return refused_by_fused_kernels(call)
         if call.dropout_p != 0:
             return "FlexAttention has no dropout"
-        if q.device.type == "cpu" and call.needs_grad:
+        if call.needs_grad and q.device.type == "cpu":
             return "FlexAttention has no backward on the CPU"
         if call.allowed is not None and "flex" not in call.allowed:
             return "not among the forced kernels"
         if not _wanted(call):
             return "SDPA runs this call (no softcap, score function, window, per-head or wider bias)"
-        if q.device.type != "cuda":
+        if not q.is_cuda:
             return "chosen on CUDA only, where it was measured faster than SDPA"
         failed = failure(self.name, _signature(call))  # after the cheap checks: a look-up a call
         if failed is not None:

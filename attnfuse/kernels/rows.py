@@ -187,6 +187,9 @@ def _neginf_rows(values: torch.Tensor, top: torch.Tensor, full_keep: Optional[to
     return rows & full_keep.any(-1, keepdim=True) if zeroed else rows
 
 
+_IN_RANGE = BiasRows(None, True, None, True)  # what ``within_kernel_range`` records, built once (it is immutable)
+
+
 def within_kernel_range(bias: torch.Tensor, fill: float, facts: "CallFacts") -> tuple[torch.Tensor, float]:
     """A bias of only 0 and ``fill`` (proven by the caller; ``fill`` absorbs every score) with the fill raised to
     ``KERNEL_SAFE_FILL`` where it lay below the fused kernels' range (a pass over the bias, no host read).
@@ -198,7 +201,7 @@ def within_kernel_range(bias: torch.Tensor, fill: float, facts: "CallFacts") -> 
     """
     if fill < KERNEL_SAFE_FILL:
         bias, fill = bias.clamp_min(KERNEL_SAFE_FILL), KERNEL_SAFE_FILL
-    facts.bias_rows, facts.bias_rows_of = BiasRows(None, True, None, True), bias
+    facts.bias_rows, facts.bias_rows_of = _IN_RANGE, bias
     return bias, fill
 
 
