@@ -34,7 +34,6 @@ import io
 import os
 import pstats
 import sys
-import time
 import warnings
 from typing import Callable, Optional
 
@@ -45,25 +44,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # this checkout, not an installed copy
 
 import attnfuse  # noqa: E402
-from bench_generate import DecodeAttention, build_llama, environment, fused_call, synchronize  # noqa: E402
+from bench_generate import DecodeAttention, best_microseconds, build_llama, environment, fused_call  # noqa: E402
 from common import save  # noqa: E402
 
 MASKS = ("none", "zeros", "padded")
-
-
-def best_microseconds(calls: dict[str, Callable[[], object]], rounds: int, repeats: int,
-                      device: torch.device) -> dict[str, float]:
-    """Each call's fastest mean time in microseconds over ``repeats`` calls, timed in turn for ``rounds`` rounds."""
-    best = {name: float("inf") for name in calls}
-    for _ in range(rounds):
-        for name, call in calls.items():
-            synchronize(device)
-            start = time.perf_counter_ns()
-            for _ in range(repeats):
-                call()
-            synchronize(device)
-            best[name] = min(best[name], (time.perf_counter_ns() - start) / repeats / 1e3)
-    return best
 
 
 # ----------------------------------------------------------------------------- one fused call
