@@ -32,7 +32,7 @@ import attnfuse.patterns  # noqa: F401  (registers the rule families)
 from attnfuse import logs
 from attnfuse.caches import Cache
 from attnfuse.context_parallel import ContextParallelError, context_parallel_active
-from attnfuse.folding import BUFFER_VALUE
+from attnfuse.folding import BUFFER_VALUE, forget_values
 from attnfuse.fx_utils import copy_graph_module
 from attnfuse.lower import rewrite_site
 from attnfuse.match import Skip, discard_unused_built, find_sites
@@ -311,6 +311,7 @@ class AttnfuseBackend:
             if discard_unused_built(gm.graph) or any(r.status == "fused" for r in reports):
                 gm.graph.lint()
                 gm.recompile()
+        forget_values(gm.graph)
         return reports
 
     def rewrite_only(self, gm: GraphModule, sites: set[tuple[str, str]]) -> list[SiteReport]:

@@ -96,3 +96,13 @@ def buffers_read(node: Node) -> list[Node]:
             found.append(current)
         pending.extend(current.all_input_nodes)
     return found
+
+
+def forget_values(graph) -> None:
+    """Drop the values ``constant_value`` cached in ``graph``'s nodes once matching is done: a folded mask can be
+    as large as the scores, and the compiled graph (and the copies of its nodes that sites keep to run their
+    original ops, which share these caches) would otherwise hold it for as long as the model lives."""
+    for node in graph.nodes:
+        cache = node.meta.get("attnfuse_constant")
+        if cache:
+            cache.clear()
