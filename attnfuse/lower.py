@@ -20,12 +20,10 @@ from torch.fx import GraphModule, Node
 
 from attnfuse.added_masks import AddedMask
 from attnfuse.attend import attend, checked_attend, differentiable_twice
-from attnfuse.kernels.registry import validate_kernels
 from attnfuse.context_parallel import ContextParallelError, context_parallel_active
-from attnfuse.dominance import FillDominance, every_row_has_a_live_key
+from attnfuse.dominance import FillDominance, absorbing, every_row_has_a_live_key
 from attnfuse.effects import written_or_returned
 from attnfuse.fx_utils import remove_dead_nodes, statically_true, tensor_meta
-from attnfuse.dominance import absorbing
 from attnfuse.guards import CausalGuard, RunTimeCausal
 from attnfuse.masking import combined_keep, keep_from_masks
 from attnfuse.original import original_program
@@ -364,7 +362,7 @@ def compute_site(plan: SitePlan, *tensors: torch.Tensor, kernels: Optional[tuple
     # the checked form (``attend.checked_attend``) of everything else
     run = checked_attend if plan.causal_guard is None else _attend_with_checks
     out = run(q, k, v, keep, bias, causal, window, plan.softcap, plan.bias_program, plan.bias_fill, scale, dropout,
-              plan.fully_masked_rows, validate_kernels(kernels or plan.kernels), plan.autotune, record,
+              plan.fully_masked_rows, kernels or plan.kernels, plan.autotune, record,
               plan.run_time_causal)
     out = _from_4d(out, plan, batch_shape)
     out = out.permute(plan.out_perm) if plan._permutes_out else out

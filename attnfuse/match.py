@@ -836,24 +836,18 @@ def _apply_masks(terms: ScoreTerms, L: object, S: object, dtype: torch.dtype, ba
             biases.append((bias, coefficient))
             continue
         pattern, fill = read
-        alone = len(terms.biases) == 1 and not terms.keep_masks and terms.fill is None
+        # the site's one mask: beside it at most biases computed from positions (ALiBi; then a Flex site), which the
+        # fill absorbs like the scores
+        sole = not terms.keep_masks and terms.fill is None and all(
+            b in positions and _position_function(b, batch_rank) is not None for b, _ in terms.biases if b is not bias)
         if pattern.key_masks:
-            # the only mask; any other term is a bias computed from positions (then a Flex site), which the fill
-            # absorbs like the scores
-            others = [b for b, _ in terms.biases if b is not bias]
-            sole = not terms.keep_masks and terms.fill is None and \
-                all(b in positions and _position_function(b, batch_rank) is not None for b in others)
             if not (sole and _uses_key_masks(pattern, on_flex)
                     and _read_added_key_masks(terms, bias, coefficient, pattern, fill)):
                 biases.append((bias, coefficient))
             continue
         if pattern.kind == "all":
             continue
-        # beside it only biases computed from positions (ALiBi), which the fill absorbs like the scores
-        beside_positions = not terms.keep_masks and terms.fill is None and all(
-            b in positions and _position_function(b, batch_rank) is not None
-            for b, _ in terms.biases if b is not bias)
-        if pattern.kind == "causal" and (alone or beside_positions) and _absorbs(fill * coefficient, dtype, terms.softcap) and \
+        if pattern.kind == "causal" and sole and _absorbs(fill * coefficient, dtype, terms.softcap) and \
                 not _some_row_loses_every_key(pattern.alignment, L, S):
             terms.causal, terms.window = pattern.alignment, pattern.window
             # an additive mask over a row of no keys is softmax(s + c), not a masked row: checked per call

@@ -15,7 +15,7 @@ import torch
 from torch.fx import Node
 
 from attnfuse.fx_utils import bind, is_call, statically_true, tensor_meta
-from attnfuse.patterns.index import Inequality, Linear, Logic, _pad, constant_truth, index_rule
+from attnfuse.patterns.index import Inequality, Linear, Logic, _combine, _pad, constant_truth, index_rule
 
 Interpret = Callable[[object], Optional[object]]
 
@@ -49,14 +49,8 @@ def gathered_positions(node: Node, sub: Interpret) -> Optional[Linear]:
         index = sub(item) if meta is not None and meta.dtype in (torch.int64, torch.int32) else None
         if not isinstance(index, Linear) or not _never_negative(index):
             return None
-        total = _plus(total, Linear(tuple(coef * c for c in index.coef), coef * index.const))
+        total = _combine(total, Linear(tuple(coef * c for c in index.coef), coef * index.const), 1)
     return total
-
-
-def _plus(a: Linear, b: Linear) -> Linear:
-    rank = max(len(a.coef), len(b.coef))
-    ca, cb = _pad(a.coef, rank), _pad(b.coef, rank)
-    return Linear(tuple(x + y for x, y in zip(ca, cb)), a.const + b.const)
 
 
 @index_rule
