@@ -32,6 +32,7 @@ import attnfuse.patterns  # noqa: F401  (registers the rule families)
 from attnfuse import logs
 from attnfuse.caches import Cache
 from attnfuse.context_parallel import ContextParallelError, context_parallel_active
+from attnfuse.eager_ops import free_saved_tensors_eagerly
 from attnfuse.folding import BUFFER_VALUE, forget_values
 from attnfuse.fx_utils import copy_graph_module
 from attnfuse.lower import rewrite_site
@@ -240,6 +241,8 @@ class AttnfuseBackend:
         started, capture = time.perf_counter(), _ACTIVE.get()
         timings = logs.Timings(capture=None if capture is None else started - capture.mark)
         with logs.timed(timings):
+            if self.options.compiler == "eager":  # Inductor traces these ops away; op by op they must not leak
+                free_saved_tensors_eagerly(gm)
             if _may_hold_attention(gm.graph):
                 with logs.phase("copy"):
                     _record_buffer_values(gm, example_inputs)
