@@ -32,6 +32,15 @@ def _selected(output: Any, indices: tuple[int, ...]) -> list[Any]:
     return [x for i, x in enumerate(outputs) if i in indices]
 
 
+def _without_history(value: Any, outputs: tuple) -> Any:
+    """``value`` to keep on ``ctx``; one of the call's own outputs (torch 2.11's graphs save one that way) is kept
+    detached, its storage and version counter shared, as the output would otherwise reach ``ctx`` through its own
+    ``grad_fn`` (a reference cycle)."""
+    if isinstance(value, torch.Tensor) and any(value is out for out in outputs):
+        return value.detach()
+    return value
+
+
 class _GraphPair(torch.autograd.Function):
     """A forward graph returning ``(output, saved values)`` and a backward graph taking
     ``(*output grads, *saved values)``, as Dynamo split a custom ``Function`` into them."""
@@ -47,7 +56,8 @@ class _GraphPair(torch.autograd.Function):
                    (value is None or isinstance(value, torch.Tensor))]
         ctx.save_for_backward(*(saved[i] for i in in_node))
         ctx.layout = (len(saved), tuple(in_node))
-        ctx.on_ctx = {i: value for i, value in enumerate(saved) if i not in in_node}
+        outputs = output if isinstance(output, (tuple, list)) else (output,)
+        ctx.on_ctx = {i: _without_history(value, outputs) for i, value in enumerate(saved) if i not in in_node}
         if dirty:
             ctx.mark_dirty(*_selected(output, dirty))
         if non_differentiable:
