@@ -31,6 +31,7 @@ from torch.fx import GraphModule
 import attnfuse.patterns  # noqa: F401  (registers the rule families)
 from attnfuse import logs
 from attnfuse.caches import Cache
+from attnfuse.carried import CARRIED, CausalProof, carried_facts
 from attnfuse.context_parallel import ContextParallelError, context_parallel_active
 from attnfuse.eager_ops import free_saved_tensors_eagerly
 from attnfuse.folding import BUFFER_VALUE, forget_values
@@ -83,12 +84,18 @@ class CompiledGraph:
     """
 
     def __init__(self, original: GraphModule, rewritten: GraphModule, sites: list[SiteReport],
-                 backend: "AttnfuseBackend", example_inputs: Sequence[Any]) -> None:
+                 backend: "AttnfuseBackend", example_inputs: Sequence[Any],
+                 proven_outputs: tuple[tuple[int, CausalProof], ...] = (), written_inputs: tuple[int, ...] = ()) -> None:
         self.original, self.graph_module = original, rewritten
+        # outputs proven causal for every input, recorded at each call for the graphs that read them, and the
+        # inputs the graph writes in place, whose records it drops (``attnfuse.carried``)
+        self.proven_outputs, self.written_inputs = proven_outputs, written_inputs
         self.sites = GraphSites(sites)
-        self.backend, self.example_inputs = backend, list(example_inputs)
+        self.backend = backend
         with logs.phase("compile"):
-            self.run: Callable[..., Any] = backend.lower(rewritten, self.example_inputs)
+            self.run: Callable[..., Any] = backend.lower(rewritten, list(example_inputs))
+        # Inductor compiles a rolled-back graph again from them; the eager route keeps no tensor of the first call
+        self.example_inputs = list(example_inputs) if backend.options.compiler == "inductor" else []
         self.checked_without_capture = False
         self.timings = logs.Timings()  # the graph's compile and first run (and every verification), for the log
         self.compiled_at = 0.0
@@ -124,10 +131,10 @@ class CompiledGraph:
         if self.watching:
             self._note_runner(capture)
         if not first:
-            return self.run(*args)
+            return self._run(args)
         started = time.perf_counter()
         try:
-            return self.run(*args)
+            return self._run(args)
         finally:
             finished = time.perf_counter()
             spent = logs.Timings(capture=None, first_run=finished - started)
@@ -138,6 +145,15 @@ class CompiledGraph:
             if not self.ran:
                 self.ran = True
                 logs.graph_ready(self.sites, self.timings, None if capture is None else capture.report)
+
+    def _run(self, args: tuple) -> Any:
+        """One run of the graph, keeping ``attnfuse.carried``'s records of the tensors it writes and builds."""
+        if self.written_inputs:
+            CARRIED.forget([args[i] for i in self.written_inputs])
+        out = self.run(*args)
+        if self.proven_outputs:
+            CARRIED.note(out, self.proven_outputs)
+        return out
 
     def _note_runner(self, capture: Optional[Capture]) -> None:
         """Tell the watching report of this call (the capture's, or the torch.compile route's) which module's
@@ -251,7 +267,10 @@ class AttnfuseBackend:
                     sites = self.rewrite(gm)
             else:  # nothing the pass reads: the graph runs as captured (nothing to verify, nothing to keep)
                 original, sites = gm, []
-            compiled = CompiledGraph(original, gm, sites, self, example_inputs)
+            with logs.phase("matching"):
+                proven, written = carried_facts(gm.graph)
+                forget_values(gm.graph)
+            compiled = CompiledGraph(original, gm, sites, self, example_inputs, proven, written)
         compiled.timings, compiled.compiled_at = timings, time.perf_counter()
         if capture is not None:
             capture.compiled_now[id(compiled)] = compiled.compiled_at

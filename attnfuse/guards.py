@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 import torch
 from torch.fx import Node
 
+from attnfuse.carried import CARRIED
 from attnfuse.kernels.rows import Triangle
 from attnfuse.masking import causal_keep
 from attnfuse.memo import host_bool, host_readable
@@ -90,7 +91,9 @@ class RunTimeCausal:
 
     Nothing is remembered across calls (``attnfuse.memo``: a tensor written through ``.data`` or a NumPy view
     keeps its version), so each call compares the tensor it is given: a bias in the host read its rows already
-    take (``rows.bias_rows``), a boolean mask in a read of its own. ``calls`` counts the calls read as causal and
+    take (``rows.bias_rows``), a boolean mask in a read of its own; except a tensor that a compiled graph built
+    in this forward and proved causal for every input, unwritten since (``attnfuse.carried``), which is read
+    as causal without a read of its values. ``calls`` counts the calls read as causal and
     those run with the tensor, for the report. Under a tracer or CUDA-graph capture nothing is read: the tensor
     is used as given.
     """
@@ -99,7 +102,8 @@ class RunTimeCausal:
         if kind not in ("bias", "mask"):
             raise ValueError(f"attnfuse: a run-time causal check reads a 'bias' or a 'mask', not {kind!r}")
         self.kind, self.threshold = kind, threshold
-        self.calls = {"causal": 0, "as given": 0}
+        # ``proven``: the causal calls whose tensor the graph that built it proved causal (``attnfuse.carried``)
+        self.calls = {"causal": 0, "as given": 0, "proven": 0}
         self._triangles: dict[tuple, object] = {}
 
     def causal_reading(self, call: "AttentionCall") -> Optional[str]:
@@ -108,9 +112,25 @@ class RunTimeCausal:
         if not host_readable(call.q):
             return None
         alignment = self._candidate(call)
-        found = alignment is not None and self._holds(call, alignment)
+        if alignment is not None and self._proven(call, alignment):
+            self.calls["proven"] += 1
+            found = True
+        else:
+            found = alignment is not None and self._holds(call, alignment)
         self.calls["causal" if found else "as given"] += 1
         return alignment if found else None
+
+    def _proven(self, call: "AttentionCall", alignment: str) -> bool:
+        """Whether the call's tensor is one a compiled graph built and proved to be this triangle, unwritten since."""
+        proof = CARRIED.proof_of(call.bias if self.kind == "bias" else call.keep)
+        if proof is None or proof.kind != self.kind:
+            return False
+        L, S = call.q.shape[-2], call.k.shape[-2]
+        if proof.alignment is None:  # keeps every key: the triangle where it does too (a decode step's)
+            return (L if L <= S else S) == 1
+        if proof.alignment != alignment and L != S:
+            return False
+        return self.kind == "mask" or proof.fill <= self.threshold
 
     def _candidate(self, call: "AttentionCall") -> Optional[str]:
         """The one alignment the call's tensor could hold, where it is the call's only mask; else None."""

@@ -1,0 +1,128 @@
+"""Causal masks proven in the graph that built them, carried with the tensor to the graphs that read it.
+
+A graph break between a model's mask construction and its attention (FSDP2 breaks the graph at every
+layer; transformers builds the mask once, before the layers) hands each layer's graph the mask as an
+input, whose values no capture-time rule can see. The graph that *built* it can: its output node is read by
+the same causal rules the matcher uses (``patterns.causal``), symbolically or from shapes alone, so the
+fact holds for every input. Each call of that graph records its proven outputs here, keyed by the tensor
+object with its version counter and data pointer; a layer handed the same, unwritten tensor reads it as the
+causal triangle without reading its values (``guards.RunTimeCausal``), and so without a host synchronization.
+
+What the record trusts is what autograd trusts for the tensors it saves: a write that moves no version
+counter (through ``.data``, a NumPy view or DLPack) is not seen. The tensor was built inside the model's
+own forward by a graph attnfuse compiled and is read moments later by another; a graph that writes one of
+its inputs in place drops that input's record before it runs (``forget``), so only a write in Python code
+that Dynamo does not capture, bypassing the version counter, between two graphs of one forward, could go
+unseen. Anything else (a mask the user passes in, a tensor built eagerly) is read per call as before.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch.fx import Graph, Node
+from torch.utils.weak import WeakIdKeyDictionary
+
+from attnfuse.effects import mark_writes
+from attnfuse.fx_utils import is_written, tensor_meta
+from attnfuse.patterns.causal import classify, classify_additive
+from attnfuse.tracing import is_traced
+from attnfuse.vocabulary import KeepMask
+
+
+@dataclass(frozen=True)
+class CausalProof:
+    """A tensor whose every ``(L, S)`` slice is the causal triangle at ``alignment`` (None: keeps every key): a boolean
+    keep-mask (``kind="mask"``), or an additive bias of 0 on kept keys and ``fill`` on the others (``kind="bias"``)."""
+
+    kind: str
+    alignment: str
+    fill: Optional[float] = None
+
+
+def carried_facts(graph: Graph) -> tuple[tuple[tuple[int, CausalProof], ...], tuple[int, ...]]:
+    """What each call of ``graph`` records and forgets: ``(position, proof)`` for each output that is a causal
+    triangle for every input, and the positions of the inputs it writes in place."""
+    mark_writes(graph)
+    return _proven_causal_outputs(graph), _written_inputs(graph)
+
+
+def _proven_causal_outputs(graph: Graph) -> tuple[tuple[int, CausalProof], ...]:
+    output = next((n for n in reversed(graph.nodes) if n.op == "output"), None)
+    values = output.args[0] if output is not None else ()
+    if not isinstance(values, (tuple, list)):
+        values = (values,)
+    found = []
+    for position, node in enumerate(values):
+        proof = _proof(node) if _may_be_a_mask(node) else None
+        if proof is not None:
+            found.append((position, proof))
+    return tuple(found)
+
+
+def _written_inputs(graph: Graph) -> tuple[int, ...]:
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    return tuple(i for i, node in enumerate(placeholders) if is_written(node))
+
+
+def _may_be_a_mask(value: Any) -> bool:
+    """A computed (not handed-in) boolean or floating tensor of at least two dimensions, not written in place."""
+    if not isinstance(value, Node) or value.op in ("placeholder", "get_attr") or is_written(value):
+        return False
+    meta = tensor_meta(value)
+    return meta is not None and meta.dim() >= 2 and (meta.dtype == torch.bool or meta.dtype.is_floating_point)
+
+
+def _proof(node: Node) -> Optional[CausalProof]:
+    meta = tensor_meta(node)
+    L, S = meta.shape[-2], meta.shape[-1]
+    if meta.dtype == torch.bool:
+        pattern, fill = classify(KeepMask(node, False), L, S), None
+    else:
+        found = classify_additive(node, L, S)
+        if found is None:
+            return None
+        pattern, fill = found
+    kind = "mask" if meta.dtype == torch.bool else "bias"
+    if pattern.kind == "all" and not pattern.key_masks and not pattern.guarded_by:
+        return CausalProof(kind, None, None)
+    if pattern.kind != "causal" or pattern.window is not None or pattern.key_masks or pattern.guarded_by:
+        return None
+    return CausalProof(kind, pattern.alignment, fill) if kind == "mask" or fill is not None else None
+
+
+class CarriedProofs:
+    """The tensors built by compiled graphs and proven causal, while they live and stay unwritten."""
+
+    def __init__(self) -> None:
+        self._proofs: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+    def note(self, outputs: Any, proven: tuple[tuple[int, CausalProof], ...]) -> None:
+        """Record the proven outputs of one call of a graph (``outputs``: what it returned)."""
+        values = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+        for position, proof in proven:
+            tensor = values[position] if position < len(values) else None
+            if isinstance(tensor, torch.Tensor) and not is_traced(tensor):
+                self._proofs[tensor] = (proof, tensor._version, tensor.data_ptr())
+
+    def proof_of(self, tensor: torch.Tensor) -> Optional[CausalProof]:
+        """The proof recorded for ``tensor``, if it is still the tensor that was proven, unwritten since."""
+        found = self._proofs.get(tensor)
+        if found is None:
+            return None
+        proof, version, address = found
+        return proof if tensor._version == version and tensor.data_ptr() == address else None
+
+    def forget(self, tensors: Any) -> None:
+        """Drop the records of ``tensors`` (the inputs a graph is about to write in place)."""
+        for tensor in tensors:
+            if isinstance(tensor, torch.Tensor):
+                self._proofs.pop(tensor, None)
+
+    def __len__(self) -> int:
+        return len(self._proofs)
+
+
+CARRIED = CarriedProofs()
+
