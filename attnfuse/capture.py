@@ -85,10 +85,10 @@ class CompiledGraph:
 
     def __init__(self, original: GraphModule, rewritten: GraphModule, sites: list[SiteReport],
                  backend: "AttnfuseBackend", example_inputs: Sequence[Any],
-                 proven_outputs: tuple[tuple[int, CausalProof], ...] = (), written_inputs: tuple[int, ...] = ()) -> None:
+                 proven_outputs: tuple[tuple[int, Optional[CausalProof]], ...] = (), written_inputs: tuple[int, ...] = ()) -> None:
         self.original, self.graph_module = original, rewritten
-        # outputs proven causal for every input, recorded at each call for the graphs that read them, and the
-        # inputs the graph writes in place, whose records it drops (``attnfuse.carried``)
+        # outputs built as masks (with their proof where one holds for every input), recorded at each call for the
+        # graphs that read them, and the inputs the graph writes in place, whose records it drops (``attnfuse.carried``)
         self.proven_outputs, self.written_inputs = proven_outputs, written_inputs
         self.sites = GraphSites(sites)
         self.backend = backend

@@ -4,9 +4,12 @@ A graph break between a model's mask construction and its attention (FSDP2 break
 layer; transformers builds the mask once, before the layers) hands each layer's graph the mask as an
 input, whose values no capture-time rule can see. The graph that *built* it can: its output node is read by
 the same causal rules the matcher uses (``patterns.causal``), symbolically or from shapes alone, so the
-fact holds for every input. Each call of that graph records its proven outputs here, keyed by the tensor
-object with its version counter and data pointer; a layer handed the same, unwritten tensor reads it as the
-causal triangle without reading its values (``guards.RunTimeCausal``), and so without a host synchronization.
+fact holds for every input. Each call of that graph records its mask outputs here, keyed by the tensor
+object with its version counter and data pointer; a layer handed the same, unwritten tensor reads a proven
+one as the causal triangle without reading its values (``guards.RunTimeCausal``), and so without a host
+synchronization. A mask whose values depend on an input (transformers' mask built from ``position_ids``
+handed in from another graph) is read by the first layer, which records what it found; the other layers of
+that forward reuse it: one host synchronization a forward instead of one a layer.
 
 What the record trusts is what autograd trusts for the tensors it saves: a write that moves no version
 counter (through ``.data``, a NumPy view or DLPack) is not seen. The tensor was built inside the model's
@@ -17,7 +20,7 @@ unseen. Anything else (a mask the user passes in, a tensor built eagerly) is rea
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -27,6 +30,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from attnfuse.effects import mark_writes
 from attnfuse.fx_utils import is_written, tensor_meta
 from attnfuse.patterns.causal import classify, classify_additive
+from attnfuse.patterns.masks import zero_or_fill
 from attnfuse.tracing import is_traced
 from attnfuse.vocabulary import KeepMask
 
@@ -41,23 +45,26 @@ class CausalProof:
     fill: Optional[float] = None
 
 
-def carried_facts(graph: Graph) -> tuple[tuple[tuple[int, CausalProof], ...], tuple[int, ...]]:
-    """What each call of ``graph`` records and forgets: ``(position, proof)`` for each output that is a causal
-    triangle for every input, and the positions of the inputs it writes in place."""
+def carried_facts(graph: Graph) -> tuple[tuple[tuple[int, Optional[CausalProof]], ...], tuple[int, ...]]:
+    """What each call of ``graph`` records and forgets: ``(position, proof)`` for each output built as a mask (a
+    boolean tensor, or a 0 / fill ``where``), with its proof where it is a causal triangle for every input (None
+    where its values depend on an input: the first layer that reads it records what it found), and the positions
+    of the inputs ``graph`` writes in place."""
     mark_writes(graph)
-    return _proven_causal_outputs(graph), _written_inputs(graph)
+    return _mask_outputs(graph), _written_inputs(graph)
 
 
-def _proven_causal_outputs(graph: Graph) -> tuple[tuple[int, CausalProof], ...]:
+def _mask_outputs(graph: Graph) -> tuple[tuple[int, Optional[CausalProof]], ...]:
     output = next((n for n in reversed(graph.nodes) if n.op == "output"), None)
     values = output.args[0] if output is not None else ()
     if not isinstance(values, (tuple, list)):
         values = (values,)
     found = []
     for position, node in enumerate(values):
-        proof = _proof(node) if _may_be_a_mask(node) else None
-        if proof is not None:
-            found.append((position, proof))
+        if _computed_tensor(node):
+            proof = _proof(node)
+            if proof is not None or _built_as_a_mask(node):
+                found.append((position, proof))
     return tuple(found)
 
 
@@ -66,12 +73,17 @@ def _written_inputs(graph: Graph) -> tuple[int, ...]:
     return tuple(i for i, node in enumerate(placeholders) if is_written(node))
 
 
-def _may_be_a_mask(value: Any) -> bool:
-    """A computed (not handed-in) boolean or floating tensor of at least two dimensions, not written in place."""
+def _computed_tensor(value: Any) -> bool:
+    """A computed (not handed-in), unwritten boolean or floating tensor of at least two dimensions."""
     if not isinstance(value, Node) or value.op in ("placeholder", "get_attr") or is_written(value):
         return False
     meta = tensor_meta(value)
     return meta is not None and meta.dim() >= 2 and (meta.dtype == torch.bool or meta.dtype.is_floating_point)
+
+
+def _built_as_a_mask(node: Node) -> bool:
+    """Boolean, or an additive mask of 0 and one fill (``masks.zero_or_fill``)."""
+    return tensor_meta(node).dtype == torch.bool or zero_or_fill(node) is not None
 
 
 def _proof(node: Node) -> Optional[CausalProof]:
@@ -92,37 +104,46 @@ def _proof(node: Node) -> Optional[CausalProof]:
     return CausalProof(kind, pattern.alignment, fill) if kind == "mask" or fill is not None else None
 
 
+@dataclass
+class Record:
+    """What is known of one tensor a compiled graph built as a mask: its proof, if any, and the causal readings the
+    layers that read it found (``(kind, alignment)`` -> the lowest fill threshold its masked entries were found under)."""
+
+    proof: Optional[CausalProof]
+    version: int
+    address: int
+    found: dict = field(default_factory=dict)
+
+
 class CarriedProofs:
-    """The tensors built by compiled graphs and proven causal, while they live and stay unwritten."""
+    """The tensors compiled graphs built as masks, while they live and stay unwritten."""
 
     def __init__(self) -> None:
-        self._proofs: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._records: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
-    def note(self, outputs: Any, proven: tuple[tuple[int, CausalProof], ...]) -> None:
-        """Record the proven outputs of one call of a graph (``outputs``: what it returned)."""
+    def note(self, outputs: Any, masks: tuple[tuple[int, Optional[CausalProof]], ...]) -> None:
+        """Record the mask outputs of one call of a graph (``outputs``: what it returned)."""
         values = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
-        for position, proof in proven:
+        for position, proof in masks:
             tensor = values[position] if position < len(values) else None
             if isinstance(tensor, torch.Tensor) and not is_traced(tensor):
-                self._proofs[tensor] = (proof, tensor._version, tensor.data_ptr())
+                self._records[tensor] = Record(proof, tensor._version, tensor.data_ptr())
 
-    def proof_of(self, tensor: torch.Tensor) -> Optional[CausalProof]:
-        """The proof recorded for ``tensor``, if it is still the tensor that was proven, unwritten since."""
-        found = self._proofs.get(tensor)
-        if found is None:
+    def record_of(self, tensor: torch.Tensor) -> Optional[Record]:
+        """The record of ``tensor``, if it is still the tensor that was built, unwritten since."""
+        record = self._records.get(tensor)
+        if record is None or tensor._version != record.version or tensor.data_ptr() != record.address:
             return None
-        proof, version, address = found
-        return proof if tensor._version == version and tensor.data_ptr() == address else None
+        return record
 
     def forget(self, tensors: Any) -> None:
         """Drop the records of ``tensors`` (the inputs a graph is about to write in place)."""
         for tensor in tensors:
             if isinstance(tensor, torch.Tensor):
-                self._proofs.pop(tensor, None)
+                self._records.pop(tensor, None)
 
     def __len__(self) -> int:
-        return len(self._proofs)
+        return len(self._records)
 
 
 CARRIED = CarriedProofs()
-

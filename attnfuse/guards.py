@@ -12,6 +12,7 @@ compiler or CUDA-graph capture, where nothing can be read, the recomputed mask i
 """
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
@@ -102,7 +103,8 @@ class RunTimeCausal:
         if kind not in ("bias", "mask"):
             raise ValueError(f"attnfuse: a run-time causal check reads a 'bias' or a 'mask', not {kind!r}")
         self.kind, self.threshold = kind, threshold
-        # ``proven``: the causal calls whose tensor the graph that built it proved causal (``attnfuse.carried``)
+        # ``proven``: the causal calls that read nothing: the tensor's build proved it, or an earlier layer read it
+        # (``attnfuse.carried``)
         self.calls = {"causal": 0, "as given": 0, "proven": 0}
         self._triangles: dict[tuple, object] = {}
 
@@ -117,12 +119,21 @@ class RunTimeCausal:
             found = True
         else:
             found = alignment is not None and self._holds(call, alignment)
+            if found:
+                self._remember(call, alignment)
         self.calls["causal" if found else "as given"] += 1
         return alignment if found else None
 
     def _proven(self, call: "AttentionCall", alignment: str) -> bool:
-        """Whether the call's tensor is one a compiled graph built and proved to be this triangle, unwritten since."""
-        proof = CARRIED.proof_of(call.bias if self.kind == "bias" else call.keep)
+        """Whether the call's tensor is one a compiled graph built as a mask, unwritten since, and proved, or found by
+        an earlier read, to be this triangle (``attnfuse.carried``)."""
+        record = CARRIED.record_of(self._tensor(call))
+        if record is None:
+            return False
+        threshold = record.found.get((self.kind, alignment))
+        if threshold is not None:
+            return self.kind == "mask" or threshold <= self.threshold
+        proof = record.proof
         if proof is None or proof.kind != self.kind:
             return False
         L, S = call.q.shape[-2], call.k.shape[-2]
@@ -131,6 +142,16 @@ class RunTimeCausal:
         if proof.alignment != alignment and L != S:
             return False
         return self.kind == "mask" or proof.fill <= self.threshold
+
+    def _remember(self, call: "AttentionCall", alignment: str) -> None:
+        """Record on the tensor's ``attnfuse.carried`` record, if it has one, that it held this triangle."""
+        record = CARRIED.record_of(self._tensor(call))
+        if record is not None:
+            key = (self.kind, alignment)
+            record.found[key] = min(record.found.get(key, math.inf), self.threshold)
+
+    def _tensor(self, call: "AttentionCall") -> torch.Tensor:
+        return call.bias if self.kind == "bias" else call.keep
 
     def _candidate(self, call: "AttentionCall") -> Optional[str]:
         """The one alignment the call's tensor could hold, where it is the call's only mask; else None."""

@@ -259,8 +259,8 @@ class SiteReport:
     @property
     def all_features(self) -> dict:
         """``features`` and, for a site checked per call for the causal triangle, how many calls so far were read
-        as causal (``calls_read_as_causal``; ``calls_causal_by_proof`` of them without reading the tensor, proven where
-        it was built: ``attnfuse.carried``) and how many ran with the tensor (``calls_run_with_it``)."""
+        as causal (``calls_read_as_causal``; ``calls_causal_by_proof`` of them without reading the tensor: proven where
+        it was built, or read by an earlier layer, ``attnfuse.carried``) and how many ran with it (``calls_run_with_it``)."""
         counts = self.record.causal_checks if self.record is not None and self.status == "fused" else None
         if counts is None:
             return self.features
@@ -318,13 +318,13 @@ def _feature_summary(features: dict) -> str:
 
 
 def _causal_calls(features: dict) -> str:
-    """`` (causal on 3 of 4 calls of its graph, 2 proven where the mask was built)``, from the per-call counts
+    """`` (causal on 3 of 4 calls of its graph, 2 without reading the mask)``, from the per-call counts
     ``SiteReport.to_dict`` adds; empty before any call."""
     causal, given = features.get("calls_read_as_causal"), features.get("calls_run_with_it")
     if causal is None or not causal + given:
         return ""
     proven = features.get("calls_causal_by_proof")
-    by_proof = f", {proven} proven where the mask was built" if proven else ""
+    by_proof = f", {proven} without reading the mask" if proven else ""
     return f" (causal on {causal} of {causal + given} calls of its graph{by_proof})"
 
 

@@ -98,10 +98,12 @@ def test_a_mask_built_before_the_layers_is_proven_exactly_when_it_is_the_triangl
     counts = checked_counts(model)
     keeps_all = (L if L <= S else S) == 1  # the triangle keeps every key: so does any causal-shaped build
     if how in CAUSAL_BUILDS or (how == "top-left at L < S" and extra == 0) or (how == "window" and L <= 2) or (
-            keeps_all and how in ("diagonal+1", "top-left at L < S", "keep everything")):
+            keeps_all and how in ("diagonal+1", "keep everything")):
         assert counts["proven"] == counts["causal"] > 0 and counts["as given"] == 0, counts
+    elif how == "padded" and L > 1 and counts["causal"]:  # a triangle here only where no row loses its key
+        assert counts["proven"] < counts["causal"], counts  # read by the first layer of each forward, not proven
     else:
-        assert counts["proven"] == 0, counts
+        assert counts["causal"] == counts["proven"] == 0, counts
 
 
 def test_layers_read_a_proven_mask_without_a_host_read(monkeypatch):
@@ -115,7 +117,7 @@ def test_layers_read_a_proven_mask_without_a_host_read(monkeypatch):
         calls, reads = spy_on_sdpa(monkeypatch), count_host_reads(monkeypatch)
         torch.testing.assert_close(model(q, k, v), module(q, k, v))
     assert calls == [(False, True)] * 3 and reads == []
-    assert "(causal on 6 of 6 calls of its graph, 6 proven where the mask was built)" in str(attnfuse.report(model))
+    assert "(causal on 6 of 6 calls of its graph, 6 without reading the mask)" in str(attnfuse.report(model))
 
 
 class WritesBetween(nn.Module):

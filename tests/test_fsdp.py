@@ -71,3 +71,6 @@ def test_every_layer_runs_causal(sharded, order):
         for features in entry["features"]:
             assert features["causal_checked_per_call"] == "bias", entry["text"]
             assert features["calls_read_as_causal"] > 0 and features["calls_run_with_it"] == 0, entry["text"]
+            if order != "compile_blocks":  # the root's graph built the mask: at most one layer a forward reads it
+                read = features["calls_read_as_causal"] - features["calls_causal_by_proof"]
+                assert read * CONFIG["layers"] <= features["calls_read_as_causal"], entry["text"]
