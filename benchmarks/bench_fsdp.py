@@ -204,13 +204,16 @@ def _result(run: Run) -> dict[str, Any]:
 
 
 def _causal_calls(report: attnfuse.FusionReport) -> Optional[list[int]]:
-    """``[calls read as causal, calls checked]`` over the compiled sites whose run-time mask is checked per call for
-    the causal triangle (each compiled graph once; its layers share its counts), or None where no site is."""
+    """``[calls read as causal, calls checked, causal calls that read nothing]`` over the compiled sites whose run-time
+    mask is checked per call for the causal triangle (each compiled graph once; its layers share its counts; the
+    last: proven where the mask was built, or read by an earlier layer, ``attnfuse.carried``), or None where no
+    site is."""
     counts = [site.record.causal_checks for graph in report.graphs for site in graph.sites
               if site.status == "fused" and site.record is not None and site.record.causal_checks is not None]
     if not counts:
         return None
-    return [sum(c["causal"] for c in counts), sum(c["causal"] + c["as given"] for c in counts)]
+    return [sum(c["causal"] for c in counts), sum(c["causal"] + c["as given"] for c in counts),
+            sum(c["proven"] for c in counts)]
 
 
 def _print(payload: dict[str, Any]) -> None:
@@ -221,14 +224,16 @@ def _print(payload: dict[str, Any]) -> None:
           f"{payload['config']['kv_heads']}, {payload['config']['batch']} x {payload['config']['tokens']} tokens a "
           f"rank, {payload['config']['dtype']}")
     print(f"{'variant':22} {'ms/step':>9} {'vs sdpa':>8} {'peak GB':>8} {'max |loss - sdpa|':>18} {'fused':>6} "
-          f"{'causal calls':>13}")
+          f"{'causal calls':>13} {'unread':>7}")
     for variant, result in results.items():
         ratio = f"{result['best_ms'] / base['best_ms']:.3f}" if base else "-"
         diff = (f"{max(abs(a - b) for a, b in zip(result['losses'], base['losses'])):.2e}" if base else "-")
         peak = f"{result['peak_gb']:.2f}" if result["peak_gb"] is not None else "-"
         fused = "-" if result["fused"] is None else str(result["fused"])
-        causal = "-" if result["causal_calls"] is None else "{}/{}".format(*result["causal_calls"])
-        print(f"{variant:22} {result['best_ms']:9.2f} {ratio:>8} {peak:>8} {diff:>18} {fused:>6} {causal:>13}")
+        causal = "-" if result["causal_calls"] is None else "{}/{}".format(*result["causal_calls"][:2])
+        unread = "-" if result["causal_calls"] is None else str(result["causal_calls"][2])
+        print(f"{variant:22} {result['best_ms']:9.2f} {ratio:>8} {peak:>8} {diff:>18} {fused:>6} {causal:>13} "
+              f"{unread:>7}")
 
 
 if __name__ == "__main__":
