@@ -185,8 +185,8 @@ def _shares_kv_heads_with_a_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     kernel, which computes the same."""
     if is_traced(q):
         return False
-    key = (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, q.device, attn_mask.shape,
-           attn_mask.stride(), attn_mask.dtype, dropout_p > 0, scale, order,
+    key = (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, q.device, type(attn_mask),
+           attn_mask.shape, attn_mask.stride(), attn_mask.dtype, dropout_p > 0, scale, order,
            q.requires_grad or k.requires_grad or v.requires_grad or attn_mask.requires_grad)
     found = _SHARED_HEADS.peek(key)
     if found is None:
