@@ -27,7 +27,7 @@ from attnfuse.caches import Cache
 from attnfuse.kernels.autotune import autotune_order
 from attnfuse.kernels.call import AttentionCall, Inexact, Kernel, KernelFailed, index_grid, refused_by_fused_kernels
 from attnfuse.kernels.kernel_scope import kernel_scope
-from attnfuse.kernels.rows import rows_without_keys, unread_rows_without_keys
+from attnfuse.kernels.rows import keep_rows_without_keys, rows_without_keys, unread_rows_without_keys
 from attnfuse.masking import combined_keep
 from attnfuse.tracing import is_traced
 from attnfuse.memo import host_bool, host_readable, host_values
@@ -357,11 +357,12 @@ def _run(call: AttentionCall) -> torch.Tensor:
     if call.dropout_p > 0:  # the rows decide how the kernel is called: read at once
         dead, any_dead = rows_without_keys(keep, causal, L, S, q.device, window, full_keep), None
     elif padding_only:  # nothing read: the rows are written back (or kept uniform) unconditionally
-        dead, any_dead = ~full_keep.any(-1, keepdim=True), None
+        dead, any_dead = keep_rows_without_keys(keep, causal, L, S, q.device, window, full_keep), None
     else:
         dead, any_dead = unread_rows_without_keys(keep, causal, L, S, q.device, window, full_keep)
     q_run, keep_run, bias_run = q, full_keep, call.bias
-    if padding_only and call.dropout_p == 0 and call.fully_masked_rows == "mean" and call.bias is None:
+    if padding_only and call.dropout_p == 0 and call.fully_masked_rows == "mean" and call.bias is None and \
+            dead is not None:
         # such a row keeps all its (zeroed) keys: its scores are 0, and the kernel itself gives the
         # uniform average, the mean of v, so nothing is written back
         keep_run, dead = full_keep | dead, None
