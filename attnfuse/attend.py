@@ -138,17 +138,20 @@ def checked_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: Opti
     validated kernels): what a rewritten site calls, whose plan guarantees that form, without the checks."""
     if k.dim() == 3:
         k, v = k.unsqueeze(1), v.unsqueeze(1)
-    B, H = q.shape[:2]
-    if H % k.shape[1]:
-        raise ValueError(f"attend: {H} query heads cannot share {k.shape[1]} kv heads evenly")
-    if k.shape[0] != B:
+    B, H, L, E = q.shape  # read once: a shape query costs as much as a small Python call
+    kb, Hk, S = k.shape[:3]
+    if H % Hk:
+        raise ValueError(f"attend: {H} query heads cannot share {Hk} kv heads evenly")
+    if kb != B:
         k, v = k.expand(B, *k.shape[1:]), v.expand(B, *v.shape[1:])
-    if bias is not None and bias.dtype != q.dtype and bias.dtype != bias_dtype(q.dtype, bias.dtype):
-        bias, bias_fill = bias.to(bias_dtype(q.dtype, bias.dtype)), None
-    if _keeps_every_key(causal, window, q.shape[-2], k.shape[-2]):
-        causal, window = None, None
+    if bias is not None:
+        dtype = q.dtype
+        if bias.dtype != dtype and bias.dtype != bias_dtype(dtype, bias.dtype):
+            bias, bias_fill = bias.to(bias_dtype(dtype, bias.dtype)), None
+    if causal == "bottom_right" and L == 1 and S >= 1 and (window is None or window >= S):
+        causal, window = None, None  # ``_keeps_every_key``, inline: a decode step's triangle masks nothing
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    scale_value = q.shape[-1] ** -0.5 if scale is None else scale
+    scale_value = E ** -0.5 if scale is None else scale
     facts = CallFacts()
     if bias is not None and bias_fill is not None and not needs_grad:
         bias, bias_fill = within_kernel_range(bias, bias_fill, facts)
@@ -158,10 +161,11 @@ def checked_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: Opti
                          fully_masked_rows, needs_grad, allowed, autotune, on_kernel, facts, bias_fill)
     if context_parallel_active():  # the sequence is sharded: only the ringed kernels, or a clear refusal
         return attend_context_parallel(call)
-    alignment = maybe_causal.causal_reading(call) if maybe_causal is not None else None
-    if alignment is not None:
-        every_key = _keeps_every_key(alignment, None, q.shape[-2], k.shape[-2])
-        call = replace(call, keep=None, bias=None, causal=None if every_key else alignment)
+    if maybe_causal is not None:
+        alignment = maybe_causal.causal_reading(call)
+        if alignment is not None:
+            every_key = _keeps_every_key(alignment, None, L, S)
+            call = replace(call, keep=None, bias=None, causal=None if every_key else alignment)
     out, call = _run_first_kernel(call)
     out = restore_rows(out, call)
     facts.folded = None  # the folded call refers to ``facts``: no reference cycle keeps the tensors alive

@@ -47,6 +47,11 @@ class Cache(Generic[V]):
         with self._lock:
             return self._get(key, default)
 
+    def peek(self, key: Hashable, default: Any = None) -> Any:
+        """The value stored for ``key``, else ``default``, read without the lock and without making the entry the most
+        recently used: for caches of values cheap to rebuild, read at every fused call (one dict read is atomic)."""
+        return self._entries.get(key, default)
+
     def _get(self, key: Hashable, default: Any) -> Any:
         value = self._entries.get(key, _MISSING)
         if value is _MISSING:

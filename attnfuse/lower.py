@@ -126,6 +126,13 @@ class SitePlan:
         object.__setattr__(self, "_checks_binary_masks", any(self.mask_binary))
         object.__setattr__(self, "_reads_values", self.dominance is not None or self.live_rows or
                            any(self.mask_binary) or self.causal_guard is not None)
+        # the per-call checks that may run the original or change the mask; a plan with none skips them as a group
+        object.__setattr__(self, "_checks_call", self._reads_values or self.keys_in_every_row or
+                           self.added_mask is not None)
+        object.__setattr__(self, "_moves_operands", any(layout._permutes or layout.missing
+                                                        for layout in (self.q, self.k, self.v)))
+        # one additive term taken as it is (a floating 4-d bias, coefficient 1, scores already 4-d): no sum to build
+        object.__setattr__(self, "_one_plain_bias", self.bias_coefficients == (1.0,) and self.batch_rank == 2)
         # the two runs ``run_site`` hands ``differentiable_twice``, built once rather than at every call
         object.__setattr__(self, "_compute", partial(compute_site, self))
         object.__setattr__(self, "_recompute", partial(compute_site, self, kernels=("math",)))
@@ -309,12 +316,13 @@ def _combined_bias(biases: tuple, plan: SitePlan, batch_shape: tuple[int, ...],
 def compute_site(plan: SitePlan, *tensors: torch.Tensor, kernels: Optional[tuple[str, ...]] = None) -> torch.Tensor:
     """Compute one rewritten site: layouts to 4-d, masks and biases combined, one ``attend`` call."""
     given = plan.inputs.split(tensors)
-    dropout = dropout_p(given, plan.dropout_p)
-    masks, biases, factors, leaves, guarded = given.masks, given.biases, given.factors, given.leaves, given.guards
+    dropout = dropout_p(given, plan.dropout_p) if given.dropout else plan.dropout_p
+    masks, biases, factors = given.masks, given.biases, given.factors
     q, k, v = given.q, given.k, given.v
     if plan.bias_program is not None:
-        plan.bias_program.leaf_values = leaves
-    q, k, v = plan.q.apply(q), plan.k.apply(k), plan.v.apply(v)
+        plan.bias_program.leaf_values = given.leaves
+    if plan._moves_operands:
+        q, k, v = plan.q.apply(q), plan.k.apply(k), plan.v.apply(v)
     batch_shape = _same_batch(q, k, v, plan)
     if batch_shape is None:
         batch_shape = _scores_batch(q, k, v, plan)
@@ -328,18 +336,50 @@ def compute_site(plan: SitePlan, *tensors: torch.Tensor, kernels: Optional[tuple
     if factors:
         q, scale = _fold_factors(q, scale, factors, plan, batch_shape)
         q = q if q.dtype == dtype else q.to(dtype)
+    keep = keep_from_masks(masks, plan.mask_negated, lambda mask: _score_operand(mask, plan, batch_shape)) \
+        if masks else None
+    if not biases:
+        bias = None
+    elif plan._one_plain_bias and biases[0].dim() == 4 and biases[0].is_floating_point():
+        bias = biases[0]
+    else:
+        bias = _combined_bias(biases, plan, batch_shape, dtype)
+    causal, window = plan.causal, plan.window
+    if plan._checks_call:
+        checked = _checked_call(plan, tensors, q, k, scale, given, keep, bias, batch_shape)
+        if isinstance(checked, torch.Tensor):  # a check failed: the site's own ops ran
+            return checked
+        keep, bias, causal, window = checked
+    record = plan.record if kernels is None and plan.record.kernel is None else None
+    # a buffer mask that replaced the causal flag on this call is checked as any user's mask; the plan guarantees
+    # the checked form (``attend.checked_attend``) of everything else
+    run = checked_attend if plan.causal_guard is None else _attend_with_checks
+    out = run(q, k, v, keep, bias, causal, window, plan.softcap, plan.bias_program, plan.bias_fill, scale, dropout,
+              plan.fully_masked_rows, kernels or plan.kernels, plan.autotune, record,
+              plan.run_time_causal)
+    if plan.batch_rank != 2:
+        out = _from_4d(out, plan, batch_shape)
+    if plan._permutes_out:
+        out = out.permute(plan.out_perm)
+    if plan.contiguous_out:
+        out = out.contiguous()
+    return out if out.dtype == plan.out_dtype else out.to(plan.out_dtype)
+
+
+def _checked_call(plan: SitePlan, tensors: tuple, q: torch.Tensor, k: torch.Tensor, scale: float, given: object,
+                  keep: Optional[torch.Tensor], bias: Optional[torch.Tensor], batch_shape: tuple[int, ...]):
+    """The plan's per-call checks of this call's values: the site's own output where one fails (its ops run), else
+    ``(keep, bias, causal, window)`` as the fused call takes them."""
+    masks, biases = given.masks, given.biases
     if plan._reads_values and context_parallel_active():
         raise ContextParallelError(_check_on_shard(plan))
     if plan.keys_in_every_row and not _every_row_keeps_a_key(plan.causal, q.shape[-2], k.shape[-2]):
         return _run_original(plan, tensors, "a causal row keeps no key on this call")
     if plan._checks_binary_masks and not _binary_masks_hold(masks, plan):
         return _run_original(plan, tensors, "a mask multiplying the scores is not 0/1 on this call")
-    keep = keep_from_masks(masks, plan.mask_negated, lambda mask: _score_operand(mask, plan, batch_shape)) \
-        if masks else None
-    bias = _combined_bias(biases, plan, batch_shape, dtype) if biases else None
     causal = plan.causal
     if plan.causal_guard is not None:
-        changed = plan.causal_guard.changed_mask(guarded, q.shape[-2], k.shape[-2])
+        changed = plan.causal_guard.changed_mask(given.guards, q.shape[-2], k.shape[-2])
         if changed is not None:  # the buffer no longer holds the causal triangle: use it as a mask
             changed = _score_operand(changed, plan, batch_shape)
             keep, causal = (changed if keep is None else keep & changed), None
@@ -357,17 +397,7 @@ def compute_site(plan: SitePlan, *tensors: torch.Tensor, kernels: Optional[tuple
             q, k, scale, plan.softcap, [b if c == 1.0 else b * c for b, c in zip(biases, plan.bias_coefficients)],
             bias, full_keep):
         return _run_original(plan, tensors, "the fill did not mask on this call")
-    record = plan.record if plan.record.kernel is None and kernels is None else None
-    # a buffer mask that replaced the causal flag on this call is checked as any user's mask; the plan guarantees
-    # the checked form (``attend.checked_attend``) of everything else
-    run = checked_attend if plan.causal_guard is None else _attend_with_checks
-    out = run(q, k, v, keep, bias, causal, window, plan.softcap, plan.bias_program, plan.bias_fill, scale, dropout,
-              plan.fully_masked_rows, kernels or plan.kernels, plan.autotune, record,
-              plan.run_time_causal)
-    out = _from_4d(out, plan, batch_shape)
-    out = out.permute(plan.out_perm) if plan._permutes_out else out
-    out = out.contiguous() if plan.contiguous_out else out
-    return out if out.dtype == plan.out_dtype else out.to(plan.out_dtype)
+    return keep, bias, causal, window
 
 
 def _attend_with_checks(q, k, v, keep, bias, causal, window, softcap, bias_fn, bias_fill, scale, dropout_p,
@@ -401,9 +431,12 @@ def _binary_masks_hold(masks: tuple, plan: SitePlan) -> bool:
 
 def run_site(plan: SitePlan, *tensors: torch.Tensor) -> torch.Tensor:
     """One rewritten site, with a backward that is itself differentiable (``create_graph=True``)."""
-    # the inputs are split (by ``compute_site``) only where the site reads p on each call
-    random = (dropout_p(plan.inputs.split(tensors), plan.dropout_p) if plan.inputs.dropout else plan.dropout_p) > 0
     try:
+        if not torch.is_grad_enabled():  # no backward to prepare (``differentiable_twice`` would run it so)
+            return compute_site(plan, *tensors)
+        # the inputs are split (by ``compute_site``) only where the site reads p on each call
+        random = (dropout_p(plan.inputs.split(tensors), plan.dropout_p) if plan.inputs.dropout
+                  else plan.dropout_p) > 0
         return differentiable_twice(plan._compute, plan._recompute, tensors, fresh_output=plan.output_written,
                                     random=random)
     except ContextParallelError as error:

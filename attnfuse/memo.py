@@ -47,3 +47,9 @@ def host_bools(*flags: torch.Tensor) -> Optional[list[bool]]:
     if len(flags) == 1:  # nothing to gather: one read, without a stack
         return [bool(flags[0])]
     return [bool(x) for x in torch.stack([f.reshape(()) for f in flags]).tolist()]
+
+
+def host_values(values: torch.Tensor) -> Optional[list]:
+    """The values of a small tensor (flags and sums packed together) read with one synchronization, or None where
+    they cannot be read (see ``host_readable``)."""
+    return values.reshape(-1).tolist() if host_readable(values) else None

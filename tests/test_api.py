@@ -144,6 +144,7 @@ def test_verify_catches_a_rewrite_wrong_only_on_fully_masked_rows(monkeypatch):
 
     monkeypatch.setattr(sys.modules["attnfuse.kernels.rows"], "restore_fully_masked_rows", lambda out, v, dead, mode: out)
     monkeypatch.setattr(sys.modules["attnfuse.kernels.sdpa"], "unread_rows_without_keys", lambda *args: (None, None))
+    monkeypatch.setattr(sys.modules["attnfuse.kernels.sdpa"], "keep_rows_without_keys", lambda *args: None)
     model = PaddingStyle().eval()
     q, k, v = (torch.randn(2, 2, 4, 8) for _ in range(3))
     mask = torch.ones(2, 4, dtype=torch.bool)

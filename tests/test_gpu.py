@@ -392,3 +392,31 @@ def test_run_time_causal_bias_runs_is_causal_on_cuda(dtype, monkeypatch):
         call_and_compare(model, BiasArgument(), q, k, v, mask, atol)
         assert seen and seen[0] == ("tensor" if padded else "causal"), seen
     assert site_counts(model)["causal"] >= 1
+
+
+@pytest.mark.parametrize("bad", [None, float("nan")])
+def test_long_cache_key_padding_on_cuda_reads_once_and_matches(bad):
+    """A decode step over a padded cache past the zeroing limit (k not copied): the rows without keys and the output's
+    leak check are one host read; a NaN in a padded key reruns unfused; a fully padded sequence gets the mean of v;
+    a second call (the shared-heads answer remembered) gives the same output."""
+    g = torch.Generator(device="cuda").manual_seed(3)
+    S = 40000  # k of 2 x 2 x 40000 x 64 bf16 is past ``kernels.sdpa.ZEROING_LIMIT_BYTES``
+    q = torch.randn(3, 8, 1, 64, device="cuda", generator=g)
+    k, v = (torch.randn(3, 2, S, 64, device="cuda", generator=g) for _ in range(2))
+    keep = torch.ones(3, 1, 1, S, dtype=torch.bool, device="cuda")
+    keep[1, ..., :S // 4] = False
+    keep[2] = False
+    if bad is not None:
+        k[1, :, 7] = bad
+
+    def original(q, k, v):
+        scores = q @ k.repeat_interleave(4, 1).transpose(-1, -2) / 8
+        return scores.masked_fill(~keep, torch.finfo(scores.dtype).min).softmax(-1) @ v.repeat_interleave(4, 1)
+
+    half = [t.bfloat16() for t in (q, k, v)]
+    with torch.no_grad():
+        expected = original(q, k, v)
+        first = attnfuse.attend(*half, mask=keep, fully_masked_rows="mean")
+        second = attnfuse.attend(*half, mask=keep, fully_masked_rows="mean")
+    torch.testing.assert_close(first.float(), expected, atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(second, first)

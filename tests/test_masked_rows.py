@@ -265,7 +265,7 @@ def _count_host_reads(monkeypatch) -> list:
 
     for module in (rows, sdpa):
         monkeypatch.setattr(module, "host_bool", counting(memo.host_bool))
-    monkeypatch.setattr(sdpa, "host_bools", counting(memo.host_bools))
+    monkeypatch.setattr(sdpa, "host_values", counting(memo.host_values))
     return reads
 
 

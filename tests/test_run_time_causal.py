@@ -183,7 +183,7 @@ def count_host_reads(monkeypatch) -> list:
         return counted
 
     for module in (guards, rows, sdpa):
-        for name in ("host_bool", "host_bools"):
+        for name in ("host_bool", "host_bools", "host_values"):
             if hasattr(module, name):
                 monkeypatch.setattr(module, name, counting(getattr(memo, name)))
     return reads

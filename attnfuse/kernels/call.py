@@ -49,7 +49,7 @@ class CallFacts:
     far_rows: Optional[torch.Tensor] = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class AttentionCall:
     """``softmax(mods(scale * q k^T) + bias, masked) @ v`` for one call of ``attend``.
 
@@ -78,6 +78,19 @@ class AttentionCall:
     on_kernel: Optional[Callable[[str], None]] = field(compare=False)
     facts: CallFacts = field(compare=False, repr=False)  # a fresh ``CallFacts()`` per call
     bias_fill: Optional[float] = None  # the bias holds only 0 and this fill, within the kernels' range (``attend``)
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: Optional[torch.Tensor],
+                 bias: Optional[torch.Tensor], causal: Optional[str], window: Optional[int], softcap: Optional[float],
+                 bias_fn: Optional[Callable[[tuple], torch.Tensor]], scale: Optional[float], scale_value: float,
+                 dropout_p: float, fully_masked_rows: str, needs_grad: bool, allowed: Optional[tuple[str, ...]],
+                 autotune: bool, on_kernel: Optional[Callable[[str], None]], facts: CallFacts,
+                 bias_fill: Optional[float] = None) -> None:
+        # the fields set in one step: a frozen dataclass's generated ``__init__`` sets each through
+        # ``object.__setattr__``, a cost every fused call pays (``docs/benchmarks.md``, session 6)
+        self.__dict__.update(q=q, k=k, v=v, keep=keep, bias=bias, causal=causal, window=window, softcap=softcap,
+                             bias_fn=bias_fn, scale=scale, scale_value=scale_value, dropout_p=dropout_p,
+                             fully_masked_rows=fully_masked_rows, needs_grad=needs_grad, allowed=allowed,
+                             autotune=autotune, on_kernel=on_kernel, facts=facts, bias_fill=bias_fill)
 
     def with_positive_scale(self) -> "AttentionCall":
         """The same call with a negative scale folded into q (``-q``, a pass over q): fused kernels track

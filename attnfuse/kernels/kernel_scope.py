@@ -8,7 +8,7 @@ since Dynamo knows how to trace it.
 """
 from __future__ import annotations
 
-from typing import ContextManager
+from typing import ContextManager, Sequence
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -33,9 +33,16 @@ _FLAGS = _bind_flags()
 
 
 _IDS = {backend: int(backend) for backend in SDPBackend.__members__.values()} if _FLAGS else {}
-_GETTERS = tuple(get for _, get, _ in _FLAGS)
+_GETTERS = tuple(get for _, get, _ in _FLAGS[:-1])
 _FLAG_SETTERS = tuple(set_flag for _, _, set_flag in _FLAGS[:-1])
+_GET_PRIORITY = _FLAGS[-1][1] if _FLAGS else None
 _SET_PRIORITY = _FLAGS[-1][2] if _FLAGS else None
+
+
+def _current_flags() -> tuple[bool, ...]:
+    """Each SDPA flag's current value, in ``_FLAG_NAMES``' order (one C call a flag, no loop)."""
+    cudnn, flash, efficient, math, overrideable = _GETTERS
+    return cudnn(), flash(), efficient(), math(), overrideable()
 
 
 class _OrderState:
@@ -46,7 +53,7 @@ class _OrderState:
 
     def __init__(self, order: tuple[SDPBackend, ...]) -> None:
         self.wanted = [_IDS[backend] if backend in _IDS else int(backend) for backend in order]
-        self.flags = [backend in self.wanted for backend, _, _ in _FLAGS[:-1]]
+        self.flags = tuple(backend in self.wanted for backend, _, _ in _FLAGS[:-1])
         self.priorities: dict[tuple[int, ...], list[int]] = {}
 
     def priority(self, current: list[int]) -> list[int]:
@@ -61,36 +68,46 @@ _STATES: dict[tuple[SDPBackend, ...], _OrderState] = {}  # per order (a handful:
 
 
 class _Scope:
-    """Sets only the flags and priority that differ from the current state, and restores only those."""
+    """Sets only the flags and priority that differ from the current state, and restores only those (the usual
+    call, whose flags already match, compares one tuple)."""
 
-    __slots__ = ("state", "saved", "priority_set")
+    __slots__ = ("state", "saved_flags", "saved_priority")
 
     def __init__(self, state: _OrderState) -> None:
         self.state = state
 
     def __enter__(self) -> None:
-        saved = self.saved = [get() for get in _GETTERS]
-        for set_flag, value, current in zip(_FLAG_SETTERS, self.state.flags, saved):
-            if value != current:
-                set_flag(value)
-        priority = self.state.priority(saved[-1])
-        self.priority_set = priority != saved[-1]
-        if self.priority_set:
-            _SET_PRIORITY(priority)
+        wanted = self.state.flags
+        current = _current_flags()
+        if current == wanted:
+            self.saved_flags = None
+        else:
+            self.saved_flags = current
+            for set_flag, value, was in zip(_FLAG_SETTERS, wanted, current):
+                if value != was:
+                    set_flag(value)
+        priority = _GET_PRIORITY()
+        target = self.state.priority(priority)
+        if target == priority:
+            self.saved_priority = None
+        else:
+            self.saved_priority = priority
+            _SET_PRIORITY(target)
 
     def __exit__(self, *exc) -> None:
-        saved = self.saved
-        for set_flag, value, current in zip(_FLAG_SETTERS, saved, self.state.flags):
-            if value != current:
-                set_flag(value)
-        if self.priority_set:
-            _SET_PRIORITY(saved[-1])
+        saved = self.saved_flags
+        if saved is not None:
+            for set_flag, value, was in zip(_FLAG_SETTERS, saved, self.state.flags):
+                if value != was:
+                    set_flag(value)
+        if self.saved_priority is not None:
+            _SET_PRIORITY(self.saved_priority)
 
 
-def kernel_scope(order: list[SDPBackend], q: torch.Tensor) -> ContextManager:
+def kernel_scope(order: Sequence[SDPBackend], q: torch.Tensor) -> ContextManager:
     """Only the kernels of ``order`` enabled, tried in that order, for SDPA calls inside the scope."""
     if not _FLAGS or is_traced(q):
-        return sdpa_kernel(order, set_priority=True)
+        return sdpa_kernel(list(order), set_priority=True)
     key = tuple(order)
     state = _STATES.get(key)
     if state is None:

@@ -88,12 +88,19 @@ def unread_rows_without_keys(keep: Optional[torch.Tensor], causal: Optional[str]
                              full_keep: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(rows, any_row)`` of a keep-mask, not yet read on the host, so the caller can read the flag
     together with another one (one synchronization instead of two)."""
-    if full_keep is None and causal is not None and keep is not None and keep.dim() == 4 and keep.shape[-2] == 1:
-        dead = _key_mask_rows_without_keys(keep, causal, L, S, window)
-    else:
-        full = full_keep if full_keep is not None else combined_keep(keep, causal, L, S, device, window)
-        dead = ~full.any(-1, keepdim=True)
+    dead = keep_rows_without_keys(keep, causal, L, S, device, window, full_keep)
     return dead, dead.any()
+
+
+def keep_rows_without_keys(keep: Optional[torch.Tensor], causal: Optional[str], L: int, S: int,
+                           device: torch.device, window: Optional[int] = None,
+                           full_keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The rows of a keep-mask that keep no key (a boolean broadcastable to ``(B, H, L, 1)``), on the device: for
+    a caller that writes them back unconditionally and needs no flag."""
+    if full_keep is None and causal is not None and keep is not None and keep.dim() == 4 and keep.shape[-2] == 1:
+        return _key_mask_rows_without_keys(keep, causal, L, S, window)
+    full = full_keep if full_keep is not None else combined_keep(keep, causal, L, S, device, window)
+    return ~full.any(-1, keepdim=True)
 
 
 def _key_mask_rows_without_keys(keep: torch.Tensor, causal: str, L: int, S: int,

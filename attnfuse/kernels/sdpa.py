@@ -13,6 +13,7 @@ no SDPA kernel computes exactly (a softcap; on CUDA a bias wider than q that nar
 """
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Optional
 
@@ -26,10 +27,10 @@ from attnfuse.caches import Cache
 from attnfuse.kernels.autotune import autotune_order
 from attnfuse.kernels.call import AttentionCall, Inexact, Kernel, KernelFailed, index_grid, refused_by_fused_kernels
 from attnfuse.kernels.kernel_scope import kernel_scope
-from attnfuse.kernels.rows import rows_without_keys, unread_rows_without_keys
+from attnfuse.kernels.rows import keep_rows_without_keys, rows_without_keys, unread_rows_without_keys
 from attnfuse.masking import combined_keep
 from attnfuse.tracing import is_traced
-from attnfuse.memo import host_bool, host_bools, host_readable
+from attnfuse.memo import host_bool, host_readable, host_values
 from attnfuse.precision import bias_dtype
 
 KERNELS = {
@@ -86,18 +87,21 @@ _ORDERS: Cache[tuple[SDPBackend, ...]] = Cache("kernels.sdpa.orders", maxsize=10
 
 
 def kernel_order(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
-                 needs_grad: bool, allowed: Optional[tuple[str, ...]] = None) -> list[SDPBackend]:
+                 needs_grad: bool, allowed: Optional[tuple[str, ...]] = None) -> tuple[SDPBackend, ...]:
     """SDPA kernels to try for this call, fastest valid first; raises if every allowed kernel is a trap.
 
     Remembered per the facts it depends on (device, dtype, short keys and head dim, the allowed kernels,
     the traps that apply): metadata only, never values."""
-    traps = known_traps(q, k, attn_mask, needs_grad)
-    short = k.shape[-2] <= SHORT_KEYS and max(q.shape[-1], v.shape[-1]) <= SHORT_KEYS
+    traps = known_traps(q, k, attn_mask, needs_grad) if needs_grad and attn_mask is not None else _NO_TRAPS
+    short = k.shape[-2] <= SHORT_KEYS and q.shape[-1] <= SHORT_KEYS and v.shape[-1] <= SHORT_KEYS
     key = (q.device, q.dtype, short, allowed, tuple(traps))
-    order = _ORDERS.get(key)
+    order = _ORDERS.peek(key)
     if order is None:
         order = _ORDERS.setdefault(key, _kernel_order(q, k, v, allowed, traps))
-    return list(order)
+    return order
+
+
+_NO_TRAPS: dict[str, str] = {}
 
 
 def _kernel_order(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: Optional[tuple[str, ...]],
@@ -166,36 +170,51 @@ def kernel_adds_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mas
     return is_causal and _causal_kernel(q, k, v, dropout_p, scale, enable_gqa, order) in ("math", "cpu-math")
 
 
+_SHARED_HEADS: Cache[bool] = Cache("kernels.sdpa.shared_heads", maxsize=256)
+
+
 def _shares_kv_heads_with_a_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor,
-                                  dropout_p: float, scale: Optional[float], order: list[SDPBackend]) -> bool:
+                                  dropout_p: float, scale: Optional[float], order: tuple[SDPBackend, ...]) -> bool:
     """Whether the kernel SDPA picks for a masked grouped-query call takes the shared kv heads as they are
     (cuDNN does), so k and v need no repeating: a copy of both per query group, on a decode step's long cache
-    many times the kernel's own time (``docs/bench_decode_h100.json``)."""
+    many times the kernel's own time (``docs/bench_decode_h100.json``).
+
+    Remembered per call signature (shapes, strides, dtypes, mask layout, dropout, gradients, the order: metadata
+    only): the layers of one decode step share it, so one step asks SDPA's dispatcher once, not once a layer. A
+    stale answer could only cost speed: a kernel that does not take the shared heads hands the call to the math
+    kernel, which computes the same."""
     if is_traced(q):
         return False
-    return _sdp_choice(q, k, v, attn_mask, dropout_p, False, scale, True, order, RuntimeError) == \
-        SDPBackend.CUDNN_ATTENTION
+    key = (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, q.device, type(attn_mask),
+           attn_mask.shape, attn_mask.stride(), attn_mask.dtype, dropout_p > 0, scale, order,
+           q.requires_grad or k.requires_grad or v.requires_grad or attn_mask.requires_grad)
+    found = _SHARED_HEADS.peek(key)
+    if found is None:
+        found = _sdp_choice(q, k, v, attn_mask, dropout_p, False, scale, True, list(order), RuntimeError) == \
+            SDPBackend.CUDNN_ATTENTION
+        _SHARED_HEADS[key] = found
+    return found
 
 
 def run_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
              dropout_p: float, is_causal: bool, scale: Optional[float], enable_gqa: bool,
-             order: list[SDPBackend], strict: bool = False) -> torch.Tensor:
+             order: tuple[SDPBackend, ...], strict: bool = False) -> torch.Tensor:
     """SDPA on the first valid kernel of ``order``; the math kernel if every listed one refuses.
 
     With ``strict`` (the user forced the kernels) a refusal is an error instead of a fallback.
     """
-    kwargs = dict(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                  enable_gqa=enable_gqa)
     try:
         with kernel_scope(order, q):
-            out = F.scaled_dot_product_attention(q, k, v, **kwargs)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                                 is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     except RuntimeError as error:
         if strict:
             names = [KERNEL_NAMES[b] for b in order]
             raise RuntimeError(f"attnfuse: none of the forced kernels {names} can run this call "
                                f"({error}); allow more kernels, e.g. add 'math'") from error
         with kernel_scope([SDPBackend.MATH], q):
-            out = F.scaled_dot_product_attention(q, k, v, **kwargs)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                                 is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     if out.requires_grad and out.is_cuda and not is_traced(q):
         out.register_hook(_gradient_in_layout_of(out))
     return out
@@ -318,106 +337,123 @@ def _folded(call: AttentionCall) -> AttentionCall:
 def _run(call: AttentionCall) -> torch.Tensor:
     """SDPA on the call, with its rows without keys recorded in ``call.facts`` for the write-back;
     ``KernelFailed`` when a masked key's NaN or inf reached the output (the original never read it)."""
-    q, keep, causal, window = call.q, call.keep, call.causal, call.window
-    L, S = q.shape[-2], call.k.shape[-2]
-    full_keep = None if keep is None else combined_keep(keep, causal, L, S, q.device, window)
+    q, k, keep, causal, window = call.q, call.k, call.keep, call.causal, call.window
+    L, S = q.shape[2], k.shape[2]
+    if keep is None:  # no row check to read: the triangle's rows come from the shapes
+        dead = rows_without_keys(None, causal, L, S, q.device, window) if causal is not None or window is not None \
+            else None
+        if dead is not None and call.dropout_p > 0 and call.fully_masked_rows == "mean":
+            whole = combined_keep(None, causal, L, S, q.device, window)
+            q_run, keep_run, bias_run = uniform_rows_for_dropout(q, whole, call.bias, dead)
+            return _finish(call, None, dead, None, *_launch(call, q_run, keep_run, bias_run))
+        return _finish(call, None, dead, None, *_launch(call, q, None, call.bias))
+    full_keep = keep if causal is None else combined_keep(keep, causal, L, S, q.device, window)
     # A key-padding mask without gradients reads nothing on the host: masked k rows are zeroed (a NaN
     # there cannot leak) and rows without keys, whole batch rows at most, are written back with one
     # `where`. With gradients the original's backward reads the masked keys too (0 * NaN), so those
     # calls keep the check and the rerun; so do calls whose k is too large to copy cheaply.
-    padding_only = keep is not None and keep.shape[-2] == 1 and causal is None and window is None and \
-        not call.needs_grad and call.k.numel() * call.k.element_size() <= ZEROING_LIMIT_BYTES
-    dead, any_dead = _rows_without_keys_unread(call, full_keep)
+    padding_only = keep.shape[-2] == 1 and causal is None and window is None and not call.needs_grad and \
+        k.numel() * k.element_size() <= ZEROING_LIMIT_BYTES
+    if call.dropout_p > 0:  # the rows decide how the kernel is called: read at once
+        dead, any_dead = rows_without_keys(keep, causal, L, S, q.device, window, full_keep), None
+    elif padding_only:  # nothing read: the rows are written back (or kept uniform) unconditionally
+        dead, any_dead = keep_rows_without_keys(keep, causal, L, S, q.device, window, full_keep), None
+    else:
+        dead, any_dead = unread_rows_without_keys(keep, causal, L, S, q.device, window, full_keep)
     q_run, keep_run, bias_run = q, full_keep, call.bias
-    if padding_only and call.dropout_p == 0:
-        any_dead = None
-        if call.fully_masked_rows == "mean" and call.bias is None and dead is not None:
-            # such a row keeps all its (zeroed) keys: its scores are 0, and the kernel itself gives the
-            # uniform average, the mean of v, so nothing is written back
-            keep_run, dead = full_keep | dead, None
-    uniform_rows = dead is not None and any_dead is None and call.dropout_p > 0 and call.fully_masked_rows == "mean"
-    if uniform_rows:
-        whole = full_keep if full_keep is not None else combined_keep(None, causal, L, S, q.device, window)
-        q_run, keep_run, bias_run = uniform_rows_for_dropout(q, whole, call.bias, dead)
+    if padding_only and call.dropout_p == 0 and call.fully_masked_rows == "mean" and call.bias is None and \
+            dead is not None:
+        # such a row keeps all its (zeroed) keys: its scores are 0, and the kernel itself gives the
+        # uniform average, the mean of v, so nothing is written back
+        keep_run, dead = full_keep | dead, None
+    if dead is not None and any_dead is None and call.dropout_p > 0 and call.fully_masked_rows == "mean":
+        q_run, keep_run, bias_run = uniform_rows_for_dropout(q, full_keep, call.bias, dead)
     out, leaked = _launch(call, q_run, keep_run, bias_run, zero_keys_masked_by=full_keep if padding_only else None)
-    dead, leaked = _read_flags(dead, any_dead, leaked)
+    return _finish(call, full_keep, dead, any_dead, out, leaked)
+
+
+def _finish(call: AttentionCall, full_keep: Optional[torch.Tensor], dead: Optional[torch.Tensor],
+            any_dead: Optional[torch.Tensor], out: torch.Tensor, leaked: Optional[torch.Tensor]) -> torch.Tensor:
+    """The kernel's output once the rows-without-keys and leak flags are read (one host read for both), with the
+    rows recorded in ``call.facts`` for the write-back."""
+    if any_dead is not None or leaked is not None:
+        dead, leaked = _read_flags(dead, any_dead, leaked)
     call.facts.full_keep, call.facts.dead, call.facts.dead_known = full_keep, dead, True
     if leaked:  # a masked key's NaN or inf reached the kernel's output: compute as the original did
         raise KernelFailed(LEAKED)
     return out
 
 
-def _rows_without_keys_unread(call: AttentionCall, full_keep: Optional[torch.Tensor]
-                              ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """``(rows, flag)``: rows without keys and, for a keep-mask, the unread flag saying whether there are
-    any (None when known without reading). Under dropout the rows decide how the kernel is called, so
-    the flag is read at once."""
-    q, S = call.q, call.k.shape[-2]
-    if call.keep is None or call.dropout_p > 0:
-        return rows_without_keys(call.keep, call.causal, q.shape[-2], S, q.device, call.window, full_keep), None
-    return unread_rows_without_keys(call.keep, call.causal, q.shape[-2], S, q.device, call.window, full_keep)
-
-
 def _read_flags(dead, any_dead, leaked):
-    """Read the rows-without-keys flag and the leak flag with one host synchronization.
+    """Read the rows-without-keys flag and the leak check with one host synchronization.
 
-    Returns ``(dead or None, leaked)``; where nothing can be read (a tracer, graph capture) the rows
-    are kept (restored unconditionally) and no leak is reported (masked keys were zeroed instead).
+    ``leaked`` is an unread sum of the output (non-finite: a masked key's NaN or inf may have reached it), or an
+    already known bool. Returns ``(dead or None, leaked)``; where nothing can be read (a tracer, graph capture)
+    the rows are kept (restored unconditionally) and no leak is reported (masked keys were zeroed instead).
     """
-    flags = [f for f in (any_dead, leaked) if f is not None]
-    values = host_bools(*flags) if flags else []
+    unread = isinstance(leaked, torch.Tensor)
+    if any_dead is None and not unread:
+        return dead, bool(leaked)
+    if any_dead is None:
+        packed = leaked.reshape(1)
+    elif unread:
+        packed = torch.cat((any_dead.reshape(1), leaked.reshape(1)))  # one read for both (promoted to the sum's dtype)
+    else:
+        packed = any_dead.reshape(1)
+    values = host_values(packed)
     if values is None:
         return dead, False
-    read = iter(values)
-    if any_dead is not None and not next(read):
+    if any_dead is not None and not values[0]:
         dead = None
-    return dead, leaked is not None and next(read)
+    return dead, (not math.isfinite(values[-1])) if unread else bool(leaked)
 
 
 def _launch(call: AttentionCall, q: torch.Tensor, full_keep: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-            zero_keys_masked_by: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """SDPA on the fastest valid kernel, and an unread flag: whether the kernel may have added its mask
-    to a masked key's NaN or inf score (any non-finite value in the output, read by the caller; a
-    rerun unfused decides). Where every masked key is masked for every query (``zero_keys_masked_by``: a
-    key-padding mask), or under a compiler where the output cannot be read, the k rows that every query
-    row masks are zeroed instead (a pass over k, no read) and no flag is returned. ``q``, ``full_keep``
-    and ``bias`` are the call's as the kernel takes them (rows without keys made uniform under dropout).
+            zero_keys_masked_by: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, object]:
+    """SDPA on the fastest valid kernel, and the leak check: None, or an unread fp32 sum of the output that is
+    non-finite where the kernel may have added its mask to a masked key's NaN or inf score (read by the caller; a
+    rerun unfused decides), or a bool already read. Where every masked key is masked for every query
+    (``zero_keys_masked_by``: a key-padding mask), or under a compiler where the output cannot be read, the k rows
+    that every query row masks are zeroed instead (a pass over k, no read) and no check is returned. ``q``,
+    ``full_keep`` and ``bias`` are the call's as the kernel takes them (rows without keys made uniform under
+    dropout).
     """
     k, v, causal, window, scale = call.k, call.v, call.causal, call.window, call.scale
-    dropout_p, needs_grad, allowed = call.dropout_p, call.needs_grad, call.allowed
-    L, S, H, Hk = q.shape[-2], k.shape[-2], q.shape[1], k.shape[1]
+    dropout_p, allowed = call.dropout_p, call.allowed
+    H, L, Hk, S = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
     attn_mask, is_causal = sdpa_mask(full_keep, bias, causal, L, S, q, window)
     enable_gqa = Hk != H
     sdpa_allowed = None if allowed is None else tuple(name for name in allowed if name in KERNELS)
-    order = kernel_order(q, k, v, attn_mask, needs_grad, sdpa_allowed)
-    if enable_gqa and q.is_cuda and attn_mask is not None and not _shares_kv_heads_with_a_mask(
+    order = kernel_order(q, k, v, attn_mask, call.needs_grad, sdpa_allowed)
+    if enable_gqa and attn_mask is not None and q.is_cuda and not _shares_kv_heads_with_a_mask(
             q, k, v, attn_mask, dropout_p, scale, order):
         # flash takes no mask and memory-efficient attention no shared kv heads: repeat them for it
         k, v = k.repeat_interleave(H // Hk, dim=1), v.repeat_interleave(H // Hk, dim=1)
         enable_gqa = False
     masked = full_keep is not None or causal is not None or window is not None
     adds_mask = masked and kernel_adds_mask(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, order)
-    checkable = host_readable(q) and zero_keys_masked_by is None
-    zeroing = zero_keys_masked_by if zero_keys_masked_by is not None else full_keep
-    if adds_mask and not checkable and zeroing is not None:
-        k = k.masked_fill(dead_key_columns(zeroing, k.shape[1]).unsqueeze(-1), 0)
+    checkable = adds_mask and zero_keys_masked_by is None and host_readable(q)
+    if adds_mask and not checkable:
+        zeroing = zero_keys_masked_by if zero_keys_masked_by is not None else full_keep
+        if zeroing is not None:
+            k = k.masked_fill(dead_key_columns(zeroing, k.shape[1]).unsqueeze(-1), 0)
     if call.autotune and not is_traced(q):
-        order = autotune_order(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, needs_grad, order)
+        order = autotune_order(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, call.needs_grad,
+                               list(order))
     if call.on_kernel is not None:
         call.announce(chosen_kernel(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, order))
-    rng = _rng_state(q) if adds_mask and checkable and dropout_p > 0 else None
+    rng = _rng_state(q) if checkable and dropout_p > 0 else None
     out = run_sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, order, strict=allowed is not None)
-    if not (adds_mask and checkable):
+    if not checkable:
         return out, None
     # one reduction: a NaN or inf anywhere makes the sum non-finite (a huge finite output too: a rerun, not an error)
     total = out.sum(dtype=torch.float32) if out.dtype in (torch.float16, torch.bfloat16) else out.sum()
-    leaked = ~torch.isfinite(total)
     if rng is not None:  # an unfused rerun must draw the dropout mask the original would have drawn
-        if host_bool(leaked):
+        if not math.isfinite(host_values(total)[0]):
             _set_rng_state(q, rng)
-            return out, torch.ones((), dtype=torch.bool, device=q.device)
-        return out, torch.zeros((), dtype=torch.bool, device=q.device)
-    return out, leaked
+            return out, True
+        return out, False
+    return out, total
 
 
 def _rng_state(q: torch.Tensor) -> torch.Tensor:
