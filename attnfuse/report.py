@@ -198,6 +198,7 @@ def site_features(site: AttentionSite) -> dict:
         "masked_fill": site.scores.fill,
         "q_len": size(q_len),
         "k_len": size(k_len),
+        "filled_bias_kept_whole": site.scores.filled_bias_kept,
     }
 
 
