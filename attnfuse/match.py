@@ -1126,7 +1126,8 @@ def _match_with_filled_biases(softmax: Node, op: Softmax, reads_values: bool) ->
     return site
 
 
-def _split_filled_biases(steps: list[Step], split: list[FilledBias]) -> tuple[list[Step], Optional[str]]:
+def _split_filled_biases(steps: list[Step], split: list[FilledBias], L: object,
+                         S: object) -> tuple[list[Step], Optional[str]]:
     """Each bias filled under a mask (``patterns.bias_fills``), ``s + where(m, fill, b)``, as the bias and a fill of
     the scores, ``where(m, fill, s + b)``, where that is exact (``_split_refused``); each one split is appended to
     ``split``. Returns the steps and why a filled bias was kept whole (None if none was).
@@ -1140,6 +1141,8 @@ def _split_filled_biases(steps: list[Step], split: list[FilledBias]) -> tuple[li
     why = None
     for step in steps:
         filled = filled_bias(step.value) if isinstance(step, BiasStep) else None
+        if filled is not None and _is_added_mask(step.value, filled, L, S):
+            filled = None  # read whole by the mask rules already
         reason = _split_refused(filled, step) if filled is not None else None
         if filled is None or reason is not None:
             why = why or reason
@@ -1149,6 +1152,12 @@ def _split_filled_biases(steps: list[Step], split: list[FilledBias]) -> tuple[li
         out += [BiasStep(bias, 1.0), FillStep(filled.cond, filled.fill, filled.fill_where_true)]
         split.append(filled)
     return out, why
+
+
+def _is_added_mask(value: Node, filled: FilledBias, L: object, S: object) -> bool:
+    """Whether the filled tensor, or its bias, is an added ``0 / fill`` mask (``1 - m`` filled where it is not 0, a
+    padding mask filled under a triangle): the mask rules read it whole, as a mask (split, its bias would stay)."""
+    return classify_additive(value, L, S) is not None or zero_or_fill(filled.bias) is not None
 
 
 def _split_refused(filled: FilledBias, step: BiasStep) -> Optional[str]:
@@ -1205,7 +1214,7 @@ def _match_site(softmax: Node, op: Softmax, split: Optional[list[FilledBias]]) -
     q, k, batch, query, key, head_dim = _qk_axes(product, op.dim % scores_meta.dim() - scores_meta.dim())
     kept_whole = None
     if split is not None:
-        steps, kept_whole = _split_filled_biases(steps, split)
+        steps, kept_whole = _split_filled_biases(steps, split, _size_along(q, query), _size_along(k, key))
     terms = _apply_steps(product, steps, product_meta.dim())
     terms.filled_bias_kept = kept_whole
     pv_node, pv, dropout_p, probs = _walk_to_value_product(softmax, tuple(product_meta.shape))

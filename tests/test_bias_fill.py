@@ -223,6 +223,41 @@ def test_a_filled_bias_read_elsewhere_is_added_whole():
     assert "other than additions" in report.sites[0].features["filled_bias_kept_whole"], report.sites[0].features
 
 
+class InvertedMask(nn.Module):
+    """transformers' older ``_expand_mask``: ``1 - m`` filled where it is not 0, a ``0 / min`` mask built from a 0/1
+    padding mask (all ones when none is given)."""
+
+    def forward(self, q, k, v, padding=None):
+        L, S = q.shape[-2], k.shape[-2]
+        padding = torch.ones(q.shape[0], S) if padding is None else padding
+        inverted = 1.0 - padding[:, None, None, :].expand(-1, 1, L, S)
+        mask = inverted.masked_fill(inverted.to(torch.bool), FMIN)
+        return torch.softmax(q @ k.transpose(-1, -2) + mask, -1) @ v
+
+
+class PaddingUnderTriangle(nn.Module):
+    """A ``0 / min`` padding mask filled again under a causal triangle: one added mask."""
+
+    def forward(self, q, k, v, keep):
+        L, S = q.shape[-2], k.shape[-2]
+        added = torch.where(keep, 0.0, FMIN)[:, None, None, :]
+        mask = added.masked_fill(torch.ones(L, S, dtype=torch.bool).triu(1), FMIN)
+        return torch.softmax(q @ k.transpose(-1, -2) + mask, -1) @ v
+
+
+def test_an_added_mask_filled_again_stays_one_mask():
+    """A filled tensor that holds only 0 and its fill, or whose bias is a ``0 / fill`` mask, is read whole by the mask
+    rules (a constant one as nothing at all), as before; split, its bias would stay a tensor beside the mask."""
+    q, k, v = qkv(L=5, S=5)
+    features = assert_fused_equal(InvertedMask(), (q, k, v)).sites[0].features
+    assert (features["bias"], features["mask"], features["causal"]) == (None, None, None), features
+    padded = padding(2, 5, [2, 0]).view(2, 5)
+    features = assert_fused_equal(InvertedMask(), (q, k, v, padded.float())).sites[0].features
+    assert "stays a tensor" in features["filled_bias_kept_whole"], features
+    features = assert_fused_equal(PaddingUnderTriangle(), (q, k, v, padded)).sites[0].features
+    assert (features["causal"], features["filled_bias_kept_whole"]) == (None, None), features
+
+
 def test_a_mask_that_stays_a_tensor_keeps_the_bias_whole():
     """A mask varying by query with no triangle in it: the kernels would have to combine it with the bias at every
     call, where the model filled the bias once; the filled bias is added whole."""

@@ -62,8 +62,10 @@ def _is_bias(bias: object, filled: Node) -> bool:
     """A tensor of the filled tensor's dtype that is no constant of one value (``where(m, fill, 0)`` is an added
     mask, read as one by the mask rules)."""
     meta, out = tensor_meta(bias), tensor_meta(filled)
-    return isinstance(bias, Node) and not is_written(bias) and meta is not None and meta.dtype == out.dtype and \
-        filled_with(bias) is None and _number(bias) is None
+    if not isinstance(bias, Node) or is_written(bias) or meta is None or meta.dtype != out.dtype:
+        return False
+    one_value = all(isinstance(size, int) and size == 1 for size in meta.shape) and _number(bias) is not None
+    return filled_with(bias) is None and not one_value
 
 
 def _floating(node: object) -> bool:
