@@ -305,7 +305,7 @@ class AttnfuseBackend:
             reports.append(SiteReport(name, source, status, reason=found.reason, predicted_backend=found.kernel,
                                       frame=compiled_frame(found.node), frame_local=frame_module_local(found.node) or default_local,
                                       features={"multihead": True} if status == "fused" else {}))
-        for result in list(find_sites(gm.graph)):
+        for result in list(find_sites(gm.graph, reads_values=self.options.compiler != "inductor")):
             name, source = relative_module_path(result.softmax), source_line(result.softmax)
             seen[(name, source)] += 1
             if seen[(name, source)] > 1:  # another site on the same line (chained attention): its own row

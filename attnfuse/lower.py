@@ -25,6 +25,7 @@ from attnfuse.dominance import FillDominance, absorbing, every_row_has_a_live_ke
 from attnfuse.effects import written_or_returned
 from attnfuse.fx_utils import remove_dead_nodes, statically_true, tensor_meta
 from attnfuse.guards import CausalGuard, RunTimeCausal
+from attnfuse.kernels.rows import rows_without_keys
 from attnfuse.masking import combined_keep, keep_from_masks
 from attnfuse.original import original_program
 from attnfuse.report import KernelRecord, relative_module_path, source_line
@@ -118,6 +119,7 @@ class SitePlan:
     added_mask: Optional[AddedMask] = field(default=None, compare=False)  # masks read from an added 0 / fill bias
     bias_fill: Optional[float] = None  # the one bias holds only 0 and this fill (``ScoreTerms.bias_fill``)
     run_time_causal: Optional[RunTimeCausal] = field(default=None, compare=False)  # the one mask, checked per call
+    keyless_rows_original: bool = False  # run ``original`` for calls with gradients where a row keeps no key
     where: str = field(default="", compare=False)  # module path and source line, for errors that name the site
 
     def __post_init__(self) -> None:
@@ -139,7 +141,8 @@ class SitePlan:
 
     @property
     def needs_original(self) -> bool:
-        return self.dominance is not None or self.keys_in_every_row or any(self.mask_binary) or self.live_rows
+        return self.dominance is not None or self.keys_in_every_row or any(self.mask_binary) or self.live_rows or \
+            self.keyless_rows_original
 
 
 def plan_for(site: AttentionSite, kernels: Optional[tuple[str, ...]] = None, autotune: bool = False,
@@ -189,6 +192,7 @@ def plan_for(site: AttentionSite, kernels: Optional[tuple[str, ...]] = None, aut
         added_mask=terms.added_mask,
         bias_fill=terms.bias_fill,
         run_time_causal=run_time_causal,
+        keyless_rows_original=terms.keyless_rows_original,
         record=KernelRecord(causal_checks=run_time_causal.calls if run_time_causal else None),
     )
 
@@ -384,6 +388,10 @@ def _checked_call(plan: SitePlan, tensors: tuple, q: torch.Tensor, k: torch.Tens
             changed = _score_operand(changed, plan, batch_shape)
             keep, causal = (changed if keep is None else keep & changed), None
     window = plan.window
+    if plan.keyless_rows_original and _gradients_under_fill(tensors) and \
+            rows_without_keys(keep, causal, q.shape[-2], k.shape[-2], q.device, window) is not None:
+        return _run_original(plan, tensors, "a row keeps no key on this call, and the original's gradient reaches "
+                                            "its scores through the added fill")
     if plan.added_mask is not None and plan.added_mask.needs_bias(q, k):
         # a row without keys gives q and k gradients: the kernel adds the original's mask, rebuilt
         whole = combined_keep(keep, causal, q.shape[-2], k.shape[-2], q.device, window)
@@ -418,6 +426,12 @@ def _check_on_shard(plan: SitePlan) -> str:
     else:
         what = "a per-call check of its masks or bias would read this rank's shard only"
     return what
+
+
+def _gradients_under_fill(tensors: tuple) -> bool:
+    """Whether this call computes gradients of any of the site's inputs (q, k, a bias, a factor): a split fill's
+    original (``s + where(m, fill, b)``) gives the scores a gradient in a row without keys, the fused call none."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
 def _binary_masks_hold(masks: tuple, plan: SitePlan) -> bool:

@@ -26,13 +26,14 @@ from attnfuse.folding import constant_value
 from attnfuse.fx_utils import (WRITTEN, has_side_effect, is_call, is_written, remove_dead_nodes, same_size,
                                statically_true, tensor_meta, value_users)
 from attnfuse.original import NoOriginal, original_program
+from attnfuse.patterns.bias_fills import cast_bias, filled_bias
 from attnfuse.patterns.biases import bias_reason
 from attnfuse.patterns.casts import peel_upcasts
 from attnfuse.patterns.causal import classify, classify_additive, keep_pattern, read_at_run_time
 from attnfuse.patterns.layouts import (REGROUPED_FROM, keeps_query_key_axes, peel_scaled_head_repeat, regroup,
                                       regroup_recipe, reshape_blocks)
 from attnfuse.patterns.masks import (binary_mask, clamp_floor, complement_value, drops_where_zero, fill_value, full_index,
-                                     mask_reason, pad_region, same_keep_mask, weights_zeroing, zero_or_fill)
+                                     keep_mask, mask_reason, pad_region, same_keep_mask, weights_zeroing, zero_or_fill)
 from attnfuse.patterns.scales import score_factor
 from attnfuse.patterns.softmax import calls_softmax
 from attnfuse.patterns.score_functions import score_function
@@ -40,8 +41,8 @@ from attnfuse.precision import site_dtype
 from attnfuse.score_steps import (BiasStep, ClampStep, FactorStep, FillStep, ReshapeStep, Step, TanhStep,
                                   with_operand)
 from attnfuse.site import AttentionSite, ScoreTerms
-from attnfuse.vocabulary import (MASKING_THRESHOLD, Add, Cast, Clamp, Dropout, Factor, KeepMask, MaskPattern, Multiply,
-                                 Operand, Permute, Product, RegionWrite, Select, Softmax, Tanh)
+from attnfuse.vocabulary import (MASKING_THRESHOLD, Add, Cast, Clamp, Dropout, Factor, FilledBias, KeepMask, MaskPattern,
+                                 Multiply, Operand, Permute, Product, RegionWrite, Select, Softmax, Tanh)
 
 _SEARCH_DEPTH = 8
 BUILT_FOR = "attnfuse_built_for"  # node.meta key: a node built while matching a site (erased if it is skipped)
@@ -59,12 +60,13 @@ class NotFusable(Exception):
     """Raised inside the matcher with the reason a site cannot be rewritten."""
 
 
-def find_sites(graph: Graph) -> Iterator[Union[AttentionSite, Skip]]:
+def find_sites(graph: Graph, reads_values: bool = True) -> Iterator[Union[AttentionSite, Skip]]:
     """Every attention-like softmax in ``graph``, matched into a site or skipped with a reason.
 
     In-place writes are made functional where that is exact and the remaining ones recorded
     (``attnfuse.effects``); dead values (debug copies such as ``sim.clone()`` kept for inspection and
-    never returned) are removed, so they do not count as uses of the scores.
+    never returned) are removed, so they do not count as uses of the scores. ``reads_values``: the rewritten
+    graph runs eagerly, where per-call checks read values (under Inductor they cannot; see ``match_site``).
     """
     with logs.phase("effects"):
         normalize_dunder_methods(graph)
@@ -82,7 +84,7 @@ def find_sites(graph: Graph) -> Iterator[Union[AttentionSite, Skip]]:
                                  "not rewritten there; the attention runs as written")
                 continue
             try:
-                yield match_site(node, op)
+                yield match_site(node, op, reads_values)
             except NotFusable as reason:
                 yield Skip(node, str(reason))
 
@@ -1027,7 +1029,8 @@ def _check_no_write_inside(first: Node, last: Node, softmax: Node, operands: lis
         [f.value for f in terms.tensor_factors] + [leaf for f, _ in terms.functions for leaf in f.leaves]
     if terms.causal_guard:
         read += list(terms.causal_guard[1])
-    if terms.fill_check or terms.keys_in_every_row or terms.live_rows or terms.binary_masks:
+    if terms.fill_check or terms.keys_in_every_row or terms.live_rows or terms.binary_masks or \
+            terms.keyless_rows_original:
         try:
             original_program(last, read)
         except NoOriginal as error:
@@ -1091,23 +1094,129 @@ def _foldable_factor(value: object, terms: ScoreTerms) -> bool:
     return math.isfinite(value) and value != 0
 
 
-def match_site(softmax: Node, op: Softmax) -> AttentionSite:
-    """Match one softmax into an ``AttentionSite``; raises ``NotFusable`` with the reason otherwise."""
+def match_site(softmax: Node, op: Softmax, reads_values: bool = True) -> AttentionSite:
+    """Match one softmax into an ``AttentionSite``; raises ``NotFusable`` with the reason otherwise.
+    ``reads_values``: per-call checks can read values (an eager graph; not under Inductor's tracer)."""
     built = _built_nodes(softmax.graph)
     try:
-        return _match_site(softmax, op)
+        return _match_with_filled_biases(softmax, op, reads_values)
     except NotFusable:
         _erase_built(softmax.graph, built)  # padded biases built for this site: nothing reads them
         raise
 
 
-def _match_site(softmax: Node, op: Softmax) -> AttentionSite:
+def _match_with_filled_biases(softmax: Node, op: Softmax, reads_values: bool) -> AttentionSite:
+    """The site with each bias filled under a mask read as its bias and its mask (``_split_filled_biases``) where
+    that helps: the mask is then read as a causal triangle, window or padding, and no per-call check has to read
+    values where none can be read. Else the site as written, with the reason in ``filled_bias_kept``."""
+    built = _built_nodes(softmax.graph)
+    split: list[FilledBias] = []
+    try:
+        site = _match_site(softmax, op, split)
+        why = _split_unhelpful(site.scores, split, reads_values) if split else None
+        if why is None:
+            return site
+    except NotFusable as error:
+        if not split:
+            raise
+        why = f"read as its bias and its mask the site is not fused ({error})"
+    _erase_built(softmax.graph, built)
+    site = _match_site(softmax, op, None)
+    site.scores.filled_bias_kept = why
+    return site
+
+
+def _split_filled_biases(steps: list[Step], split: list[FilledBias], L: object,
+                         S: object) -> tuple[list[Step], Optional[str]]:
+    """Each bias filled under a mask (``patterns.bias_fills``), ``s + where(m, fill, b)``, as the bias and a fill of
+    the scores, ``where(m, fill, s + b)``, where that is exact (``_split_refused``); each one split is appended to
+    ``split``. Returns the steps and why a filled bias was kept whole (None if none was).
+
+    The two hold the same values: ``s + fill`` rounds to ``fill`` (an absorbing fill; the scores below 1e30, as
+    ``added_masks`` takes them) or is ``-inf``. The bias's gradient is the original's (0 where filled); the scores'
+    gradient differs only in rows whose masked entries weigh something in the original: rows without a key whose
+    bias is above the masking floor. Finite fills with a bias are checked per call for those (``dominance``), and
+    ``keyless_rows_original`` runs the original ops for a call with gradients where a row keeps no key."""
+    out: list[Step] = []
+    why = None
+    for step in steps:
+        filled = filled_bias(step.value) if isinstance(step, BiasStep) else None
+        if filled is not None and _is_added_mask(step.value, filled, L, S):
+            filled = None  # read whole by the mask rules already
+        reason = _split_refused(filled, step) if filled is not None else None
+        if filled is None or reason is not None:
+            why = why or reason
+            out.append(step)
+            continue
+        bias = _built(step.value, cast_bias, (filled.bias, *filled.casts)) if filled.casts else filled.bias
+        out += [BiasStep(bias, 1.0), FillStep(filled.cond, filled.fill, filled.fill_where_true)]
+        split.append(filled)
+    return out, why
+
+
+def _is_added_mask(value: Node, filled: FilledBias, L: object, S: object) -> bool:
+    """Whether the filled tensor, or its bias, is an added ``0 / fill`` mask (``1 - m`` filled where it is not 0, a
+    padding mask filled under a triangle): the mask rules read it whole, as a mask (split, its bias would stay)."""
+    return classify_additive(value, L, S) is not None or zero_or_fill(filled.bias) is not None
+
+
+def _split_refused(filled: FilledBias, step: BiasStep) -> Optional[str]:
+    """Why reading ``filled`` as its bias and its mask would change the function, or None where it does not."""
+    if step.coefficient != 1.0:
+        return f"it is added with coefficient {step.coefficient:g}: the fill, scaled, is not the mask's fill"
+    dtypes = _addition_dtypes(step.value)
+    if not dtypes:
+        return "it is read by ops other than additions to scores"
+    if filled.fill != -math.inf and not absorbs_every_score(filled.fill, dtypes):
+        return (f"its fill {filled.fill:g} does not absorb the scores it is added to (`s + fill` is not `fill` in "
+                f"{', '.join(str(d).replace('torch.', '') for d in sorted(set(dtypes), key=str))}), so a row without "
+                "keys would not be uniform as in the original; fill with -inf or the lowest fp32 / bf16 value")
+    return None
+
+
+def _split_unhelpful(terms: ScoreTerms, split: list[FilledBias], reads_values: bool) -> Optional[str]:
+    """Why the site reads better with its filled biases whole: a split mask stays a tensor that varies by query
+    (the kernels would combine it with the bias at every call, where the original built it once), or a per-call
+    check would have to read values where none can be read (the site would run its original ops)."""
+    kept = {mask.node for mask in terms.keep_masks if _varies_by_query(mask.node)}
+    if any(keep_mask(f.cond, f.fill_where_true).node in kept for f in split):
+        return ("its mask stays a tensor that varies by query (no causal triangle or window found in it, or a causal "
+                "triangle with padding, which sites SDPA runs take whole): the bias the model filled once is added whole")
+    if not reads_values and (terms.fill_check or terms.live_rows or terms.keyless_rows_original):
+        return ("read as its bias and its mask the site needs a per-call check of values, which a graph compiled by "
+                "Inductor cannot make: it is added whole")
+    return None
+
+
+def _varies_by_query(node: Node) -> bool:
+    meta = tensor_meta(node)
+    return meta is not None and meta.dim() >= 2 and not (isinstance(meta.shape[-2], int) and meta.shape[-2] == 1)
+
+
+def _may_lose_every_key(terms: ScoreTerms, L: object, S: object) -> bool:
+    """Whether some query row may keep no key on some call: a keep-mask, a guarded causal buffer, or a triangle
+    (with a window) that the shapes do not prove leaves every row a key."""
+    if terms.fill is None:
+        return False
+    if terms.keep_masks or terms.causal_guard or terms.causal is None:
+        return True
+    if terms.window is not None and not statically_true(lambda: L <= S):
+        return True
+    return not _every_row_keeps_a_key(terms.causal, L, S)
+
+
+def _match_site(softmax: Node, op: Softmax, split: Optional[list[FilledBias]]) -> AttentionSite:
+    """``split``: where given, filled biases are read as their bias and their mask where exact (and listed there)."""
     _single_user(op.x, "the attention scores")
     product_node, product, steps = walk_to_product(op.x)
     _single_user(product_node, "the QK product")
     scores_meta, product_meta = tensor_meta(op.x), tensor_meta(product_node)
     q, k, batch, query, key, head_dim = _qk_axes(product, op.dim % scores_meta.dim() - scores_meta.dim())
+    kept_whole = None
+    if split is not None:
+        steps, kept_whole = _split_filled_biases(steps, split, _size_along(q, query), _size_along(k, key))
     terms = _apply_steps(product, steps, product_meta.dim())
+    terms.filled_bias_kept = kept_whole
     pv_node, pv, dropout_p, probs = _walk_to_value_product(softmax, tuple(product_meta.shape))
     _apply_zeroing(terms, softmax, probs)
     v, value_dim, out_axes = _value_axes(pv, probs, product.out_axes, key)
@@ -1118,7 +1227,9 @@ def _match_site(softmax: Node, op: Softmax) -> AttentionSite:
     kv_group = 1
     if len(batch) >= 2:
         k, v, kv_group = _shared_head_repeat(k, v, batch[-1], terms)
-    _apply_masks(terms, _size_along(q, query), _size_along(k, key), scores_meta.dtype, len(batch))
+    L, S = _size_along(q, query), _size_along(k, key)
+    _apply_masks(terms, L, S, scores_meta.dtype, len(batch))
+    terms.keyless_rows_original = bool(split) and _may_lose_every_key(terms, L, S)
     _index_functions(terms, len(batch))
     terms.scores_dtype = scores_meta.dtype
     _fill_check(terms, scores_meta.dtype)

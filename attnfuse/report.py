@@ -198,6 +198,7 @@ def site_features(site: AttentionSite) -> dict:
         "masked_fill": site.scores.fill,
         "q_len": size(q_len),
         "k_len": size(k_len),
+        "filled_bias_kept_whole": site.scores.filled_bias_kept,
     }
 
 
@@ -314,6 +315,8 @@ def _feature_summary(features: dict) -> str:
         parts.append(f"dropout {dropout:g}" if isinstance(dropout, float) else f"dropout {dropout}")
     if features.get("q_len") is not None and features.get("q_len") != features.get("k_len"):
         parts.append(f"q_len {features['q_len']} != k_len {features['k_len']}")
+    if features.get("filled_bias_kept_whole"):
+        parts.append("filled bias added whole")
     return ", ".join(parts)
 
 

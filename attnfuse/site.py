@@ -42,6 +42,8 @@ class ScoreTerms:
     added_mask: Optional[AddedMask] = None  # causal window and keep-masks read from an added 0 / fill bias
     bias_fill: Optional[float] = None  # the only bias holds 0 and this finite fill alone (``masks.zero_or_fill``)
     run_time_causal: Optional[str] = None  # "bias" / "mask": the one mask, a run-time input, may be causal (per call)
+    keyless_rows_original: bool = False  # a call with gradients and a row without keys runs the original ops
+    filled_bias_kept: Optional[str] = None  # why a bias filled under a mask was added whole (``_split_filled_biases``)
 
 
 @dataclass

@@ -185,6 +185,19 @@ def inplace_on_copy(method: str, x: torch.Tensor, *args: Any, **kwargs: Any) -> 
 
 
 @dataclass(frozen=True)
+class FilledBias:
+    """A bias filled under a mask before it is added to the scores: ``bias.masked_fill(cond, fill)`` (or
+    ``where(cond, fill, bias)`` when ``fill_where_true``, ``where(cond, bias, fill)`` otherwise), then cast to each
+    of ``casts`` in turn; ``fill`` is the value the filled tensor holds (rounded through those dtypes)."""
+
+    bias: Node
+    cond: Node
+    fill_where_true: bool
+    fill: float
+    casts: tuple[torch.dtype, ...] = ()
+
+
+@dataclass(frozen=True)
 class MaskPattern:
     """What a keep-mask is: ``causal`` (with ``alignment``), ``all`` (keeps everything), ``keys`` (keeps what its
     ``key_masks`` keep, every query alike) or ``tensor``.

@@ -154,7 +154,7 @@ def append_profile(step, path: str, title: str) -> None:
         f.write(f"\n## {title}\n{table}\n")
 
 
-def main():
+def main(argv: Optional[list[str]] = None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="docs/bench_models.json")
     parser.add_argument("--compile", action="store_true")
@@ -169,7 +169,7 @@ def main():
     parser.add_argument("--flex", action="store_true", help="also transformers' own flex_attention path (hf_flex_attention)")
     parser.add_argument("--gpu-time", action="store_true", help="also GPU kernel ms per step (torch.profiler)")
     parser.add_argument("--profile", default=None, help="append a torch.profiler table per variant to this file")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     rows = []
     print(environment())

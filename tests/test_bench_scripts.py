@@ -63,3 +63,22 @@ def test_bench_host_overhead_runs(tmp_path):
     for row in payload["decode_step"]:
         assert row["fused_sites"] == 1
         assert row["same_logits"]["attnfuse"] and row["same_logits"]["sdpa"]
+
+
+@pytest.mark.gpu
+def test_bench_models_falcon_alibi_runs_on_cuda(tmp_path):
+    """Falcon with ALiBi in ``bench_models``: its filled ALiBi is read as the causal triangle and a ``(B, H, 1, S)``
+    bias (``attnfuse/patterns/bias_fills.py``), in inference and training."""
+    pytest.importorskip("transformers")
+    import bench_models
+
+    out = tmp_path / "falcon.json"
+    bench_models.main(["--model", "falcon", "--shapes", "256x2", "--only", "eager,attnfuse", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    fused = [row for row in rows if row["variant"] == "attnfuse"]
+    assert {row["pass"] for row in fused} == {"inference", "train"}
+    for row in fused:
+        assert row["ms"] is not None and row["report"]["fused"] == 8
+        for site in row["report"]["sites"]:
+            assert site["features"]["causal"] == "top_left", site
+            assert site["features"]["bias"] == "(2, 16, 1, 256), (2, 16, 1, 256)", site

@@ -348,18 +348,38 @@ _OR = ((operator.or_, torch.logical_or, torch.bitwise_or), ("logical_or", "bitwi
 _NOT = ((operator.invert, torch.logical_not, torch.bitwise_not), ("logical_not", "bitwise_not", "__invert__"))
 
 
-def _selected_condition(node: Node, source: object) -> Optional[Node]:
-    """``c`` where ``node`` casts ``where(c, 0, fill)`` with a nonzero number ``fill`` to bool (MPT's
-    ``create_causal_mask(...).to(torch.bool)`` of transformers' ``0 / finfo.min`` mask), else None."""
-    if not (is_call(node, (), ("to", "bool")) and isinstance(source, Node) and not is_written(source)):
+_VALUE_TESTS = ((operator.lt, operator.le, operator.gt, operator.ge, operator.eq, operator.ne,
+                 torch.lt, torch.le, torch.gt, torch.ge, torch.eq, torch.ne),
+                ("lt", "le", "gt", "ge", "eq", "ne", "to", "bool"))
+
+
+def _selected_condition(node: Node) -> Optional[tuple[Node, bool]]:
+    """``(c, same)`` where the boolean ``node`` tests ``where(c, a, b)`` for numbers ``a``, ``b`` that the test tells
+    apart, so ``node`` is ``c`` (``same``) or ``~c``: a cast to bool (MPT's ``where(keep, 0, min).to(torch.bool)``)
+    or a comparison with a number (Falcon's ``where(keep, 0, min) < -1``). The test is run on ``a`` and ``b`` as
+    the ``where`` stores them, so it decides as it does in the model."""
+    meta = tensor_meta(node)
+    if meta is None or meta.dtype != torch.bool or not is_call(node, *_VALUE_TESTS) or node.kwargs:
         return None
-    if not is_call(source, (torch.where,), ("where",)) or len(source.args) != 3 or source.kwargs:
+    selects = [a for a in node.args if isinstance(a, Node)]
+    numbers = [a for a in node.args if not isinstance(a, Node)]
+    if len(selects) != 1 or not all(_number(x) is not None or isinstance(x, torch.dtype) for x in numbers):
         return None
-    condition, zero, fill = source.args
-    condition_meta = tensor_meta(condition)
-    if condition_meta is None or condition_meta.dtype != torch.bool:
+    source = selects[0]
+    if is_written(source) or not is_call(source, (torch.where,), ("where",)) or len(source.args) != 3 or \
+            source.kwargs:
         return None
-    return condition if _number(zero) == 0 and _number(fill) not in (None, 0) else None
+    condition, a, b = source.args
+    values = [_number(a), _number(b)]
+    condition_meta, source_meta = tensor_meta(condition), tensor_meta(source)
+    if condition_meta is None or condition_meta.dtype != torch.bool or None in values or source_meta is None:
+        return None
+    stored = torch.tensor(values, dtype=torch.float64).to(source_meta.dtype)
+    args = tuple(stored if x is source else x for x in node.args)
+    tested = getattr(stored, node.target)(*args[1:]) if node.op == "call_method" else node.target(*args)
+    if not isinstance(tested, torch.Tensor) or tested.dtype != torch.bool or bool(tested[0]) == bool(tested[1]):
+        return None
+    return condition, bool(tested[0])
 
 
 def _number(value: object) -> Optional[float]:
@@ -396,9 +416,10 @@ def keep_terms(node: object, negated: bool, depth: int = 24) -> Optional[tuple[P
         return Logic("and", (parts[0][0], parts[1][0])), parts[0][1] + parts[1][1]
     source = node.args[0] if node.args else None
     source_meta = tensor_meta(source)
-    selected = _selected_condition(node, source)
+    selected = _selected_condition(node)
     if selected is not None:  # ``where(c, 0, fill).bool()`` is True exactly where ``c`` is not
-        return keep_terms(selected, not negated, depth - 1)
+        condition, same = selected
+        return keep_terms(condition, negated if same else not negated, depth - 1)
     if source_meta is not None and source_meta.dtype == torch.bool:
         if is_call(node, *_NOT):
             return keep_terms(source, not negated, depth - 1)
