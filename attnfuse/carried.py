@@ -20,6 +20,7 @@ unseen. Anything else (a mask the user passes in, a tensor built eagerly) is rea
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -115,32 +116,60 @@ class Record:
     found: dict = field(default_factory=dict)
 
 
+def _geometry(tensor: torch.Tensor) -> tuple:
+    """What makes two tensors over one storage hold the same values: the storage, where in it, how laid out."""
+    return (tensor.untyped_storage()._cdata, tensor.storage_offset(), tuple(tensor.shape), tensor.stride(),
+            tensor.dtype)
+
+
 class CarriedProofs:
-    """The tensors compiled graphs built as masks, while they live and stay unwritten."""
+    """The tensors compiled graphs built as masks, while they live and stay unwritten.
+
+    A layer may be handed, instead of the tensor a graph returned, another tensor object over the same memory
+    (FSDP2 on CUDA does): it is the recorded tensor's twin where it has the same storage, offset, shape, strides
+    and dtype, and its version counter reads what the recorded tensor's read when it was built (shared, as
+    ``detach`` shares it, or its own, never moved); the recorded tensor itself must still be unwritten.
+    """
 
     def __init__(self) -> None:
         self._records: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._by_geometry: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
     def note(self, outputs: Any, masks: tuple[tuple[int, Optional[CausalProof]], ...]) -> None:
         """Record the mask outputs of one call of a graph (``outputs``: what it returned)."""
         values = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
         for position, proof in masks:
             tensor = values[position] if position < len(values) else None
-            if isinstance(tensor, torch.Tensor) and not is_traced(tensor):
+            if isinstance(tensor, torch.Tensor) and not is_traced(tensor) and tensor.layout == torch.strided:
                 self._records[tensor] = Record(proof, tensor._version, tensor.data_ptr())
+                self._by_geometry[_geometry(tensor)] = tensor
 
     def record_of(self, tensor: torch.Tensor) -> Optional[Record]:
-        """The record of ``tensor``, if it is still the tensor that was built, unwritten since."""
+        """The record of ``tensor`` (or of the recorded tensor it is a twin of), if that tensor is unwritten since
+        it was built."""
         record = self._records.get(tensor)
-        if record is None or tensor._version != record.version or tensor.data_ptr() != record.address:
+        if record is None:
+            if tensor.layout != torch.strided or not self._by_geometry:
+                return None
+            built = self._by_geometry.get(_geometry(tensor))
+            record = self._records.get(built) if built is not None else None
+            if record is None or tensor._version != record.version:
+                return None
+            tensor = built
+        if tensor._version != record.version or tensor.data_ptr() != record.address:
             return None
         return record
 
     def forget(self, tensors: Any) -> None:
-        """Drop the records of ``tensors`` (the inputs a graph is about to write in place)."""
+        """Drop the records of ``tensors`` and of the recorded tensors they are twins of (the inputs a graph is
+        about to write in place)."""
         for tensor in tensors:
             if isinstance(tensor, torch.Tensor):
                 self._records.pop(tensor, None)
+                if tensor.layout == torch.strided and self._by_geometry:
+                    built = self._by_geometry.pop(_geometry(tensor), None)
+                    if built is not None:
+                        self._records.pop(built, None)
 
     def __len__(self) -> int:
         return len(self._records)

@@ -192,3 +192,43 @@ def test_transformers_llama_split_per_layer_reads_its_mask_as_proven():
     assert_same_training_steps(reference, optimized, (12, 12, 7))
     counts = checked_counts(optimized)
     assert counts["causal"] == counts["proven"] == 3 * 3 and counts["as given"] == 0, counts
+
+
+class HandsATwin(nn.Module):
+    """Builds a causal bias, then hands each layer another tensor object over the same memory (FSDP2 does on CUDA),
+    in eager code between the graphs; ``write`` writes the twin in place first."""
+
+    def __init__(self, write: bool):
+        super().__init__()
+        self.write = write
+        self.layers = nn.ModuleList(BiasArgument() for _ in range(3))
+
+    def forward(self, q, k, v):
+        L = q.shape[-2]
+        mask = torch.full((L, L), torch.finfo(q.dtype).min).triu(1)[None, None]
+        q = self.layers[0](q, k, v, _twin(mask, False))  # unrolled: Dynamo resumes after a break outside a loop
+        q = self.layers[1](q, k, v, _twin(mask, self.write))
+        return self.layers[2](q, k, v, _twin(mask, False))
+
+
+@torch._dynamo.disable
+def _twin(mask: torch.Tensor, write: bool) -> torch.Tensor:
+    twin = mask.detach()
+    if write:
+        twin[..., 0] = torch.finfo(mask.dtype).min
+    return twin
+
+
+@pytest.mark.parametrize("write", [False, True])
+def test_a_twin_of_a_built_mask_is_read_as_the_mask(write):
+    torch._dynamo.reset()
+    module = HandsATwin(write)
+    model = attnfuse.optimize(copy.deepcopy(module))
+    q, k, v = (torch.randn(2, 2, 5, 8) for _ in range(3))
+    with torch.no_grad():
+        torch.testing.assert_close(model(q, k, v), module(q, k, v))
+    counts = checked_counts(model)
+    if write:  # the write moved the counter the twins share: layers 2 and 3 read the mask (and find a key masked)
+        assert counts == {"causal": 1, "as given": 2, "proven": 1}, counts
+    else:
+        assert counts == {"causal": 3, "as given": 0, "proven": 3}, counts
