@@ -58,6 +58,11 @@ class CausalGuard:
         return keep
 
 
+def _keeps_every_key(L: int, S: int) -> bool:
+    """Whether the causal triangle ``RunTimeCausal`` reads at ``L`` queries and ``S`` keys keeps every key."""
+    return (L if L <= S else S) == 1
+
+
 def _remembered(cache: dict, key: tuple, build: Callable[[], object]):
     """``cache[key]``, built on first use; the cache is emptied once it holds ``MAX_TRIANGLES`` entries."""
     if key not in cache:
@@ -117,6 +122,8 @@ class RunTimeCausal:
         if alignment is not None and self._proven(call, alignment):
             self.calls["proven"] += 1
             found = True
+        elif alignment is not None and self.kind == "mask" and _keeps_every_key(call.q.shape[-2], call.k.shape[-2]):
+            found = False  # a decode step's triangle keeps every key: a read of its own would cost more than the mask
         else:
             found = alignment is not None and self._holds(call, alignment)
             if found:
@@ -138,7 +145,7 @@ class RunTimeCausal:
             return False
         L, S = call.q.shape[-2], call.k.shape[-2]
         if proof.alignment is None:  # keeps every key: the triangle where it does too (a decode step's)
-            return (L if L <= S else S) == 1
+            return _keeps_every_key(L, S)
         if proof.alignment != alignment and L != S:
             return False
         return self.kind == "mask" or proof.fill <= self.threshold

@@ -66,3 +66,26 @@ def assert_same_training_steps(reference: torch.nn.Module, optimized: torch.nn.M
         torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-4)
         for e, a in zip(expected_grads, actual_grads):
             torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-3)
+
+
+def count_host_reads(monkeypatch) -> list:
+    """Every read of a tensor's value on the host that attnfuse makes (``attnfuse.memo``'s functions, as the guards,
+    the rows and the SDPA kernel call them): one entry a read, the number of values it read."""
+    import attnfuse.guards as guards
+    import attnfuse.kernels.rows as rows
+    import attnfuse.kernels.sdpa as sdpa
+    import attnfuse.memo as memo
+
+    reads = []
+
+    def counting(read):
+        def counted(*values):
+            reads.append(len(values))
+            return read(*values)
+        return counted
+
+    for module in (guards, rows, sdpa):
+        for name in ("host_bool", "host_bools", "host_values"):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, counting(getattr(memo, name)))
+    return reads

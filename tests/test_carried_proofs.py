@@ -13,7 +13,8 @@ from torch import nn
 
 import attnfuse
 from attnfuse.carried import CARRIED
-from tests.test_run_time_causal import BiasArgument, KeepArgument, count_host_reads, spy_on_sdpa
+from tests.helpers import count_host_reads
+from tests.test_run_time_causal import BiasArgument, KeepArgument, spy_on_sdpa
 
 BUILDS = ["full triu", "arange bias", "arange keep", "tril keep", "padded", "diagonal+1", "top-left at L < S",
           "window", "keep everything"]

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import attnfuse.lower as lower
-from helpers import assert_fused_equal
+from helpers import assert_fused_equal, count_host_reads
 
 
 class GroupedDecode(nn.Module):
@@ -80,27 +80,6 @@ class GroupedPaddedDecode(nn.Module):
         return scores.masked_fill(~keep, torch.finfo(scores.dtype).min).softmax(-1) @ v
 
 
-def _count_reads(monkeypatch) -> list:
-    """Every host read a fused call's kernels and rows make (through ``attnfuse.memo``)."""
-    import attnfuse.kernels.rows as rows
-    import attnfuse.kernels.sdpa as sdpa
-    import attnfuse.memo as memo
-
-    reads = []
-
-    def counting(read):
-        def counted(*values):
-            reads.append(len(values))
-            return read(*values)
-        return counted
-
-    for module in (rows, sdpa):
-        for name in ("host_bool", "host_bools", "host_values"):
-            if hasattr(module, name):
-                monkeypatch.setattr(module, name, counting(getattr(memo, name)))
-    return reads
-
-
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), None])
 @pytest.mark.parametrize("empty_row", [False, True])
 def test_long_cache_key_padding_reads_once(monkeypatch, bad, empty_row):
@@ -126,7 +105,7 @@ def test_long_cache_key_padding_reads_once(monkeypatch, bad, empty_row):
         optimized = attnfuse.optimize(GroupedPaddedDecode())
         optimized(q, k, v, keep)  # the rewrite
         assert attnfuse.report(optimized).fused == 1
-        reads = _count_reads(monkeypatch)
+        reads = count_host_reads(monkeypatch)
         out = optimized(q, k, v, keep)
     torch.testing.assert_close(out, expected, equal_nan=True)
     assert reads == [1], reads

@@ -11,7 +11,7 @@ from hypothesis import given, strategies as st
 from torch import nn
 
 import attnfuse
-from helpers import assert_fused_equal
+from helpers import assert_fused_equal, count_host_reads
 
 FINITE_FILLS = [-1e9, torch.finfo(torch.float32).min, -torch.finfo(torch.float32).max]
 
@@ -250,25 +250,6 @@ class AddedMaskBuiltInGraph(nn.Module):
         return scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ v
 
 
-def _count_host_reads(monkeypatch) -> list:
-    import attnfuse.kernels.rows as rows
-    import attnfuse.kernels.sdpa as sdpa
-    import attnfuse.memo as memo
-
-    reads = []
-
-    def counting(read):
-        def counted(*values):
-            reads.append(values)
-            return read(*values)
-        return counted
-
-    for module in (rows, sdpa):
-        monkeypatch.setattr(module, "host_bool", counting(memo.host_bool))
-    monkeypatch.setattr(sdpa, "host_values", counting(memo.host_values))
-    return reads
-
-
 @given(L=st.integers(1, 9), S=st.integers(1, 12), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
        spelling=st.sampled_from(["where", "masked_fill"]), causal=st.booleans(),
        padded=st.lists(st.integers(0, 11), max_size=3), scale=st.sampled_from([1.0, 30.0]))
@@ -290,7 +271,7 @@ def test_added_mask_rows_of_fill_are_computed_by_the_kernel_without_a_host_read(
     module = AddedMaskBuiltInGraph(lambda dt: torch.finfo(dt).min, spelling, causal)
     atol = 2e-5 if dtype == torch.float32 else 2e-2
     with MonkeyPatch.context() as patch:
-        reads = _count_host_reads(patch)
+        reads = count_host_reads(patch)
         with torch.no_grad():
             report = assert_fused_equal(module, (q, k, v, padding), atol=atol, rtol=atol)
         assert reads == [], f"{len(reads)} host reads of the bias in inference"
