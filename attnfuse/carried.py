@@ -42,7 +42,7 @@ class CausalProof:
     keep-mask (``kind="mask"``), or an additive bias of 0 on kept keys and ``fill`` on the others (``kind="bias"``)."""
 
     kind: str
-    alignment: str
+    alignment: Optional[str]
     fill: Optional[float] = None
 
 
