@@ -366,7 +366,7 @@ def backend_for(options: Options) -> AttnfuseBackend:
 # ----------------------------------------------------------------------------- Dynamo's own signals
 
 def _frame_attempts() -> int:
-    return _DYNAMO_COUNTERS["frames"]["total"]
+    return _DYNAMO_COUNTERS["frames"].get("total", 0)
 
 
 class _DynamoSignals:
