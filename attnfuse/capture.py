@@ -26,6 +26,7 @@ from types import CodeType
 from typing import Any, Callable, Optional, Sequence
 
 import torch
+from torch._dynamo.utils import counters as _DYNAMO_COUNTERS  # one dict for the process (reset clears it in place)
 from torch.fx import GraphModule
 
 import attnfuse.patterns  # noqa: F401  (registers the rule families)
@@ -113,6 +114,9 @@ class CompiledGraph:
         capture = _ACTIVE.get()
         if context_parallel_active():
             self._check_context_parallel(capture)
+        if capture is not None and self.ran and not self.watching and capture.report.has_graph(self.sites):
+            capture.graph_calls += 1  # a later call under a model that has this graph: nothing to record
+            return self._run(args)
         first: list[logs.Timings] = []  # what this call's first run is charged to, if it is a first run
         if not self.ran:
             first.append(self.timings)
@@ -362,9 +366,7 @@ def backend_for(options: Options) -> AttnfuseBackend:
 # ----------------------------------------------------------------------------- Dynamo's own signals
 
 def _frame_attempts() -> int:
-    from torch._dynamo.utils import counters
-
-    return counters["frames"]["total"]
+    return _DYNAMO_COUNTERS["frames"].get("total", 0)
 
 
 class _DynamoSignals:
@@ -388,19 +390,15 @@ class _DynamoSignals:
         attempts = _frame_attempts()
         if attempts == started:
             return
-        from torch._dynamo.utils import counters
-
         for kind in self.KINDS:
-            for key, count in list(counters[kind].items()):
+            for key, count in list(_DYNAMO_COUNTERS[kind].items()):
                 if count > self.seen.get(kind, {}).get(key, 0):
                     report.note(_describe_signal(kind, key))
         self._remember(attempts)
 
     def _remember(self, attempts: int) -> None:
-        from torch._dynamo.utils import counters
-
         self.attempts = attempts
-        self.seen = {kind: dict(counters[kind]) for kind in self.KINDS}
+        self.seen = {kind: dict(_DYNAMO_COUNTERS[kind]) for kind in self.KINDS}
 
 
 _SIGNALS = _DynamoSignals()
@@ -467,46 +465,50 @@ def recompile_limit() -> int:
 
 
 def compile_model_call(fn: Callable[..., Any], backend: Callable, dynamic: Optional[bool]) -> Callable[..., Any]:
-    """``torch.compile(fn, backend=backend)`` with Dynamo's config set for ``fn`` alone around each call: the
-    recompile limit raised (through ``torch.compile(recompile_limit=)`` where torch has it), and Python
-    floats specialized. Unspecialized (under ``dynamic=True``, or for a second instance with another
-    value), a module's float attributes (a scale, a softcap, a fill, a dropout p, an ALiBi factor) become
-    run-time inputs, and the attention they configure could no longer be read."""
-    limit = recompile_limit()
+    """``torch.compile(fn, backend=backend)``, with the recompile limit raised through
+    ``torch.compile(recompile_limit=)`` where torch takes it (``captured`` raises it around each call elsewhere)."""
     if _COMPILE_TAKES_A_LIMIT:
-        compiled = torch.compile(fn, backend=backend, dynamic=dynamic, recompile_limit=limit)
-    else:
-        compiled = torch.compile(fn, backend=backend, dynamic=dynamic)
-    config = torch._dynamo.config
-
-    def call(*args: Any, **kwargs: Any) -> Any:
-        previous = config.recompile_limit, config.specialize_float
-        if not _COMPILE_TAKES_A_LIMIT:
-            config.recompile_limit = max(limit, previous[0])
-        config.specialize_float = True
-        try:
-            return compiled(*args, **kwargs)
-        finally:
-            config.recompile_limit, config.specialize_float = previous
-
-    return call
+        return torch.compile(fn, backend=backend, dynamic=dynamic, recompile_limit=recompile_limit())
+    return torch.compile(fn, backend=backend, dynamic=dynamic)
 
 
 def captured(compiled: Callable[..., Any], capture: Capture) -> Callable[..., Any]:
-    """``compiled`` (a ``torch.compile`` result) run with ``capture`` active, so the graphs it runs
-    report to it; afterwards, notes what Dynamo did not hand to the pass."""
+    """``compiled`` (a ``compile_model_call`` result) run with ``capture`` active, so the graphs it runs
+    report to it, and with Dynamo's config set for it alone; afterwards, notes what Dynamo did not hand to
+    the pass.
+
+    The config: Python floats specialized and, where ``torch.compile`` takes no ``recompile_limit``, the
+    recompile limit raised. Unspecialized (under ``dynamic=True``, or for a second instance with another
+    value), a module's float attributes (a scale, a softcap, a fill, a dropout p, an ALiBi factor) become
+    run-time inputs, and the attention they configure could no longer be read. Dynamo reads its config only
+    while it compiles, which can happen in any call (a new shape), so each call sets it; a value already
+    set (the user's, or an outer optimized model's) is left alone, and only what was changed is restored.
+    """
+    config = torch._dynamo.config
+    limit = recompile_limit()
 
     def call(*args: Any, **kwargs: Any) -> Any:
         graphs_before, attempts = capture.graph_calls, _SIGNALS.start()
         capture.calls += 1
         capture.timings, capture.mark = None, time.perf_counter()
-        capture.compiled_now.clear()
+        if capture.compiled_now:
+            capture.compiled_now.clear()
         started = capture.mark
+        specialized = config.specialize_float
+        if not specialized:
+            config.specialize_float = True
+        previous_limit = None if _COMPILE_TAKES_A_LIMIT else config.recompile_limit
+        if previous_limit is not None and previous_limit < limit:
+            config.recompile_limit = limit
         token = _ACTIVE.set(capture)
         try:
             return compiled(*args, **kwargs)
         finally:
             _ACTIVE.reset(token)
+            if not specialized:
+                config.specialize_float = specialized
+            if previous_limit is not None and previous_limit < limit:
+                config.recompile_limit = previous_limit
             if capture.timings is not None and not capture.slow_noted:
                 capture.slow_noted = logs.note_slow_compile(capture.report.root, time.perf_counter() - started,
                                                             capture.timings)

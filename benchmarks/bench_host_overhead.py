@@ -22,6 +22,10 @@ the step's key appended and cropped again, so every step sees the same cache len
 ``torch.compile(backend="eager")`` (Dynamo's own share: its guards and frame handling with no rewrite).
 Also: graphs run and guards evaluated per step for the two Dynamo variants.
 
+``model_call``: what ``attnfuse.optimize`` installs on a model, called around a stub of the ``torch.compile`` result
+(``torch.compile`` replaced while ``optimize`` runs), against the stub alone: attnfuse's own host time per model
+call outside Dynamo and the graphs; and ``CompiledGraph.__call__`` of an identity graph against the graph's run.
+
 Every variant of a table is timed in turn (A, B, C, A, B, C, ...) for ``--rounds`` rounds, each keeping its
 fastest mean over ``--repeats`` calls. ``--profile`` prints cProfile's busiest functions of the fused call.
 Prints tables with ratios, device, torch and date; writes JSON (``--out``).
@@ -269,6 +273,67 @@ def bench_decode_step(args: argparse.Namespace, device: torch.device, dtype: tor
     return rows
 
 
+# ----------------------------------------------------------------------------- the model call's wrapper
+
+class StubCompile:
+    """Stands in for ``torch.compile`` while ``attnfuse.optimize`` runs: the "compiled" call it returns counts one
+    graph call into the active capture (what a compiled model call does) and runs nothing, so that timing the
+    optimized model's call times attnfuse's wrapper around Dynamo alone."""
+
+    def __call__(self, fn: Callable, **kwargs: object) -> Callable:
+        from attnfuse import capture as capture_module
+
+        def compiled(*args: object, **kwargs: object) -> None:
+            active = capture_module._ACTIVE.get()
+            if active is not None:
+                active.graph_calls += 1
+
+        self.compiled = compiled
+        return compiled
+
+
+def bench_model_call(args: argparse.Namespace) -> dict:
+    """Microseconds per call of what ``optimize`` installs on a model (``_compiled_call_impl``) around a stub of the
+    ``torch.compile`` result, against the stub alone; and of ``CompiledGraph.__call__`` around an identity graph
+    (a later call under the model's capture) against the graph's own run."""
+    from attnfuse import capture as capture_module
+    from attnfuse.options import Options
+    from attnfuse.report import FusionReport
+
+    stub, real = StubCompile(), torch.compile
+    torch.compile = stub
+    try:
+        model = attnfuse.optimize(torch.nn.Linear(2, 2))
+    finally:
+        torch.compile = real
+    x = torch.ones(2)
+    kwargs = dict(input_ids=x, attention_mask=x, past_key_values=None, use_cache=True, position_ids=x)
+    installed, bare = model._compiled_call_impl, stub.compiled
+    installed(**kwargs)
+    identity = torch.fx.symbolic_trace(torch.nn.Identity())
+    graph = capture_module.CompiledGraph(identity, identity, [], capture_module.backend_for(Options()), [x])
+    token = capture_module._ACTIVE.set(capture_module.Capture(FusionReport(root="Stub")))
+    try:
+        graph(x)
+        graph(x)
+        us = best_microseconds({"model call": lambda: installed(**kwargs), "stub": lambda: bare(**kwargs),
+                                "graph call": lambda: graph(x), "graph run": lambda: graph.run(x)},
+                               args.rounds, 20 * args.repeats, torch.device("cpu"))
+    finally:
+        capture_module._ACTIVE.reset(token)
+    return {"us": us, "model_call_overhead_us": us["model call"] - us["stub"],
+            "graph_call_overhead_us": us["graph call"] - us["graph run"]}
+
+
+def print_model_call(row: dict, rounds: int) -> None:
+    us = row["us"]
+    print(f"\nattnfuse's wrappers (us per call, best of {rounds} interleaved rounds)")
+    print("| optimize's model call | stub compiled call | overhead | graph call | graph run | overhead |")
+    print("|---|---|---|---|---|---|")
+    print(f"| {us['model call']:.2f} | {us['stub']:.2f} | {row['model_call_overhead_us']:.2f} | {us['graph call']:.2f} | "
+          f"{us['graph run']:.2f} | {row['graph_call_overhead_us']:.2f} |")
+
+
 # ----------------------------------------------------------------------------- main
 
 def print_per_call(rows: list[dict], rounds: int) -> None:
@@ -312,7 +377,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--step-batch", type=int, default=4)
     parser.add_argument("--prompt", type=int, default=64, help="decode step: cached tokens")
     parser.add_argument("--step-repeats", type=int, default=20, help="decode steps per timed round")
-    parser.add_argument("--only", choices=["per_call", "decode_step"], default=None)
+    parser.add_argument("--only", choices=["per_call", "decode_step", "model_call"], default=None)
     parser.add_argument("--profile", action="store_true", help="print cProfile's busiest functions")
     parser.add_argument("--profile-lines", type=int, default=30)
     parser.add_argument("--out", default="docs/bench_host_overhead_cpu.json")
@@ -333,6 +398,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if args.only in (None, "per_call"):
         payload["per_call"] = bench_per_call(args, device, dtype)
         print_per_call(payload["per_call"], args.rounds)
+    if args.only in (None, "model_call"):
+        payload["model_call"] = bench_model_call(args)
+        print_model_call(payload["model_call"], args.rounds)
     if args.only in (None, "decode_step"):
         payload["decode_step"] = bench_decode_step(args, device, dtype)
         print_decode_step(payload["decode_step"], args.rounds)

@@ -210,6 +210,31 @@ def test_the_recompile_limit_is_raised_for_attnfuse_only():
     assert torch._dynamo.config.recompile_limit == 8
 
 
+
+def test_python_floats_are_specialized_during_the_call_only():
+    """Dynamo's ``specialize_float`` is on while an optimized model runs (a float attribute stays a constant the
+    matcher can read), back off afterwards, and left on where the user turned it on."""
+    seen = []
+
+    @torch._dynamo.disable
+    def look() -> None:
+        seen.append(torch._dynamo.config.specialize_float)
+
+    class Softmax(nn.Module):
+        def forward(self, x):
+            look()
+            return x.softmax(-1)
+
+    model = attnfuse.optimize(Softmax())
+    x = torch.randn(2, 3)
+    for _ in range(2):
+        torch.testing.assert_close(model(x), x.softmax(-1))
+    assert seen == [True, True] and torch._dynamo.config.specialize_float is False
+    with torch._dynamo.config.patch(specialize_float=True):
+        model(x)
+        assert torch._dynamo.config.specialize_float is True
+    assert seen[-1] is True and torch._dynamo.config.specialize_float is False
+
 def test_a_graph_break_between_the_products_is_reported():
     class Chatty(nn.Module):
         def forward(self, q, k, v):
