@@ -116,8 +116,11 @@ class Record:
     found: dict = field(default_factory=dict)
 
 
-def _geometry(tensor: torch.Tensor) -> tuple:
-    """What makes two tensors over one storage hold the same values: the storage, where in it, how laid out."""
+def _geometry(tensor: torch.Tensor) -> Optional[tuple]:
+    """What makes two tensors over one storage hold the same values: the storage, where in it, how laid out; None
+    for a tensor without a plain storage of its own (a subclass such as a ``DTensor``, a sparse or nested one)."""
+    if type(tensor) not in (torch.Tensor, torch.nn.Parameter) or tensor.layout != torch.strided:
+        return None
     return (tensor.untyped_storage()._cdata, tensor.storage_offset(), tuple(tensor.shape), tensor.stride(),
             tensor.dtype)
 
@@ -140,18 +143,20 @@ class CarriedProofs:
         values = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
         for position, proof in masks:
             tensor = values[position] if position < len(values) else None
-            if isinstance(tensor, torch.Tensor) and not is_traced(tensor) and tensor.layout == torch.strided:
+            geometry = _geometry(tensor) if isinstance(tensor, torch.Tensor) and not is_traced(tensor) else None
+            if geometry is not None:
                 self._records[tensor] = Record(proof, tensor._version, tensor.data_ptr())
-                self._by_geometry[_geometry(tensor)] = tensor
+                self._by_geometry[geometry] = tensor
 
     def record_of(self, tensor: torch.Tensor) -> Optional[Record]:
         """The record of ``tensor`` (or of the recorded tensor it is a twin of), if that tensor is unwritten since
         it was built."""
         record = self._records.get(tensor)
         if record is None:
-            if tensor.layout != torch.strided or not self._by_geometry:
+            geometry = _geometry(tensor) if self._by_geometry else None
+            if geometry is None:
                 return None
-            built = self._by_geometry.get(_geometry(tensor))
+            built = self._by_geometry.get(geometry)
             record = self._records.get(built) if built is not None else None
             if record is None or tensor._version != record.version:
                 return None
@@ -166,10 +171,10 @@ class CarriedProofs:
         for tensor in tensors:
             if isinstance(tensor, torch.Tensor):
                 self._records.pop(tensor, None)
-                if tensor.layout == torch.strided and self._by_geometry:
-                    built = self._by_geometry.pop(_geometry(tensor), None)
-                    if built is not None:
-                        self._records.pop(built, None)
+                geometry = _geometry(tensor) if self._by_geometry else None
+                built = self._by_geometry.pop(geometry, None) if geometry is not None else None
+                if built is not None:
+                    self._records.pop(built, None)
 
     def __len__(self) -> int:
         return len(self._records)
