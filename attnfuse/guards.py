@@ -97,11 +97,12 @@ class RunTimeCausal:
 
     Nothing is remembered across calls (``attnfuse.memo``: a tensor written through ``.data`` or a NumPy view
     keeps its version), so each call compares the tensor it is given: a bias in the host read its rows already
-    take (``rows.bias_rows``), a boolean mask in a read of its own; except a tensor that a compiled graph built
-    in this forward and proved causal for every input, unwritten since (``attnfuse.carried``), which is read
-    as causal without a read of its values. ``calls`` counts the calls read as causal and
-    those run with the tensor, for the report. Under a tracer or CUDA-graph capture nothing is read: the tensor
-    is used as given.
+    take (``rows.bias_rows``), a boolean mask in a read of its own (none at one query, where the triangle keeps
+    every key: the mask is used as given). The exception is a tensor a compiled graph of the model built in this
+    forward, unwritten since (``attnfuse.carried``): it is read as causal without its values where that graph's
+    rules proved it so, or where an earlier layer's read found it so. ``calls`` counts the calls read as causal
+    (``proven``: of those, the ones that read nothing) and those run with the tensor, for the report. Under a
+    tracer or CUDA-graph capture nothing is read: the tensor is used as given.
     """
 
     def __init__(self, kind: str, threshold: float) -> None:
