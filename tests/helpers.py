@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Optional
 
 import torch
 
@@ -50,22 +51,29 @@ def assert_fused_equal(module: torch.nn.Module, args: tuple, *, fused: int = 1, 
     return report
 
 
+def assert_same_step(reference: torch.nn.Module, optimized: torch.nn.Module, ids: torch.Tensor,
+                     attention_mask: Optional[torch.Tensor] = None) -> None:
+    """A transformers causal LM and its optimized copy: logits and every parameter's gradient equal after one
+    forward and backward on ``ids``."""
+    results = []
+    for model in (reference, optimized):
+        model.zero_grad()
+        logits = model(input_ids=ids, attention_mask=attention_mask).logits
+        (logits * torch.randn(logits.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
+        results.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
+    (expected, expected_grads), (actual, actual_grads) = results
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-4)
+    for e, a in zip(expected_grads, actual_grads):
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-3)
+
+
 def assert_same_training_steps(reference: torch.nn.Module, optimized: torch.nn.Module, lengths: tuple,
                                vocab: int = 100) -> None:
-    """A transformers causal LM and its optimized copy: logits and every parameter's gradient equal at each of
-    ``lengths`` (two sequences of random ids), one after the other in one process."""
+    """``assert_same_step`` at each of ``lengths`` (two sequences of random ids), one after the other in one
+    process."""
     for length in lengths:
         ids = torch.randint(3, vocab, (2, length), generator=torch.Generator().manual_seed(length))
-        results = []
-        for model in (reference, optimized):
-            model.zero_grad()
-            logits = model(input_ids=ids).logits
-            (logits * torch.randn(logits.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
-            results.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
-        (expected, expected_grads), (actual, actual_grads) = results
-        torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-4)
-        for e, a in zip(expected_grads, actual_grads):
-            torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-3)
+        assert_same_step(reference, optimized, ids)
 
 
 def count_host_reads(monkeypatch) -> list:
