@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 import torch
 from torch.fx import Node
 
-from attnfuse.carried import CARRIED
+from attnfuse.carried import CARRIED, Record
 from attnfuse.kernels.rows import Triangle
 from attnfuse.masking import causal_keep
 from attnfuse.memo import host_bool, host_readable
@@ -120,24 +120,22 @@ class RunTimeCausal:
         if not host_readable(call.q):
             return None
         alignment = self._candidate(call)
-        if alignment is not None and self._proven(call, alignment):
+        record = CARRIED.record_of(self._tensor(call)) if alignment is not None else None
+        if record is not None and self._proven(record, call, alignment):
             self.calls["proven"] += 1
             found = True
         elif alignment is not None and self.kind == "mask" and _keeps_every_key(call.q.shape[-2], call.k.shape[-2]):
             found = False  # a decode step's triangle keeps every key: a read of its own would cost more than the mask
         else:
             found = alignment is not None and self._holds(call, alignment)
-            if found:
-                self._remember(call, alignment)
+            if found and record is not None:
+                self._remember(record, alignment)
         self.calls["causal" if found else "as given"] += 1
         return alignment if found else None
 
-    def _proven(self, call: "AttentionCall", alignment: str) -> bool:
-        """Whether the call's tensor is one a compiled graph built as a mask, unwritten since, and proved, or found by
-        an earlier read, to be this triangle (``attnfuse.carried``)."""
-        record = CARRIED.record_of(self._tensor(call))
-        if record is None:
-            return False
+    def _proven(self, record: Record, call: "AttentionCall", alignment: str) -> bool:
+        """Whether the call's tensor, which a compiled graph built as a mask (``record``: unwritten since), was proved,
+        or found by an earlier read, to be this triangle (``attnfuse.carried``)."""
         threshold = record.found.get((self.kind, alignment))
         if threshold is not None:
             return self.kind == "mask" or threshold <= self.threshold
@@ -151,12 +149,10 @@ class RunTimeCausal:
             return False
         return self.kind == "mask" or proof.fill <= self.threshold
 
-    def _remember(self, call: "AttentionCall", alignment: str) -> None:
-        """Record on the tensor's ``attnfuse.carried`` record, if it has one, that it held this triangle."""
-        record = CARRIED.record_of(self._tensor(call))
-        if record is not None:
-            key = (self.kind, alignment)
-            record.found[key] = min(record.found.get(key, math.inf), self.threshold)
+    def _remember(self, record: Record, alignment: str) -> None:
+        """Record on the tensor's ``attnfuse.carried`` record that it held this triangle."""
+        key = (self.kind, alignment)
+        record.found[key] = min(record.found.get(key, math.inf), self.threshold)
 
     def _tensor(self, call: "AttentionCall") -> torch.Tensor:
         return call.bias if self.kind == "bias" else call.keep
