@@ -98,7 +98,8 @@ def test_a_mask_built_before_the_layers_is_proven_exactly_when_it_is_the_triangl
             torch.testing.assert_close(a, b, atol=atol * 10, rtol=atol * 10)
     counts = checked_counts(model)
     keeps_all = (L if L <= S else S) == 1  # the triangle keeps every key: so does any causal-shaped build
-    if how in CAUSAL_BUILDS or (how == "top-left at L < S" and extra == 0) or (how == "window" and L <= 2) or (
+    # a window of 2 is the triangle only where its last row (which reaches key S - 1) still keeps key 0: S <= 2
+    if how in CAUSAL_BUILDS or (how == "top-left at L < S" and extra == 0) or (how == "window" and S <= 2) or (
             keeps_all and how in ("diagonal+1", "keep everything")):
         assert counts["proven"] == counts["causal"] > 0 and counts["as given"] == 0, counts
     elif how == "padded" and L > 1 and counts["causal"]:  # a triangle here only where no row loses its key
