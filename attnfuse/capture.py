@@ -44,6 +44,7 @@ from attnfuse.options import Options
 from attnfuse.patterns.softmax import calls_softmax
 from attnfuse.report import (EXCLUDED_BY_FILTER, FusionReport, GraphSites, SiteReport, compiled_frame,
                              frame_module_local, relative_module_path, site_features, source_line)
+from attnfuse.shared_fills import share_raised_fills
 from attnfuse.verify import check_rewrite
 
 _site_counter = itertools.count()
@@ -334,6 +335,7 @@ class AttnfuseBackend:
                                       predicted_backend="sdpa", frame=frame,
                                       frame_local=local))
         with logs.phase("lowering"):
+            share_raised_fills(gm)
             if discard_unused_built(gm.graph) or any(r.status == "fused" for r in reports):
                 gm.graph.lint()
                 gm.recompile()
