@@ -8,11 +8,14 @@ trained on the same data in one process: ``sdpa`` (transformers' ``attn_implemen
 (its hand-written attention), ``shard_then_optimize`` (``attnfuse.optimize`` after ``fully_shard``),
 ``optimize_then_shard`` (before it) and ``compile_blocks`` (torchtitan's order: each decoder layer
 ``layer.compile(backend=attnfuse.backend(model))``, Inductor by default, then ``fully_shard``). The variants
-are timed in turn, ``--rounds`` times, ``--steps`` steps a round; each keeps its best round (ms a step; all
+are timed in turn (with ``sdpa_under_dynamo`` when named in ``--variants``: the ``sdpa`` model sharded, then
+compiled by Dynamo's ``eager`` backend, Dynamo's share of a step without attnfuse), ``--rounds`` times, ``--steps`` steps a round; each keeps its best round (ms a step; all
 rounds are in the JSON). Memory per GPU: the peak allocated during a variant's steps above what was allocated
 before them, plus the variant's own resident shards (parameters, gradients, optimizer state). Every step's loss
 (rank 0's) is kept; the table gives the largest difference from ``sdpa``'s. Runs on the CPU too (gloo;
 ``python benchmarks/bench_fsdp.py --device cpu ...`` as one process), for the code path, not the figures.
+``--profile`` profiles two more steps of each variant and prints where they go (kernels, synchronizations, the
+operators with the most device and host time).
 """
 from __future__ import annotations
 
@@ -35,6 +38,9 @@ os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off (the mach
 os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 
 VARIANTS = ("sdpa", "eager", "shard_then_optimize", "optimize_then_shard", "compile_blocks")
+# Dynamo's own share, without attnfuse (``--variants`` only): the ``sdpa`` model sharded, then compiled with
+# Dynamo's ``eager`` backend as ``optimize`` compiles a model (one compile of the model's call)
+BASELINES = ("sdpa_under_dynamo",)
 
 
 def parse(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -57,6 +63,8 @@ def parse(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--block-compiler", default="inductor", choices=["inductor", "eager"],
                         help="what runs each compiled block of compile_blocks after attnfuse's rewrite")
+    parser.add_argument("--profile", action="store_true",
+                        help="after the rounds, profile two steps of each variant (rank 0 prints where the time goes)")
     return parser.parse_args(argv)
 
 
@@ -83,7 +91,7 @@ def shard(model: torch.nn.Module) -> torch.nn.Module:
 def prepare(args: argparse.Namespace, variant: str, device: torch.device
             ) -> tuple[torch.nn.Module, Optional[Callable[[], attnfuse.FusionReport]]]:
     """The sharded model of ``variant`` and how to read its attnfuse report (None for the unfused ones)."""
-    model = build(args, "sdpa" if variant == "sdpa" else "eager", device)
+    model = build(args, "sdpa" if variant.startswith("sdpa") else "eager", device)
     if variant in ("sdpa", "eager"):
         return shard(model), None
     if variant == "shard_then_optimize":
@@ -92,12 +100,15 @@ def prepare(args: argparse.Namespace, variant: str, device: torch.device
     if variant == "optimize_then_shard":
         shard(attnfuse.optimize(model))
         return model, lambda: attnfuse.report(model)
+    if variant == "sdpa_under_dynamo":
+        shard(model).compile(backend="eager")
+        return model, None
     if variant == "compile_blocks":
         backend = attnfuse.backend(model, compiler=args.block_compiler)
         for layer in model.model.layers:
             layer.compile(backend=backend)
         return shard(model), lambda: backend.report
-    raise SystemExit(f"bench_fsdp: unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    raise SystemExit(f"bench_fsdp: unknown variant {variant!r}; choose from {', '.join(VARIANTS + BASELINES)}")
 
 
 def resident_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
@@ -180,13 +191,46 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
         chunk = data[args.warmup + round_ * args.steps: args.warmup + (round_ + 1) * args.steps]
         for run in runs:
             run.timed_round(chunk)
-    results = {run.variant: _result(run) for run in runs}
+    profiles = {run.variant: profile_steps(run, data[-2:]) for run in runs} if args.profile else {}
+    results = {run.variant: {**_result(run), **({"profile": profiles[run.variant]} if profiles else {})}
+               for run in runs}
     payload = {**environment(), "world": world, "config": {k: v for k, v in vars(args).items() if k != "out"},
                "results": results}
     if rank == 0:
         _print(payload)
         save(args.out, payload)
     return payload
+
+
+def profile_steps(run: Run, data: list[torch.Tensor]) -> dict[str, Any]:
+    """Where a variant's step goes (``--profile``): wall time, GPU kernel time summed over the streams, host
+    synchronizations, and the operators with the most device and host time, from ``torch.profiler`` over ``data``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = run.device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        dist.barrier()
+        started = time.perf_counter()
+        for ids in data:
+            run.step(ids)
+        if cuda:
+            torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - started) * 1e3 / len(data)
+    events = prof.key_averages()
+    steps = len(data)
+
+    def per_step(total_us: float) -> float:
+        return round(total_us / 1e3 / steps, 3)
+
+    device_time = (lambda e: getattr(e, "self_device_time_total", 0.0)) if cuda else (lambda e: 0.0)
+    syncs = {e.key: e.count // steps for e in events
+             if "Synchronize" in e.key or e.key in ("aten::item", "aten::_local_scalar_dense")}
+    top_device = sorted(events, key=lambda e: -device_time(e))[:15]
+    top_host = sorted(events, key=lambda e: -e.self_cpu_time_total)[:15]
+    return {"wall_ms": round(wall_ms, 3), "kernel_ms": per_step(sum(device_time(e) for e in events)),
+            "syncs_per_step": syncs,
+            "top_device_ms": {e.key[:60]: per_step(device_time(e)) for e in top_device},
+            "top_host_ms": {e.key[:60]: per_step(e.self_cpu_time_total) for e in top_host}}
 
 
 def _result(run: Run) -> dict[str, Any]:
@@ -234,6 +278,13 @@ def _print(payload: dict[str, Any]) -> None:
         unread = "-" if result["causal_calls"] is None else str(result["causal_calls"][2])
         print(f"{variant:22} {result['best_ms']:9.2f} {ratio:>8} {peak:>8} {diff:>18} {fused:>6} {causal:>13} "
               f"{unread:>7}")
+    for variant, result in results.items():
+        if "profile" in result:
+            found = result["profile"]
+            print(f"\nprofile of {variant}: {found['wall_ms']} ms a step (profiled), kernels {found['kernel_ms']} ms, "
+                  f"synchronizations a step {found['syncs_per_step']}")
+            print("  device ms a step: " + ", ".join(f"{k} {v}" for k, v in found["top_device_ms"].items()))
+            print("  host ms a step: " + ", ".join(f"{k} {v}" for k, v in found["top_host_ms"].items()))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import attnfuse
 
 
 def grads(out: torch.Tensor, inputs: list[torch.Tensor], seed: int = 0) -> list[torch.Tensor]:
-    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype).to(out.device)
     weight = torch.where(out.isnan(), torch.zeros_like(weight), weight)
     loss = (torch.nan_to_num(out) * weight).sum()
     found = torch.autograd.grad(loss, inputs, allow_unused=True)

@@ -118,3 +118,14 @@ def test_many_models_in_one_process():
                 expected, actual = module(*leaf_copies(args)), optimized(*leaf_copies(args))
             torch.testing.assert_close(actual, expected, atol=2e-5, rtol=1e-4)
         assert attnfuse.report(optimized).fused == layers
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_shared_mask_on_cuda(dtype, grad):
+    """On the fused CUDA kernels (cuDNN, flash, memory-efficient): the raised fill gives the original's rows, rows
+    without keys included (bf16's ``finfo.min`` is raised; fp16's -65504 is already in range and left alone)."""
+    args = tuple(t.cuda().requires_grad_(t.requires_grad) if t.is_floating_point() else t.cuda()
+                 for t in inputs(B=4, H=4, L=33, S=70, d=64, dtype=dtype, grad=grad))
+    assert_fused_equal(SharedMaskLayers(3), args, fused=3, atol=3e-2, rtol=3e-2)
