@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 import torch
 
 from attnfuse.tracing import is_traced
+from attnfuse.vocabulary import MASKING_THRESHOLD
 
 PROVEN_FILL = -1e30
 
@@ -45,23 +46,33 @@ def _largest(bias: torch.Tensor) -> float:
     return float(bias.detach().amax().float())
 
 
+def half_live_floor(dtype: torch.dtype) -> float:
+    """The bias at or below which a key is not live in a half-precision addition: ``absorbing(dtype)``, or the masking
+    threshold as ``dtype`` stores it where that is higher (-1e4 is -9984 in bf16). A row whose every key is that
+    low is uniform by rounding in the original's fp16 / bf16 ``s + fill``, not in a kernel's fp32 one."""
+    floor = absorbing(dtype)
+    if dtype in (torch.float16, torch.bfloat16):
+        floor = max(floor, float(torch.tensor(MASKING_THRESHOLD, dtype=torch.float64).to(dtype)))
+    return floor
+
+
 def live_keys(bias: Optional[torch.Tensor], full_keep: Optional[torch.Tensor],
-              dtype: torch.dtype) -> Optional[torch.Tensor]:
-    """True where a key is kept and its bias is above ``absorbing(dtype)``: the keys a row's softmax is over
-    when the row has one (None: every key)."""
-    live = None if bias is None else bias > absorbing(dtype)
+              dtype: torch.dtype, floor: Optional[float] = None) -> Optional[torch.Tensor]:
+    """True where a key is kept and its bias is above ``floor`` (``absorbing(dtype)`` unless given): the keys a row's
+    softmax is over when the row has one (None: every key)."""
+    live = None if bias is None else bias > (absorbing(dtype) if floor is None else floor)
     if full_keep is not None:
         live = full_keep if live is None else live & full_keep
     return live
 
 
 def every_row_has_a_live_key(bias: Optional[torch.Tensor], full_keep: Optional[torch.Tensor],
-                             dtype: torch.dtype) -> bool:
+                             dtype: torch.dtype, floor: Optional[float] = None) -> bool:
     """Whether every query row keeps a key whose bias is above the masking floor (one pass over the bias and
     mask, one host read). In such a row the masked keys, and kept keys with an absorbing bias, have weight
     exactly 0 whatever value they hold (``fill + bias``, ``-inf`` or ``finfo.min`` after a clamp); in a row
     without one, the original's weights depend on those values, so the site's own ops run."""
-    live = live_keys(bias, full_keep, dtype)
+    live = live_keys(bias, full_keep, dtype, floor)
     if live is None:
         return True
     if is_traced(live):

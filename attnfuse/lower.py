@@ -21,7 +21,7 @@ from torch.fx import GraphModule, Node
 from attnfuse.added_masks import AddedMask
 from attnfuse.attend import attend, checked_attend, differentiable_twice
 from attnfuse.context_parallel import ContextParallelError, context_parallel_active
-from attnfuse.dominance import FillDominance, absorbing, every_row_has_a_live_key
+from attnfuse.dominance import FillDominance, absorbing, every_row_has_a_live_key, half_live_floor
 from attnfuse.effects import written_or_returned
 from attnfuse.fx_utils import remove_dead_nodes, statically_true, tensor_meta
 from attnfuse.guards import CausalGuard, RunTimeCausal
@@ -399,7 +399,8 @@ def _checked_call(plan: SitePlan, tensors: tuple, q: torch.Tensor, k: torch.Tens
     full_keep = None
     if plan.live_rows or plan.dominance is not None:
         full_keep = combined_keep(keep, causal, q.shape[-2], k.shape[-2], q.device, window)
-    if plan.live_rows and not every_row_has_a_live_key(bias, full_keep, q.dtype if bias is None else bias.dtype):
+    if plan.live_rows and not every_row_has_a_live_key(bias, full_keep, q.dtype if bias is None else bias.dtype,
+                                                       None if bias is None else half_live_floor(bias.dtype)):
         return _run_original(plan, tensors, "a row keeps no key above the masking floor on this call")
     if plan.dominance is not None and not plan.dominance.holds(
             q, k, scale, plan.softcap, [b if c == 1.0 else b * c for b, c in zip(biases, plan.bias_coefficients)],

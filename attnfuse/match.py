@@ -20,7 +20,7 @@ import torch
 from attnfuse import logs
 from attnfuse.added_masks import AddedMask, absorbs_every_score
 from attnfuse.canonical import canonical, normalize_dunder_methods, spelling
-from attnfuse.dominance import absorbing, underflow_gap
+from attnfuse.dominance import absorbing, half_live_floor, underflow_gap
 from attnfuse.effects import fake_result, functionalize, mark_writes, written_between
 from attnfuse.folding import constant_value
 from attnfuse.fx_utils import (WRITTEN, has_side_effect, is_call, is_written, remove_dead_nodes, same_size,
@@ -1004,11 +1004,32 @@ def _run_time_causal(terms: ScoreTerms) -> Optional[str]:
 
 
 def _half_bias_rows(terms: ScoreTerms, dtype: torch.dtype) -> None:
-    """fp16 scores with a bias: a row whose every key is at fp16's lowest value (a left-padded query
-    under transformers' 0 / finfo.min mask) is uniform in the original, where ``s + min`` rounds to min,
-    but not in a kernel that adds the bias in fp32; such calls run the site's own ops (checked per call)."""
-    if dtype == torch.float16 and terms.biases:
+    """Half-precision additions of a mask whose fill fp32 does not absorb: a row whose every key holds the fill (a
+    left-padded query under a ``0 / fill`` mask) is uniform in the original, where ``s + fill`` rounds to the fill,
+    but not in a kernel that adds the bias in fp32; such calls run the site's own ops (checked per call). Any bias
+    added in fp16 (fp16's lowest value, -65504, is such a fill), and in bf16 a ``0 / fill`` mask with a finite fill
+    such as -1e4 or -65504. The addition's dtype decides, also where the sum is upcast before the softmax
+    (``(s + mask).float()``, as LLaMA's reference code writes it); a bias whose additions are not all known
+    counts as added in its own dtype."""
+    if dtype == torch.float16 or any(_added_in(bias, torch.float16) for bias, _ in terms.biases):
+        terms.live_rows = bool(terms.biases)
+    elif terms.bias_fill is None and any(_added_in(bias, torch.bfloat16) and _fill_lost_in_fp32(bias)
+                                         for bias, _ in terms.biases):
         terms.live_rows = True
+
+
+def _added_in(bias: Node, dtype: torch.dtype) -> bool:
+    dtypes = _addition_dtypes(bias)
+    if dtypes:
+        return dtype in dtypes
+    meta = tensor_meta(bias)
+    return meta is not None and meta.dtype == dtype
+
+
+def _fill_lost_in_fp32(bias: Node) -> bool:
+    """Whether ``bias`` is a ``0 / fill`` mask whose finite masking fill fp32 does not absorb (-1e4, -65504)."""
+    fill, meta = zero_or_fill(bias), tensor_meta(bias)
+    return fill is not None and fill <= half_live_floor(meta.dtype) and not absorbs_every_score(fill, [torch.float32])
 
 
 def _index_functions(terms: ScoreTerms, batch_rank: int) -> None:

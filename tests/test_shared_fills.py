@@ -86,12 +86,14 @@ def test_one_pass_raises_the_shared_mask(monkeypatch):
     assert len(plans) == 3 and all(p.bias_fill == KERNEL_SAFE_FILL for p in plans)
 
 
-@settings(deadline=None, max_examples=25)
+@settings(deadline=None)
 @given(L=st.integers(1, 5), S=st.integers(1, 7), layers=st.integers(2, 3),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16]), grad=st.booleans(), dead=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), grad=st.booleans(), dead=st.booleans(),
        seed=st.integers(0, 2 ** 16))
 def test_shared_mask_gives_the_originals_values(L, S, layers, dtype, grad, dead, seed):
-    """Forward and backward equal the original's for any lengths, dtypes and padding, rows without keys included."""
+    """Forward and backward equal the original's for any lengths, dtypes and padding, rows without keys included
+    (in fp16, where the sum is upcast after the addition, such a row is uniform only in fp16's arithmetic: the
+    site's own ops run that call)."""
     args = inputs(L=L, S=S, dtype=dtype, grad=grad, dead=(1,) if dead else (), seed=seed)
     tolerance = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
     if grad:

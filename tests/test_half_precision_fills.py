@@ -1,0 +1,81 @@
+"""Masks with a finite fill added in half precision: a query row whose every key holds the fill (a left-padded query)
+is uniform in the original, where fp16's or bf16's ``s + fill`` rounds to the fill, but a fused kernel adds the bias
+in fp32, where a fill such as -1e4 or -65504 does not absorb the score. Such calls must give the original's rows (the
+site's own ops run), also where the sum is upcast before the softmax (LLaMA's reference code) and with gradients."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+from helpers import assert_fused_equal
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+FILLS = ["lowest", -1e9, -1e4, -65504.0, float("-inf")]
+
+
+class FilledMask(nn.Module):
+    """``softmax(q k^T * scale + mask) @ v`` with ``mask`` built from a key keep-mask as ``where(keep, 0, fill)`` or
+    ``zeros.masked_fill(~keep, fill)`` in q's dtype; ``upcast``: the sum is cast to fp32 before the softmax."""
+
+    def __init__(self, fill, upcast: bool, spelling: str) -> None:
+        super().__init__()
+        self.fill, self.upcast, self.spelling = fill, upcast, spelling
+
+    def forward(self, q, k, v, keep):
+        fill = torch.finfo(q.dtype).min if self.fill == "lowest" else self.fill
+        keep = keep[:, None, None, :]
+        if self.spelling == "where":
+            mask = torch.where(keep, torch.tensor(0.0, dtype=q.dtype, device=q.device), fill)
+        else:
+            mask = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill(~keep, fill)
+        scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5 + mask
+        weights = torch.softmax(scores.float(), -1).to(q.dtype) if self.upcast else torch.softmax(scores, -1)
+        return weights @ v
+
+
+def inputs(L: int, S: int, dtype: torch.dtype, grad: bool, seed: int, empty_row: bool = True) -> tuple:
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(3, 2, n, 16, generator=g).to(dtype).requires_grad_(grad) for n in (L, S, S))
+    keep = torch.rand(3, S, generator=g) > 0.3
+    keep[:, 0] = True
+    if empty_row:
+        keep[1] = False  # every key of this batch row is padding: its query rows keep no key
+    return q, k, v, keep
+
+
+def tolerance(dtype: torch.dtype) -> dict:
+    return dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+
+
+def skip_unrepresentable(dtype: torch.dtype, fill) -> None:
+    if dtype == torch.float16 and fill == -1e9:
+        pytest.skip("-1e9 overflows fp16 (the fill becomes -inf)")
+
+
+@pytest.mark.parametrize("dtype,fill", list(itertools.product(DTYPES, FILLS)))
+def test_rows_without_keys_match_the_original(dtype, fill):
+    skip_unrepresentable(dtype, fill)
+    with torch.no_grad():
+        assert_fused_equal(FilledMask(fill, upcast=True, spelling="where"),
+                           inputs(5, 9, dtype, grad=False, seed=0), **tolerance(dtype))
+
+
+@settings(deadline=None)
+@given(dtype=st.sampled_from(DTYPES), fill=st.sampled_from(FILLS), upcast=st.booleans(),
+       spelling=st.sampled_from(["where", "masked_fill"]), grad=st.booleans(), empty_row=st.booleans(),
+       L=st.integers(1, 6), S=st.integers(1, 10), seed=st.integers(0, 2 ** 16))
+def test_finite_fills_in_every_dtype(dtype, fill, upcast, spelling, grad, empty_row, L, S, seed):
+    """Forward and backward equal the original's for every fill, dtype, spelling and length."""
+    if dtype == torch.float16 and fill == -1e9:
+        return
+    args = inputs(L, S, dtype, grad, seed, empty_row)
+    module = FilledMask(fill, upcast, spelling)
+    if grad:
+        assert_fused_equal(module, args, **tolerance(dtype))
+    else:
+        with torch.no_grad():
+            assert_fused_equal(module, args, **tolerance(dtype))
