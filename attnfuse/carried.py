@@ -115,6 +115,14 @@ class Record:
     address: int
     found: dict = field(default_factory=dict)
 
+    def keeps_a_key_in_every_row(self, L: int, S: int) -> bool:
+        """Whether the tensor is known (proved at its build, or found by an earlier layer's read) to be a causal
+        triangle that leaves every one of ``L`` query rows a key among ``S`` at 0: the keys every row keeps."""
+        alignments = [alignment for (_, alignment) in self.found]
+        if self.proof is not None:
+            alignments.append(self.proof.alignment)
+        return S >= 1 and any(alignment in (None, "top_left") or L <= S for alignment in alignments)
+
 
 def _geometry(tensor: torch.Tensor) -> Optional[tuple]:
     """What makes two tensors over one storage hold the same values: the storage, where in it, how laid out; None

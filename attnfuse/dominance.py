@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from attnfuse.memo import host_bool
 from attnfuse.tracing import is_traced
 from attnfuse.vocabulary import MASKING_THRESHOLD
 
@@ -67,17 +68,20 @@ def live_keys(bias: Optional[torch.Tensor], full_keep: Optional[torch.Tensor],
 
 
 def every_row_has_a_live_key(bias: Optional[torch.Tensor], full_keep: Optional[torch.Tensor],
-                             dtype: torch.dtype, floor: Optional[float] = None) -> bool:
-    """Whether every query row keeps a key whose bias is above the masking floor (one pass over the bias and
-    mask, one host read). In such a row the masked keys, and kept keys with an absorbing bias, have weight
+                             dtype: torch.dtype, floor: Optional[float] = None,
+                             absorbed_below: Optional[float] = None) -> bool:
+    """Whether every query row keeps a key whose bias is above the masking floor, or (``absorbed_below``) holds only
+    keys at or below that value (one pass over the bias and mask, one host read). In such a row the masked keys, and kept keys with an absorbing bias, have weight
     exactly 0 whatever value they hold (``fill + bias``, ``-inf`` or ``finfo.min`` after a clamp); in a row
     without one, the original's weights depend on those values, so the site's own ops run."""
     live = live_keys(bias, full_keep, dtype, floor)
     if live is None:
         return True
-    if is_traced(live):
-        return False
-    return bool(live.any(-1).all())
+    rows = live.any(-1)
+    if absorbed_below is not None and bias is not None:  # a row of keys that low is uniform in fp32 too
+        low = bias <= absorbed_below
+        rows = rows | (low if full_keep is None else low | ~full_keep).all(-1)
+    return host_bool(rows.all()) is True  # unreadable (under a tracer): the original ops run
 
 
 @dataclass(frozen=True)

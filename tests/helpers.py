@@ -79,6 +79,7 @@ def assert_same_training_steps(reference: torch.nn.Module, optimized: torch.nn.M
 def count_host_reads(monkeypatch) -> list:
     """Every read of a tensor's value on the host that attnfuse makes (``attnfuse.memo``'s functions, as the guards,
     the rows and the SDPA kernel call them): one entry a read, the number of values it read."""
+    import attnfuse.dominance as dominance
     import attnfuse.guards as guards
     import attnfuse.kernels.rows as rows
     import attnfuse.kernels.sdpa as sdpa
@@ -92,7 +93,7 @@ def count_host_reads(monkeypatch) -> list:
             return read(*values)
         return counted
 
-    for module in (guards, rows, sdpa):
+    for module in (dominance, guards, rows, sdpa):
         for name in ("host_bool", "host_bools", "host_values"):
             if hasattr(module, name):
                 monkeypatch.setattr(module, name, counting(getattr(memo, name)))
