@@ -104,3 +104,18 @@ def test_a_mask_handed_in_matches_the_original(dtype, fill, upcast):
     mask = torch.zeros(3, 1, 1, 9, dtype=dtype).masked_fill(~keep[:, None, None, :], value)
     with torch.no_grad():
         assert_fused_equal(GivenMask(upcast), (q, k, v, mask), **tolerance(dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("dtype,fill", [(torch.bfloat16, -1e4), (torch.bfloat16, -65504.0), (torch.float16, -1e4),
+                                        (torch.float16, "lowest"), (torch.bfloat16, "lowest")])
+def test_rows_without_keys_on_cuda(dtype, fill, grad):
+    """On the fused CUDA kernels (cuDNN, flash, memory-efficient), built in the graph and handed in."""
+    q, k, v, keep = (t.cuda() for t in inputs(37, 70, dtype, grad=False, seed=2))
+    q, k, v = (t.requires_grad_(grad) for t in (q, k, v))
+    tolerance = dict(atol=3e-2, rtol=3e-2)
+    assert_fused_equal(FilledMask(fill, upcast=True, spelling="where"), (q, k, v, keep), **tolerance)
+    value = torch.finfo(dtype).min if fill == "lowest" else fill
+    mask = torch.zeros(3, 1, 1, 70, dtype=dtype, device="cuda").masked_fill(~keep[:, None, None, :], value)
+    assert_fused_equal(GivenMask(upcast=False), (q, k, v, mask), **tolerance)
