@@ -413,7 +413,10 @@ def _checked_call(plan: SitePlan, tensors: tuple, q: torch.Tensor, k: torch.Tens
 def _every_row_has_a_live_key(bias: Optional[torch.Tensor], full_keep: Optional[torch.Tensor],
                               dtype: torch.dtype) -> bool:
     """``dominance.every_row_has_a_live_key`` at the floor the bias's dtype needs: a half-precision bias's rows of
-    keys at or below the masking threshold as it stores it, but above -1e30, are uniform only in its own arithmetic."""
+    keys at or below the masking threshold as it stores it, but above -1e30, are uniform only in its own arithmetic;
+    a wider bias beside fp16 q is taken in fp16, where keys below -65504 are ``-inf``."""
+    if bias is not None and dtype == torch.float16 and bias.dtype != dtype:  # a wider bias, taken in fp16
+        return every_row_has_a_live_key(bias, full_keep, bias.dtype, float(torch.finfo(torch.float16).min))
     if bias is None or bias.dtype not in (torch.float16, torch.bfloat16):
         return every_row_has_a_live_key(bias, full_keep, dtype if bias is None else bias.dtype)
     return every_row_has_a_live_key(bias, full_keep, bias.dtype, half_live_floor(bias.dtype), PROVEN_FILL)

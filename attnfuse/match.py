@@ -1003,15 +1003,17 @@ def _run_time_causal(terms: ScoreTerms) -> Optional[str]:
     return None
 
 
-def _half_bias_rows(terms: ScoreTerms, dtype: torch.dtype) -> None:
+def _half_bias_rows(terms: ScoreTerms, dtype: torch.dtype, q_dtype: Optional[torch.dtype] = None) -> None:
     """Half-precision additions of a mask whose fill fp32 does not absorb: a row whose every key holds the fill (a
     left-padded query under a ``0 / fill`` mask) is uniform in the original, where ``s + fill`` rounds to the fill,
     but not in a kernel that adds the bias in fp32; such calls run the site's own ops (checked per call). Any bias
     added in fp16 (fp16's lowest value, -65504, is such a fill), and in bf16 a ``0 / fill`` mask with a finite fill
     such as -1e4 or -65504, or a bias handed in at run time (its values are not known). The addition's dtype decides, also where the sum is upcast before the softmax
     (``(s + mask).float()``, as LLaMA's reference code writes it); a bias whose additions are not all known
-    counts as added in its own dtype."""
-    if dtype == torch.float16 or any(_added_in(bias, torch.float16) for bias, _ in terms.biases):
+    counts as added in its own dtype. With fp16 q, also a wider bias: the kernels take it in fp16, where a fill
+    below -65504 (-1e9) becomes ``-inf``."""
+    if dtype == torch.float16 or q_dtype == torch.float16 or \
+            any(_added_in(bias, torch.float16) for bias, _ in terms.biases):
         terms.live_rows = bool(terms.biases)
     elif terms.bias_fill is None and any(_added_in(bias, torch.bfloat16) and
                                          (_fill_lost_in_fp32(bias) or read_at_run_time(bias))
@@ -1256,7 +1258,7 @@ def _match_site(softmax: Node, op: Softmax, split: Optional[list[FilledBias]]) -
     terms.scores_dtype = scores_meta.dtype
     _fill_check(terms, scores_meta.dtype)
     terms.run_time_causal = _run_time_causal(terms)
-    _half_bias_rows(terms, scores_meta.dtype)
+    _half_bias_rows(terms, scores_meta.dtype, tensor_meta(q.node).dtype)
     _check_no_write_inside(product_node, pv_node, softmax, [q.node, k.node, v.node], terms)
     return AttentionSite(softmax=softmax, output=pv_node, q=q, k=k, v=v, batch=batch, query=query, key=key,
                          head_dim=head_dim, value_dim=value_dim, out_axes=out_axes, scores=terms,

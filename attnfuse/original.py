@@ -42,11 +42,11 @@ def original_program(output: Node, inputs: Sequence[Node]) -> tuple[fx.GraphModu
         needed.add(node)
         pending.extend(node.all_input_nodes)
     graph, env = fx.Graph(), {}
-    for node in [*inputs, *extras]:
+    for position, node in enumerate([*inputs, *extras]):
         if node not in env:
             env[node] = graph.placeholder(node.name)
-        else:
-            graph.placeholder(f"{node.name}_again")
+        else:  # the same tensor given twice (q, k and v one projection): a placeholder of its own, unread
+            graph.placeholder(f"{node.name}_again_{position}")
     order = {node: i for i, node in enumerate(output.graph.nodes)}
     for node in sorted(needed, key=order.__getitem__):
         env[node] = graph.node_copy(node, lambda arg: env[arg])
