@@ -172,3 +172,28 @@ def test_masks_under_autocast(dtype, fill, kind, grad):
     if grad and not expected.isnan().any():
         torch.testing.assert_close(grads(actual.float(), [opt_args[0]])[0], grads(expected.float(), [ref_args[0]])[0],
                                    atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,fill,kind", [(torch.float16, -1e9, "add_fp32"), (torch.float16, "lowest", "add_half"),
+                                             (torch.bfloat16, -1e4, "add_half"), (torch.bfloat16, -1e4, "fill")])
+def test_masks_under_autocast_on_cuda(dtype, fill, kind):
+    import copy
+
+    import attnfuse
+    from helpers import grads, leaf_copies
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    module = SelfAttentionUnderAutocast(fill, kind).cuda()
+    reference, optimized = copy.deepcopy(module), attnfuse.optimize(module)
+    x = torch.randn(3, 70, 16, device="cuda", requires_grad=True)
+    keep = torch.rand(3, 70, device="cuda") > 0.3
+    keep[:, 0], keep[1] = True, False
+    ref_args, opt_args = leaf_copies((x, keep)), leaf_copies((x, keep))
+    with torch.autocast("cuda", dtype=dtype):
+        expected, actual = reference(*ref_args), optimized(*opt_args)
+    assert attnfuse.report(optimized).fused == 1
+    torch.testing.assert_close(actual.float(), expected.float(), atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(grads(actual.float(), [opt_args[0]])[0], grads(expected.float(), [ref_args[0]])[0],
+                               atol=5e-2, rtol=5e-2)
