@@ -141,19 +141,23 @@ class Run:
         self.optimizer.zero_grad(set_to_none=True)
         self.losses.append(loss.detach())
 
+    def steps_ms(self, data: list[torch.Tensor]) -> float:
+        """Milliseconds a step over ``data``, the ranks started together and the device drained at the end."""
+        dist.barrier()
+        started = time.perf_counter()
+        for ids in data:
+            self.step(ids)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - started) * 1e3 / len(data)
+
     def timed_round(self, data: list[torch.Tensor]) -> None:
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize()
             before = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
-        dist.barrier()
-        started = time.perf_counter()
-        for ids in data:
-            self.step(ids)
-        if cuda:
-            torch.cuda.synchronize()
-        self.rounds_ms.append((time.perf_counter() - started) * 1e3 / len(data))
+        self.rounds_ms.append(self.steps_ms(data))
         if cuda:
             self.peak_step_bytes = max(self.peak_step_bytes, torch.cuda.max_memory_allocated() - before)
 
@@ -209,13 +213,7 @@ def profile_steps(run: Run, data: list[torch.Tensor]) -> dict[str, Any]:
 
     cuda = run.device.type == "cuda"
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-        dist.barrier()
-        started = time.perf_counter()
-        for ids in data:
-            run.step(ids)
-        if cuda:
-            torch.cuda.synchronize()
-        wall_ms = (time.perf_counter() - started) * 1e3 / len(data)
+        wall_ms = run.steps_ms(data)
     events = prof.key_averages()
     steps = len(data)
 
