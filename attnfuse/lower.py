@@ -26,7 +26,7 @@ from attnfuse.dominance import PROVEN_FILL, FillDominance, absorbing, every_row_
 from attnfuse.effects import written_or_returned
 from attnfuse.fx_utils import remove_dead_nodes, statically_true, tensor_meta
 from attnfuse.guards import CausalGuard, RunTimeCausal
-from attnfuse.kernels.rows import rows_without_keys
+from attnfuse.kernels.rows import KERNEL_SAFE_FILL, rows_without_keys
 from attnfuse.masking import combined_keep, keep_from_masks
 from attnfuse.original import original_program
 from attnfuse.report import KernelRecord, relative_module_path, source_line
@@ -139,6 +139,14 @@ class SitePlan:
         # the two runs ``run_site`` hands ``differentiable_twice``, built once rather than at every call
         object.__setattr__(self, "_compute", partial(compute_site, self))
         object.__setattr__(self, "_recompute", partial(compute_site, self, kernels=("math",)))
+
+    @property
+    def raises_its_fill(self) -> bool:
+        """Whether calls without gradients raise the one bias's fill into the kernels' range themselves
+        (``kernels.rows.within_kernel_range``), and nothing else of the plan reads that bias's values."""
+        return (self.bias_fill is not None and self.bias_fill < KERNEL_SAFE_FILL and self.inputs.biases == 1
+                and self._one_plain_bias and not self._checks_call and not self.needs_original
+                and self.run_time_causal is None)
 
     @property
     def needs_original(self) -> bool:

@@ -19,18 +19,7 @@ from torch.fx import GraphModule, Node
 
 from attnfuse.fx_utils import is_written
 from attnfuse.kernels.rows import KERNEL_SAFE_FILL
-from attnfuse.lower import SitePlan, site_function
-
-
-def _raises_fill_per_call(plan: SitePlan) -> bool:
-    """Whether ``plan``'s calls without gradients raise their one bias's fill themselves, and nothing else reads it."""
-    return (plan.bias_fill is not None and plan.bias_fill < KERNEL_SAFE_FILL and plan.inputs.biases == 1
-            and plan._one_plain_bias and not plan._checks_call and not plan.needs_original
-            and plan.run_time_causal is None)
-
-
-def _bias_node(site: Node, plan: SitePlan) -> object:
-    return site.args[plan.inputs._slices[1].start]
+from attnfuse.lower import site_function
 
 
 def share_raised_fills(gm: GraphModule) -> int:
@@ -39,9 +28,9 @@ def share_raised_fills(gm: GraphModule) -> int:
     sites_of: dict[Node, list[Node]] = defaultdict(list)
     for node in gm.graph.nodes:
         plan = getattr(node.target, "plan", None) if node.op == "call_function" else None
-        if plan is None or not _raises_fill_per_call(plan):
+        if plan is None or not plan.raises_its_fill:
             continue
-        bias = _bias_node(node, plan)
+        bias = node.args[plan.inputs.first("biases")]
         if isinstance(bias, Node) and not is_written(bias):
             sites_of[bias].append(node)
     raised = 0

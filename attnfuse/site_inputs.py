@@ -67,6 +67,10 @@ class InputLayout:
         """The layout with ``count`` inputs that only the site's own ops read, appended last."""
         return replace(self, original=count)
 
+    def first(self, group: str) -> int:
+        """The position of ``group``'s first input among a call's flat inputs."""
+        return self._slices[_GROUPS.index(group)].start
+
     def split(self, tensors: tuple) -> SiteTensors:
         """A call's flat inputs (q, k, v first) as named groups."""
         if len(tensors) != self._count:
