@@ -259,13 +259,18 @@ class SiteReport:
 
     @property
     def all_features(self) -> dict:
-        """``features`` and, for a site checked per call for the causal triangle, how many calls so far were read
+        """``features``; where the last call ran unfused, why each fused kernel refused it (``unfused_because``);
+        and, for a site checked per call for the causal triangle, how many calls so far were read
         as causal (``calls_read_as_causal``; ``calls_causal_by_proof`` of them without reading the tensor: proven where
         it was built, or read by an earlier layer, ``attnfuse.carried``) and how many ran with it (``calls_run_with_it``)."""
+        features = self.features
+        if self.record is not None and self.status == "fused" and (self.record.kernel or "").startswith("unfused"):
+            features = {**features, "unfused_because": "; ".join(f"{kernel}: {reason}"
+                                                                   for kernel, reason in self.record.refusals)}
         counts = self.record.causal_checks if self.record is not None and self.status == "fused" else None
         if counts is None:
-            return self.features
-        return {**self.features, "calls_read_as_causal": counts["causal"], "calls_run_with_it": counts["as given"],
+            return features
+        return {**features, "calls_read_as_causal": counts["causal"], "calls_run_with_it": counts["as given"],
                 "calls_causal_by_proof": counts["proven"]}
 
     def to_dict(self) -> dict[str, Any]:
@@ -317,6 +322,8 @@ def _feature_summary(features: dict) -> str:
         parts.append(f"q_len {features['q_len']} != k_len {features['k_len']}")
     if features.get("filled_bias_kept_whole"):
         parts.append("filled bias added whole")
+    if features.get("unfused_because"):
+        parts.append(f"run unfused, as {features['unfused_because']}")
     return ", ".join(parts)
 
 

@@ -397,3 +397,23 @@ def test_inductor_mode_reaches_inductor_as_its_config(monkeypatch, route):
         run = attnfuse.optimize(model, compiler="inductor", mode="reduce-overhead")
     torch.testing.assert_close(run(_x()), model._call_impl(_x()))
     assert seen and all(patches == {"triton.cudagraphs": True} for patches in seen)
+
+
+class _RowWithoutKeys(nn.Module):
+    def forward(self, q, k, v, bias):
+        return torch.softmax(q @ k.transpose(-2, -1) * 0.25 + bias, -1) @ v
+
+
+def test_a_call_run_unfused_says_why_each_fused_kernel_refused_it():
+    """A call no fused kernel computes exactly (gradients through a row whose every key a bias masks, on the CPU):
+    the report names the unfused path and each kernel's reason, in its text and in ``to_dict``."""
+    q, k, v = (torch.randn(1, 2, 4, 16, requires_grad=True) for _ in range(3))
+    bias = torch.zeros(1, 1, 4, 4)
+    bias[..., 0, :] = torch.finfo(torch.float32).min  # query row 0 keeps no key
+    model = attnfuse.optimize(_RowWithoutKeys())
+    model(q, k, v, bias).sum().backward()
+    report = attnfuse.report(model)
+    site = report.to_dict()["sites"][0]
+    assert site["backend"].startswith("unfused"), str(report)
+    assert "sdpa: a bias masks every key of a row" in site["features"]["unfused_because"], site
+    assert "run unfused, as " in str(report)
