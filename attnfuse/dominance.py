@@ -47,14 +47,29 @@ def _largest(bias: torch.Tensor) -> float:
     return float(bias.detach().amax().float())
 
 
+# the masking threshold as each half-precision dtype stores it (-1e4 is -9984 in bf16), worked out once
+_STORED_THRESHOLD = {dtype: float(torch.tensor(MASKING_THRESHOLD, dtype=torch.float64).to(dtype))
+                     for dtype in (torch.float16, torch.bfloat16)}
+
+
 def half_live_floor(dtype: torch.dtype) -> float:
     """The bias at or below which a key is not live in a half-precision addition: ``absorbing(dtype)``, or the masking
-    threshold as ``dtype`` stores it where that is higher (-1e4 is -9984 in bf16). A row whose every key is that
-    low is uniform by rounding in the original's fp16 / bf16 ``s + fill``, not in a kernel's fp32 one."""
+    threshold as ``dtype`` stores it where that is higher. A row whose every key is that low is uniform by rounding
+    in the original's fp16 / bf16 ``s + fill``, not in a kernel's fp32 one."""
     floor = absorbing(dtype)
-    if dtype in (torch.float16, torch.bfloat16):
-        floor = max(floor, float(torch.tensor(MASKING_THRESHOLD, dtype=torch.float64).to(dtype)))
-    return floor
+    return max(floor, _STORED_THRESHOLD[dtype]) if dtype in _STORED_THRESHOLD else floor
+
+
+def live_floor(bias_dtype: torch.dtype, q_dtype: torch.dtype) -> tuple[Optional[float], Optional[float]]:
+    """``(floor, absorbed_below)`` for ``every_row_has_a_live_key`` on a bias of ``bias_dtype`` beside q of
+    ``q_dtype``: a half-precision bias's rows of keys at or below ``half_live_floor``, but above ``PROVEN_FILL``,
+    are uniform only in its own arithmetic; a wider bias beside fp16 q is taken in fp16, where keys below -65504 are
+    ``-inf``; any other bias has the default floor (``absorbing``)."""
+    if q_dtype == torch.float16 and bias_dtype != q_dtype:
+        return float(torch.finfo(torch.float16).min), None
+    if bias_dtype in _STORED_THRESHOLD:
+        return half_live_floor(bias_dtype), PROVEN_FILL
+    return None, None
 
 
 def live_keys(bias: Optional[torch.Tensor], full_keep: Optional[torch.Tensor],
@@ -71,9 +86,10 @@ def every_row_has_a_live_key(bias: Optional[torch.Tensor], full_keep: Optional[t
                              dtype: torch.dtype, floor: Optional[float] = None,
                              absorbed_below: Optional[float] = None) -> bool:
     """Whether every query row keeps a key whose bias is above the masking floor, or (``absorbed_below``) holds only
-    keys at or below that value (one pass over the bias and mask, one host read). In such a row the masked keys, and kept keys with an absorbing bias, have weight
-    exactly 0 whatever value they hold (``fill + bias``, ``-inf`` or ``finfo.min`` after a clamp); in a row
-    without one, the original's weights depend on those values, so the site's own ops run."""
+    keys at or below that value (one pass over the bias and mask, one host read). In such a row the masked keys,
+    and kept keys with an absorbing bias, have weight exactly 0 whatever value they hold (``fill + bias``, ``-inf``
+    or ``finfo.min`` after a clamp); in a row without one, the original's weights depend on those values, so the
+    site's own ops run."""
     live = live_keys(bias, full_keep, dtype, floor)
     if live is None:
         return True

@@ -22,7 +22,7 @@ from attnfuse.added_masks import AddedMask
 from attnfuse.attend import attend, checked_attend, differentiable_twice
 from attnfuse.carried import CARRIED
 from attnfuse.context_parallel import ContextParallelError, context_parallel_active
-from attnfuse.dominance import PROVEN_FILL, FillDominance, absorbing, every_row_has_a_live_key, half_live_floor
+from attnfuse.dominance import FillDominance, absorbing, every_row_has_a_live_key, live_floor
 from attnfuse.effects import written_or_returned
 from attnfuse.fx_utils import remove_dead_nodes, statically_true, tensor_meta
 from attnfuse.guards import CausalGuard, RunTimeCausal
@@ -408,26 +408,16 @@ def _checked_call(plan: SitePlan, tensors: tuple, q: torch.Tensor, k: torch.Tens
     full_keep = None
     if plan.live_rows or plan.dominance is not None:
         full_keep = combined_keep(keep, causal, q.shape[-2], k.shape[-2], q.device, window)
-    if plan.live_rows and not _live_by_carried_record(given, q.shape[-2], k.shape[-2]) and \
-            not _every_row_has_a_live_key(bias, full_keep, q.dtype):
-        return _run_original(plan, tensors, "a row keeps no key above the masking floor on this call")
+    if plan.live_rows and not _live_by_carried_record(given, q.shape[-2], k.shape[-2]):
+        floor, absorbed_below = live_floor(bias.dtype, q.dtype) if bias is not None else (None, None)
+        if not every_row_has_a_live_key(bias, full_keep, q.dtype if bias is None else bias.dtype, floor,
+                                        absorbed_below):
+            return _run_original(plan, tensors, "a row keeps no key above the masking floor on this call")
     if plan.dominance is not None and not plan.dominance.holds(
             q, k, scale, plan.softcap, [b if c == 1.0 else b * c for b, c in zip(biases, plan.bias_coefficients)],
             bias, full_keep):
         return _run_original(plan, tensors, "the fill did not mask on this call")
     return keep, bias, causal, window
-
-
-def _every_row_has_a_live_key(bias: Optional[torch.Tensor], full_keep: Optional[torch.Tensor],
-                              dtype: torch.dtype) -> bool:
-    """``dominance.every_row_has_a_live_key`` at the floor the bias's dtype needs: a half-precision bias's rows of
-    keys at or below the masking threshold as it stores it, but above -1e30, are uniform only in its own arithmetic;
-    a wider bias beside fp16 q is taken in fp16, where keys below -65504 are ``-inf``."""
-    if bias is not None and dtype == torch.float16 and bias.dtype != dtype:  # a wider bias, taken in fp16
-        return every_row_has_a_live_key(bias, full_keep, bias.dtype, float(torch.finfo(torch.float16).min))
-    if bias is None or bias.dtype not in (torch.float16, torch.bfloat16):
-        return every_row_has_a_live_key(bias, full_keep, dtype if bias is None else bias.dtype)
-    return every_row_has_a_live_key(bias, full_keep, bias.dtype, half_live_floor(bias.dtype), PROVEN_FILL)
 
 
 def _live_by_carried_record(given: object, L: int, S: int) -> bool:

@@ -1003,18 +1003,20 @@ def _run_time_causal(terms: ScoreTerms) -> Optional[str]:
     return None
 
 
-def _half_bias_rows(terms: ScoreTerms, dtype: torch.dtype, q_dtype: Optional[torch.dtype] = None) -> None:
+def _half_bias_rows(terms: ScoreTerms, dtype: torch.dtype, q_dtype: torch.dtype) -> None:
     """Half-precision additions of a mask whose fill fp32 does not absorb: a row whose every key holds the fill (a
     left-padded query under a ``0 / fill`` mask) is uniform in the original, where ``s + fill`` rounds to the fill,
     but not in a kernel that adds the bias in fp32; such calls run the site's own ops (checked per call). Any bias
-    added in fp16 (fp16's lowest value, -65504, is such a fill), and in bf16 a ``0 / fill`` mask with a finite fill
-    such as -1e4 or -65504, or a bias handed in at run time (its values are not known). The addition's dtype decides, also where the sum is upcast before the softmax
-    (``(s + mask).float()``, as LLaMA's reference code writes it); a bias whose additions are not all known
-    counts as added in its own dtype. With fp16 q, also a wider bias: the kernels take it in fp16, where a fill
-    below -65504 (-1e9) becomes ``-inf``."""
+    added in fp16 (fp16's lowest value, -65504, is such a fill), and in bf16 a ``0 / fill`` mask with a finite
+    fill such as -1e4 or -65504, or a bias handed in at run time (its values are not known). The addition's dtype
+    decides, also where the sum is upcast before the softmax (``(s + mask).float()``, as LLaMA's reference code
+    writes it); a bias whose additions are not all known counts as added in its own dtype. With fp16 q, also a
+    wider bias: the kernels take it in fp16, where a fill below -65504 (-1e9) becomes ``-inf``."""
+    if not terms.biases:
+        return
     if dtype == torch.float16 or q_dtype == torch.float16 or \
             any(_added_in(bias, torch.float16) for bias, _ in terms.biases):
-        terms.live_rows = bool(terms.biases)
+        terms.live_rows = True
     elif terms.bias_fill is None and any(_added_in(bias, torch.bfloat16) and
                                          (_fill_lost_in_fp32(bias) or read_at_run_time(bias))
                                          for bias, _ in terms.biases):
