@@ -4,6 +4,7 @@ in fp32, where a fill such as -1e4 or -65504 does not absorb the score. Such cal
 site's own ops run), also where the sum is upcast before the softmax (LLaMA's reference code) and with gradients."""
 from __future__ import annotations
 
+import copy
 import itertools
 
 import pytest
@@ -11,7 +12,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 from torch import nn
 
-from helpers import assert_fused_equal
+import attnfuse
+from helpers import assert_fused_equal, grads, leaf_copies
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 FILLS = ["lowest", -1e9, -1e4, -65504.0, float("-inf")]
@@ -144,6 +146,27 @@ class SelfAttentionUnderAutocast(nn.Module):
         return (torch.softmax(scores, -1) @ v).transpose(1, 2).reshape(x.shape[0], x.shape[1], 16)
 
 
+def assert_same_under_autocast(fill, kind: str, dtype: torch.dtype, grad: bool, device: str, keys: int) -> None:
+    """``SelfAttentionUnderAutocast`` and its optimized copy under autocast on ``device``: fused, the same output
+    (NaN where a ``-inf`` fill leaves a row without keys) and, with ``grad``, the same gradient of x."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    module = SelfAttentionUnderAutocast(fill, kind).to(device)
+    reference, optimized = copy.deepcopy(module), attnfuse.optimize(module)
+    x = torch.randn(3, keys, 16, device=device, requires_grad=grad)
+    keep = torch.rand(3, keys, device=device) > 0.3
+    keep[:, 0], keep[1] = True, False
+    ref_args, opt_args = leaf_copies((x, keep)), leaf_copies((x, keep))
+    with torch.autocast(device, dtype=dtype), torch.set_grad_enabled(grad):
+        expected, actual = reference(*ref_args), optimized(*opt_args)
+    assert attnfuse.report(optimized).fused == 1
+    torch.testing.assert_close(actual.float(), expected.float(), atol=3e-2, rtol=3e-2,
+                               equal_nan=fill == float("-inf"))
+    if grad and not expected.isnan().any():
+        torch.testing.assert_close(grads(actual.float(), [opt_args[0]])[0], grads(expected.float(), [ref_args[0]])[0],
+                                   atol=5e-2, rtol=5e-2)
+
+
 @pytest.mark.parametrize("grad", [False, True])
 @pytest.mark.parametrize("kind", ["add_fp32", "add_half", "fill"])
 @pytest.mark.parametrize("dtype,fill", list(itertools.product([torch.bfloat16, torch.float16], FILLS)))
@@ -152,48 +175,11 @@ def test_masks_under_autocast(dtype, fill, kind, grad):
     would take as -inf), and q, k and v read from one node compile (the site's own ops are kept for such calls)."""
     if dtype == torch.float16 and fill == -1e9 and kind != "add_fp32":
         pytest.skip("-1e9 overflows fp16: the original raises")
-    import copy
-
-    import attnfuse
-    from helpers import grads, leaf_copies
-
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    module = SelfAttentionUnderAutocast(fill, kind)
-    reference, optimized = copy.deepcopy(module), attnfuse.optimize(module)
-    x = torch.randn(3, 9, 16, requires_grad=grad)
-    keep = torch.rand(3, 9) > 0.3
-    keep[:, 0], keep[1] = True, False
-    ref_args, opt_args = leaf_copies((x, keep)), leaf_copies((x, keep))
-    with torch.autocast("cpu", dtype=dtype), torch.set_grad_enabled(grad):
-        expected, actual = reference(*ref_args), optimized(*opt_args)
-    assert attnfuse.report(optimized).fused == 1
-    torch.testing.assert_close(actual.float(), expected.float(), atol=3e-2, rtol=3e-2, equal_nan=True)
-    if grad and not expected.isnan().any():
-        torch.testing.assert_close(grads(actual.float(), [opt_args[0]])[0], grads(expected.float(), [ref_args[0]])[0],
-                                   atol=5e-2, rtol=5e-2)
+    assert_same_under_autocast(fill, kind, dtype, grad, "cpu", keys=9)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,fill,kind", [(torch.float16, -1e9, "add_fp32"), (torch.float16, "lowest", "add_half"),
                                              (torch.bfloat16, -1e4, "add_half"), (torch.bfloat16, -1e4, "fill")])
 def test_masks_under_autocast_on_cuda(dtype, fill, kind):
-    import copy
-
-    import attnfuse
-    from helpers import grads, leaf_copies
-
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    module = SelfAttentionUnderAutocast(fill, kind).cuda()
-    reference, optimized = copy.deepcopy(module), attnfuse.optimize(module)
-    x = torch.randn(3, 70, 16, device="cuda", requires_grad=True)
-    keep = torch.rand(3, 70, device="cuda") > 0.3
-    keep[:, 0], keep[1] = True, False
-    ref_args, opt_args = leaf_copies((x, keep)), leaf_copies((x, keep))
-    with torch.autocast("cuda", dtype=dtype):
-        expected, actual = reference(*ref_args), optimized(*opt_args)
-    assert attnfuse.report(optimized).fused == 1
-    torch.testing.assert_close(actual.float(), expected.float(), atol=3e-2, rtol=3e-2)
-    torch.testing.assert_close(grads(actual.float(), [opt_args[0]])[0], grads(expected.float(), [ref_args[0]])[0],
-                               atol=5e-2, rtol=5e-2)
+    assert_same_under_autocast(fill, kind, dtype, True, "cuda", keys=70)
