@@ -31,8 +31,9 @@ from attnfuse.masking import combined_keep, keep_from_masks
 from attnfuse.original import original_program
 from attnfuse.report import KernelRecord, relative_module_path, source_line
 from attnfuse.site import AttentionSite
-from attnfuse.site_inputs import InputLayout, dropout_p, site_inputs
+from attnfuse.site_inputs import InputLayout, SiteTensors, dropout_p, site_inputs
 from attnfuse.tracing import is_traced
+from attnfuse.unpadded import UnpaddedCalls, padding_read
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,7 @@ class SitePlan:
     added_mask: Optional[AddedMask] = field(default=None, compare=False)  # masks read from an added 0 / fill bias
     bias_fill: Optional[float] = None  # the one bias holds only 0 and this fill (``ScoreTerms.bias_fill``)
     run_time_causal: Optional[RunTimeCausal] = field(default=None, compare=False)  # the one mask, checked per call
+    unpadded: Optional[UnpaddedCalls] = field(default=None, compare=False)  # causal & padding, without the padding
     keyless_rows_original: bool = False  # run ``original`` for calls with gradients where a row keeps no key
     where: str = field(default="", compare=False)  # module path and source line, for errors that name the site
 
@@ -154,9 +156,10 @@ class SitePlan:
             self.keyless_rows_original
 
 
-def plan_for(site: AttentionSite, kernels: Optional[tuple[str, ...]] = None, autotune: bool = False,
-             output_written: bool = False) -> SitePlan:
-    """The static plan of ``site``; ``output_written``: the site's output may be written in place."""
+def plan_for(site: AttentionSite, inputs: SiteTensors, kernels: Optional[tuple[str, ...]] = None,
+             autotune: bool = False, output_written: bool = False) -> SitePlan:
+    """The static plan of ``site``, whose fused call reads ``inputs``; ``output_written``: the site's output may be
+    written in place."""
     terms = site.scores
     canonical_out = site.batch + site.query + site.value_dim
     out_perm = tuple(canonical_out.index(c) for c in site.out_axes)
@@ -164,6 +167,8 @@ def plan_for(site: AttentionSite, kernels: Optional[tuple[str, ...]] = None, aut
     fully_masked = "zero" if fill is None or terms.zeroed_rows else ("nan" if fill == -math.inf else "mean")
     run_time_causal = RunTimeCausal(terms.run_time_causal, absorbing(terms.scores_dtype)) \
         if terms.run_time_causal else None
+    unpadded = UnpaddedCalls(terms.unpadded.causal) if terms.unpadded is not None else None
+    reads_per_call = run_time_causal or unpadded
     return SitePlan(
         q=Layout.between(site.q.axes, site.q_axes()),
         k=Layout.between(site.k.axes, site.kv_axes(site.head_dim)),
@@ -178,7 +183,7 @@ def plan_for(site: AttentionSite, kernels: Optional[tuple[str, ...]] = None, aut
         causal=terms.causal,
         fully_masked_rows=fully_masked,
         dropout_p=0.0 if isinstance(site.dropout_p, Node) else site.dropout_p,
-        inputs=InputLayout.of(site_inputs(site)),
+        inputs=InputLayout.of(inputs),
         out_dtype=tensor_meta(site.output).dtype,
         dtype=site.dtype,
         kv_group=site.kv_group,
@@ -201,8 +206,9 @@ def plan_for(site: AttentionSite, kernels: Optional[tuple[str, ...]] = None, aut
         added_mask=terms.added_mask,
         bias_fill=terms.bias_fill,
         run_time_causal=run_time_causal,
+        unpadded=unpadded,
         keyless_rows_original=terms.keyless_rows_original,
-        record=KernelRecord(causal_checks=run_time_causal.calls if run_time_causal else None),
+        record=KernelRecord(causal_checks=reads_per_call.calls if reads_per_call else None),
     )
 
 
@@ -330,6 +336,9 @@ def compute_site(plan: SitePlan, *tensors: torch.Tensor, kernels: Optional[tuple
     """Compute one rewritten site: layouts to 4-d, masks and biases combined, one ``attend`` call."""
     given = plan.inputs.split(tensors)
     dropout = dropout_p(given, plan.dropout_p) if given.dropout else plan.dropout_p
+    causal, window = plan.causal, plan.window
+    if plan.unpadded is not None and plan.unpadded.drops_mask(given.padding[0]):
+        given, causal = given._replace(masks=(), biases=()), plan.unpadded.causal  # the triangle alone, this call
     masks, biases, factors = given.masks, given.biases, given.factors
     q, k, v = given.q, given.k, given.v
     if plan.bias_program is not None:
@@ -357,9 +366,8 @@ def compute_site(plan: SitePlan, *tensors: torch.Tensor, kernels: Optional[tuple
         bias = biases[0]
     else:
         bias = _combined_bias(biases, plan, batch_shape, dtype)
-    causal, window = plan.causal, plan.window
     if plan._checks_call:
-        checked = _checked_call(plan, tensors, q, k, scale, given, keep, bias, batch_shape)
+        checked = _checked_call(plan, tensors, q, k, scale, given, keep, bias, causal, batch_shape)
         if isinstance(checked, torch.Tensor):  # a check failed: the site's own ops ran
             return checked
         keep, bias, causal, window = checked
@@ -380,7 +388,8 @@ def compute_site(plan: SitePlan, *tensors: torch.Tensor, kernels: Optional[tuple
 
 
 def _checked_call(plan: SitePlan, tensors: tuple, q: torch.Tensor, k: torch.Tensor, scale: float, given: object,
-                  keep: Optional[torch.Tensor], bias: Optional[torch.Tensor], batch_shape: tuple[int, ...]):
+                  keep: Optional[torch.Tensor], bias: Optional[torch.Tensor], causal: Optional[str],
+                  batch_shape: tuple[int, ...]):
     """The plan's per-call checks of this call's values: the site's own output where one fails (its ops run), else
     ``(keep, bias, causal, window)`` as the fused call takes them."""
     masks, biases = given.masks, given.biases
@@ -390,7 +399,6 @@ def _checked_call(plan: SitePlan, tensors: tuple, q: torch.Tensor, k: torch.Tens
         return _run_original(plan, tensors, "a causal row keeps no key on this call")
     if plan._checks_binary_masks and not _binary_masks_hold(masks, plan):
         return _run_original(plan, tensors, "a mask multiplying the scores is not 0/1 on this call")
-    causal = plan.causal
     if plan.causal_guard is not None:
         changed = plan.causal_guard.changed_mask(given.guards, q.shape[-2], k.shape[-2])
         if changed is not None:  # the buffer no longer holds the causal triangle: use it as a mask
@@ -408,7 +416,8 @@ def _checked_call(plan: SitePlan, tensors: tuple, q: torch.Tensor, k: torch.Tens
     full_keep = None
     if plan.live_rows or plan.dominance is not None:
         full_keep = combined_keep(keep, causal, q.shape[-2], k.shape[-2], q.device, window)
-    if plan.live_rows and not _live_by_carried_record(given, q.shape[-2], k.shape[-2]):
+    # (a call whose bias was dropped, ``attnfuse.unpadded``, has no bias to read: its triangle keeps a key in every row)
+    if plan.live_rows and bias is not None and not _live_by_carried_record(given, q.shape[-2], k.shape[-2]):
         floor, absorbed_below = live_floor(bias.dtype, q.dtype) if bias is not None else (None, None)
         if not every_row_has_a_live_key(bias, full_keep, q.dtype if bias is None else bias.dtype, floor,
                                         absorbed_below):
@@ -511,11 +520,13 @@ def _precedes_all(inputs: tuple, position: Node) -> bool:
 def rewrite_site(gm: GraphModule, site: AttentionSite, index: int,
                  kernels: Optional[tuple[str, ...]] = None, autotune: bool = False) -> SitePlan:
     """Insert ``attnfuse_site_<index>(q, k, v, ...)`` in place of the site's value product."""
-    inputs = tuple(current(node) for node in site_inputs(site).flat())
+    read = padding_read(gm.graph, site.scores.unpadded) if site.scores.unpadded is not None else None
+    nodes = site_inputs(site, read)
+    inputs = tuple(current(node) for node in nodes.flat())
     if not _precedes_all(inputs, site.output):  # every input is an ancestor of the value product
         raise RuntimeError(f"attnfuse: an input of site {index} is defined after its value product")
     # kernels save their output for the backward pass, so one that may be written later is handed out fresh
-    plan = plan_for(site, kernels, autotune, output_written=written_or_returned(site.output))
+    plan = plan_for(site, nodes, kernels, autotune, output_written=written_or_returned(site.output))
     plan = replace(plan, where=f"{relative_module_path(site.softmax) or 'of the top module'} ({source_line(site.softmax)})")
     if plan.needs_original:
         program, extras = original_program(site.output, inputs)

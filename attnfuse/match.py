@@ -41,6 +41,7 @@ from attnfuse.precision import site_dtype
 from attnfuse.score_steps import (BiasStep, ClampStep, FactorStep, FillStep, ReshapeStep, Step, TanhStep,
                                   with_operand)
 from attnfuse.site import AttentionSite, ScoreTerms
+from attnfuse.unpadded import Unpadded
 from attnfuse.vocabulary import (MASKING_THRESHOLD, Add, Cast, Clamp, Dropout, Factor, FilledBias, KeepMask, MaskPattern,
                                  Multiply, Operand, Permute, Product, RegionWrite, Select, Softmax, Tanh)
 
@@ -832,6 +833,7 @@ def _apply_masks(terms: ScoreTerms, L: object, S: object, dtype: torch.dtype, ba
     found = [classify_additive(bias, L, S) if coefficient > 0 else None for bias, coefficient in terms.biases]
     positions = [bias for (bias, _), read in zip(terms.biases, found) if read is None]  # biases that are no mask
     on_flex = _runs_on_flex(terms, positions, batch_rank)
+    whole: dict[Node, tuple[MaskPattern, Optional[float]]] = {}  # masks with padding SDPA takes whole, read how
     biases = []
     for (bias, coefficient), read in zip(terms.biases, found):
         if read is None:
@@ -846,6 +848,7 @@ def _apply_masks(terms: ScoreTerms, L: object, S: object, dtype: torch.dtype, ba
             if not (sole and _uses_key_masks(pattern, on_flex)
                     and _read_added_key_masks(terms, bias, coefficient, pattern, fill)):
                 biases.append((bias, coefficient))
+                whole[bias] = (pattern, fill * coefficient)
             continue
         if pattern.kind == "all":
             continue
@@ -865,6 +868,8 @@ def _apply_masks(terms: ScoreTerms, L: object, S: object, dtype: torch.dtype, ba
             continue
         if pattern.key_masks and not _uses_key_masks(pattern, on_flex):
             remaining.append(mask)  # a plain causal triangle with padding, on SDPA: the mask whole
+            if boolean:
+                whole[mask.node] = (pattern, None)
             continue
         if pattern.kind == "keys":
             remaining.extend(pattern.key_masks)
@@ -880,6 +885,33 @@ def _apply_masks(terms: ScoreTerms, L: object, S: object, dtype: torch.dtype, ba
     if not remaining and terms.causal is None:
         terms.fill = None
     terms.bias_fill = _only_bias_fill(terms)
+    terms.unpadded = _unpadded(terms, whole, L, S, dtype)
+
+
+def _unpadded(terms: ScoreTerms, whole: dict[Node, tuple[MaskPattern, Optional[float]]], L: object, S: object,
+              dtype: torch.dtype) -> Optional[Unpadded]:
+    """The site's one mask, a causal triangle (or nothing) ANDed with key padding that SDPA takes whole, as what it is
+    on a call whose padding keeps every key (``attnfuse.unpadded``); None where the site has anything beside it, where
+    the triangle alone could leave a row without keys, or where an added mask's fill would not absorb every score.
+    The padding must be boolean and unwritten: one read of it serves every site of the graph call."""
+    if terms.causal is not None or terms.window is not None or terms.functions or terms.added_mask is not None or \
+            terms.softcap is not None:
+        return None
+    masks = [bias for bias, _ in terms.biases] + [mask.node for mask in terms.keep_masks]
+    if len(masks) != 1 or masks[0] not in whole or is_written(masks[0]):
+        return None
+    pattern, fill = whole[masks[0]]
+    if pattern.window is not None or pattern.guarded_by or (fill is not None and not _absorbs(fill, dtype, None)):
+        return None
+    if pattern.kind == "causal":
+        keeps_a_key = _every_row_keeps_a_key(pattern.alignment, L, S)
+    else:
+        keeps_a_key = pattern.kind == "keys" and statically_true(lambda: S >= 1)
+    padding = pattern.key_masks
+    if not keeps_a_key or not all(tensor_meta(mask.node) is not None and tensor_meta(mask.node).dtype == torch.bool
+                                  and not is_written(mask.node) for mask in padding):
+        return None
+    return Unpadded(pattern.alignment if pattern.kind == "causal" else None, padding)
 
 
 def _only_bias_fill(terms: ScoreTerms) -> Optional[float]:
@@ -992,9 +1024,11 @@ def _fill_check(terms: ScoreTerms, dtype: torch.dtype) -> None:
 def _run_time_causal(terms: ScoreTerms) -> Optional[str]:
     """``"bias"`` or ``"mask"`` where the site's one mask is an additive bias or a boolean keep-mask read from a run-time
     input (not provable at capture: a mask built before a graph break, or passed in), which each call checks for the
-    causal triangle (``attnfuse.guards.RunTimeCausal``); None where the site has anything beside it, or none."""
+    causal triangle (``attnfuse.guards.RunTimeCausal``); None where the site has anything beside it, or none, or where
+    the mask is a triangle with padding that one read of the padding per graph call decides (``terms.unpadded``)."""
     if terms.functions or terms.causal is not None or terms.window is not None or terms.added_mask is not None or \
-            terms.live_rows or terms.after_fill or terms.bias_fill is not None or terms.binary_masks:
+            terms.live_rows or terms.after_fill or terms.bias_fill is not None or terms.binary_masks or \
+            terms.unpadded is not None:
         return None
     if len(terms.biases) == 1 and not terms.keep_masks and terms.fill is None:
         return "bias" if read_at_run_time(terms.biases[0][0]) else None
@@ -1141,7 +1175,7 @@ def _match_with_filled_biases(softmax: Node, op: Softmax, reads_values: bool) ->
         site = _match_site(softmax, op, split)
         why = _split_unhelpful(site.scores, split, reads_values) if split else None
         if why is None:
-            return site
+            return _reads_on_calls(site, reads_values)
     except NotFusable as error:
         if not split:
             raise
@@ -1149,6 +1183,14 @@ def _match_with_filled_biases(softmax: Node, op: Softmax, reads_values: bool) ->
     _erase_built(softmax.graph, built)
     site = _match_site(softmax, op, None)
     site.scores.filled_bias_kept = why
+    return _reads_on_calls(site, reads_values)
+
+
+def _reads_on_calls(site: AttentionSite, reads_values: bool) -> AttentionSite:
+    """``site``, without the readings that need a value read on each call where none can be read (under Inductor):
+    a mask with padding is then used whole on every call."""
+    if not reads_values:
+        site.scores.unpadded = None
     return site
 
 

@@ -17,6 +17,7 @@ from torch.fx import Node
 from attnfuse.fx_utils import tensor_meta
 from attnfuse.logs import ModelTimings, Timings
 from attnfuse.site import AttentionSite
+from attnfuse.unpadded import Unpadded
 from attnfuse.vocabulary import KeepMask
 
 ALREADY_FUSED = "native"  # the status of a site the model already runs on a fused kernel
@@ -185,6 +186,7 @@ def site_features(site: AttentionSite) -> dict:
         "causal": site.scores.causal,
         "causal_guarded_by_buffer": bool(site.scores.causal_guard) or None,
         "causal_checked_per_call": site.scores.run_time_causal,
+        "without_padding": _without_padding(site.scores.unpadded),
         "window": size(site.scores.window) if site.scores.window is not None else None,
         "softcap": site.scores.softcap,
         "score_functions": len(site.scores.functions) or None,
@@ -200,6 +202,13 @@ def site_features(site: AttentionSite) -> dict:
         "k_len": size(k_len),
         "filled_bias_kept_whole": site.scores.filled_bias_kept,
     }
+
+
+def _without_padding(unpadded: Optional[Unpadded]) -> Optional[str]:
+    """What the site's mask runs as on calls whose key padding keeps every key (``attnfuse.unpadded``), or None."""
+    if unpadded is None:
+        return None
+    return f"causal {unpadded.causal.replace('_', '-')}" if unpadded.causal else "no mask"
 
 
 def _mask_kind(mask: KeepMask, size: Callable[[object], object]) -> str:
@@ -304,11 +313,18 @@ def _feature_summary(features: dict) -> str:
         parts.append(f"softcap {features['softcap']:g}")
     if features.get("score_functions"):
         parts.append(f"{features['score_functions']} position bias(es)")
-    checked = features.get("causal_checked_per_call")
+    checked, unpadded = features.get("causal_checked_per_call"), features.get("without_padding")
     for kind in ("mask", "bias"):
-        if features.get(kind):
-            parts.append(f"{kind} {features[kind]}" + (", checked per call for the causal triangle"
-                                                       + _causal_calls(features) if checked == kind else ""))
+        if not features.get(kind):
+            continue
+        if checked == kind:
+            parts.append(f"{kind} {features[kind]}, checked per call for the causal triangle" + _causal_calls(features))
+        elif unpadded:
+            run = "without it" if unpadded == "no mask" else f"as {unpadded}"
+            parts.append(f"{kind} {features[kind]}, run {run} where its padding keeps every key"
+                         + _causal_calls(features, "so"))
+        else:
+            parts.append(f"{kind} {features[kind]}")
     if "scale" in features:
         scale = features["scale"]
         parts.append(f"scale {scale:.4g}" if isinstance(scale, float) else f"scale {scale}")
@@ -327,15 +343,15 @@ def _feature_summary(features: dict) -> str:
     return ", ".join(parts)
 
 
-def _causal_calls(features: dict) -> str:
+def _causal_calls(features: dict, run: str = "causal") -> str:
     """`` (causal on 3 of 4 calls of its graph, 2 without reading the mask)``, from the per-call counts
-    ``SiteReport.to_dict`` adds; empty before any call."""
+    ``SiteReport.to_dict`` adds (``run``: how the calls without the tensor ran); empty before any call."""
     causal, given = features.get("calls_read_as_causal"), features.get("calls_run_with_it")
     if causal is None or not causal + given:
         return ""
     proven = features.get("calls_causal_by_proof")
     by_proof = f", {proven} without reading the mask" if proven else ""
-    return f" (causal on {causal} of {causal + given} calls of its graph{by_proof})"
+    return f" ({run} on {causal} of {causal + given} calls of its graph{by_proof})"
 
 
 @dataclass

@@ -2,24 +2,25 @@
 
 A rewritten site becomes one call ``attnfuse_site_<n>(q, k, v, *rest)``. ``site_inputs`` lists the nodes of
 ``rest`` group by group (keep-masks, biases, tensor factors, score-function leaves, guarded buffers, a run-time
-dropout p) and records how many each group has in an ``InputLayout``; at run time ``InputLayout.split`` gives
+dropout p, the graph call's reading of its key padding) and records how many each group has in an ``InputLayout``; at run time ``InputLayout.split`` gives
 the call's tensors back under the same names, so the two sides cannot disagree on an order or a count.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 from torch.fx import Node
 
 from attnfuse.site import AttentionSite
 
-_GROUPS = ("masks", "biases", "factors", "leaves", "guards", "dropout", "original")
+_GROUPS = ("masks", "biases", "factors", "leaves", "guards", "dropout", "padding", "original")
 
 
 class SiteTensors(NamedTuple):
     """One call's inputs by name (tensors at run time, nodes when built from a site). ``dropout`` holds the
-    run-time dropout p where the site reads one; ``original`` the inputs only the site's own ops read. A named
+    run-time dropout p where the site reads one; ``padding`` whether its key padding keeps every key on this call
+    (``attnfuse.unpadded``); ``original`` the inputs only the site's own ops read. A named
     tuple: one is built per fused call, and a tuple is built several times faster than a frozen dataclass."""
 
     q: object
@@ -31,6 +32,7 @@ class SiteTensors(NamedTuple):
     leaves: tuple = ()
     guards: tuple = ()
     dropout: tuple = ()
+    padding: tuple = ()
     original: tuple = ()
 
     def flat(self) -> tuple:
@@ -48,6 +50,7 @@ class InputLayout:
     leaves: int = 0
     guards: int = 0
     dropout: int = 0
+    padding: int = 0
     original: int = 0
 
     def __post_init__(self) -> None:
@@ -80,8 +83,9 @@ class InputLayout:
         return SiteTensors._make((tensors[0], tensors[1], tensors[2], *[tensors[group] for group in self._slices]))
 
 
-def site_inputs(site: AttentionSite) -> SiteTensors:
-    """The graph nodes the fused call of ``site`` reads, by group."""
+def site_inputs(site: AttentionSite, padding_read: Optional[Node] = None) -> SiteTensors:
+    """The graph nodes the fused call of ``site`` reads, by group; ``padding_read``: the graph's reading of the site's
+    key padding (``attnfuse.unpadded.padding_read``), where it has one."""
     terms = site.scores
     dropout: tuple[Node, ...] = (site.dropout_p,) if isinstance(site.dropout_p, Node) else ()
     return SiteTensors(
@@ -92,6 +96,7 @@ def site_inputs(site: AttentionSite) -> SiteTensors:
         leaves=tuple(leaf for f, _ in terms.functions for leaf in f.leaves),
         guards=tuple(terms.causal_guard[1]) if terms.causal_guard else (),
         dropout=dropout,
+        padding=(padding_read,) if padding_read is not None else (),
     )
 
 

@@ -84,6 +84,7 @@ def count_host_reads(monkeypatch) -> list:
     import attnfuse.kernels.rows as rows
     import attnfuse.kernels.sdpa as sdpa
     import attnfuse.memo as memo
+    import attnfuse.unpadded as unpadded
 
     reads = []
 
@@ -93,7 +94,7 @@ def count_host_reads(monkeypatch) -> list:
             return read(*values)
         return counted
 
-    for module in (dominance, guards, rows, sdpa):
+    for module in (dominance, guards, rows, sdpa, unpadded):
         for name in ("host_bool", "host_bools", "host_values"):
             if hasattr(module, name):
                 monkeypatch.setattr(module, name, counting(getattr(memo, name)))

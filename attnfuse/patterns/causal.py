@@ -101,7 +101,7 @@ def _from_inequalities(found: Optional[list], L: Size, S: Size) -> Optional[Mask
     constant = [c for a, b, c in found if a == 0 and b == 0]  # a term over no index: ``c <= 0`` everywhere or nowhere
     if not all(statically_true(lambda c=c: c <= 0) for c in constant):
         return TENSOR
-    found = [t for t in found if t[:2] != (0, 0)]
+    found = [t for t in found if t[:2] != (0, 0) and not _every_position_keeps(t, L, S)]
     if not found:
         return MaskPattern("all")
     if same_size(L, 1):  # one query row (i = 0, a decoding step): a bound on the keys alone is a bound on j - i
@@ -121,6 +121,21 @@ def _from_inequalities(found: Optional[list], L: Size, S: Size) -> Optional[Mask
         return TENSOR  # a window of no key masks every row: not a sliding window
     return MaskPattern("causal", alignment, window=size)
 
+
+
+def _every_position_keeps(term: tuple, L: Size, S: Size) -> bool:
+    """Whether ``a*i + b*j + c <= 0``, a bound on the query position ``i`` alone or the key position ``j`` alone,
+    holds at every position (transformers' bidirectional masks keep ``q >= 0``)."""
+    a, b, c = term
+    if b == 0 and a in (1, -1):
+        sign, size = a, L
+    elif a == 0 and b in (1, -1):
+        sign, size = b, S
+    else:
+        return False
+    if sign == -1:  # keeps positions >= c: every one where c <= 0
+        return statically_true(lambda: c <= 0)
+    return statically_true(lambda: size - 1 + c <= 0)  # keeps positions <= -c: every one where the last is
 
 
 def _with_key_masks(node: Node, negated: bool, L: Size, S: Size) -> Optional[MaskPattern]:
