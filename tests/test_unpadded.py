@@ -36,8 +36,8 @@ class PaddedLayers(nn.Module):
         if self.spelling.startswith("padding only"):
             keep = padding.expand(-1, 1, L, S)
         else:
-            positions = torch.arange(L)[:, None] + (S - L)
-            keep = (torch.arange(S)[None, :] <= positions)[None, None] & padding
+            positions = torch.arange(L, device=q.device)[:, None] + (S - L)
+            keep = (torch.arange(S, device=q.device)[None, :] <= positions)[None, None] & padding
         lowest = torch.finfo(q.dtype).min
         mask = torch.where(keep, torch.zeros((), dtype=q.dtype), lowest)
         out = q
@@ -63,7 +63,7 @@ def compare(model: nn.Module, original: nn.Module, args: tuple, atol: float) -> 
     torch.testing.assert_close(got, expected, atol=atol, rtol=atol)
     if not expected.requires_grad:
         return
-    weights = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1)).to(expected.dtype)
+    weights = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1)).to(expected.device, expected.dtype)
     want = torch.autograd.grad((expected * weights).sum(), [t for t in leaves if t.requires_grad])
     have = torch.autograd.grad((got * weights).sum(), [t for t in args if t.requires_grad])
     for a, b in zip(have, want):
@@ -201,3 +201,24 @@ def test_a_transformers_llama_trains_on_its_attention_mask_as_causal():
     for attention_mask in (ones, left_padded, ones):
         assert_same_step(reference, optimized, ids, attention_mask)
     assert counts(optimized) == [{"causal": 2, "as given": 1}] * 2, str(attnfuse.report(optimized))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_on_cuda_the_padding_is_one_read_a_forward_and_each_call_is_exact(monkeypatch, dtype):
+    """On CUDA the read is a synchronization: one a forward for every layer, and the kernels' causal path (cuDNN,
+    flash) gives the original's answer; a padded batch in the same process runs with the mask."""
+    layers = 4
+    module = PaddedLayers("where", layers)
+    model = attnfuse.optimize(copy.deepcopy(module))
+    q, k, v = (t.cuda() for t in inputs(4, 64, 64, dtype, True, seed=5))
+    ones = torch.ones(4, 64, dtype=torch.long, device="cuda")
+    padded = ones.clone()
+    padded[2:, :20] = 0
+    for attention_mask in (ones, padded, ones):
+        compare(model, module, (q, k, v, attention_mask), 2e-2)
+    assert counts(model) == [{"causal": 2, "as given": 1}] * layers
+    with torch.no_grad():
+        reads, calls = count_host_reads(monkeypatch), spy_on_sdpa(monkeypatch)
+        model(q, k, v, ones)
+    assert calls == [(False, True)] * layers and len(reads) == 1, (calls, reads)
