@@ -101,11 +101,12 @@ def _from_inequalities(found: Optional[list], L: Size, S: Size) -> Optional[Mask
     constant = [c for a, b, c in found if a == 0 and b == 0]  # a term over no index: ``c <= 0`` everywhere or nowhere
     if not all(statically_true(lambda c=c: c <= 0) for c in constant):
         return TENSOR
-    found = [t for t in found if t[:2] != (0, 0) and not _every_position_keeps(t, L, S)]
-    if not found:
-        return MaskPattern("all")
+    found = [t for t in found if t[:2] != (0, 0)]
     if same_size(L, 1):  # one query row (i = 0, a decoding step): a bound on the keys alone is a bound on j - i
         found = [(-b, b, c) if a == 0 and b in (1, -1) else (a, b, c) for a, b, c in found]
+    found = [t for t in found if not _every_position_keeps(t, L, S)]
+    if not found:
+        return MaskPattern("all")
     causal = [t for t in found if t[:2] == (-1, 1)]
     window = [t for t in found if t[:2] == (1, -1)]
     if len(causal) != 1 or len(window) > 1 or len(causal) + len(window) != len(found):
