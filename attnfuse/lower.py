@@ -167,7 +167,8 @@ def plan_for(site: AttentionSite, inputs: SiteTensors, kernels: Optional[tuple[s
     fully_masked = "zero" if fill is None or terms.zeroed_rows else ("nan" if fill == -math.inf else "mean")
     run_time_causal = RunTimeCausal(terms.run_time_causal, absorbing(terms.scores_dtype)) \
         if terms.run_time_causal else None
-    unpadded = UnpaddedCalls(terms.unpadded.causal) if terms.unpadded is not None else None
+    unpadded = UnpaddedCalls(terms.unpadded.causal, fill_proven=terms.fill is None or not (
+        terms.fill > absorbing(terms.scores_dtype) or terms.finite_scores)) if terms.unpadded is not None else None
     reads_per_call = run_time_causal or unpadded
     return SitePlan(
         q=Layout.between(site.q.axes, site.q_axes()),
@@ -337,9 +338,10 @@ def compute_site(plan: SitePlan, *tensors: torch.Tensor, kernels: Optional[tuple
     given = plan.inputs.split(tensors)
     dropout = dropout_p(given, plan.dropout_p) if given.dropout else plan.dropout_p
     causal, window = plan.causal, plan.window
-    if plan.unpadded is not None and plan.unpadded.drops_mask(given.padding[0]):
-        given, causal = given._replace(masks=(), biases=()), plan.unpadded.causal  # the triangle alone, this call
     masks, biases, factors = given.masks, given.biases, given.factors
+    unpadded = plan.unpadded is not None and plan.unpadded.drops_mask(given.padding[0])
+    if unpadded:  # the padding keeps every key: the kernel runs without it
+        masks, biases, causal = (), (), plan.unpadded.causal
     q, k, v = given.q, given.k, given.v
     if plan.bias_program is not None:
         plan.bias_program.leaf_values = given.leaves
@@ -367,7 +369,7 @@ def compute_site(plan: SitePlan, *tensors: torch.Tensor, kernels: Optional[tuple
     else:
         bias = _combined_bias(biases, plan, batch_shape, dtype)
     if plan._checks_call:
-        checked = _checked_call(plan, tensors, q, k, scale, given, keep, bias, causal, batch_shape)
+        checked = _checked_call(plan, tensors, q, k, scale, given, keep, bias, causal, batch_shape, unpadded)
         if isinstance(checked, torch.Tensor):  # a check failed: the site's own ops ran
             return checked
         keep, bias, causal, window = checked
@@ -389,9 +391,10 @@ def compute_site(plan: SitePlan, *tensors: torch.Tensor, kernels: Optional[tuple
 
 def _checked_call(plan: SitePlan, tensors: tuple, q: torch.Tensor, k: torch.Tensor, scale: float, given: object,
                   keep: Optional[torch.Tensor], bias: Optional[torch.Tensor], causal: Optional[str],
-                  batch_shape: tuple[int, ...]):
+                  batch_shape: tuple[int, ...], unpadded: bool = False):
     """The plan's per-call checks of this call's values: the site's own output where one fails (its ops run), else
-    ``(keep, bias, causal, window)`` as the fused call takes them."""
+    ``(keep, bias, causal, window)`` as the fused call takes them. ``unpadded``: the call left out its padding, which
+    kept every key (``attnfuse.unpadded``)."""
     masks, biases = given.masks, given.biases
     if plan._reads_values and context_parallel_active():
         raise ContextParallelError(_check_on_shard(plan))
@@ -422,7 +425,7 @@ def _checked_call(plan: SitePlan, tensors: tuple, q: torch.Tensor, k: torch.Tens
         if not every_row_has_a_live_key(bias, full_keep, q.dtype if bias is None else bias.dtype, floor,
                                         absorbed_below):
             return _run_original(plan, tensors, "a row keeps no key above the masking floor on this call")
-    if plan.dominance is not None and not plan.dominance.holds(
+    if plan.dominance is not None and not (unpadded and plan.unpadded.fill_proven) and not plan.dominance.holds(
             q, k, scale, plan.softcap, [b if c == 1.0 else b * c for b, c in zip(biases, plan.bias_coefficients)],
             bias, full_keep):
         return _run_original(plan, tensors, "the fill did not mask on this call")

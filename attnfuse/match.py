@@ -21,7 +21,7 @@ from attnfuse import logs
 from attnfuse.added_masks import AddedMask, absorbs_every_score
 from attnfuse.canonical import canonical, normalize_dunder_methods, spelling
 from attnfuse.dominance import absorbing, half_live_floor, underflow_gap
-from attnfuse.effects import fake_result, functionalize, mark_writes, written_between
+from attnfuse.effects import fake_result, functionalize, mark_writes, storage, written_between
 from attnfuse.folding import constant_value
 from attnfuse.fx_utils import (WRITTEN, has_side_effect, is_call, is_written, remove_dead_nodes, same_size,
                                statically_true, tensor_meta, value_users)
@@ -41,7 +41,7 @@ from attnfuse.precision import site_dtype
 from attnfuse.score_steps import (BiasStep, ClampStep, FactorStep, FillStep, ReshapeStep, Step, TanhStep,
                                   with_operand)
 from attnfuse.site import AttentionSite, ScoreTerms
-from attnfuse.unpadded import Unpadded
+from attnfuse.unpadded import KEEPS, MASKS, ZERO, Unpadded
 from attnfuse.vocabulary import (MASKING_THRESHOLD, Add, Cast, Clamp, Dropout, Factor, FilledBias, KeepMask, MaskPattern,
                                  Multiply, Operand, Permute, Product, RegionWrite, Select, Softmax, Tanh)
 
@@ -890,18 +890,41 @@ def _apply_masks(terms: ScoreTerms, L: object, S: object, dtype: torch.dtype, ba
 
 def _unpadded(terms: ScoreTerms, whole: dict[Node, tuple[MaskPattern, Optional[float]]], L: object, S: object,
               dtype: torch.dtype) -> Optional[Unpadded]:
-    """The site's one mask, a causal triangle (or nothing) ANDed with key padding that SDPA takes whole, as what it is
-    on a call whose padding keeps every key (``attnfuse.unpadded``); None where the site has anything beside it, where
-    the triangle alone could leave a row without keys, or where an added mask's fill would not absorb every score.
-    The padding must be boolean and unwritten: one read of it serves every site of the graph call."""
-    if terms.causal is not None or terms.window is not None or terms.functions or terms.added_mask is not None or \
-            terms.softcap is not None:
+    """How the site runs on a call whose key padding keeps every key (``attnfuse.unpadded``), where its one mask is
+    padding: a causal triangle (or nothing) ANDed with key padding that SDPA takes whole (``whole``), or a key-padding
+    keep-mask or bias beside the site's own causal flag. None where the site has anything beside it, or where the
+    whole mask's triangle could leave a row without keys or its fill would not absorb every score. The padding must
+    be unwritten: one read of it serves every site of the graph call."""
+    if terms.functions or terms.added_mask is not None or terms.softcap is not None or terms.causal_guard or \
+            terms.binary_masks:
         return None
     masks = [bias for bias, _ in terms.biases] + [mask.node for mask in terms.keep_masks]
-    if len(masks) != 1 or masks[0] not in whole or is_written(masks[0]):
+    if len(masks) != 1 or is_written(masks[0]):
         return None
-    pattern, fill = whole[masks[0]]
-    if pattern.window is not None or pattern.guarded_by or (fill is not None and not _absorbs(fill, dtype, None)):
+    found = _unpadded_whole(terms, *whole[masks[0]], L, S, dtype) if masks[0] in whole else None
+    if found is None and not _varies_by_query(masks[0]) and tensor_meta(masks[0]) is not None:
+        if terms.biases:
+            found = Unpadded(terms.causal, ((masks[0], ZERO),), whole=False)
+        elif tensor_meta(masks[0]).dtype == torch.bool:
+            mask = terms.keep_masks[0]
+            found = Unpadded(terms.causal, ((mask.node, MASKS if mask.negated else KEEPS),), whole=False)
+    # padding handed in (a graph input, or a view of one) is left to ``RunTimeCausal``: a graph per layer (FSDP's)
+    # would read it in every layer, where ``attnfuse.carried`` lets the later layers of a forward read nothing
+    return found if found is not None and all(_built_in_the_graph(node) for node, _ in found.padding) else None
+
+
+def _built_in_the_graph(node: Node) -> bool:
+    """Whether ``node``'s tensor is computed by its graph into memory of its own (not an input, nor a view of one)."""
+    own = storage(node)
+    return node.op != "placeholder" and own is not None and \
+        all(storage(other) != own for other in node.graph.nodes if other.op == "placeholder")
+
+
+def _unpadded_whole(terms: ScoreTerms, pattern: MaskPattern, fill: Optional[float], L: object, S: object,
+                    dtype: torch.dtype) -> Optional[Unpadded]:
+    """The whole mask ``causal & padding`` as the triangle alone on calls whose boolean padding keeps every key."""
+    if terms.causal is not None or terms.window is not None or pattern.window is not None or pattern.guarded_by or \
+            (fill is not None and not _absorbs(fill, dtype, None)):
         return None
     if pattern.kind == "causal":
         keeps_a_key = _every_row_keeps_a_key(pattern.alignment, L, S)
@@ -911,7 +934,8 @@ def _unpadded(terms: ScoreTerms, whole: dict[Node, tuple[MaskPattern, Optional[f
     if not keeps_a_key or not all(tensor_meta(mask.node) is not None and tensor_meta(mask.node).dtype == torch.bool
                                   and not is_written(mask.node) for mask in padding):
         return None
-    return Unpadded(pattern.alignment if pattern.kind == "causal" else None, padding)
+    return Unpadded(pattern.alignment if pattern.kind == "causal" else None,
+                    tuple((mask.node, MASKS if mask.negated else KEEPS) for mask in padding), whole=True)
 
 
 def _only_bias_fill(terms: ScoreTerms) -> Optional[float]:

@@ -205,9 +205,12 @@ def site_features(site: AttentionSite) -> dict:
 
 
 def _without_padding(unpadded: Optional[Unpadded]) -> Optional[str]:
-    """What the site's mask runs as on calls whose key padding keeps every key (``attnfuse.unpadded``), or None."""
+    """What the site's mask runs as on calls whose key padding keeps every key (``attnfuse.unpadded``), or None:
+    ``dropped`` for a padding term beside the site's own causal flag."""
     if unpadded is None:
         return None
+    if not unpadded.whole:
+        return "dropped"
     return f"causal {unpadded.causal.replace('_', '-')}" if unpadded.causal else "no mask"
 
 
@@ -319,6 +322,8 @@ def _feature_summary(features: dict) -> str:
             continue
         if checked == kind:
             parts.append(f"{kind} {features[kind]}, checked per call for the causal triangle" + _causal_calls(features))
+        elif unpadded == "dropped":
+            parts.append(f"{kind} {features[kind]}, left out where it keeps every key" + _causal_calls(features, "so"))
         elif unpadded:
             run = "without it" if unpadded == "no mask" else f"as {unpadded}"
             parts.append(f"{kind} {features[kind]}, run {run} where its padding keeps every key"

@@ -15,13 +15,16 @@ from torch import nn
 import attnfuse
 from tests.helpers import count_host_reads
 
-SPELLINGS = ["where", "masked_fill", "negated padding", "padding only", "padding only, masked_fill"]
+SPELLINGS = ["where", "masked_fill", "negated padding", "padding only", "padding only, masked_fill",
+             "key bias", "causal fill, key bias", "causal fill, key masked_fill"]
 
 
 class PaddedLayers(nn.Module):
     """``layers`` attention layers in one graph, all reading one mask the forward builds from ``attention_mask``
     (``(B, S)``, 1 = a real token): ``causal & padding[b, kv]`` (bottom-right, as under a KV cache), or the padding
-    alone, spelled as transformers' ``where(keep, 0, finfo.min)`` added to the scores or as a ``masked_fill``."""
+    alone, spelled as transformers' ``where(keep, 0, finfo.min)`` added to the scores or as a ``masked_fill``; or the
+    padding as a term of its own, a ``(B, 1, 1, S)`` bias ``(1 - am) * finfo.min`` (BERT's, GPT-2's beside a causal
+    ``where``) or ``masked_fill(am == 0, ...)`` after a causal fill."""
 
     def __init__(self, spelling: str, layers: int = 2):
         super().__init__()
@@ -40,10 +43,19 @@ class PaddedLayers(nn.Module):
             keep = (torch.arange(S, device=q.device)[None, :] <= positions)[None, None] & padding
         lowest = torch.finfo(q.dtype).min
         mask = torch.where(keep, torch.zeros((), dtype=q.dtype), lowest)
+        key_bias = (1.0 - attention_mask[:, None, None, :].to(q.dtype)) * lowest
+        triangle = torch.ones(L, S, dtype=torch.bool, device=q.device).tril(S - L)
         out = q
         for _ in range(self.layers):
             scores = out @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
-            if "masked_fill" in self.spelling:
+            if self.spelling == "key bias":
+                scores = scores + key_bias
+            elif self.spelling == "causal fill, key bias":
+                scores = torch.where(triangle, scores, torch.tensor(lowest, dtype=scores.dtype)) + key_bias
+            elif self.spelling == "causal fill, key masked_fill":
+                scores = scores.masked_fill(~triangle, lowest).masked_fill(attention_mask[:, None, None, :] == 0,
+                                                                           lowest)
+            elif "masked_fill" in self.spelling:
                 scores = scores.masked_fill(~keep, lowest)
             else:
                 scores = scores + mask
@@ -125,7 +137,8 @@ def spy_on_sdpa(monkeypatch) -> list:
     return calls
 
 
-@pytest.mark.parametrize("spelling, causal", [("where", True), ("padding only", False)])
+@pytest.mark.parametrize("spelling, causal", [("where", True), ("padding only", False), ("key bias", False),
+                                             ("causal fill, key bias", True), ("causal fill, key masked_fill", True)])
 def test_layers_read_the_padding_once_a_graph_call_and_run_the_kernels_plain_path(monkeypatch, spelling, causal):
     layers = 4
     module = PaddedLayers(spelling, layers)
@@ -140,8 +153,12 @@ def test_layers_read_the_padding_once_a_graph_call_and_run_the_kernels_plain_pat
     assert calls == [(False, causal)] * layers
     assert len(reads) == 1, reads
     text = str(attnfuse.report(model))
-    run = "as causal top-left" if causal else "without it"  # L == S: the two alignments agree
-    assert f"bias (2, 1, 6, 6), run {run} where its padding keeps every key (so on 2 of 2 calls" in text, text
+    if spelling.startswith("causal fill") or spelling == "key bias":  # a padding term of its own, left out
+        term = "mask key padding (2, 1, 1, 6)" if "masked_fill" in spelling else "bias (2, 1, 1, 6)"
+        assert f"{term}, left out where it keeps every key (so on 2 of 2 calls" in text, text
+    else:
+        run = "as causal top-left" if causal else "without it"  # L == S: the two alignments agree
+        assert f"bias (2, 1, 6, 6), run {run} where its padding keeps every key (so on 2 of 2 calls" in text, text
 
 
 class PaddingWrittenAfterTheMask(nn.Module):
@@ -222,3 +239,20 @@ def test_on_cuda_the_padding_is_one_read_a_forward_and_each_call_is_exact(monkey
         reads, calls = count_host_reads(monkeypatch), spy_on_sdpa(monkeypatch)
         model(q, k, v, ones)
     assert calls == [(False, True)] * layers and len(reads) == 1, (calls, reads)
+
+
+def test_one_read_serves_padding_of_equal_values_only():
+    """Padding built again in every layer (``am == 0`` per layer) shares one read; two random draws never do."""
+    from torch.fx import symbolic_trace
+
+    from attnfuse.unpadded import MASKS, Unpadded, padding_read
+
+    class Built(nn.Module):
+        def forward(self, am, x):
+            return am == 0, am == 0, torch.rand_like(x) > 0.5, torch.rand_like(x) > 0.5, am == 1
+
+    graph = symbolic_trace(Built()).graph
+    outputs = next(node for node in graph.nodes if node.op == "output").args[0]
+    reads = [padding_read(graph, Unpadded(None, ((node, MASKS),), whole=False)) for node in outputs]
+    assert reads[0] is reads[1]
+    assert len({id(read) for read in reads}) == 4
