@@ -8,9 +8,10 @@ trained on the same data in one process: ``sdpa`` (transformers' ``attn_implemen
 (its hand-written attention), ``shard_then_optimize`` (``attnfuse.optimize`` after ``fully_shard``),
 ``optimize_then_shard`` (before it) and ``compile_blocks`` (torchtitan's order: each decoder layer
 ``layer.compile(backend=attnfuse.backend(model))``, Inductor by default, then ``fully_shard``). The variants
-are timed in turn (with ``sdpa_under_dynamo`` when named in ``--variants``: the ``sdpa`` model sharded, then
-compiled by Dynamo's ``eager`` backend, Dynamo's share of a step without attnfuse), ``--rounds`` times, ``--steps`` steps a round; each keeps its best round (ms a step; all
-rounds are in the JSON). Memory per GPU: the peak allocated during a variant's steps above what was allocated
+are timed in turn, ``--rounds`` times, ``--steps`` steps a round; each keeps its best round (ms a step; all rounds
+are in the JSON). Two diagnostics run when named in ``--variants``: ``sdpa_under_dynamo`` (the ``sdpa`` model sharded,
+then compiled by Dynamo's ``eager`` backend: Dynamo's share of a step without attnfuse) and ``direct_sdpa_sites``
+(``shard_then_optimize`` with each fused call replaced by a bare causal SDPA call: the share of attnfuse's call path). Memory per GPU: the peak allocated during a variant's steps above what was allocated
 before them, plus the variant's own resident shards (parameters, gradients, optimizer state). Every step's loss
 (rank 0's) is kept; the table gives the largest difference from ``sdpa``'s. Runs on the CPU too (gloo;
 ``python benchmarks/bench_fsdp.py --device cpu ...`` as one process), for the code path, not the figures.
@@ -20,10 +21,11 @@ operators with the most device and host time).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -38,9 +40,11 @@ os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off (the mach
 os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 
 VARIANTS = ("sdpa", "eager", "shard_then_optimize", "optimize_then_shard", "compile_blocks")
-# Dynamo's own share, without attnfuse (``--variants`` only): the ``sdpa`` model sharded, then compiled with
-# Dynamo's ``eager`` backend as ``optimize`` compiles a model (one compile of the model's call)
-BASELINES = ("sdpa_under_dynamo",)
+# Diagnostics (``--variants`` only). ``sdpa_under_dynamo``: Dynamo's own share, without attnfuse (the ``sdpa`` model
+# sharded, then compiled with Dynamo's ``eager`` backend as ``optimize`` compiles a model). ``direct_sdpa_sites``:
+# ``shard_then_optimize`` with each fused site's call replaced by a bare causal SDPA call (``direct_sdpa_sites``), the
+# share of attnfuse's call path (per-call checks, kernel choice, the autograd switch)
+BASELINES = ("sdpa_under_dynamo", "direct_sdpa_sites")
 
 
 def parse(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -103,6 +107,9 @@ def prepare(args: argparse.Namespace, variant: str, device: torch.device
     if variant == "sdpa_under_dynamo":
         shard(model).compile(backend="eager")
         return model, None
+    if variant == "direct_sdpa_sites":
+        attnfuse.optimize(shard(model))
+        return model, lambda: attnfuse.report(model)
     if variant == "compile_blocks":
         backend = attnfuse.backend(model, compiler=args.block_compiler)
         for layer in model.model.layers:
@@ -123,11 +130,34 @@ def resident_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> 
     return total
 
 
+@contextlib.contextmanager
+def direct_sdpa_sites() -> Iterator[None]:
+    """Measurement only: every fused site runs ``scaled_dot_product_attention(q, k, v, is_causal=True)`` on its own q,
+    k and v instead of attnfuse's call path. Exact for this benchmark's model alone (causal, unpadded, no dropout),
+    whose sites read transformers' causal mask; the losses column shows it."""
+    import attnfuse.lower as lower
+
+    def direct(plan, *tensors: torch.Tensor) -> torch.Tensor:
+        given = plan.inputs.split(tensors)
+        q, k, v = plan.q.apply(given.q), plan.k.apply(given.k), plan.v.apply(given.v)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=plan.scale,
+                                                               enable_gqa=q.shape[1] != k.shape[1])
+        out = out.permute(plan.out_perm)
+        return out.contiguous() if plan.contiguous_out else out
+
+    fused_call, lower.run_site = lower.run_site, direct
+    try:
+        yield
+    finally:
+        lower.run_site = fused_call
+
+
 class Run:
     """One variant: its model and optimizer, the step it takes, and what it measured."""
 
     def __init__(self, args: argparse.Namespace, variant: str, device: torch.device) -> None:
         self.variant, self.device = variant, device
+        self.call_path = direct_sdpa_sites if variant == "direct_sdpa_sites" else contextlib.nullcontext
         self.model, self.report = prepare(args, variant, device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr)
         self.losses: list[torch.Tensor] = []
@@ -135,8 +165,9 @@ class Run:
         self.peak_step_bytes = 0
 
     def step(self, ids: torch.Tensor) -> None:
-        loss = self.model(input_ids=ids, labels=ids, use_cache=False).loss
-        loss.backward()
+        with self.call_path():
+            loss = self.model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.losses.append(loss.detach())

@@ -76,9 +76,10 @@ def assert_same_training_steps(reference: torch.nn.Module, optimized: torch.nn.M
         assert_same_step(reference, optimized, ids)
 
 
-def count_host_reads(monkeypatch) -> list:
+def count_host_reads(monkeypatch, of: tuple[str, ...] = ("dominance", "guards", "rows", "sdpa", "unpadded")) -> list:
     """Every read of a tensor's value on the host that attnfuse makes (``attnfuse.memo``'s functions, as the guards,
-    the rows and the SDPA kernel call them): one entry a read, the number of values it read."""
+    the rows, the SDPA kernel and the padding reading call them; ``of``: only those modules'): one entry a read, the
+    number of values it read."""
     import attnfuse.dominance as dominance
     import attnfuse.guards as guards
     import attnfuse.kernels.rows as rows
@@ -94,7 +95,8 @@ def count_host_reads(monkeypatch) -> list:
             return read(*values)
         return counted
 
-    for module in (dominance, guards, rows, sdpa, unpadded):
+    modules = {"dominance": dominance, "guards": guards, "rows": rows, "sdpa": sdpa, "unpadded": unpadded}
+    for module in (modules[name] for name in of):
         for name in ("host_bool", "host_bools", "host_values"):
             if hasattr(module, name):
                 monkeypatch.setattr(module, name, counting(getattr(memo, name)))

@@ -35,12 +35,15 @@ def test_bench_fsdp_runs_in_one_cpu_process(tmp_path):
     import bench_fsdp
 
     out = tmp_path / "fsdp.json"
-    bench_fsdp.main(["--device", "cpu", "--out", str(out), "--variants", "sdpa,shard_then_optimize,compile_blocks",
+    bench_fsdp.main(["--device", "cpu", "--out", str(out), "--variants",
+                     "sdpa,shard_then_optimize,compile_blocks,direct_sdpa_sites",
                      "--layers", "2", "--hidden", "32", "--intermediate", "64", "--heads", "4", "--kv-heads", "2",
                      "--vocab", "64", "--batch", "1", "--tokens", "8", "--dtype", "float32", "--warmup", "1",
                      "--steps", "1", "--rounds", "1", "--block-compiler", "eager"])
     results = json.loads(out.read_text())["results"]
-    assert set(results) == {"sdpa", "shard_then_optimize", "compile_blocks"}
+    assert set(results) == {"sdpa", "shard_then_optimize", "compile_blocks", "direct_sdpa_sites"}
+    # the diagnostic's bare causal SDPA calls compute this causal model's function
+    assert results["direct_sdpa_sites"]["losses"] == pytest.approx(results["sdpa"]["losses"], abs=1e-5)
     for variant in ("shard_then_optimize", "compile_blocks"):
         assert results[variant]["fused"] == 2
         assert results[variant]["losses"] == pytest.approx(results["sdpa"]["losses"], abs=1e-5)

@@ -271,7 +271,8 @@ def test_added_mask_rows_of_fill_are_computed_by_the_kernel_without_a_host_read(
     module = AddedMaskBuiltInGraph(lambda dt: torch.finfo(dt).min, spelling, causal)
     atol = 2e-5 if dtype == torch.float32 else 2e-2
     with MonkeyPatch.context() as patch:
-        reads = count_host_reads(patch)
+        # (its padding alone may be read, once a graph call, to leave an all-ones padding out: ``attnfuse.unpadded``)
+        reads = count_host_reads(patch, of=("dominance", "guards", "rows", "sdpa"))
         with torch.no_grad():
             report = assert_fused_equal(module, (q, k, v, padding), atol=atol, rtol=atol)
         assert reads == [], f"{len(reads)} host reads of the bias in inference"
