@@ -895,9 +895,10 @@ def _unpadded(terms: ScoreTerms, whole: dict[Node, tuple[MaskPattern, Optional[f
     keep-mask or bias beside the site's own causal flag. None where the site has anything beside it, or where the
     whole mask's triangle could leave a row without keys or its fill would not absorb every score. The padding must
     be unwritten: one read of it serves every site of the graph call."""
-    if terms.functions or terms.added_mask is not None or terms.softcap is not None or terms.causal_guard or \
-            terms.binary_masks:
+    if terms.functions or terms.softcap is not None or terms.causal_guard or terms.binary_masks:
         return None
+    if terms.added_mask is not None:  # an added mask read as a triangle or window and its padding keep-masks
+        return _unpadded_added(terms)
     masks = [bias for bias, _ in terms.biases] + [mask.node for mask in terms.keep_masks]
     if len(masks) != 1 or is_written(masks[0]):
         return None
@@ -918,6 +919,19 @@ def _built_in_the_graph(node: Node) -> bool:
     own = storage(node)
     return node.op != "placeholder" and own is not None and \
         all(storage(other) != own for other in node.graph.nodes if other.op == "placeholder")
+
+
+def _unpadded_added(terms: ScoreTerms) -> Optional[Unpadded]:
+    """An added ``0 / fill`` mask read as the causal triangle or window and key-padding keep-masks (``added_masks``):
+    without the padding on a call where it keeps every key. Exact: the added mask is then the triangle or window
+    alone, which a call with gradients rebuilds from the shapes (``AddedMask.bias``)."""
+    padding = [mask for mask in terms.keep_masks if tensor_meta(mask.node) is not None and
+               tensor_meta(mask.node).dtype == torch.bool and not _varies_by_query(mask.node)]
+    if terms.biases or not padding or len(padding) != len(terms.keep_masks) or \
+            not all(_built_in_the_graph(mask.node) and not is_written(mask.node) for mask in padding):
+        return None
+    return Unpadded(terms.causal, tuple((mask.node, MASKS if mask.negated else KEEPS) for mask in padding),
+                    whole=False)
 
 
 def _unpadded_whole(terms: ScoreTerms, pattern: MaskPattern, fill: Optional[float], L: object, S: object,
