@@ -9,7 +9,9 @@ where the config has ``num_key_value_heads``), ``attn_implementation="eager"``, 
 batch of two sequences whose second row is left-padded, so padding masks are exercised. For each model:
 ``attnfuse.optimize(model, verify=False)`` (no rollback: a wrong rewrite shows as a wrong output here)
 is compared with the unoptimized model on the same inputs, forward (logits) and backward (gradients of
-every parameter); the row says how many attention sites were fused or skipped and why. Each model runs
+every parameter), then once more with an all-ones ``attention_mask`` (as data collators pass one); the row says
+how many attention sites were fused or skipped and why, and how many ran without their mask on the all-ones
+call (``attnfuse.unpadded``). Each model runs
 in a fresh Dynamo state. An architecture that cannot be built from its defaults is listed as such.
 """
 from __future__ import annotations
@@ -58,6 +60,7 @@ class Row:
     error_out: float = 0.0
     error_grad: float = 0.0
     reasons: list[str] = field(default_factory=list)
+    unpadded: int = 0  # fused sites that ran without their mask on the all-ones ``attention_mask`` call
     detail: str = ""
     seconds: float = 0.0
 
@@ -166,12 +169,18 @@ def run_arch(model_type: str) -> Row:
     try:
         optimized = attnfuse.optimize(build(model_type), verify=False)  # the same weights: built from one seed
         actual, grads = _forward_backward(optimized, kwargs)
+        unpadded_kwargs = {**kwargs, "attention_mask": torch.ones_like(kwargs["attention_mask"])}
+        unpadded_expected, unpadded_expected_grads = _forward_backward(model, unpadded_kwargs)
+        before = _calls_without_mask(optimized)
+        unpadded_actual, unpadded_grads = _forward_backward(optimized, unpadded_kwargs)
+        row.unpadded = sum(after > was for was, after in zip(before, _calls_without_mask(optimized)))
     except Exception as error:  # noqa: BLE001
         row.status, row.detail = "error", f"{type(error).__name__}: {str(error)[:200]}"
         row.detail += " | " + traceback.format_exc(limit=-2).replace("\n", " ")[:300]
         return row
-    row.error_out = _relative_error(expected, actual)
-    row.error_grad = max((_relative_error(e, a) for e, a in zip(expected_grads, grads)), default=0.0)
+    row.error_out = max(_relative_error(expected, actual), _relative_error(unpadded_expected, unpadded_actual))
+    row.error_grad = max((_relative_error(e, a) for e, a in zip(expected_grads + unpadded_expected_grads,
+                                                                 grads + unpadded_grads)), default=0.0)
     report = attnfuse.report(optimized)
     row.fused, row.skipped = report.fused, report.skipped
     row.reasons = sorted({s.reason for s in report.sites if s.status == "skipped"})
@@ -183,6 +192,12 @@ def run_arch(model_type: str) -> Row:
         row.status = "fused"
     row.seconds = time.perf_counter() - started
     return row
+
+
+def _calls_without_mask(model: torch.nn.Module) -> list[int]:
+    """Per fused site of ``model``'s report, the calls that ran without its mask (its padding kept every key)."""
+    return [site.to_dict()["features"].get("calls_read_as_causal", 0) if site.to_dict()["features"].get(
+        "without_padding") else 0 for site in attnfuse.report(model).sites]
 
 
 def architectures() -> list[str]:
@@ -197,10 +212,13 @@ def summary(rows: list[Row]) -> str:
     counts = {s: sum(r.status == s for r in rows) for s in ("fused", "partial", "skipped", "none", "wrong", "error",
                                                             "unbuildable")}
     sites = sum(r.fused + r.skipped for r in runnable)
+    unpadded = [r for r in with_sites if r.fused and r.unpadded == r.fused]
     return (f"{len(rows)} architectures, {len(with_sites)} with attention sites: {counts['fused']} fully fused, "
             f"{counts['partial']} partly, {counts['skipped']} not at all; {sum(r.fused for r in runnable)} of {sites} "
             f"sites fused; {counts['wrong']} wrong, {counts['error']} errors, {counts['none']} without sites, "
-            f"{counts['unbuildable']} not buildable from defaults")
+            f"{counts['unbuildable']} not buildable from defaults; with an all-ones attention_mask "
+            f"{sum(r.unpadded for r in runnable)} fused sites ran without their mask ({len(unpadded)} architectures, "
+            f"every fused site)")
 
 
 def markdown(rows: list[Row], version: str) -> str:
@@ -209,13 +227,15 @@ def markdown(rows: list[Row], version: str) -> str:
              f"`python benchmarks/coverage_transformers.py --markdown docs/coverage_transformers.md`: transformers {version}, torch "
              f"{torch.__version__}, CPU, fp32, {time.strftime('%Y-%m-%d')}. Tiny configs (2 layers, width 64), a batch "
              "of two with the second row left-padded; outputs and parameter gradients compared with the unoptimized "
-             "model (`verify=False`, so a wrong rewrite would show).\n", summary(rows) + ".\n",
-             "| architecture | status | fused / sites | max error (out / grad) | why a site was left alone |",
-             "|---|---|---|---|---|"]
+             "model (`verify=False`, so a wrong rewrite would show); then the same with an all-ones `attention_mask` "
+             "(`without mask`: fused sites that ran without their mask on that call, `attnfuse.unpadded`).\n",
+             summary(rows) + ".\n",
+             "| architecture | status | fused / sites | without mask | max error (out / grad) | why a site was left alone |",
+             "|---|---|---|---|---|---|"]
     for row in rows:
         if row.fused + row.skipped or row.status in ("wrong", "error"):
             why = "; ".join(row.reasons) or row.detail
-            lines.append(f"| {row.arch} | {row.status} | {row.fused} / {row.fused + row.skipped} | "
+            lines.append(f"| {row.arch} | {row.status} | {row.fused} / {row.fused + row.skipped} | {row.unpadded} | "
                          f"{row.error_out:.1e} / {row.error_grad:.1e} | {why.replace('|', '/')} |")
     return "\n".join(lines) + "\n"
 
@@ -236,7 +256,7 @@ def main() -> None:
         row = run_arch(name)
         rows.append(row)
         reasons = "; ".join(row.reasons) or row.detail
-        print(f"{row.arch:24s} {row.status:11s} {row.fused:2d}/{row.fused + row.skipped:<2d} "
+        print(f"{row.arch:24s} {row.status:11s} {row.fused:2d}/{row.fused + row.skipped:<2d} unpadded {row.unpadded} "
               f"err {row.error_out:.1e}/{row.error_grad:.1e}  {reasons}", flush=True)
     print(summary(rows))
     if args.markdown:

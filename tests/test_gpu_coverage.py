@@ -32,13 +32,18 @@ def _error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-6))
 
 
+@pytest.mark.parametrize("padded", [True, False], ids=["left-padded", "all-ones mask"])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_round_two_models_fused_on_cuda_bf16(arch):
+def test_round_two_models_fused_on_cuda_bf16(arch, padded):
+    """Also with an all-ones ``attention_mask``, where sites whose mask is only padding and structure run without
+    it (``attnfuse.unpadded``)."""
     import coverage_transformers as ct
 
     torch._dynamo.reset()
     reference = ct.build(arch).cuda()
     kwargs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in ct.inputs(reference).items()}
+    if not padded:
+        kwargs["attention_mask"] = torch.ones_like(kwargs["attention_mask"])
     expected, expected_grads = _run(reference, kwargs)
     eager, eager_grads = _run(ct.build(arch).cuda().to(torch.bfloat16), kwargs)
     fused_model = attnfuse.optimize(ct.build(arch).cuda().to(torch.bfloat16), verify=False)
