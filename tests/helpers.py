@@ -101,3 +101,17 @@ def count_host_reads(monkeypatch, of: tuple[str, ...] = ("dominance", "guards", 
             if hasattr(module, name):
                 monkeypatch.setattr(module, name, counting(getattr(memo, name)))
     return reads
+
+
+def spy_on_sdpa(monkeypatch) -> list:
+    """The ``(attn_mask given, is_causal)`` of every SDPA call attnfuse's kernel makes."""
+    import attnfuse.kernels.sdpa as sdpa
+
+    calls, run = [], sdpa.run_sdpa
+
+    def spied(q, k, v, attn_mask, dropout_p, is_causal, *args, **kwargs):
+        calls.append((attn_mask is not None, is_causal))
+        return run(q, k, v, attn_mask, dropout_p, is_causal, *args, **kwargs)
+
+    monkeypatch.setattr(sdpa, "run_sdpa", spied)
+    return calls

@@ -16,7 +16,7 @@ from torch import nn
 import attnfuse
 from attnfuse.guards import RunTimeCausal
 from attnfuse.kernels.call import AttentionCall, CallFacts
-from tests.helpers import count_host_reads
+from tests.helpers import count_host_reads, spy_on_sdpa
 
 FILLS = {"min": None, "-inf": float("-inf")}  # None: the dtype's lowest value, as transformers fills its masks
 
@@ -154,20 +154,6 @@ def test_a_run_time_mask_is_read_as_causal_exactly_when_it_is_the_triangle(L, S,
         mask.data.copy_(triangle(L, S) if kind == "bool" else additive(triangle(L, S), dtype, fill))
         call_and_compare(model, module, q, k, v, mask, atol)
         assert site_counts(model)["causal"] == int(reads_as_causal) + int(not decode_keep)
-
-
-def spy_on_sdpa(monkeypatch) -> list:
-    """The ``(attn_mask given, is_causal)`` of every SDPA call attnfuse's kernel makes."""
-    import attnfuse.kernels.sdpa as sdpa
-
-    calls, run = [], sdpa.run_sdpa
-
-    def spied(q, k, v, attn_mask, dropout_p, is_causal, *args, **kwargs):
-        calls.append((attn_mask is not None, is_causal))
-        return run(q, k, v, attn_mask, dropout_p, is_causal, *args, **kwargs)
-
-    monkeypatch.setattr(sdpa, "run_sdpa", spied)
-    return calls
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

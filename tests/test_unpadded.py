@@ -13,7 +13,7 @@ from hypothesis import given, strategies as st
 from torch import nn
 
 import attnfuse
-from tests.helpers import count_host_reads
+from tests.helpers import count_host_reads, spy_on_sdpa
 
 SPELLINGS = ["where", "masked_fill", "negated padding", "padding only", "padding only, masked_fill",
              "key bias", "causal fill, key bias", "causal fill, key masked_fill", "window"]
@@ -131,20 +131,6 @@ def test_each_call_runs_without_the_mask_exactly_when_its_padding_keeps_every_ke
             assert all(n <= unpadded for n in dropped), str(report)
             continue
         assert counts(model) == [{"causal": unpadded, "as given": call + 1 - unpadded}] * 2, str(report)
-
-
-def spy_on_sdpa(monkeypatch) -> list:
-    """The ``(attn_mask given, is_causal)`` of every SDPA call attnfuse's kernel makes."""
-    import attnfuse.kernels.sdpa as sdpa
-
-    calls, run = [], sdpa.run_sdpa
-
-    def spied(q, k, v, attn_mask, dropout_p, is_causal, *args, **kwargs):
-        calls.append((attn_mask is not None, is_causal))
-        return run(q, k, v, attn_mask, dropout_p, is_causal, *args, **kwargs)
-
-    monkeypatch.setattr(sdpa, "run_sdpa", spied)
-    return calls
 
 
 @pytest.mark.parametrize("spelling, causal", [("where", True), ("padding only", False), ("key bias", False),
