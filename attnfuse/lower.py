@@ -421,9 +421,8 @@ def _checked_call(plan: SitePlan, tensors: tuple, q: torch.Tensor, k: torch.Tens
         full_keep = combined_keep(keep, causal, q.shape[-2], k.shape[-2], q.device, window)
     # (a call whose bias was dropped, ``attnfuse.unpadded``, has no bias to read: its triangle keeps a key in every row)
     if plan.live_rows and bias is not None and not _live_by_carried_record(given, q.shape[-2], k.shape[-2]):
-        floor, absorbed_below = live_floor(bias.dtype, q.dtype) if bias is not None else (None, None)
-        if not every_row_has_a_live_key(bias, full_keep, q.dtype if bias is None else bias.dtype, floor,
-                                        absorbed_below):
+        floor, absorbed_below = live_floor(bias.dtype, q.dtype)
+        if not every_row_has_a_live_key(bias, full_keep, bias.dtype, floor, absorbed_below):
             return _run_original(plan, tensors, "a row keeps no key above the masking floor on this call")
     if plan.dominance is not None and not (unpadded and plan.unpadded.fill_proven) and not plan.dominance.holds(
             q, k, scale, plan.softcap, [b if c == 1.0 else b * c for b, c in zip(biases, plan.bias_coefficients)],
