@@ -1,12 +1,13 @@
 """Key padding that keeps every key on a call is left out of that call: a batch without padding runs unmasked.
 
 Models mask padded keys with a tensor built from the caller's ``attention_mask``, also where it is all ones (data
-collators and ``generate`` pass one). Two shapes of that reach an SDPA site:
+collators and ``generate`` pass one). That padding reaches a site in one of three shapes:
 
 * transformers' eager masks: one ``(B, 1, L, S)`` mask, ``causal & padding[b, kv]`` (or the padding alone), which
   SDPA sites take whole (``match._uses_key_masks``);
 * a key-padding term of its own beside the site's causal flag: a ``(B, 1, 1, S)`` keep-mask filled into the scores
-  (``masked_fill(am == 0, fill)``) or bias added to them (BERT's and GPT-2's ``(1 - am) * finfo.min``).
+  (``masked_fill(am == 0, fill)``) or bias added to them (BERT's and GPT-2's ``(1 - am) * finfo.min``);
+* the padding keep-masks an added window mask is read into, beside the window (``attnfuse.added_masks``).
 
 Either way every call of every layer would run on a kernel that reads a mask, where transformers' own ``sdpa`` path
 reads the padding once a forward and, with none, runs the causal flag. Here each graph gets one node,
