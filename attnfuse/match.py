@@ -895,7 +895,7 @@ def _unpadded(terms: ScoreTerms, whole: dict[Node, tuple[MaskPattern, Optional[f
     keep-mask or bias beside the site's own causal flag. None where the site has anything beside it, or where the
     whole mask's triangle could leave a row without keys or its fill would not absorb every score. The padding must
     be unwritten: one read of it serves every site of the graph call."""
-    if terms.functions or terms.softcap is not None or terms.causal_guard or terms.binary_masks:
+    if terms.functions or terms.softcap is not None or terms.binary_masks:
         return None
     if terms.added_mask is not None:  # an added mask read as a triangle or window and its padding keep-masks
         return _unpadded_added(terms)
