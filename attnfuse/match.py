@@ -936,20 +936,24 @@ def _unpadded_added(terms: ScoreTerms) -> Optional[Unpadded]:
 
 def _unpadded_whole(terms: ScoreTerms, pattern: MaskPattern, fill: Optional[float], L: object, S: object,
                     dtype: torch.dtype) -> Optional[Unpadded]:
-    """The whole mask ``causal & padding`` as the triangle alone on calls whose boolean padding keeps every key."""
-    if terms.causal is not None or terms.window is not None or pattern.window is not None or pattern.guarded_by or \
+    """The whole mask ``causal & padding`` as the triangle alone on calls whose boolean padding keeps every key; beside
+    the site's own causal flag (GPT-Neo's causal buffer) a whole mask of that triangle, or of padding alone, adds
+    nothing the flag does not mask on such a call (its fill absorbs every score)."""
+    if terms.window is not None or pattern.window is not None or pattern.guarded_by or \
             (fill is not None and not _absorbs(fill, dtype, None)):
         return None
-    if pattern.kind == "causal":
-        keeps_a_key = _every_row_keeps_a_key(pattern.alignment, L, S)
+    if terms.causal is not None:  # the flag's own per-call checks decide its rows, as they do with the mask
+        keeps_a_key = pattern.kind == "keys" or (pattern.kind == "causal" and pattern.alignment == terms.causal)
+        causal = terms.causal
+    elif pattern.kind == "causal":
+        keeps_a_key, causal = _every_row_keeps_a_key(pattern.alignment, L, S), pattern.alignment
     else:
-        keeps_a_key = pattern.kind == "keys" and statically_true(lambda: S >= 1)
+        keeps_a_key, causal = pattern.kind == "keys" and statically_true(lambda: S >= 1), None
     padding = pattern.key_masks
     if not keeps_a_key or not all(tensor_meta(mask.node) is not None and tensor_meta(mask.node).dtype == torch.bool
                                   and not is_written(mask.node) for mask in padding):
         return None
-    return Unpadded(pattern.alignment if pattern.kind == "causal" else None,
-                    tuple((mask.node, MASKS if mask.negated else KEEPS) for mask in padding), whole=True)
+    return Unpadded(causal, tuple((mask.node, MASKS if mask.negated else KEEPS) for mask in padding), whole=True)
 
 
 def _only_bias_fill(terms: ScoreTerms) -> Optional[float]:

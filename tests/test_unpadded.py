@@ -16,7 +16,8 @@ import attnfuse
 from tests.helpers import count_host_reads, spy_on_sdpa
 
 SPELLINGS = ["where", "masked_fill", "negated padding", "padding only", "padding only, masked_fill",
-             "key bias", "causal fill, key bias", "causal fill, key masked_fill", "window", "causal buffer, key bias"]
+             "key bias", "causal fill, key bias", "causal fill, key masked_fill", "window", "causal buffer, key bias",
+             "causal buffer, whole mask"]
 
 
 class PaddedLayers(nn.Module):
@@ -25,7 +26,8 @@ class PaddedLayers(nn.Module):
     alone, or with a sliding window (``window``, read as the window and a padding keep-mask), spelled as transformers'
     ``where(keep, 0, finfo.min)`` added to the scores or as a ``masked_fill``; or the
     padding as a term of its own, a ``(B, 1, 1, S)`` bias ``(1 - am) * finfo.min`` (BERT's, GPT-2's beside a causal
-    ``where``, GPT-Neo's beside a causal buffer) or ``masked_fill(am == 0, ...)`` after a causal fill."""
+    ``where``, GPT-Neo's beside a causal buffer, where transformers 5 adds its whole mask too) or
+    ``masked_fill(am == 0, ...)`` after a causal fill."""
 
     def __init__(self, spelling: str, layers: int = 2):
         super().__init__()
@@ -57,8 +59,9 @@ class PaddedLayers(nn.Module):
                 scores = scores + key_bias
             elif self.spelling == "causal fill, key bias":
                 scores = torch.where(triangle, scores, torch.tensor(lowest, dtype=scores.dtype)) + key_bias
-            elif self.spelling == "causal buffer, key bias":
-                scores = torch.where(self.tril[S - L:S, :S], scores, torch.tensor(lowest, dtype=scores.dtype)) + key_bias
+            elif self.spelling.startswith("causal buffer"):  # beside the padding term, or the whole mask
+                term = key_bias if self.spelling.endswith("key bias") else mask
+                scores = torch.where(self.tril[S - L:S, :S], scores, torch.tensor(lowest, dtype=scores.dtype)) + term
             elif self.spelling == "causal fill, key masked_fill":
                 scores = scores.masked_fill(~triangle, lowest).masked_fill(attention_mask[:, None, None, :] == 0,
                                                                            lowest)
@@ -127,7 +130,7 @@ def test_each_call_runs_without_the_mask_exactly_when_its_padding_keeps_every_ke
         unpadded += int(how == "none")
         report = attnfuse.report(model)
         assert report.fused == 2, str(report)
-        if (spelling == "window" and dtype == torch.float16) or (spelling == "causal buffer, key bias" and L == 1):
+        if (spelling == "window" and dtype == torch.float16) or (spelling.startswith("causal buffer") and L == 1):
             # fp16's lowest fill does not absorb every score: the window mask stays one bias, left out only where it
             # is 0 throughout (a window that keeps every key); a one-row slice of a causal buffer is no triangle
             # (it stays a mask beside the padding). Either way never left out on a padded call
@@ -139,7 +142,7 @@ def test_each_call_runs_without_the_mask_exactly_when_its_padding_keeps_every_ke
 
 @pytest.mark.parametrize("spelling, causal", [("where", True), ("padding only", False), ("key bias", False),
                                              ("causal fill, key bias", True), ("causal fill, key masked_fill", True),
-                                             ("causal buffer, key bias", True)])
+                                             ("causal buffer, key bias", True), ("causal buffer, whole mask", True)])
 def test_layers_read_the_padding_once_a_graph_call_and_run_the_kernels_plain_path(monkeypatch, spelling, causal):
     layers = 4
     module = PaddedLayers(spelling, layers)
@@ -155,7 +158,9 @@ def test_layers_read_the_padding_once_a_graph_call_and_run_the_kernels_plain_pat
     # one read of the padding; a causal buffer keeps its own per-call guard (``attnfuse.guards.CausalGuard``)
     assert len(reads) == 1 + (layers if "buffer" in spelling else 0), reads
     text = str(attnfuse.report(model))
-    if spelling.startswith("causal ") or spelling == "key bias":  # a padding term of its own, left out
+    if spelling == "causal buffer, whole mask":
+        assert "bias (2, 1, 6, 6), run as causal top-left where its padding keeps every key (so on 2 of 2 calls" in text
+    elif spelling.startswith("causal ") or spelling == "key bias":  # a padding term of its own, left out
         term = "mask key padding (2, 1, 1, 6)" if "masked_fill" in spelling else "bias (2, 1, 1, 6)"
         assert f"{term}, left out where it keeps every key (so on 2 of 2 calls" in text, text
     else:
