@@ -121,7 +121,7 @@ class SitePlan:
     added_mask: Optional[AddedMask] = field(default=None, compare=False)  # masks read from an added 0 / fill bias
     bias_fill: Optional[float] = None  # the one bias holds only 0 and this fill (``ScoreTerms.bias_fill``)
     run_time_causal: Optional[RunTimeCausal] = field(default=None, compare=False)  # the one mask, checked per call
-    unpadded: Optional[UnpaddedCalls] = field(default=None, compare=False)  # causal & padding, without the padding
+    unpadded: Optional[UnpaddedCalls] = field(default=None, compare=False)  # the one mask is padding, read per call
     keyless_rows_original: bool = False  # run ``original`` for calls with gradients where a row keeps no key
     where: str = field(default="", compare=False)  # module path and source line, for errors that name the site
 

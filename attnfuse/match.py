@@ -891,27 +891,38 @@ def _apply_masks(terms: ScoreTerms, L: object, S: object, dtype: torch.dtype, ba
 def _unpadded(terms: ScoreTerms, whole: dict[Node, tuple[MaskPattern, Optional[float]]], L: object, S: object,
               dtype: torch.dtype) -> Optional[Unpadded]:
     """How the site runs on a call whose key padding keeps every key (``attnfuse.unpadded``), where its one mask is
-    padding: a causal triangle (or nothing) ANDed with key padding that SDPA takes whole (``whole``), or a key-padding
-    keep-mask or bias beside the site's own causal flag. None where the site has anything beside it, or where the
-    whole mask's triangle could leave a row without keys or its fill would not absorb every score. The padding must
-    be unwritten: one read of it serves every site of the graph call."""
+    padding: a causal triangle (or nothing) ANDed with key padding that SDPA takes whole (``whole``), a key-padding
+    keep-mask or bias beside the site's own causal flag, or the padding an added window mask was read into. None
+    where the site has anything beside it, or where the whole mask's triangle could leave a row without keys or its
+    fill would not absorb every score. The padding must be computed by the graph and unwritten: one read of it serves
+    every site of the graph call; padding handed in (a graph input, or a view of one) is left to ``RunTimeCausal``,
+    since a graph per layer (FSDP's) would read it in every layer, where ``attnfuse.carried`` lets the later layers of
+    a forward read nothing. Boolean padding is read for keys kept, an added term for being 0 throughout."""
     if terms.functions or terms.softcap is not None or terms.binary_masks:
         return None
-    if terms.added_mask is not None:  # an added mask read as a triangle or window and its padding keep-masks
-        return _unpadded_added(terms)
+    found = _unpadded_added(terms) if terms.added_mask is not None else _unpadded_one_mask(terms, whole, L, S, dtype)
+    if found is None or not all(_built_in_the_graph(node) and not is_written(node) and
+                                (how == ZERO or tensor_meta(node).dtype == torch.bool) for node, how in found.padding):
+        return None
+    return found
+
+
+def _unpadded_one_mask(terms: ScoreTerms, whole: dict[Node, tuple[MaskPattern, Optional[float]]], L: object,
+                       S: object, dtype: torch.dtype) -> Optional[Unpadded]:
+    """The site's one mask or bias as padding: whole (``_unpadded_whole``), or a key-padding term of its own."""
     masks = [bias for bias, _ in terms.biases] + [mask.node for mask in terms.keep_masks]
     if len(masks) != 1 or is_written(masks[0]):
         return None
     found = _unpadded_whole(terms, *whole[masks[0]], L, S, dtype) if masks[0] in whole else None
-    if found is None and not _varies_by_query(masks[0]) and tensor_meta(masks[0]) is not None:
-        if terms.biases:
-            found = Unpadded(terms.causal, ((masks[0], ZERO),), whole=False)
-        elif tensor_meta(masks[0]).dtype == torch.bool:
-            mask = terms.keep_masks[0]
-            found = Unpadded(terms.causal, ((mask.node, MASKS if mask.negated else KEEPS),), whole=False)
-    # padding handed in (a graph input, or a view of one) is left to ``RunTimeCausal``: a graph per layer (FSDP's)
-    # would read it in every layer, where ``attnfuse.carried`` lets the later layers of a forward read nothing
-    return found if found is not None and all(_built_in_the_graph(node) for node, _ in found.padding) else None
+    if found is not None or _varies_by_query(masks[0]) or tensor_meta(masks[0]) is None:
+        return found
+    padding = (masks[0], ZERO) if terms.biases else _padding_read_of(terms.keep_masks[0])
+    return Unpadded(terms.causal, (padding,), whole=False)
+
+
+def _padding_read_of(mask: KeepMask) -> tuple[Node, str]:
+    """A boolean key-padding keep-mask as ``Unpadded.padding`` reads it."""
+    return mask.node, MASKS if mask.negated else KEEPS
 
 
 def _built_in_the_graph(node: Node) -> bool:
@@ -925,13 +936,10 @@ def _unpadded_added(terms: ScoreTerms) -> Optional[Unpadded]:
     """An added ``0 / fill`` mask read as the causal triangle or window and key-padding keep-masks (``added_masks``):
     without the padding on a call where it keeps every key. Exact: the added mask is then the triangle or window
     alone, which a call with gradients rebuilds from the shapes (``AddedMask.bias``)."""
-    padding = [mask for mask in terms.keep_masks if tensor_meta(mask.node) is not None and
-               tensor_meta(mask.node).dtype == torch.bool and not _varies_by_query(mask.node)]
-    if terms.biases or not padding or len(padding) != len(terms.keep_masks) or \
-            not all(_built_in_the_graph(mask.node) and not is_written(mask.node) for mask in padding):
+    if terms.biases or not terms.keep_masks or \
+            any(tensor_meta(mask.node) is None or _varies_by_query(mask.node) for mask in terms.keep_masks):
         return None
-    return Unpadded(terms.causal, tuple((mask.node, MASKS if mask.negated else KEEPS) for mask in padding),
-                    whole=False)
+    return Unpadded(terms.causal, tuple(_padding_read_of(mask) for mask in terms.keep_masks), whole=False)
 
 
 def _unpadded_whole(terms: ScoreTerms, pattern: MaskPattern, fill: Optional[float], L: object, S: object,
@@ -949,11 +957,10 @@ def _unpadded_whole(terms: ScoreTerms, pattern: MaskPattern, fill: Optional[floa
         keeps_a_key, causal = _every_row_keeps_a_key(pattern.alignment, L, S), pattern.alignment
     else:
         keeps_a_key, causal = pattern.kind == "keys" and statically_true(lambda: S >= 1), None
-    padding = pattern.key_masks
     if not keeps_a_key or not all(tensor_meta(mask.node) is not None and tensor_meta(mask.node).dtype == torch.bool
-                                  and not is_written(mask.node) for mask in padding):
-        return None
-    return Unpadded(causal, tuple((mask.node, MASKS if mask.negated else KEEPS) for mask in padding), whole=True)
+                                  and not is_written(mask.node) for mask in pattern.key_masks):
+        return None  # (a key-shaped whole mask may still be read as a term of its own)
+    return Unpadded(causal, tuple(_padding_read_of(mask) for mask in pattern.key_masks), whole=True)
 
 
 def _only_bias_fill(terms: ScoreTerms) -> Optional[float]:

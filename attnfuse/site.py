@@ -45,7 +45,7 @@ class ScoreTerms:
     run_time_causal: Optional[str] = None  # "bias" / "mask": the one mask, a run-time input, may be causal (per call)
     keyless_rows_original: bool = False  # a call with gradients and a row without keys runs the original ops
     filled_bias_kept: Optional[str] = None  # why a bias filled under a mask was added whole (``_split_filled_biases``)
-    unpadded: Optional[Unpadded] = None  # the one mask is causal & padding: without it where the padding keeps all
+    unpadded: Optional[Unpadded] = None  # the one mask is padding: left out where it keeps every key (``unpadded``)
 
 
 @dataclass

@@ -196,8 +196,8 @@ def run_arch(model_type: str) -> Row:
 
 def _calls_without_mask(model: torch.nn.Module) -> list[int]:
     """Per fused site of ``model``'s report, the calls that ran without its mask (its padding kept every key)."""
-    return [site.to_dict()["features"].get("calls_read_as_causal", 0) if site.to_dict()["features"].get(
-        "without_padding") else 0 for site in attnfuse.report(model).sites]
+    features = [site.to_dict()["features"] for site in attnfuse.report(model).sites]
+    return [found.get("calls_read_as_causal", 0) if found.get("without_padding") else 0 for found in features]
 
 
 def architectures() -> list[str]:
