@@ -19,13 +19,14 @@ import torch
 from torch.fx import GraphModule, Node
 
 from attnfuse.added_masks import AddedMask
-from attnfuse.attend import attend, checked_attend, differentiable_twice
+from attnfuse.attend import attend, checked_attend
 from attnfuse.carried import CARRIED
 from attnfuse.context_parallel import ContextParallelError, context_parallel_active
 from attnfuse.dominance import FillDominance, absorbing, every_row_has_a_live_key, live_floor
 from attnfuse.effects import written_or_returned
 from attnfuse.fx_utils import remove_dead_nodes, statically_true, tensor_meta
 from attnfuse.guards import CausalGuard, RunTimeCausal
+from attnfuse.higher_order import differentiable_twice
 from attnfuse.kernels.rows import KERNEL_SAFE_FILL, rows_without_keys
 from attnfuse.masking import combined_keep, keep_from_masks
 from attnfuse.original import original_program

@@ -138,6 +138,31 @@ def test_first_backward_keeps_the_fused_kernel():
     assert any("flash_attention" in n and n.endswith("_backward") for n in names), sorted(names)
 
 
+@pytest.mark.parametrize("cls", [Plain, Causal, PaddedWithBias], ids=lambda c: c.__name__)
+def test_first_backward_recomputes_nothing(monkeypatch, cls):
+    _check_first_backward_recomputes_nothing(monkeypatch, cls, "cpu", torch.float32)
+
+
+def _check_first_backward_recomputes_nothing(monkeypatch, cls, device, dtype):
+    """A first-order backward is the kernel's own alone: no recompute of the site and no nested ``autograd.grad``;
+    the gradients are the original's."""
+    reference, optimized = _pair(cls().to(device))
+    g = torch.Generator().manual_seed(1)
+    extra = ((torch.rand(2, 1, 1, 7, generator=g) > 0.3).to(device),) if cls is PaddedWithBias else ()
+    base = [t.to(device, dtype) for t in _inputs()]
+    expected_args, actual_args = _leaves(base), _leaves(base)
+    reference(*expected_args, *extra).float().sin().sum().backward()
+    out = optimized(*actual_args, *extra)
+    nested = []
+    real_grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: nested.append(a) or real_grad(*a, **k))
+    out.float().sin().sum().backward()
+    assert nested == [] and attnfuse.report(optimized).fused == 1
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    for e, a in zip(expected_args, actual_args):
+        torch.testing.assert_close(a.grad.float(), e.grad.float(), atol=tol, rtol=tol)
+
+
 @given(L=st.integers(1, 6), S=st.integers(1, 6), seed=st.integers(0, 2 ** 16))
 def test_hessian_vector_products_match(L, S, seed):
     reference, optimized = _pair(Causal() if L <= S else Plain())
@@ -316,6 +341,14 @@ def test_gpu_double_backward_matches(cls, dtype):
     tol = 1e-4 if dtype == torch.float32 else 5e-2
     for e, a in zip(expected, actual):
         torch.testing.assert_close(a.float(), e.float(), atol=tol * (1 + e.abs().max().item()), rtol=tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cls", [Plain, Causal, PaddedWithBias], ids=lambda c: c.__name__)
+def test_gpu_first_backward_recomputes_nothing(monkeypatch, cls, dtype):
+    """On CUDA in half precision too (where cuDNN's backward, which has no derivative, runs)."""
+    _check_first_backward_recomputes_nothing(monkeypatch, cls, "cuda", dtype)
 
 
 @pytest.mark.gpu

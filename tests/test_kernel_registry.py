@@ -3,6 +3,7 @@ reasons each kernel refuses a call are what the dispatch chose before the regist
 from __future__ import annotations
 
 import copy
+import sys
 from typing import Optional
 
 import pytest
@@ -191,3 +192,84 @@ def test_the_audit_record_keeps_the_refusals_and_the_report_text():
     site = attnfuse.report(optimized).sites[0]
     assert site.record.kernel == "cpu-flash" and site.record.refusals == (_FLEX_WANTS_NOTHING,)
     assert "cpu-flash" in str(attnfuse.report(optimized)) and "SDPA runs this call" not in str(attnfuse.report(optimized))
+
+
+# ----------------------------------------------------------------------------- repeated launches
+
+class ValueKernel(Kernel):
+    """Takes a call only where q's first value is positive: a refusal that depends on the values."""
+
+    name = "by-value"
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    def refuses(self, call: AttentionCall) -> Optional[str]:
+        self.asked += 1
+        return None if call.q.flatten()[0] > 0 else "q's first value is not positive"
+
+    def run(self, call: AttentionCall) -> torch.Tensor:
+        return _reference(call.q, call.k, call.v, call.scale)
+
+
+def _count_full_dispatches(monkeypatch) -> list:
+    """Each call that went through the kernels in order (a launch not repeated from an earlier call)."""
+    attend_module = sys.modules["attnfuse.attend"]  # the module: ``attnfuse.attend`` is the function
+    dispatched, real = [], attend_module._run_first_kernel
+
+    def recording(call):
+        dispatched.append(call)
+        return real(call)
+
+    monkeypatch.setattr(attend_module, "_run_first_kernel", recording)
+    return dispatched
+
+
+def test_a_launch_is_repeated_for_calls_of_the_same_signature(monkeypatch):
+    dispatched = _count_full_dispatches(monkeypatch)
+    generator = torch.Generator().manual_seed(0)
+    for L, causal in ((5, None), (5, None), (5, "top_left"), (5, "top_left"), (7, None), (5, None)):
+        q, k, v = (torch.randn(2, 3, L, 8, generator=generator) for _ in range(3))
+        mask = None if causal is None else torch.ones(L, L, dtype=torch.bool).tril()
+        reference = ((q @ k.transpose(-2, -1)) * 8 ** -0.5).masked_fill(
+            torch.zeros((), dtype=torch.bool) if mask is None else ~mask, float("-inf")).softmax(-1) @ v
+        torch.testing.assert_close(attnfuse.attend(q, k, v, causal=causal), reference)
+    # one dispatch per signature: (5, not causal), (5, causal), (7, not causal)
+    assert len(dispatched) == 3
+
+
+def test_rows_without_keys_are_never_repeated_unchecked(monkeypatch):
+    dispatched = _count_full_dispatches(monkeypatch)
+    for _ in range(3):  # bottom-right causal with more queries than keys: the first rows keep no key
+        q, k, v = torch.randn(1, 2, 6, 4), torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4)
+        out = attnfuse.attend(q, k, v, causal="bottom_right")
+        assert out[:, :, :3].eq(0).all() and out[:, :, 3:].ne(0).all()
+    assert len(dispatched) == 3
+
+
+def test_a_kernel_registered_later_is_asked_again():
+    q, k, v = (torch.randn(1, 2, 4, 8, dtype=torch.float64) for _ in range(3))
+    attnfuse.attend(q, k, v)  # a launch on SDPA is remembered for this signature
+    kernel = _registered(EinsumKernel(), before="flex")
+    try:
+        audit = Audit()
+        attnfuse.attend(q, k, v, on_kernel=audit)
+        calls = []
+        kernel.run = lambda call: calls.append(call) or EinsumKernel.run(kernel, call)
+        out = attnfuse.attend(q, k, v)
+    finally:
+        unregister(kernel.name)
+    assert audit.names == ["einsum"] and len(calls) == 1
+    torch.testing.assert_close(out, _reference(q, k, v))
+
+
+def test_a_kernel_refusing_by_values_is_asked_on_every_call():
+    kernel = _registered(ValueKernel(), before="flex")
+    try:
+        q, k, v = (torch.randn(1, 2, 4, 8) for _ in range(3))
+        for sign in (-1, -1, 1, -1):
+            q[0, 0, 0, 0] = sign * q[0, 0, 0, 0].abs()
+            attnfuse.attend(q, k, v)
+    finally:
+        unregister(kernel.name)
+    assert kernel.asked == 4

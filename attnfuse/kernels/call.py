@@ -37,7 +37,9 @@ class CallFacts:
     write-back then read, so that they add the same sum), and the rows without keys (with the combined
     keep-mask) where the SDPA kernel computed them; ``bias_rows`` what one read of the bias ``bias_rows_of`` told
     (``rows.BiasRows``; a folded call adds another bias), and ``far_rows`` the rows below the kernels' range that a
-    fused kernel's check let through, to be written back."""
+    fused kernel's check let through, to be written back. ``launch``: set by a kernel whose every decision for the
+    call came from its shapes, strides, dtypes and flags (no mask, bias or rows to read or fix), the launch
+    ``launch(q, k, v, scale)`` that computes any call of the same signature (``attend`` repeats it)."""
 
     refusals: tuple[tuple[str, str], ...] = ()
     folded: Optional["AttentionCall"] = None
@@ -47,6 +49,7 @@ class CallFacts:
     bias_rows: Optional[BiasRows] = None
     bias_rows_of: Optional[torch.Tensor] = None
     far_rows: Optional[torch.Tensor] = None
+    launch: Optional[Callable[..., torch.Tensor]] = None
 
 
 @dataclass(frozen=True, init=False)
@@ -152,6 +155,9 @@ class Kernel:
 
     name: str = ""
     choices: tuple[str, ...] = ()  # the names a user may force it by (``attend(kernels=...)``)
+    # whether it refuses a call without mask, bias or score function from the call's metadata alone, so that a later
+    # call of the same signature is refused too (``attend`` may then repeat the launch of a kernel after it)
+    refuses_by_metadata: bool = False
 
     def refuses(self, call: AttentionCall) -> Optional[str]:
         """Why this kernel cannot compute ``call`` as the original did, or None if it can."""

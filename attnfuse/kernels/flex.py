@@ -129,6 +129,7 @@ class FlexKernel(Kernel):
 
     name = "flex"
     choices = ("flex",)
+    refuses_by_metadata = True
 
     def refuses(self, call: AttentionCall) -> Optional[str]:
         q = call.q

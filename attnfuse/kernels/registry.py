@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from attnfuse.kernels.call import Kernel
 
 _KERNELS: list["Kernel"] = []
+_CHANGES = [0]  # how often the order changed: a call's remembered launch holds for one order only
 _FAILURES: Cache[str] = Cache("kernels.failures", maxsize=1024)
 
 
@@ -24,12 +25,14 @@ def register(kernel: "Kernel", before: Optional[str] = None) -> None:
     if before is not None and before not in names:
         raise ValueError(f"no kernel named {before!r} to register {kernel.name!r} before; registered: {names}")
     _KERNELS.insert(len(_KERNELS) if before is None else names.index(before), kernel)
+    _CHANGES[0] += 1
 
 
 def unregister(name: str) -> "Kernel":
     """Remove the kernel named ``name`` from the order and return it."""
     for i, kernel in enumerate(_KERNELS):
         if kernel.name == name:
+            _CHANGES[0] += 1
             return _KERNELS.pop(i)
     raise ValueError(f"no kernel named {name!r} is registered")
 
@@ -37,6 +40,11 @@ def unregister(name: str) -> "Kernel":
 def kernels() -> tuple["Kernel", ...]:
     """The registered kernels, in the order ``attend`` tries them."""
     return tuple(_KERNELS)
+
+
+def order_changes() -> int:
+    """How often the order changed (``register``, ``unregister``): part of the key of a remembered launch."""
+    return _CHANGES[0]
 
 
 def kernel_choices() -> tuple[str, ...]:
