@@ -146,7 +146,7 @@ def test_first_backward_recomputes_nothing(monkeypatch, cls):
 def _check_first_backward_recomputes_nothing(monkeypatch, cls, device, dtype):
     """A first-order backward is the kernel's own alone: no recompute of the site and no nested ``autograd.grad``;
     the gradients are the original's."""
-    reference, optimized = _pair(cls().to(device))
+    reference, optimized = _pair(cls().to(device, dtype))  # (a bias parameter in the inputs' dtype)
     g = torch.Generator().manual_seed(1)
     extra = ((torch.rand(2, 1, 1, 7, generator=g) > 0.3).to(device),) if cls is PaddedWithBias else ()
     base = [t.to(device, dtype) for t in _inputs()]
