@@ -30,6 +30,16 @@ def test_bench_generate_runs(tmp_path, extra):
         assert all(row["kernel"] for row in payload["per_call"])
 
 
+def test_bench_call_path_runs(tmp_path):
+    import bench_call_path
+
+    out = tmp_path / "call_path.json"
+    bench_call_path.main(["--device", "cpu", "--only", "per_call", "--rounds", "1", "--repeats", "1",
+                          "--out", str(out)])
+    per_call = json.loads(out.read_text())["per_call"]
+    assert per_call["kernel"] == "cpu-flash" and len(per_call["us"]) == 6
+
+
 def test_bench_fsdp_runs_in_one_cpu_process(tmp_path):
     pytest.importorskip("transformers")
     import bench_fsdp
