@@ -90,14 +90,22 @@ def every_row_has_a_live_key(bias: Optional[torch.Tensor], full_keep: Optional[t
     and kept keys with an absorbing bias, have weight exactly 0 whatever value they hold (``fill + bias``, ``-inf``
     or ``finfo.min`` after a clamp); in a row without one, the original's weights depend on those values, so the
     site's own ops run."""
+    live = rows_with_a_live_key(bias, full_keep, dtype, floor, absorbed_below)
+    return live is None or host_bool(live) is True  # unreadable (under a tracer): the original ops run
+
+
+def rows_with_a_live_key(bias: Optional[torch.Tensor], full_keep: Optional[torch.Tensor], dtype: torch.dtype,
+                         floor: Optional[float] = None, absorbed_below: Optional[float] = None) -> Optional[torch.Tensor]:
+    """``every_row_has_a_live_key``'s answer unread (a one-element tensor, for a read shared with another flag), or
+    None where there is nothing to check (every key live)."""
     live = live_keys(bias, full_keep, dtype, floor)
     if live is None:
-        return True
+        return None
     rows = live.any(-1)
     if absorbed_below is not None and bias is not None:  # a row of keys that low is uniform in fp32 too
         low = bias <= absorbed_below
         rows = rows | (low if full_keep is None else low | ~full_keep).all(-1)
-    return host_bool(rows.all()) is True  # unreadable (under a tracer): the original ops run
+    return rows.all()
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from torch.fx import Node
 from attnfuse.carried import CARRIED, Record
 from attnfuse.kernels.rows import Triangle
 from attnfuse.masking import causal_keep
-from attnfuse.memo import host_bool, host_readable
+from attnfuse.memo import host_bool, host_bools, host_readable
 from attnfuse.original import original_program
 
 if TYPE_CHECKING:
@@ -121,7 +121,7 @@ class RunTimeCausal:
             return None
         alignment = self._candidate(call)
         record = CARRIED.record_of(self._tensor(call)) if alignment is not None else None
-        if record is not None and self._proven(record, call, alignment):
+        if record is not None and self._proven(record, call.q.shape[-2], call.k.shape[-2], alignment):
             self.calls["proven"] += 1
             found = True
         elif alignment is not None and self.kind == "mask" and _keeps_every_key(call.q.shape[-2], call.k.shape[-2]):
@@ -133,7 +133,35 @@ class RunTimeCausal:
         self.calls["causal" if found else "as given"] += 1
         return alignment if found else None
 
-    def _proven(self, record: Record, call: "AttentionCall", alignment: str) -> bool:
+    def read_bias_with(self, bias: torch.Tensor, L: int, S: int,
+                       flag: Optional[torch.Tensor]) -> tuple[Optional[str], Optional[bool]]:
+        """The causal alignment that ``bias``, a call's one mask and a candidate (``bias_candidate``), holds on this
+        call, or None; with ``flag`` (another unread one-element check of the same call, or None) read in the same
+        host read, so that a call checking both synchronizes once. The flag's value is None where it was not read:
+        the triangle was proven without a read (``attnfuse.carried``). Counted as ``causal_reading`` counts; the
+        caller reads nothing more of the bias for the triangle."""
+        alignment = "bottom_right" if L <= S else "top_left"
+        record = CARRIED.record_of(bias)
+        if record is not None and self._proven(record, L, S, alignment):
+            self.calls["proven"] += 1
+            self.calls["causal"] += 1
+            return alignment, None
+        triangle = _remembered(self._triangles, (L, S, bias.dtype, str(bias.device)),
+                               lambda: self._expected_bias(L, S, alignment, bias.dtype, bias.device))
+        flags = host_bools(triangle.holds(bias.detach()), *(() if flag is None else (flag,)))
+        found = flags is not None and flags[0]
+        if found and record is not None:
+            self._remember(record, alignment)
+        self.calls["causal" if found else "as given"] += 1
+        return (alignment if found else None), (None if flags is None or flag is None else flags[1])
+
+    def bias_candidate(self, bias: torch.Tensor, L: int, S: int, needs_grad: bool) -> bool:
+        """Whether ``bias``, a call's one mask (no keep-mask, causal flag, window or score function beside it; not
+        raised into the kernels' range), is read by ``read_bias_with``: ``_candidate``'s conditions for a bias."""
+        return self.kind == "bias" and L > 0 and S > 0 and tuple(bias.shape[-2:]) == (L, S) and \
+            not (bias.requires_grad and torch.is_grad_enabled()) and host_readable(bias)
+
+    def _proven(self, record: Record, L: int, S: int, alignment: str) -> bool:
         """Whether the call's tensor, which a compiled graph built as a mask (``record``: unwritten since), was proved,
         or found by an earlier read, to be this triangle (``attnfuse.carried``)."""
         threshold = record.found.get((self.kind, alignment))
@@ -142,7 +170,6 @@ class RunTimeCausal:
         proof = record.proof
         if proof is None or proof.kind != self.kind:
             return False
-        L, S = call.q.shape[-2], call.k.shape[-2]
         if proof.alignment is None:  # keeps every key: the triangle where it does too (a decode step's)
             return _keeps_every_key(L, S)
         if proof.alignment != alignment and L != S:

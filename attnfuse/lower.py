@@ -22,14 +22,16 @@ from attnfuse.added_masks import AddedMask
 from attnfuse.attend import attend, checked_attend
 from attnfuse.carried import CARRIED
 from attnfuse.context_parallel import ContextParallelError, context_parallel_active
-from attnfuse.dominance import FillDominance, absorbing, every_row_has_a_live_key, live_floor
+from attnfuse.dominance import FillDominance, absorbing, live_floor, rows_with_a_live_key
 from attnfuse.effects import written_or_returned
 from attnfuse.fx_utils import remove_dead_nodes, statically_true, tensor_meta
 from attnfuse.guards import CausalGuard, RunTimeCausal
 from attnfuse.higher_order import differentiable_twice
 from attnfuse.kernels.rows import KERNEL_SAFE_FILL, rows_without_keys
 from attnfuse.masking import combined_keep, keep_from_masks
+from attnfuse.memo import host_bool
 from attnfuse.original import original_program
+from attnfuse.precision import bias_dtype
 from attnfuse.report import KernelRecord, relative_module_path, source_line
 from attnfuse.site import AttentionSite
 from attnfuse.site_inputs import InputLayout, SiteTensors, dropout_p, site_inputs
@@ -369,18 +371,18 @@ def compute_site(plan: SitePlan, *tensors: torch.Tensor, kernels: Optional[tuple
         bias = biases[0]
     else:
         bias = _combined_bias(biases, plan, batch_shape, dtype)
+    maybe_causal = plan.run_time_causal
     if plan._checks_call:
         checked = _checked_call(plan, tensors, q, k, scale, given, keep, bias, causal, batch_shape, unpadded)
         if isinstance(checked, torch.Tensor):  # a check failed: the site's own ops ran
             return checked
-        keep, bias, causal, window = checked
+        keep, bias, causal, window, maybe_causal = checked
     record = plan.record if kernels is None and plan.record.kernel is None else None
     # a buffer mask that replaced the causal flag on this call is checked as any user's mask; the plan guarantees
     # the checked form (``attend.checked_attend``) of everything else
     run = checked_attend if plan.causal_guard is None else _attend_with_checks
     out = run(q, k, v, keep, bias, causal, window, plan.softcap, plan.bias_program, plan.bias_fill, scale, dropout,
-              plan.fully_masked_rows, kernels or plan.kernels, plan.autotune, record,
-              plan.run_time_causal)
+              plan.fully_masked_rows, kernels or plan.kernels, plan.autotune, record, maybe_causal)
     if plan.batch_rank != 2:
         out = _from_4d(out, plan, batch_shape)
     if plan._permutes_out:
@@ -394,8 +396,9 @@ def _checked_call(plan: SitePlan, tensors: tuple, q: torch.Tensor, k: torch.Tens
                   keep: Optional[torch.Tensor], bias: Optional[torch.Tensor], causal: Optional[str],
                   batch_shape: tuple[int, ...], unpadded: bool = False):
     """The plan's per-call checks of this call's values: the site's own output where one fails (its ops run), else
-    ``(keep, bias, causal, window)`` as the fused call takes them. ``unpadded``: the call left out its padding, which
-    kept every key (``attnfuse.unpadded``)."""
+    ``(keep, bias, causal, window, maybe_causal)`` as the fused call takes them (``maybe_causal``: the run-time causal
+    check still to make, None where it was made here). ``unpadded``: the call left out its padding, which kept every
+    key (``attnfuse.unpadded``)."""
     masks, biases = given.masks, given.biases
     if plan._reads_values and context_parallel_active():
         raise ContextParallelError(_check_on_shard(plan))
@@ -421,15 +424,36 @@ def _checked_call(plan: SitePlan, tensors: tuple, q: torch.Tensor, k: torch.Tens
     if plan.live_rows or plan.dominance is not None:
         full_keep = combined_keep(keep, causal, q.shape[-2], k.shape[-2], q.device, window)
     # (a call whose bias was dropped, ``attnfuse.unpadded``, has no bias to read: its triangle keeps a key in every row)
+    maybe_causal, given_bias = plan.run_time_causal, bias
     if plan.live_rows and bias is not None and not _live_by_carried_record(given, q.shape[-2], k.shape[-2]):
         floor, absorbed_below = live_floor(bias.dtype, q.dtype)
-        if not every_row_has_a_live_key(bias, full_keep, bias.dtype, floor, absorbed_below):
+        live = rows_with_a_live_key(bias, full_keep, bias.dtype, floor, absorbed_below)
+        if maybe_causal is not None and _read_here(plan, q, k, given, keep, bias, causal, window):
+            # the run-time causal read and this one share a host read; a causal triangle keeps a live key in every row
+            alignment, live_found = maybe_causal.read_bias_with(bias, q.shape[-2], k.shape[-2], live)
+            maybe_causal = None
+            if alignment is not None:
+                bias, causal, live = None, alignment, None
+        else:
+            live_found = live is None or host_bool(live)
+        if live is not None and live_found is not True:
             return _run_original(plan, tensors, "a row keeps no key above the masking floor on this call")
     if plan.dominance is not None and not (unpadded and plan.unpadded.fill_proven) and not plan.dominance.holds(
             q, k, scale, plan.softcap, [b if c == 1.0 else b * c for b, c in zip(biases, plan.bias_coefficients)],
-            bias, full_keep):
+            given_bias, full_keep):
         return _run_original(plan, tensors, "the fill did not mask on this call")
-    return keep, bias, causal, window
+    return keep, bias, causal, window, maybe_causal
+
+
+def _read_here(plan: SitePlan, q: torch.Tensor, k: torch.Tensor, given: object, keep: Optional[torch.Tensor],
+               bias: torch.Tensor, causal: Optional[str], window: Optional[int]) -> bool:
+    """Whether this call's run-time causal check (``guards.RunTimeCausal``) reads ``bias`` as ``attend`` would (its one
+    mask, in the dtype ``attend`` adds it in, not raised into the kernels' range), so that it may be read here with
+    the live-row check in one host read."""
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or given.v.requires_grad)
+    return keep is None and causal is None and window is None and plan.bias_program is None and \
+        (plan.bias_fill is None or needs_grad) and bias.dtype in (q.dtype, bias_dtype(q.dtype, bias.dtype)) and \
+        plan.run_time_causal.bias_candidate(bias, q.shape[-2], k.shape[-2], needs_grad)
 
 
 def _live_by_carried_record(given: object, L: int, S: int) -> bool:

@@ -76,7 +76,7 @@ def assert_same_training_steps(reference: torch.nn.Module, optimized: torch.nn.M
         assert_same_step(reference, optimized, ids)
 
 
-def count_host_reads(monkeypatch, of: tuple[str, ...] = ("dominance", "guards", "rows", "sdpa", "unpadded")) -> list:
+def count_host_reads(monkeypatch, of: tuple[str, ...] = ("dominance", "guards", "lower", "rows", "sdpa", "unpadded")) -> list:
     """Every read of a tensor's value on the host that attnfuse makes (``attnfuse.memo``'s functions, as the guards,
     the rows, the SDPA kernel and the padding reading call them; ``of``: only those modules'): one entry a read, the
     number of values it read."""
@@ -84,6 +84,7 @@ def count_host_reads(monkeypatch, of: tuple[str, ...] = ("dominance", "guards", 
     import attnfuse.guards as guards
     import attnfuse.kernels.rows as rows
     import attnfuse.kernels.sdpa as sdpa
+    import attnfuse.lower as lower
     import attnfuse.memo as memo
     import attnfuse.unpadded as unpadded
 
@@ -95,7 +96,8 @@ def count_host_reads(monkeypatch, of: tuple[str, ...] = ("dominance", "guards", 
             return read(*values)
         return counted
 
-    modules = {"dominance": dominance, "guards": guards, "rows": rows, "sdpa": sdpa, "unpadded": unpadded}
+    modules = {"dominance": dominance, "guards": guards, "lower": lower, "rows": rows, "sdpa": sdpa,
+               "unpadded": unpadded}
     for module in (modules[name] for name in of):
         for name in ("host_bool", "host_bools", "host_values"):
             if hasattr(module, name):

@@ -14,6 +14,7 @@ from hypothesis import given, strategies as st
 from torch import nn
 
 import attnfuse
+import attnfuse.lower as lower
 from attnfuse.guards import RunTimeCausal
 from attnfuse.kernels.call import AttentionCall, CallFacts
 from tests.helpers import count_host_reads, spy_on_sdpa
@@ -255,3 +256,36 @@ def test_dynamic_shapes_and_kv_cache_lengths(kind):
     assert sum(r["causal"] for r in records) == len(sizes) - decode
     assert sum(r["as given"] for r in records) == decode
     assert any(site.features["q_len"] == "L" for graph in report.graphs for site in graph.sites)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("grad", [False, True])
+def test_a_half_precision_mask_is_read_once_where_it_is_the_triangle(monkeypatch, causal, grad):
+    """A bf16 mask handed in is checked for rows without a live key and for the causal triangle: both in one host read
+    (a synchronization on CUDA); a mask that is not the triangle is read once more, as the kernel reads any bias."""
+    dtype = torch.bfloat16
+    g = torch.Generator().manual_seed(3)
+    base = [torch.randn(2, 4, 6, 8, generator=g).to(dtype) for _ in range(3)]
+    mask = additive(triangle(6, 6), dtype, None).expand(2, 1, 6, 6).clone()
+    if not causal:
+        mask[0, :, :, :2] = torch.finfo(dtype).min
+    module = BiasArgument()
+    model = attnfuse.optimize(copy.deepcopy(module))
+    plans, run_site = [], lower.run_site
+    monkeypatch.setattr(lower, "run_site", lambda plan, *tensors: plans.append(plan) or run_site(plan, *tensors))
+    model(*base, mask)  # compiles
+    monkeypatch.undo()
+    (plan,) = plans
+    assert plan.live_rows and plan.run_time_causal is not None
+    expected_args, actual_args = ([t.clone().requires_grad_(grad) for t in base] for _ in range(2))
+    reads = count_host_reads(monkeypatch)
+    out = model(*actual_args, mask)
+    assert len(reads) == (1 if causal else 2), reads
+    expected = module(*expected_args, mask)
+    torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
+    if grad:
+        out.float().sum().backward(), expected.float().sum().backward()
+        for e, a in zip(expected_args, actual_args):
+            torch.testing.assert_close(a.grad, e.grad, atol=3e-2, rtol=3e-2)
+    counts = site_counts(model)  # (a call with gradients compiles a graph of its own: its counts start there)
+    assert (counts["causal"] > 0) == causal and (counts["as given"] > 0) == (not causal)
