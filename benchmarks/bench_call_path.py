@@ -21,7 +21,6 @@ import argparse
 import math
 import os
 import sys
-import time
 from typing import Callable
 
 import torch
@@ -53,25 +52,14 @@ class CausalGroupedAttention(torch.nn.Module):
 
 
 def best_ms(calls: dict[str, Callable[[], object]], rounds: int, repeats: int, device: torch.device) -> dict:
-    """Each call's fastest mean over ``repeats`` calls (milliseconds), the calls timed in turn for ``rounds`` rounds."""
+    """Each call's fastest mean over ``repeats`` calls (milliseconds), after three warm-up calls each, the calls timed in
+    turn for ``rounds`` rounds (``bench_generate.best_microseconds``)."""
+    from bench_generate import best_microseconds
+
     for call in calls.values():
         for _ in range(3):
             call()
-    best = {name: math.inf for name in calls}
-    for _ in range(rounds):
-        for name, call in calls.items():
-            _synchronize(device)
-            start = time.perf_counter()
-            for _ in range(repeats):
-                call()
-            _synchronize(device)
-            best[name] = min(best[name], (time.perf_counter() - start) / repeats * 1e3)
-    return best
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    return {name: us / 1e3 for name, us in best_microseconds(calls, rounds, repeats, device).items()}
 
 
 def bench_per_call(args: argparse.Namespace, device: torch.device) -> dict:
