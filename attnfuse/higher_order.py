@@ -59,6 +59,9 @@ class _HigherOrderGate(torch.autograd.Function):
                                "this computation")
         tensors = [value if saved is None else saved for saved, value in zip(ctx.saved_tensors, ctx.values)]
         wanted = [i for i in state.gated if ctx.needs_input_grad[1 + i]]
+        # one tensor in several places (self-attention's ``attn(x, x, x)``): its whole gradient goes to the first
+        # place only, as the engine sums what every place returns
+        wanted = [i for n, i in enumerate(wanted) if all(tensors[j] is not tensors[i] for j in wanted[:n])]
         out = state.recompute(*tensors)
         grads = torch.autograd.grad(out, [tensors[i] for i in wanted], grad_out, create_graph=True, allow_unused=True)
         for i, grad in zip(wanted, grads):

@@ -128,6 +128,30 @@ def test_double_backward_matches(cls):
         torch.testing.assert_close(a, e, atol=1e-8, rtol=1e-7)
 
 
+class SelfAttention(nn.Module):
+    """One tensor as q, k and v (or as k and v): each place's gradient sums into it."""
+
+    def __init__(self, keys_are_queries: bool) -> None:
+        super().__init__()
+        self.keys_are_queries = keys_are_queries
+
+    def forward(self, *args):
+        q, x = args[0], args[-1]
+        return Plain()(x if self.keys_are_queries else q, x, x)
+
+
+@pytest.mark.parametrize("keys_are_queries", [True, False], ids=["attn(x, x, x)", "attn(q, x, x)"])
+def test_double_backward_of_one_tensor_in_several_places(keys_are_queries):
+    """A create_graph backward gives a tensor read in several places its gradient once, not once a place."""
+    reference, optimized = _pair(SelfAttention(keys_are_queries))
+    args = _inputs(L=5, S=5, dtype=torch.float64)[1 if keys_are_queries else 0:2]
+    expected = _penalty_grads(reference.double(), _leaves(args))
+    actual = _penalty_grads(optimized.double(), _leaves(args))
+    assert attnfuse.report(optimized).fused == 1
+    for e, a in zip(expected, actual):
+        torch.testing.assert_close(a, e, atol=1e-8, rtol=1e-7)
+
+
 def test_first_backward_keeps_the_fused_kernel():
     """The wrapper that makes double backward work must not replace the kernel's own backward."""
     _, optimized = _pair(Plain())
