@@ -273,3 +273,51 @@ def test_a_kernel_refusing_by_values_is_asked_on_every_call():
     finally:
         unregister(kernel.name)
     assert kernel.asked == 4
+
+
+CALL = st.fixed_dictionaries({
+    "L": st.integers(1, 6), "S": st.integers(1, 6), "heads": st.sampled_from([(2, 2), (4, 2), (3, 1)]),
+    "causal": st.sampled_from([None, "top_left", "bottom_right"]), "dtype": st.sampled_from([torch.float32,
+                                                                                             torch.float64]),
+    "grad": st.booleans(), "transposed": st.booleans(), "scale": st.sampled_from([None, 0.5, -0.7]),
+    "nan_key": st.booleans()})
+
+
+def _call_reference(q, k, v, causal, scale):
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)) * scale
+    L, S = scores.shape[-2:]
+    if causal is not None:
+        offset = 0 if causal == "top_left" else S - L
+        scores = scores.masked_fill(torch.ones(L, S, dtype=torch.bool).triu(offset + 1), float("-inf"))
+    return torch.nan_to_num(scores.softmax(-1), nan=0.0) @ v  # a row without keys: 0, as attend's default
+
+
+@settings(max_examples=40, deadline=None)
+@given(calls=st.lists(CALL, min_size=2, max_size=8))
+def test_a_sweep_of_calls_in_one_process_matches_the_reference(calls):
+    """Calls of many signatures in turn, signatures repeating, as a sweep makes them: every call is the reference's,
+    whether its launch was dispatched or repeated (``attend._LAUNCHES``), forward and backward; a NaN in a key that
+    every row masks stays out of every output."""
+    generator = torch.Generator().manual_seed(len(calls))
+    for spec in calls:
+        (H, Hk), L, S, dtype = spec["heads"], spec["L"], spec["S"], spec["dtype"]
+        q = torch.randn(2, H, L, 8, generator=generator, dtype=dtype)
+        k, v = (torch.randn(2, Hk, S, 8, generator=generator, dtype=dtype) for _ in range(2))
+        if spec["transposed"]:  # another stride pattern of the same shapes
+            q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+        masked_key = spec["causal"] == "top_left" and S > L
+        if spec["nan_key"] and masked_key:
+            k = k.clone()
+            k[..., S - 1, :] = float("nan")  # masked for every row under a top-left triangle with S > L
+        leaves = [t.detach().requires_grad_(spec["grad"]) for t in (q, k, v)]
+        reference_leaves = [t.detach().requires_grad_(spec["grad"]) for t in (q, k, v)]
+        out = attnfuse.attend(*leaves, causal=spec["causal"], scale=spec["scale"])
+        expected = _call_reference(*reference_leaves, spec["causal"], spec["scale"])
+        torch.testing.assert_close(out, expected)
+        if spec["grad"] and not (spec["nan_key"] and masked_key):
+            out.sum().backward(), expected.sum().backward()
+            for a, e in zip(leaves, reference_leaves):
+                torch.testing.assert_close(a.grad, e.grad)
