@@ -295,7 +295,7 @@ def _call_reference(q, k, v, causal, scale):
     return torch.nan_to_num(scores.softmax(-1), nan=0.0) @ v  # a row without keys: 0, as attend's default
 
 
-@settings(max_examples=40, deadline=None)
+@settings(deadline=None)
 @given(calls=st.lists(CALL, min_size=2, max_size=8))
 def test_a_sweep_of_calls_in_one_process_matches_the_reference(calls):
     """Calls of many signatures in turn, signatures repeating, as a sweep makes them: every call is the reference's,
