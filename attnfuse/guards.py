@@ -155,7 +155,7 @@ class RunTimeCausal:
         self.calls["causal" if found else "as given"] += 1
         return (alignment if found else None), (None if flags is None or flag is None else flags[1])
 
-    def bias_candidate(self, bias: torch.Tensor, L: int, S: int, needs_grad: bool) -> bool:
+    def bias_candidate(self, bias: torch.Tensor, L: int, S: int) -> bool:
         """Whether ``bias``, a call's one mask (no keep-mask, causal flag, window or score function beside it; not
         raised into the kernels' range), is read by ``read_bias_with``: ``_candidate``'s conditions for a bias."""
         return self.kind == "bias" and L > 0 and S > 0 and tuple(bias.shape[-2:]) == (L, S) and \

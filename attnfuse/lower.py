@@ -453,7 +453,7 @@ def _read_here(plan: SitePlan, q: torch.Tensor, k: torch.Tensor, given: object, 
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or given.v.requires_grad)
     return keep is None and causal is None and window is None and plan.bias_program is None and \
         (plan.bias_fill is None or needs_grad) and bias.dtype in (q.dtype, bias_dtype(q.dtype, bias.dtype)) and \
-        plan.run_time_causal.bias_candidate(bias, q.shape[-2], k.shape[-2], needs_grad)
+        plan.run_time_causal.bias_candidate(bias, q.shape[-2], k.shape[-2])
 
 
 def _live_by_carried_record(given: object, L: int, S: int) -> bool:
