@@ -28,8 +28,10 @@ class _Recompute:
         self.grad_out: Optional[torch.Tensor] = None
 
     def take_output_gradient(self, grad: Optional[torch.Tensor]) -> None:
-        """The output's hook: keeps its gradient (in a first-order backward too, where the gate does not read it)."""
-        self.grad_out = grad
+        """The output's hook: keeps its gradient in a ``create_graph`` backward (grad mode on), the only one whose gate
+        reads it; a first-order backward's is not kept, so an output the caller holds on to keeps no gradient alive."""
+        if torch.is_grad_enabled():
+            self.grad_out = grad
 
 
 class _HigherOrderGate(torch.autograd.Function):

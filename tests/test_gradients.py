@@ -152,6 +152,21 @@ def test_double_backward_of_one_tensor_in_several_places(keys_are_queries):
         torch.testing.assert_close(a, e, atol=1e-8, rtol=1e-7)
 
 
+def test_an_output_held_after_backward_keeps_no_gradient_alive():
+    """The hook that serves a ``create_graph`` backward keeps nothing from a first-order one: a model's caller that
+    holds on to attention outputs (for analysis, a cache) holds no gradients with them."""
+    import gc
+    import weakref
+
+    _, optimized = _pair(Plain())
+    out = optimized(*_leaves(_inputs()))
+    seen = []
+    out.register_hook(lambda grad: seen.append(weakref.ref(grad)))
+    (out * 2).sum().backward()
+    gc.collect()
+    assert seen and seen[0]() is None
+
+
 def test_first_backward_keeps_the_fused_kernel():
     """The wrapper that makes double backward work must not replace the kernel's own backward."""
     _, optimized = _pair(Plain())
