@@ -40,6 +40,7 @@ class _HigherOrderGate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, state: _Recompute, *tensors):
         ctx.state = state
+        ctx.set_materialize_grads(False)  # an alias no gradient reached passes None on, not a tensor of zeros
         ctx.values = tuple(None if isinstance(t, torch.Tensor) else t for t in tensors)
         ctx.save_for_backward(*(t if isinstance(t, torch.Tensor) else None for t in tensors))
         return tuple(tensors[i].detach() for i in state.gated)
