@@ -174,8 +174,7 @@ def checked_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: Opti
             return launch(call.q, call.k, call.v, call.scale)
     out, ran = _run_first_kernel(call)
     out = restore_rows(out, ran)
-    if key is not None and facts.launch is not None and facts.dead is None and ran.bias is None and \
-            _refused_by_metadata(facts.refusals):
+    if key is not None and facts.launch is not None and facts.dead is None and _refused_by_metadata(facts.refusals):
         _LAUNCHES.setdefault(key, facts.launch)
     facts.folded = None  # the folded call refers to ``facts``: no reference cycle keeps the tensors alive
     return out

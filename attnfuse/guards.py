@@ -133,33 +133,25 @@ class RunTimeCausal:
         self.calls["causal" if found else "as given"] += 1
         return alignment if found else None
 
-    def read_bias_with(self, bias: torch.Tensor, L: int, S: int,
+    def read_bias_with(self, bias: torch.Tensor, alignment: str, L: int, S: int,
                        flag: Optional[torch.Tensor]) -> tuple[Optional[str], Optional[bool]]:
-        """The causal alignment that ``bias``, a call's one mask and a candidate (``bias_candidate``), holds on this
-        call, or None; with ``flag`` (another unread one-element check of the same call, or None) read in the same
-        host read, so that a call checking both synchronizes once. The flag's value is None where it was not read:
-        the triangle was proven without a read (``attnfuse.carried``). Counted as ``causal_reading`` counts; the
+        """Whether ``bias``, a call's one mask, holds the triangle ``candidate`` found it could (``alignment``, or None
+        where it does not); with ``flag`` (another unread one-element check of the same call, or None) read in the
+        same host read, so that a call checking both synchronizes once. The flag's value is None where it was not
+        read: the triangle was proven without a read (``attnfuse.carried``). Counted as ``causal_reading`` counts; the
         caller reads nothing more of the bias for the triangle."""
-        alignment = "bottom_right" if L <= S else "top_left"
         record = CARRIED.record_of(bias)
         if record is not None and self._proven(record, L, S, alignment):
             self.calls["proven"] += 1
             self.calls["causal"] += 1
             return alignment, None
-        triangle = _remembered(self._triangles, (L, S, bias.dtype, str(bias.device)),
-                               lambda: self._expected_bias(L, S, alignment, bias.dtype, bias.device))
+        triangle = self._bias_triangle(L, S, alignment, bias.dtype, bias.device)
         flags = host_bools(triangle.holds(bias.detach()), *(() if flag is None else (flag,)))
         found = flags is not None and flags[0]
         if found and record is not None:
             self._remember(record, alignment)
         self.calls["causal" if found else "as given"] += 1
         return (alignment if found else None), (None if flags is None or flag is None else flags[1])
-
-    def bias_candidate(self, bias: torch.Tensor, L: int, S: int) -> bool:
-        """Whether ``bias``, a call's one mask (no keep-mask, causal flag, window or score function beside it; not
-        raised into the kernels' range), is read by ``read_bias_with``: ``_candidate``'s conditions for a bias."""
-        return self.kind == "bias" and L > 0 and S > 0 and tuple(bias.shape[-2:]) == (L, S) and \
-            not (bias.requires_grad and torch.is_grad_enabled()) and host_readable(bias)
 
     def _proven(self, record: Record, L: int, S: int, alignment: str) -> bool:
         """Whether the call's tensor, which a compiled graph built as a mask (``record``: unwritten since), was proved,
@@ -185,16 +177,23 @@ class RunTimeCausal:
         return call.bias if self.kind == "bias" else call.keep
 
     def _candidate(self, call: "AttentionCall") -> Optional[str]:
-        """The one alignment the call's tensor could hold, where it is the call's only mask; else None."""
-        L, S = call.q.shape[-2], call.k.shape[-2]
-        if call.causal is not None or call.window is not None or call.bias_fn is not None or S == 0 or L == 0:
+        return self.candidate(call.bias, call.keep, call.causal, call.window, call.bias_fn, call.bias_fill,
+                              call.q.shape[-2], call.k.shape[-2])
+
+    def candidate(self, bias: Optional[torch.Tensor], keep: Optional[torch.Tensor], causal: Optional[str],
+                  window: Optional[int], bias_fn: Optional[Callable], bias_fill: Optional[float], L: int,
+                  S: int) -> Optional[str]:
+        """The one alignment a call's tensor (its bias, or its keep-mask, by ``kind``) could hold, where it is the
+        call's only mask (none of the others given beside it) and, for a bias, it needs no gradient and was not raised
+        into the kernels' range (``bias_fill``); else None."""
+        if causal is not None or window is not None or bias_fn is not None or S == 0 or L == 0:
             return None
         if self.kind == "bias":
-            tensor, other = call.bias, call.keep
-            if tensor is None or call.bias_fill is not None or (tensor.requires_grad and torch.is_grad_enabled()):
+            tensor, other = bias, keep
+            if tensor is None or bias_fill is not None or (tensor.requires_grad and torch.is_grad_enabled()):
                 return None
         else:
-            tensor, other = call.keep, call.bias
+            tensor, other = keep, bias
         if tensor is None or other is not None or tuple(tensor.shape[-2:]) != (L, S):
             return None
         return "bottom_right" if L <= S else "top_left"
@@ -202,13 +201,15 @@ class RunTimeCausal:
     def _holds(self, call: "AttentionCall", alignment: str) -> bool:
         L, S, device = call.q.shape[-2], call.k.shape[-2], call.q.device
         if self.kind == "bias":
-            dtype = call.bias.dtype
-            triangle = _remembered(self._triangles, (L, S, dtype, str(device)),
-                                   lambda: self._expected_bias(L, S, alignment, dtype, device))
-            return call.bias_rows(triangle).triangle
+            return call.bias_rows(self._bias_triangle(L, S, alignment, call.bias.dtype, device)).triangle
         keep = _remembered(self._triangles, (L, S, torch.bool, str(device)),
                            lambda: causal_keep(L, S, alignment, device))
         return host_bool((call.keep == keep).all()) is True
+
+    def _bias_triangle(self, L: int, S: int, alignment: str, dtype: torch.dtype, device: torch.device) -> Triangle:
+        """The triangle a bias of ``dtype`` is compared with, built once per shape, dtype and device."""
+        return _remembered(self._triangles, (L, S, dtype, str(device)),
+                           lambda: self._expected_bias(L, S, alignment, dtype, device))
 
     def _expected_bias(self, L: int, S: int, alignment: str, dtype: torch.dtype, device: torch.device) -> Triangle:
         floor = floor_in(self.threshold, dtype)

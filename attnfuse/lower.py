@@ -29,7 +29,7 @@ from attnfuse.guards import CausalGuard, RunTimeCausal
 from attnfuse.higher_order import differentiable_twice
 from attnfuse.kernels.rows import KERNEL_SAFE_FILL, rows_without_keys
 from attnfuse.masking import combined_keep, keep_from_masks
-from attnfuse.memo import host_bool
+from attnfuse.memo import host_bool, host_readable
 from attnfuse.original import original_program
 from attnfuse.precision import bias_dtype
 from attnfuse.report import KernelRecord, relative_module_path, source_line
@@ -428,9 +428,10 @@ def _checked_call(plan: SitePlan, tensors: tuple, q: torch.Tensor, k: torch.Tens
     if plan.live_rows and bias is not None and not _live_by_carried_record(given, q.shape[-2], k.shape[-2]):
         floor, absorbed_below = live_floor(bias.dtype, q.dtype)
         live = rows_with_a_live_key(bias, full_keep, bias.dtype, floor, absorbed_below)
-        if maybe_causal is not None and _read_here(plan, q, k, given, keep, bias, causal, window):
+        candidate = _read_here(plan, q, k, given, keep, bias, causal, window) if maybe_causal is not None else None
+        if candidate is not None:
             # the run-time causal read and this one share a host read; a causal triangle keeps a live key in every row
-            alignment, live_found = maybe_causal.read_bias_with(bias, q.shape[-2], k.shape[-2], live)
+            alignment, live_found = maybe_causal.read_bias_with(bias, candidate, q.shape[-2], k.shape[-2], live)
             maybe_causal = None
             if alignment is not None:
                 bias, causal, live = None, alignment, None
@@ -446,14 +447,15 @@ def _checked_call(plan: SitePlan, tensors: tuple, q: torch.Tensor, k: torch.Tens
 
 
 def _read_here(plan: SitePlan, q: torch.Tensor, k: torch.Tensor, given: object, keep: Optional[torch.Tensor],
-               bias: torch.Tensor, causal: Optional[str], window: Optional[int]) -> bool:
-    """Whether this call's run-time causal check (``guards.RunTimeCausal``) reads ``bias`` as ``attend`` would (its one
-    mask, in the dtype ``attend`` adds it in, not raised into the kernels' range), so that it may be read here with
-    the live-row check in one host read."""
+               bias: torch.Tensor, causal: Optional[str], window: Optional[int]) -> Optional[str]:
+    """The alignment this call's run-time causal check (``guards.RunTimeCausal``) reads ``bias`` for, where it reads it
+    as ``attend`` would (in the dtype ``attend`` adds it in, with the fill ``attend`` passes on: none with gradients),
+    so that it may be read here with the live-row check in one host read; else None."""
+    if bias.dtype not in (q.dtype, bias_dtype(q.dtype, bias.dtype)) or not host_readable(q):
+        return None
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or given.v.requires_grad)
-    return keep is None and causal is None and window is None and plan.bias_program is None and \
-        (plan.bias_fill is None or needs_grad) and bias.dtype in (q.dtype, bias_dtype(q.dtype, bias.dtype)) and \
-        plan.run_time_causal.bias_candidate(bias, q.shape[-2], k.shape[-2])
+    return plan.run_time_causal.candidate(bias, keep, causal, window, plan.bias_program,
+                                          None if needs_grad else plan.bias_fill, q.shape[-2], k.shape[-2])
 
 
 def _live_by_carried_record(given: object, L: int, S: int) -> bool:

@@ -445,8 +445,8 @@ def _launch(call: AttentionCall, q: torch.Tensor, full_keep: Optional[torch.Tens
         call.announce(chosen_kernel(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, order))
     rng = _rng_state(q) if checkable and dropout_p > 0 else None
     out = run_sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, order, strict=allowed is not None)
-    if attn_mask is None and not adds_mask and dropout_p == 0 and not call.autotune and q is call.q:
-        call.facts.launch = SdpaLaunch(is_causal, enable_gqa, order, allowed is not None)
+    if attn_mask is None and not adds_mask and dropout_p == 0 and allowed is None and not call.autotune and q is call.q:
+        call.facts.launch = SdpaLaunch(is_causal, enable_gqa, order)
     if not checkable:
         return out, None
     # one reduction: a NaN or inf anywhere makes the sum non-finite (a huge finite output too: a rerun, not an error)
@@ -460,16 +460,17 @@ def _launch(call: AttentionCall, q: torch.Tensor, full_keep: Optional[torch.Tens
 
 
 class SdpaLaunch:
-    """An SDPA launch without a mask whose kernel order, causal flag and shared heads came from the call's metadata
-    alone: any call of the same signature runs as ``launch(q, k, v, scale)`` (``CallFacts.launch``)."""
+    """An SDPA launch without a mask or kernel restriction whose kernel order, causal flag and shared heads came from
+    the call's metadata alone: any call of the same signature runs as ``launch(q, k, v, scale)``
+    (``CallFacts.launch``)."""
 
-    __slots__ = ("is_causal", "enable_gqa", "order", "strict")
+    __slots__ = ("is_causal", "enable_gqa", "order")
 
-    def __init__(self, is_causal: bool, enable_gqa: bool, order: tuple[SDPBackend, ...], strict: bool) -> None:
-        self.is_causal, self.enable_gqa, self.order, self.strict = is_causal, enable_gqa, order, strict
+    def __init__(self, is_causal: bool, enable_gqa: bool, order: tuple[SDPBackend, ...]) -> None:
+        self.is_causal, self.enable_gqa, self.order = is_causal, enable_gqa, order
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float]) -> torch.Tensor:
-        return run_sdpa(q, k, v, None, 0.0, self.is_causal, scale, self.enable_gqa, self.order, self.strict)
+        return run_sdpa(q, k, v, None, 0.0, self.is_causal, scale, self.enable_gqa, self.order)
 
 
 def _rng_state(q: torch.Tensor) -> torch.Tensor:
