@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # this checkout, not an installed copy
 
 import attnfuse  # noqa: E402
-from common import environment, save  # noqa: E402
+from common import environment, paired_ratios, save  # noqa: E402
 
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off (the machines' notes)
 os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
@@ -229,6 +229,9 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
     profiles = {run.variant: profile_steps(run, data[-2:]) for run in runs} if args.profile else {}
     results = {run.variant: {**_result(run), **({"profile": profiles[run.variant]} if profiles else {})}
                for run in runs}
+    if "sdpa" in results:  # step time over sdpa's, round by round (ms: the reverse of a speed ratio)
+        for result in results.values():
+            result["paired_vs_sdpa"] = paired_ratios(result["rounds_ms"], results["sdpa"]["rounds_ms"])
     payload = {**environment(), "world": world, "config": {k: v for k, v in vars(args).items() if k != "out"},
                "results": results}
     if rank == 0:
@@ -296,16 +299,18 @@ def _print(payload: dict[str, Any]) -> None:
           f"Llama {payload['config']['layers']}L/{payload['config']['hidden']} GQA {payload['config']['heads']}/"
           f"{payload['config']['kv_heads']}, {payload['config']['batch']} x {payload['config']['tokens']} tokens a "
           f"rank, {payload['config']['dtype']}")
-    print(f"{'variant':22} {'ms/step':>9} {'vs sdpa':>8} {'peak GB':>8} {'max |loss - sdpa|':>18} {'fused':>6} "
+    print(f"{'variant':22} {'ms/step':>9} {'vs sdpa':>8} {'median (quartiles) by round':>29} {'peak GB':>8} {'max |loss - sdpa|':>18} {'fused':>6} "
           f"{'causal calls':>13} {'unread':>7}")
     for variant, result in results.items():
         ratio = f"{result['best_ms'] / base['best_ms']:.3f}" if base else "-"
+        pair = result.get("paired_vs_sdpa")
+        paired = f"{pair['median']:.3f} ({pair['q1']:.3f}-{pair['q3']:.3f})" if pair else "-"
         diff = (f"{max(abs(a - b) for a, b in zip(result['losses'], base['losses'])):.2e}" if base else "-")
         peak = f"{result['peak_gb']:.2f}" if result["peak_gb"] is not None else "-"
         fused = "-" if result["fused"] is None else str(result["fused"])
         causal = "-" if result["causal_calls"] is None else "{}/{}".format(*result["causal_calls"][:2])
         unread = "-" if result["causal_calls"] is None else str(result["causal_calls"][2])
-        print(f"{variant:22} {result['best_ms']:9.2f} {ratio:>8} {peak:>8} {diff:>18} {fused:>6} {causal:>13} "
+        print(f"{variant:22} {result['best_ms']:9.2f} {ratio:>8} {paired:>29} {peak:>8} {diff:>18} {fused:>6} {causal:>13} "
               f"{unread:>7}")
     for variant, result in results.items():
         if "profile" in result:

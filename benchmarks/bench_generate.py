@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # this checkout, not an installed copy
 
 import attnfuse  # noqa: E402
-from common import save  # noqa: E402
+from common import paired_ratios, save  # noqa: E402
 
 VOCAB = 1000
 
@@ -121,6 +121,10 @@ def bench_generate(args: argparse.Namespace, device: torch.device, dtype: torch.
         variants = {"eager": (build_llama("eager", device, dtype, **shape), None),
                     "attnfuse": (attnfuse.optimize(build_llama("eager", device, dtype, **shape)), None),
                     "sdpa": (build_llama("sdpa", device, dtype, **shape), None)}
+        if args.floor:  # Dynamo's own per-step cost on the same eager model, without attnfuse's rewrite
+            floor = build_llama("eager", device, dtype, **shape)
+            floor.compile(backend="eager")
+            variants["dynamo_eager_backend"] = (floor, None)
     static = args.static or args.compiled
     ids, mask = prompts(args.batch, args.prompt, args.pad, device)
     tokens, first = {}, {}
@@ -132,6 +136,7 @@ def bench_generate(args: argparse.Namespace, device: torch.device, dtype: torch.
             seconds, _ = timed(lambda: generate(model, ids, mask, args.new_tokens, static, backend), device)
             rounds[name].append(args.batch * args.new_tokens / seconds)
     best = {name: max(values) for name, values in rounds.items()}
+    paired = {name: paired_ratios(rounds[name], rounds["sdpa"]) for name in variants if name != "sdpa"}
     if args.profile:
         profile_steps(variants, ids, mask, args, static, device)
     report = attnfuse.last_report() if args.compiled else attnfuse.report(variants["attnfuse"][0])
@@ -142,6 +147,7 @@ def bench_generate(args: argparse.Namespace, device: torch.device, dtype: torch.
             "tokens_per_s": best, "rounds": rounds, "first_call_s": first,
             "ratios": {"attnfuse/eager": best["attnfuse"] / best["eager"],
                        "attnfuse/sdpa": best["attnfuse"] / best["sdpa"], "sdpa/eager": best["sdpa"] / best["eager"]},
+            "paired_vs_sdpa": paired,
             "same_tokens_as_eager": {name: bool(torch.equal(t, tokens["eager"])) for name, t in tokens.items()},
             "fused_sites": None if report is None else report.to_dict()["fused"]}
 
@@ -261,12 +267,15 @@ def bench_per_call(args: argparse.Namespace, device: torch.device, dtype: torch.
 # ----------------------------------------------------------------------------- main
 
 def print_generate(result: dict, rounds: int) -> None:
-    config, best = result["config"], result["tokens_per_s"]
+    config, best, paired = result["config"], result["tokens_per_s"], result["paired_vs_sdpa"]
     print(f"\ngenerate: {config}")
-    print(f"| variant | tokens/s (best of {rounds}) | vs eager | vs sdpa | same tokens as eager |")
-    print("|---|---|---|---|---|")
+    print(f"| variant | tokens/s (best of {rounds}) | vs eager | vs sdpa | vs sdpa, round by round: median (quartiles) "
+          "| same tokens as eager |")
+    print("|---|---|---|---|---|---|")
     for name, value in best.items():
-        print(f"| {name} | {value:.0f} | {value / best['eager']:.2f}x | {value / best['sdpa']:.2f}x | "
+        pair = paired.get(name)
+        rounds_text = "-" if pair is None else f"{pair['median']:.3f}x ({pair['q1']:.3f}-{pair['q3']:.3f})"
+        print(f"| {name} | {value:.0f} | {value / best['eager']:.2f}x | {value / best['sdpa']:.2f}x | {rounds_text} | "
               f"{result['same_tokens_as_eager'][name]} |")
 
 
@@ -296,6 +305,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--compiled", action="store_true",
                         help="the compiled route: static cache, generate's own compile (reduce-overhead)")
     parser.add_argument("--profile", action="store_true", help="print a host profile of one generate per variant")
+    parser.add_argument("--floor", action="store_true",
+                        help="also time the eager model under torch.compile(backend='eager'): Dynamo's own per-step cost")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--per-call", action="store_true", help="also time one fused call at q_len 1")
     parser.add_argument("--lengths", default="64,256,1024,4096", help="cached keys S for --per-call")

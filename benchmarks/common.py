@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import platform
+import statistics
 from datetime import date
 from typing import Callable, Optional
 
@@ -41,6 +42,15 @@ def measure(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 100) ->
         torch.cuda.empty_cache()
         return None, None
     return ms, peak
+
+
+def paired_ratios(values: list[float], reference: list[float]) -> dict:
+    """Round by round ratios of ``values`` to ``reference`` (timed next to each other in one round): their
+    median and quartiles, which the machine's drift between rounds moves less than a ratio of best rounds."""
+    ratios = sorted(v / r for v, r in zip(values, reference))
+    n = len(ratios)
+    return {"median": statistics.median(ratios), "q1": ratios[(n - 1) // 4], "q3": ratios[(3 * (n - 1) + 3) // 4],
+            "ratios": ratios}
 
 
 def save(path: str, payload: dict) -> None:

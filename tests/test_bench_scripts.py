@@ -13,8 +13,8 @@ TINY = ["--device", "cpu", "--layers", "1", "--hidden", "32", "--heads", "4", "-
         "--prompt", "8", "--new-tokens", "2", "--rounds", "1"]
 
 
-@pytest.mark.parametrize("extra", [["--pad", "3", "--per-call", "--lengths", "8", "--repeats", "1"], ["--static"]],
-                         ids=["dynamic-padded-per-call", "static"])
+@pytest.mark.parametrize("extra", [["--pad", "3", "--per-call", "--lengths", "8", "--repeats", "1"], ["--static", "--floor", "--rounds", "3"]],
+                         ids=["dynamic-padded-per-call", "static-floor"])
 def test_bench_generate_runs(tmp_path, extra):
     import bench_generate
 
@@ -22,7 +22,12 @@ def test_bench_generate_runs(tmp_path, extra):
     bench_generate.main([*TINY, *extra, "--out", str(out)])
     payload = json.loads(out.read_text())
     generate = payload["generate"]
-    assert set(generate["tokens_per_s"]) == {"eager", "attnfuse", "sdpa"}
+    floor = {"dynamo_eager_backend"} if "--floor" in extra else set()
+    assert set(generate["tokens_per_s"]) == {"eager", "attnfuse", "sdpa"} | floor
+    paired = generate["paired_vs_sdpa"]
+    assert set(paired) == {"eager", "attnfuse"} | floor
+    rounds = 3 if "--floor" in extra else 1
+    assert all(len(p["ratios"]) == rounds and p["q1"] <= p["median"] <= p["q3"] for p in paired.values())
     assert generate["fused_sites"] == 1
     assert generate["same_tokens_as_eager"]["attnfuse"]
     if "--per-call" in extra:
