@@ -33,6 +33,7 @@ import attnfuse.patterns  # noqa: F401  (registers the rule families)
 from attnfuse import logs
 from attnfuse.caches import Cache
 from attnfuse.carried import CARRIED, CausalProof, carried_facts
+from attnfuse.causal_inputs import causal_inputs, compile_causal_form
 from attnfuse.context_parallel import ContextParallelError, context_parallel_active
 from attnfuse.eager_ops import free_saved_tensors_eagerly
 from attnfuse.folding import BUFFER_VALUE, forget_values
@@ -283,14 +284,26 @@ class AttnfuseBackend:
         return compiled
 
     def lower(self, gm: GraphModule, example_inputs: list[Any]) -> Callable:
-        """What runs ``gm``: itself (eager), or Inductor's compilation of it."""
-        if self.options.compiler == "inductor":
-            from torch._inductor import list_mode_options
-            from torch._inductor.compile_fx import compile_fx
+        """What runs ``gm``: itself (eager), or Inductor's compilation of it; where sites take a graph input as their
+        one bias and the first call's holds the causal triangle, Inductor's causal form of it, with ``gm`` op by op
+        for the calls whose bias does not (``attnfuse.causal_inputs``)."""
+        if self.options.compiler != "inductor":
+            return gm.forward
+        inputs = causal_inputs(gm)
+        if inputs:
+            op_by_op = copy_graph_module(gm)  # Inductor's passes may rewrite the graph they are given
+            free_saved_tensors_eagerly(op_by_op)
+            form = compile_causal_form(gm, example_inputs, inputs, self._inductor, op_by_op.forward)
+            if form is not None:
+                return form
+        return self._inductor(gm, example_inputs)
 
-            patches = list_mode_options(self.options.mode) if self.options.mode not in (None, "default") else None
-            return compile_fx(gm, example_inputs, config_patches=patches)
-        return gm.forward
+    def _inductor(self, gm: GraphModule, example_inputs: list[Any]) -> Callable:
+        from torch._inductor import list_mode_options
+        from torch._inductor.compile_fx import compile_fx
+
+        patches = list_mode_options(self.options.mode) if self.options.mode not in (None, "default") else None
+        return compile_fx(gm, example_inputs, config_patches=patches)
 
     def rewrite(self, gm: GraphModule, only: Optional[set[tuple[str, str]]] = None) -> list[SiteReport]:
         """Match and rewrite every site of ``gm`` in place (only the ``(name, source)`` keys in ``only``);

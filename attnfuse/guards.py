@@ -12,8 +12,10 @@ compiler or CUDA-graph capture, where nothing can be read, the recomputed mask i
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import torch
 from torch.fx import Node
@@ -23,11 +25,28 @@ from attnfuse.kernels.rows import Triangle
 from attnfuse.masking import causal_keep
 from attnfuse.memo import host_bool, host_bools, host_readable
 from attnfuse.original import original_program
+from attnfuse.precision import bias_dtype
+from attnfuse.tracing import holds_values
 
 if TYPE_CHECKING:
     from attnfuse.kernels.call import AttentionCall
 
 MAX_TRIANGLES = 16  # triangles kept per site, one per (L, S, device) seen
+
+# the checks a compile in progress traces as holding their triangle, with its alignment (``traced_as_causal``)
+_TRACED_AS_CAUSAL: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("attnfuse_traced_as_causal",
+                                                                                     default=None)
+
+
+@contextlib.contextmanager
+def traced_as_causal(alignments: dict["RunTimeCausal", str]) -> Iterator[None]:
+    """Within: a traced call of each check in ``alignments`` runs causal at its alignment without its tensor (the
+    form a compiler builds for the calls found to hold the triangle before they run, ``attnfuse.causal_inputs``)."""
+    token = _TRACED_AS_CAUSAL.set(alignments)
+    try:
+        yield
+    finally:
+        _TRACED_AS_CAUSAL.reset(token)
 
 
 class CausalGuard:
@@ -118,7 +137,7 @@ class RunTimeCausal:
         """The causal alignment that the call's bias or mask holds on this call, or None (the call keeps it). Calls
         under a tracer or CUDA-graph capture read nothing and are not counted."""
         if not host_readable(call.q):
-            return None
+            return self._traced_as(call)
         alignment = self._candidate(call)
         record = CARRIED.record_of(self._tensor(call)) if alignment is not None else None
         if record is not None and self._proven(record, call.q.shape[-2], call.k.shape[-2], alignment):
@@ -152,6 +171,44 @@ class RunTimeCausal:
             self._remember(record, alignment)
         self.calls["causal" if found else "as given"] += 1
         return (alignment if found else None), (None if flags is None or flag is None else flags[1])
+
+    def input_alignment(self, tensor: torch.Tensor, dtype: torch.dtype,
+                        example: bool = False) -> tuple[Optional[str], bool]:
+        """What ``causal_reading`` reads on a call whose one bias is ``tensor`` as it is (for scores of ``dtype``: a
+        bias attend keeps in its own dtype), decided before the call runs: the alignment (None where the triangle does
+        not hold, or where the tensor alone leaves the call's lengths open: a row or key axis of size 1), and whether
+        it was proven without a read (``attnfuse.carried``). ``example``: the first call's tensor, read while a backend
+        compiles the graph. Not counted for the report (``count_as``)."""
+        readable = holds_values(tensor) and not (tensor.is_cuda and torch.cuda.is_current_stream_capturing()) \
+            if example else host_readable(tensor)
+        if tensor.dim() < 2 or not tensor.is_floating_point() or not readable or \
+                tensor.dtype not in (dtype, bias_dtype(dtype, tensor.dtype)):
+            return None, False
+        L, S = tensor.shape[-2], tensor.shape[-1]
+        alignment = None if L == 1 or S == 1 else self.candidate(tensor, None, None, None, None, None, L, S)
+        if alignment is None:
+            return None, False
+        record = CARRIED.record_of(tensor)
+        if record is not None and self._proven(record, L, S, alignment):
+            return alignment, True
+        holds = self._bias_triangle(L, S, alignment, tensor.dtype, tensor.device).holds(tensor.detach())
+        found = bool(holds) if example else host_bool(holds) is True
+        if found and record is not None:
+            self._remember(record, alignment)
+        return (alignment if found else None), False
+
+    def count_as(self, alignment: Optional[str], proven: bool) -> None:
+        """Count a call read as ``alignment`` (None: run with its tensor) by another check's reading of the same
+        tensor (``proven``: without a read of its own)."""
+        self.calls["as given" if alignment is None else "causal"] += 1
+        if alignment is not None and proven:
+            self.calls["proven"] += 1
+
+    def _traced_as(self, call: "AttentionCall") -> Optional[str]:
+        """Under a tracer: the alignment a compile in progress traces this check's calls as (``traced_as_causal``),
+        where the traced call could hold it; else None (the tensor is used as given)."""
+        alignment = (_TRACED_AS_CAUSAL.get() or {}).get(self)
+        return alignment if alignment is not None and self._candidate(call) == alignment else None
 
     def _proven(self, record: Record, L: int, S: int, alignment: str) -> bool:
         """Whether the call's tensor, which a compiled graph built as a mask (``record``: unwritten since), was proved,

@@ -11,3 +11,9 @@ _TRACED_TENSOR_TYPES = (FakeTensor, FunctionalTensor)  # imported once: an impor
 def is_traced(q: torch.Tensor) -> bool:
     """Whether we run under a compiler's tracer, where SDPA's ``CausalBias`` subclass cannot be created."""
     return torch.compiler.is_compiling() or isinstance(q, _TRACED_TENSOR_TYPES) or torch._is_functional_tensor(q)
+
+
+def holds_values(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` has values to read (not a tracer's stand-in), also while a compiler runs: the example
+    inputs a backend is handed are the first call's own tensors."""
+    return not isinstance(tensor, _TRACED_TENSOR_TYPES) and not torch._is_functional_tensor(tensor)

@@ -11,7 +11,9 @@ trained on the same data in one process: ``sdpa`` (transformers' ``attn_implemen
 are timed in turn, ``--rounds`` times, ``--steps`` steps a round; each keeps its best round (ms a step; all rounds
 are in the JSON). Two diagnostics run when named in ``--variants``: ``sdpa_under_dynamo`` (the ``sdpa`` model sharded,
 then compiled by Dynamo's ``eager`` backend: Dynamo's share of a step without attnfuse) and ``direct_sdpa_sites``
-(``shard_then_optimize`` with each fused call replaced by a bare causal SDPA call: the share of attnfuse's call path). Memory per GPU: the peak allocated during a variant's steps above what was allocated
+(``shard_then_optimize`` with each fused call replaced by a bare causal SDPA call: the share of attnfuse's call path).
+Two more on the compiled route: ``shard_then_optimize_inductor`` (``optimize(..., compiler="inductor")`` after
+``fully_shard``) against ``sdpa_inductor`` (the ``sdpa`` model sharded, then ``model.compile()``). Memory per GPU: the peak allocated during a variant's steps above what was allocated
 before them, plus the variant's own resident shards (parameters, gradients, optimizer state). Every step's loss
 (rank 0's) is kept; the table gives the largest difference from ``sdpa``'s. Runs on the CPU too (gloo;
 ``python benchmarks/bench_fsdp.py --device cpu ...`` as one process), for the code path, not the figures.
@@ -43,8 +45,9 @@ VARIANTS = ("sdpa", "eager", "shard_then_optimize", "optimize_then_shard", "comp
 # Diagnostics (``--variants`` only). ``sdpa_under_dynamo``: Dynamo's own share, without attnfuse (the ``sdpa`` model
 # sharded, then compiled with Dynamo's ``eager`` backend as ``optimize`` compiles a model). ``direct_sdpa_sites``:
 # ``shard_then_optimize`` with each fused site's call replaced by a bare causal SDPA call (``direct_sdpa_sites``), the
-# share of attnfuse's call path (per-call checks, kernel choice, the autograd switch)
-BASELINES = ("sdpa_under_dynamo", "direct_sdpa_sites")
+# share of attnfuse's call path (per-call checks, kernel choice, the autograd switch). The compiled route:
+# ``shard_then_optimize_inductor`` against ``sdpa_inductor``.
+BASELINES = ("sdpa_under_dynamo", "direct_sdpa_sites", "shard_then_optimize_inductor", "sdpa_inductor")
 
 
 def parse(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -104,6 +107,12 @@ def prepare(args: argparse.Namespace, variant: str, device: torch.device
     if variant == "optimize_then_shard":
         shard(attnfuse.optimize(model))
         return model, lambda: attnfuse.report(model)
+    if variant == "shard_then_optimize_inductor":
+        attnfuse.optimize(shard(model), compiler="inductor")
+        return model, lambda: attnfuse.report(model)
+    if variant == "sdpa_inductor":
+        shard(model).compile()
+        return model, None
     if variant == "sdpa_under_dynamo":
         shard(model).compile(backend="eager")
         return model, None
@@ -299,7 +308,7 @@ def _print(payload: dict[str, Any]) -> None:
           f"Llama {payload['config']['layers']}L/{payload['config']['hidden']} GQA {payload['config']['heads']}/"
           f"{payload['config']['kv_heads']}, {payload['config']['batch']} x {payload['config']['tokens']} tokens a "
           f"rank, {payload['config']['dtype']}")
-    print(f"{'variant':22} {'ms/step':>9} {'vs sdpa':>8} {'median (quartiles) by round':>29} {'peak GB':>8} {'max |loss - sdpa|':>18} {'fused':>6} "
+    print(f"{'variant':30} {'ms/step':>9} {'vs sdpa':>8} {'median (quartiles) by round':>29} {'peak GB':>8} {'max |loss - sdpa|':>18} {'fused':>6} "
           f"{'causal calls':>13} {'unread':>7}")
     for variant, result in results.items():
         ratio = f"{result['best_ms'] / base['best_ms']:.3f}" if base else "-"
@@ -310,7 +319,7 @@ def _print(payload: dict[str, Any]) -> None:
         fused = "-" if result["fused"] is None else str(result["fused"])
         causal = "-" if result["causal_calls"] is None else "{}/{}".format(*result["causal_calls"][:2])
         unread = "-" if result["causal_calls"] is None else str(result["causal_calls"][2])
-        print(f"{variant:22} {result['best_ms']:9.2f} {ratio:>8} {paired:>29} {peak:>8} {diff:>18} {fused:>6} {causal:>13} "
+        print(f"{variant:30} {result['best_ms']:9.2f} {ratio:>8} {paired:>29} {peak:>8} {diff:>18} {fused:>6} {causal:>13} "
               f"{unread:>7}")
     for variant, result in results.items():
         if "profile" in result:

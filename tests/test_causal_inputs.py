@@ -1,0 +1,136 @@
+"""Inductor's causal form of a graph whose sites take a graph input as their one bias (``attnfuse.causal_inputs``).
+
+Layers behind a graph break each get the model's additive mask as an input (FSDP2's per-layer graphs, torchtitan's
+per-block compile). Inductor's trace cannot read it; where the first call's mask is the causal triangle, the graph is
+compiled with those sites on the causal path, and each call runs it only where its mask holds the triangle again,
+else the rewritten graph op by op. Every call, forward and backward, equals the original's.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import attnfuse
+from attnfuse.causal_inputs import CausalForm
+
+FILL = torch.finfo(torch.float32).min
+
+
+class BiasedAttention(nn.Module):
+    """transformers' eager attention: scores plus the additive mask handed in, softmax, values."""
+
+    def __init__(self, dim: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.heads, self.qkv, self.out = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5 + bias
+        return self.out((scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, -1))
+
+
+class LayersBehindBreaks(nn.Module):
+    """A graph break before each layer, as FSDP2's hooks make: the mask reaches each layer's graph as an input."""
+
+    def __init__(self, depth: int = 2) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(BiasedAttention() for _ in range(depth))
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            torch._dynamo.graph_break()
+            x = x + layer(x, bias)
+        return x
+
+
+def causal_bias(batch: int, n: int) -> torch.Tensor:
+    triangle = torch.zeros(n, n).masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), FILL)
+    return triangle.expand(batch, 1, n, n).contiguous()  # the strides of the padded one: no recompile between them
+
+
+def padded_bias(batch: int, n: int) -> torch.Tensor:
+    """The causal triangle with the first two keys of the last sequence masked too (left padding)."""
+    bias = causal_bias(batch, n)
+    bias[-1, :, :, :2] = FILL
+    return bias
+
+
+def same_step(optimized: nn.Module, original: nn.Module, x: torch.Tensor, bias: torch.Tensor) -> None:
+    """Output and every gradient (input and parameters) of one forward and backward equal the original's."""
+    results = []
+    for model in (original, optimized):
+        model.zero_grad()
+        leaf = x.detach().clone().requires_grad_()
+        out = model(leaf, bias)
+        (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
+        results.append((out.detach(), leaf.grad, [p.grad.clone() for p in model.parameters()]))
+    (expected, expected_dx, expected_grads), (got, got_dx, got_grads) = results
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got_dx, expected_dx, atol=1e-5, rtol=1e-4)
+    for e, g in zip(expected_grads, got_grads):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4)
+
+
+def causal_counts(model: nn.Module) -> list[dict]:
+    return [{"causal": s["features"]["calls_read_as_causal"], "as given": s["features"]["calls_run_with_it"]}
+            for s in attnfuse.report(model).to_dict()["sites"]]
+
+
+@pytest.fixture
+def causal_forms(monkeypatch) -> list[CausalForm]:
+    """The causal forms the backend compiles in the test."""
+    import attnfuse.capture as capture
+
+    forms, compile_form = [], capture.compile_causal_form
+
+    def recorded(*args, **kwargs):
+        form = compile_form(*args, **kwargs)
+        if form is not None:
+            forms.append(form)
+        return form
+
+    monkeypatch.setattr(capture, "compile_causal_form", recorded)
+    torch._dynamo.reset()
+    yield forms
+    torch._dynamo.reset()
+
+
+def test_a_causal_first_call_compiles_the_causal_form_and_each_call_is_exact(causal_forms):
+    """Causal, padded, causal again (same shapes, no recompile): the padded call runs op by op with its mask."""
+    torch.manual_seed(0)
+    original = LayersBehindBreaks()
+    optimized = attnfuse.optimize(copy.deepcopy(original), compiler="inductor")
+    x = torch.randn(2, 8, 16)
+    for bias in (causal_bias(2, 8), padded_bias(2, 8), causal_bias(2, 8)):
+        same_step(optimized, original, x, bias)
+    assert len(causal_forms) == 1  # the layers share one compiled graph
+    assert causal_counts(optimized) == [{"causal": 4, "as given": 2}] * 2, str(attnfuse.report(optimized))
+
+
+def test_a_first_call_that_is_not_causal_compiles_the_graph_as_it_is(causal_forms):
+    torch.manual_seed(0)
+    original = LayersBehindBreaks()
+    optimized = attnfuse.optimize(copy.deepcopy(original), compiler="inductor")
+    x = torch.randn(2, 8, 16)
+    for bias in (padded_bias(2, 8), causal_bias(2, 8)):
+        same_step(optimized, original, x, bias)
+    assert causal_forms == []
+
+
+def test_a_bias_that_needs_a_gradient_is_not_read_as_causal(causal_forms):
+    """The causal path gives a bias no gradient; the original gives it one: such a bias runs as given."""
+    torch.manual_seed(0)
+    original = LayersBehindBreaks(depth=1)
+    optimized = attnfuse.optimize(copy.deepcopy(original), compiler="inductor")
+    x = torch.randn(2, 8, 16)
+    grads = []
+    for model in (original, optimized):
+        bias = causal_bias(2, 8).clone().requires_grad_()
+        model(x, bias).sum().backward()
+        grads.append(bias.grad)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-4)
+    assert causal_forms == []
