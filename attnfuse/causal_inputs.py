@@ -53,12 +53,14 @@ def causal_inputs(gm: GraphModule) -> tuple[CausalInput, ...]:
 
 
 def _decided_by_its_bias(plan: Any) -> bool:
-    """Whether the site's one run-time check is its bias's causal reading: one plain bias, no mask, causal flag,
-    window, score function, fill, padding, buffer guard or other per-call check beside it."""
+    """Whether the site's bias's causal reading decides its call: one plain bias, and no mask, causal flag, window,
+    score function, fill, padding, buffer guard, fill bound or added mask beside it (a check of rows without a live
+    key passes where the bias holds the triangle)."""
     check = plan.run_time_causal
     return check is not None and check.kind == "bias" and plan.inputs.biases == 1 and plan.inputs.masks == 0 and \
         plan._one_plain_bias and plan.bias_fill is None and plan.causal is None and plan.window is None and \
-        plan.bias_program is None and plan.unpadded is None and plan.causal_guard is None and not plan._checks_call
+        plan.bias_program is None and plan.unpadded is None and plan.causal_guard is None and \
+        plan.dominance is None and not plan.keys_in_every_row and plan.added_mask is None
 
 
 class CausalForm:

@@ -420,11 +420,17 @@ def _checked_call(plan: SitePlan, tensors: tuple, q: torch.Tensor, k: torch.Tens
         # a row without keys gives q and k gradients: the kernel adds the original's mask, rebuilt
         whole = combined_keep(keep, causal, q.shape[-2], k.shape[-2], q.device, window)
         bias, keep, causal, window = plan.added_mask.bias(whole), None, None, None
+    maybe_causal = plan.run_time_causal
+    if maybe_causal is not None and bias is not None and not host_readable(q):
+        traced = maybe_causal.traced_alignment(bias, keep, causal, window, plan.bias_program, plan.bias_fill,
+                                               q.shape[-2], k.shape[-2])
+        if traced is not None:  # traced for calls whose bias holds the triangle (``attnfuse.causal_inputs``)
+            return keep, None, traced, window, None
     full_keep = None
     if plan.live_rows or plan.dominance is not None:
         full_keep = combined_keep(keep, causal, q.shape[-2], k.shape[-2], q.device, window)
     # (a call whose bias was dropped, ``attnfuse.unpadded``, has no bias to read: its triangle keeps a key in every row)
-    maybe_causal, given_bias = plan.run_time_causal, bias
+    given_bias = bias
     if plan.live_rows and bias is not None and not _live_by_carried_record(given, q.shape[-2], k.shape[-2]):
         floor, absorbed_below = live_floor(bias.dtype, q.dtype)
         live = rows_with_a_live_key(bias, full_keep, bias.dtype, floor, absorbed_below)
