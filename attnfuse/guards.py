@@ -205,18 +205,13 @@ class RunTimeCausal:
             self.calls["proven"] += 1
 
     def _traced_as(self, call: "AttentionCall") -> Optional[str]:
-        return self.traced_alignment(call.bias, call.keep, call.causal, call.window, call.bias_fn, call.bias_fill,
-                                     call.q.shape[-2], call.k.shape[-2])
+        return self.traced_alignment(self._candidate(call))
 
-    def traced_alignment(self, bias: Optional[torch.Tensor], keep: Optional[torch.Tensor], causal: Optional[str],
-                         window: Optional[int], bias_fn: Optional[Callable], bias_fill: Optional[float], L: int,
-                         S: int) -> Optional[str]:
+    def traced_alignment(self, candidate: Optional[str]) -> Optional[str]:
         """Under a tracer: the alignment a compile in progress traces this check's calls as (``traced_as_causal``),
-        where the traced call could hold it (``candidate``); else None (the tensor is used as given)."""
+        where it is the traced call's ``candidate``; else None (the tensor is used as given)."""
         alignment = (_TRACED_AS_CAUSAL.get() or {}).get(self)
-        if alignment is None:
-            return None
-        return alignment if self.candidate(bias, keep, causal, window, bias_fn, bias_fill, L, S) == alignment else None
+        return alignment if alignment is not None and candidate == alignment else None
 
     def _proven(self, record: Record, L: int, S: int, alignment: str) -> bool:
         """Whether the call's tensor, which a compiled graph built as a mask (``record``: unwritten since), was proved,

@@ -422,8 +422,8 @@ def _checked_call(plan: SitePlan, tensors: tuple, q: torch.Tensor, k: torch.Tens
         bias, keep, causal, window = plan.added_mask.bias(whole), None, None, None
     maybe_causal = plan.run_time_causal
     if maybe_causal is not None and bias is not None and not host_readable(q):
-        traced = maybe_causal.traced_alignment(bias, keep, causal, window, plan.bias_program, plan.bias_fill,
-                                               q.shape[-2], k.shape[-2])
+        traced = maybe_causal.traced_alignment(maybe_causal.candidate(bias, keep, causal, window, plan.bias_program,
+                                                                      plan.bias_fill, q.shape[-2], k.shape[-2]))
         if traced is not None:  # traced for calls whose bias holds the triangle (``attnfuse.causal_inputs``)
             return keep, None, traced, window, None
     full_keep = None
