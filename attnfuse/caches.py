@@ -81,7 +81,13 @@ class Cache(Generic[V]):
 
     def get_or_create(self, key: Hashable, create: Callable[[], V]) -> V:
         """The value stored for ``key``, else ``create()``'s, stored. ``create`` runs outside the lock (it may
-        compile or take long); if two threads create at once, the first one stored is kept and returned to both."""
+        compile or take long); if two threads create at once, the first one stored is kept and returned to both.
+        A key that cannot be hashed (sizes a tracer made symbolic: a graph compiled for dynamic shapes) is not
+        stored: ``create()`` runs for it each time."""
+        try:
+            hash(key)
+        except TypeError:
+            return create()
         value = self.get(key, _MISSING)
         return self.setdefault(key, create()) if value is _MISSING else value
 

@@ -237,3 +237,15 @@ def test_every_call_of_a_causal_form_equals_the_original(cached_models, causal_f
             torch.testing.assert_close(got, expected, atol=atol * size, rtol=rtol, equal_nan=True,
                                        msg=lambda message: f"{kind}, tensor {i} (largest value {size:.3g}): {message}")
     assert len(causal_forms) == 1
+
+
+def test_the_causal_form_across_lengths(causal_forms):
+    """A second length compiles a symbolic graph, in the causal form again; every call at every length is exact."""
+    torch.manual_seed(0)
+    original = LayersBehindBreaks()
+    optimized = attnfuse.optimize(copy.deepcopy(original), compiler="inductor")
+    for n in (8, 10, 12):
+        x = torch.randn(2, n, 16)
+        for bias in (causal_bias(2, n), padded_bias(2, n)):
+            same_step(optimized, original, x, bias)
+    assert len(causal_forms) == 2  # the first length's static graph, then one for every length
