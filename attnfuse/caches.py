@@ -22,7 +22,8 @@ _REGISTRY_LOCK = threading.Lock()
 
 class Cache(Generic[V]):
     """A bounded, thread-safe mapping registered under ``name``: ``get`` / ``put`` (or ``[]``), ``in``,
-    ``len``, ``clear``; reading an entry makes it the most recently used."""
+    ``len``, ``clear``; reading an entry makes it the most recently used. A key that cannot be hashed (one holding
+    sizes a tracer made symbolic, in a graph compiled for dynamic shapes) is never stored and never found."""
 
     def __init__(self, name: str, maxsize: int) -> None:
         if maxsize < 1:
@@ -50,10 +51,16 @@ class Cache(Generic[V]):
     def peek(self, key: Hashable, default: Any = None) -> Any:
         """The value stored for ``key``, else ``default``, read without the lock and without making the entry the most
         recently used: for caches of values cheap to rebuild, read at every fused call (one dict read is atomic)."""
-        return self._entries.get(key, default)
+        try:
+            return self._entries.get(key, default)
+        except TypeError:  # an unhashable key (symbolic sizes)
+            return default
 
     def _get(self, key: Hashable, default: Any) -> Any:
-        value = self._entries.get(key, _MISSING)
+        try:
+            value = self._entries.get(key, _MISSING)
+        except TypeError:  # an unhashable key (symbolic sizes)
+            return default
         if value is _MISSING:
             return default
         self._entries.move_to_end(key)
@@ -61,6 +68,8 @@ class Cache(Generic[V]):
 
     def put(self, key: Hashable, value: V) -> None:
         """Store ``value`` for ``key``, dropping the least recently used entry beyond ``maxsize``."""
+        if not _hashable(key):
+            return
         with self._locked():
             self._entries[key] = value
             self._entries.move_to_end(key)
@@ -69,6 +78,8 @@ class Cache(Generic[V]):
 
     def setdefault(self, key: Hashable, value: V) -> V:
         """The value stored for ``key``; ``value`` is stored first if there is none (one winner across threads)."""
+        if not _hashable(key):
+            return value
         with self._locked():
             found = self._entries.get(key, _MISSING)
             if found is not _MISSING:
@@ -82,12 +93,7 @@ class Cache(Generic[V]):
     def get_or_create(self, key: Hashable, create: Callable[[], V]) -> V:
         """The value stored for ``key``, else ``create()``'s, stored. ``create`` runs outside the lock (it may
         compile or take long); if two threads create at once, the first one stored is kept and returned to both.
-        A key that cannot be hashed (sizes a tracer made symbolic: a graph compiled for dynamic shapes) is not
-        stored: ``create()`` runs for it each time."""
-        try:
-            hash(key)
-        except TypeError:
-            return create()
+        A key that cannot be hashed is not stored (``Cache``): ``create()`` runs for it each time."""
         value = self.get(key, _MISSING)
         return self.setdefault(key, create()) if value is _MISSING else value
 
@@ -101,6 +107,8 @@ class Cache(Generic[V]):
         self.put(key, value)
 
     def __contains__(self, key: Hashable) -> bool:
+        if not _hashable(key):
+            return False
         with self._locked():
             return key in self._entries
 
@@ -119,6 +127,14 @@ class Cache(Generic[V]):
 
     def __repr__(self) -> str:
         return f"Cache({self.name!r}, {len(self)}/{self.maxsize})"
+
+
+def _hashable(key: object) -> bool:
+    try:
+        hash(key)
+    except TypeError:
+        return False
+    return True
 
 
 def registered() -> Iterator[Cache]:

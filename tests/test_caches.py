@@ -42,6 +42,18 @@ def test_a_cache_is_bounded_and_drops_the_least_recently_used_entry():
     assert len(cache) == 0
 
 
+def test_an_unhashable_key_is_never_stored_and_never_found():
+    """Keys holding sizes a tracer made symbolic cannot be hashed: every call creates, nothing is stored."""
+    cache = caches.Cache("test_caches.unhashable", maxsize=4)
+    key = ("shape", [1, 2])  # unhashable, as a tuple holding a non-nested SymInt is
+    created = []
+    assert cache.get_or_create(key, lambda: created.append(1) or len(created)) == 1
+    assert cache.get_or_create(key, lambda: created.append(1) or len(created)) == 2
+    cache.put(key, 3)
+    assert cache.get(key, "missing") == "missing" and cache.peek(key) is None and key not in cache
+    assert cache.setdefault(key, 4) == 4 and len(cache) == 0
+
+
 def test_a_name_is_registered_once():
     caches.Cache("test_caches.once", maxsize=1)
     with pytest.raises(ValueError, match="already registered"):
