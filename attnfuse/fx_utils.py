@@ -129,6 +129,14 @@ def statically_true(condition: Callable[[], Any]) -> bool:
         return False
 
 
+def constant_size(size: Any) -> Optional[int]:
+    """``size`` as an int where it is the same number for every shape the graph serves (an int, or a SymInt whose
+    expression holds no symbol), else None."""
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+    return int(size) if isinstance(size, int) or (isinstance(size, torch.SymInt) and is_concrete_int(size)) else None
+
+
 def same_size(a: Any, b: Any) -> bool:
     """Whether two sizes (ints, SymInts or the graph nodes computing them) are provably equal."""
     a, b = example_value(a), example_value(b)

@@ -18,8 +18,8 @@ from torch.fx import Node
 
 from attnfuse.canonical import canonical
 from attnfuse.folding import BUFFER_VALUE, buffers_read, constant_value
-from attnfuse.fx_utils import (example_value, is_call, is_scalar, is_written, memoized, same_size, statically_true,
-                               tensor_meta)
+from attnfuse.fx_utils import (constant_size, example_value, is_call, is_scalar, is_written, memoized, same_size,
+                               statically_true, tensor_meta)
 from attnfuse.patterns.index import (TRUE, keep_inequalities, keep_terms, query_key_inequalities, triangle_arguments,
                                      triangle_kept)
 from attnfuse.patterns.layouts import REGROUPED_FROM
@@ -117,9 +117,10 @@ def _from_inequalities(found: Optional[list], L: Size, S: Size) -> Optional[Mask
         return TENSOR
     if not window:
         return MaskPattern("causal", alignment)
-    size = offset - window[0][2] + 1  # i - j + c <= 0 keeps j >= i + c: ``size`` keys up to the diagonal
-    if not statically_true(lambda: size >= 1):
-        return TENSOR  # a window of no key masks every row: not a sliding window
+    # i - j + c <= 0 keeps j >= i + c: ``size`` keys up to the diagonal, the same for every shape (a plan holds a number)
+    size = constant_size(offset - window[0][2] + 1)
+    if size is None or size < 1:
+        return TENSOR  # a window of no key masks every row, or one that varies with the shapes: kept a tensor
     return MaskPattern("causal", alignment, window=size)
 
 

@@ -18,6 +18,7 @@ from attnfuse.folding import constant_value
 from attnfuse.fx_utils import (bind, example_value, is_call, is_scalar, is_written, same_size, statically_true,
                                tensor_meta)
 from attnfuse.patterns.readers import arange_arguments, exact_positions, new_axes_index
+from attnfuse.tracing import is_traced
 from attnfuse.vocabulary import ScoreFunction
 
 # Elementwise functions applied unchanged to the pointwise values.
@@ -53,6 +54,14 @@ def _gather(value: torch.Tensor, dim_axes: tuple, shape: tuple, index: tuple) ->
     return value[tuple(idx)] if idx else value
 
 
+def _constant_like(value: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """A folded constant on ``index``'s device; under a tracer rebuilt from its numbers (at most 4096), a literal the
+    trace records: a tensor made outside a trace is none of its tensors (Inductor's trace would refuse it)."""
+    if is_traced(index):
+        return torch.tensor(value.tolist(), dtype=value.dtype, device=index.device)
+    return value.to(index.device)
+
+
 class _Builder:
     """Compile a bias subgraph into a pointwise program over score axes 0..3 = (b, h, i, j)."""
 
@@ -86,7 +95,7 @@ class _Builder:
         along_positions = any(axis in (2, 3) and size != 1 for axis, size in zip(axes, shape))
         folded = None if along_positions else constant_value(node)
         if isinstance(folded, torch.Tensor) and folded.numel() <= 4096:
-            return lambda index, leaves, t=folded, a=axes, s=shape: _gather(t.to(index[0].device), a, s, index)
+            return lambda index, leaves, t=folded, a=axes, s=shape: _gather(_constant_like(t, index[0]), a, s, index)
         if node.op not in ("call_function", "call_method"):
             position = self.leaf(node)
             return lambda index, leaves, p=position, a=axes, s=shape: _gather(leaves[p], a, s, index)
