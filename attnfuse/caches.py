@@ -68,20 +68,22 @@ class Cache(Generic[V]):
 
     def put(self, key: Hashable, value: V) -> None:
         """Store ``value`` for ``key``, dropping the least recently used entry beyond ``maxsize``."""
-        if not _hashable(key):
-            return
         with self._locked():
-            self._entries[key] = value
+            try:
+                self._entries[key] = value
+            except TypeError:  # an unhashable key (symbolic sizes)
+                return
             self._entries.move_to_end(key)
             while len(self._entries) > self.maxsize:
                 self._entries.popitem(last=False)
 
     def setdefault(self, key: Hashable, value: V) -> V:
         """The value stored for ``key``; ``value`` is stored first if there is none (one winner across threads)."""
-        if not _hashable(key):
-            return value
         with self._locked():
-            found = self._entries.get(key, _MISSING)
+            try:
+                found = self._entries.get(key, _MISSING)
+            except TypeError:  # an unhashable key (symbolic sizes)
+                return value
             if found is not _MISSING:
                 self._entries.move_to_end(key)
                 return found
@@ -107,10 +109,11 @@ class Cache(Generic[V]):
         self.put(key, value)
 
     def __contains__(self, key: Hashable) -> bool:
-        if not _hashable(key):
-            return False
         with self._locked():
-            return key in self._entries
+            try:
+                return key in self._entries
+            except TypeError:  # an unhashable key (symbolic sizes)
+                return False
 
     def __len__(self) -> int:
         with self._locked():
@@ -127,14 +130,6 @@ class Cache(Generic[V]):
 
     def __repr__(self) -> str:
         return f"Cache({self.name!r}, {len(self)}/{self.maxsize})"
-
-
-def _hashable(key: object) -> bool:
-    try:
-        hash(key)
-    except TypeError:
-        return False
-    return True
 
 
 def registered() -> Iterator[Cache]:

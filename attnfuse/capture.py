@@ -290,13 +290,8 @@ class AttnfuseBackend:
         if self.options.compiler != "inductor":
             return gm.forward
         inputs = causal_inputs(gm)
-        if inputs:
-            op_by_op = copy_graph_module(gm)  # Inductor's passes may rewrite the graph they are given
-            free_saved_tensors_eagerly(op_by_op)
-            form = compile_causal_form(gm, example_inputs, inputs, self._inductor, op_by_op.forward)
-            if form is not None:
-                return form
-        return self._inductor(gm, example_inputs)
+        form = compile_causal_form(gm, example_inputs, inputs, self._inductor, _op_by_op) if inputs else None
+        return form if form is not None else self._inductor(gm, example_inputs)
 
     def _inductor(self, gm: GraphModule, example_inputs: list[Any]) -> Callable:
         from torch._inductor import list_mode_options
@@ -357,6 +352,13 @@ class AttnfuseBackend:
 
     def rewrite_only(self, gm: GraphModule, sites: set[tuple[str, str]]) -> list[SiteReport]:
         return self.rewrite(gm, only=sites)
+
+
+def _op_by_op(gm: GraphModule) -> Callable:
+    """A copy of ``gm`` run op by op, as the eager route runs it (Inductor's passes may rewrite ``gm`` itself)."""
+    copy = copy_graph_module(gm)
+    free_saved_tensors_eagerly(copy)
+    return copy.forward
 
 
 def _frame_local_of_graph(graph: torch.fx.Graph) -> tuple[str, Optional[int]]:

@@ -90,12 +90,14 @@ class CausalForm:
 
 def compile_causal_form(gm: GraphModule, example_inputs: list[Any], inputs: tuple[CausalInput, ...],
                         compile_graph: Callable[[GraphModule, list[Any]], Callable[..., Any]],
-                        op_by_op: Callable[..., Any]) -> Optional[CausalForm]:
+                        op_by_op: Callable[[GraphModule], Callable[..., Any]]) -> Optional[CausalForm]:
     """``compile_graph`` of ``gm`` with the sites of ``inputs`` traced on the causal path, where the example inputs
-    (the first call's) hold their triangles; None where they do not (the graph compiles as it is)."""
+    (the first call's) hold their triangles; None where they do not (the graph compiles as it is). ``op_by_op(gm)``:
+    what runs the other calls, made before the compile (whose passes may rewrite ``gm``)."""
     alignments = tuple(found.alignment(example_inputs, example=True)[0] for found in inputs)
     if any(alignment is None for alignment in alignments):
         return None
+    fallback = op_by_op(gm)
     with traced_as_causal({found.check: alignment for found, alignment in zip(inputs, alignments)}):
         compiled = compile_graph(gm, example_inputs)
-    return CausalForm(inputs, alignments, compiled, op_by_op)
+    return CausalForm(inputs, alignments, compiled, fallback)

@@ -159,18 +159,9 @@ class RunTimeCausal:
         same host read, so that a call checking both synchronizes once. The flag's value is None where it was not
         read: the triangle was proven without a read (``attnfuse.carried``). Counted as ``causal_reading`` counts; the
         caller reads nothing more of the bias for the triangle."""
-        record = CARRIED.record_of(bias)
-        if record is not None and self._proven(record, L, S, alignment):
-            self.calls["proven"] += 1
-            self.calls["causal"] += 1
-            return alignment, None
-        triangle = self._bias_triangle(L, S, alignment, bias.dtype, bias.device)
-        flags = host_bools(triangle.holds(bias.detach()), *(() if flag is None else (flag,)))
-        found = flags is not None and flags[0]
-        if found and record is not None:
-            self._remember(record, alignment)
-        self.calls["causal" if found else "as given"] += 1
-        return (alignment if found else None), (None if flags is None or flag is None else flags[1])
+        found, proven, flag_value = self._read_triangle(bias, alignment, L, S, flag)
+        self.count_as(alignment if found else None, proven)
+        return (alignment if found else None), flag_value
 
     def input_alignment(self, tensor: torch.Tensor, dtype: torch.dtype,
                         example: bool = False) -> tuple[Optional[str], bool]:
@@ -188,18 +179,31 @@ class RunTimeCausal:
         alignment = None if L == 1 or S == 1 else self.candidate(tensor, None, None, None, None, None, L, S)
         if alignment is None:
             return None, False
-        record = CARRIED.record_of(tensor)
+        found, proven, _ = self._read_triangle(tensor, alignment, L, S, example=example)
+        return (alignment if found else None), proven
+
+    def _read_triangle(self, bias: torch.Tensor, alignment: str, L: int, S: int, flag: Optional[torch.Tensor] = None,
+                       example: bool = False) -> tuple[bool, bool, Optional[bool]]:
+        """Whether ``bias`` holds the triangle at ``alignment``, whether that was proven without a read (its carried
+        record), and ``flag``'s value read in the same host read (None where nothing was read). ``example``: read
+        while a backend compiles (``input_alignment``). A triangle found is remembered on the bias's record."""
+        record = CARRIED.record_of(bias)
         if record is not None and self._proven(record, L, S, alignment):
-            return alignment, True
-        holds = self._bias_triangle(L, S, alignment, tensor.dtype, tensor.device).holds(tensor.detach())
-        found = bool(holds) if example else host_bool(holds) is True
+            return True, True, None
+        holds = self._bias_triangle(L, S, alignment, bias.dtype, bias.device).holds(bias.detach())
+        if example:
+            found, flag_value = bool(holds), None
+        else:
+            flags = host_bools(holds, *(() if flag is None else (flag,)))
+            found = flags is not None and flags[0]
+            flag_value = None if flags is None or flag is None else flags[1]
         if found and record is not None:
             self._remember(record, alignment)
-        return (alignment if found else None), False
+        return found, False, flag_value
 
     def count_as(self, alignment: Optional[str], proven: bool) -> None:
-        """Count a call read as ``alignment`` (None: run with its tensor) by another check's reading of the same
-        tensor (``proven``: without a read of its own)."""
+        """Count a call read as ``alignment`` (None: run with its tensor) for the report; ``proven``: without a read
+        of its own (a carried record, or another site's reading of the same tensor)."""
         self.calls["as given" if alignment is None else "causal"] += 1
         if alignment is not None and proven:
             self.calls["proven"] += 1
